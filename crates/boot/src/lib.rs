@@ -1,0 +1,370 @@
+//! Booting a guest: the memory layout, kernel loaders (bzImage and ELF with
+//! or without the PVH note), the zero page / `hvm_start_info`, boot page
+//! tables and GDT, and the ACPI or MP tables that describe the machine.
+//!
+//! Kernels and initrds are untrusted: everything is validated before a byte
+//! is written to guest memory, and every guest access goes through
+//! `vm-memory`'s checked accessors.
+
+pub mod acpi;
+pub mod bzimage;
+pub mod elf;
+pub mod layout;
+pub mod mptable;
+
+use layout::*;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// A boot error: names the file format field or structure at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("invalid ELF kernel: {field}: {why}")]
+    Elf { field: &'static str, why: String },
+    #[error("invalid bzImage kernel: {field}: {why}")]
+    BzImage { field: &'static str, why: String },
+    #[error("unrecognised kernel format (neither a bzImage nor an ELF file)")]
+    UnknownFormat,
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("initrd: {0}")]
+    Initrd(String),
+    #[error("machine tables: {0}")]
+    Tables(String),
+    #[error("writing guest memory at {addr:#x}: {why}")]
+    Memory { addr: u64, why: String },
+}
+
+pub(crate) fn rd_u16(d: &[u8], off: usize) -> u16 {
+    d.get(off..off + 2)
+        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]))
+}
+pub(crate) fn rd_u32(d: &[u8], off: usize) -> u32 {
+    d.get(off..off + 4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+pub(crate) fn rd_u64(d: &[u8], off: usize) -> u64 {
+    d.get(off..off + 8).map_or(0, |b| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        u64::from_le_bytes(a)
+    })
+}
+
+/// How the boot vCPU enters the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryPoint {
+    /// PVH: 32-bit protected mode, paging off, EBX = `hvm_start_info`.
+    Pvh { entry: u32, start_info: u32 },
+    /// Linux 64-bit boot protocol: long mode, RSI = zero page.
+    Linux64 { entry: u64, zero_page: u64 },
+    /// Linux 32-bit boot protocol: protected mode, ESI = zero page.
+    Linux32 { entry: u32, zero_page: u32 },
+}
+
+/// What describes the machine to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineDesc {
+    /// APIC ID of each vCPU, BSP first.
+    pub apic_ids: Vec<u32>,
+    pub acpi: bool,
+}
+
+/// A kernel file recognised and validated for a layout (not yet written).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kernel {
+    Elf(elf::ElfKernel),
+    BzImage(bzimage::BzImage),
+}
+
+/// Recognise and validate `data` as a kernel for `layout`.
+pub fn parse_kernel(data: &[u8], layout: &MemLayout) -> Result<Kernel, BootError> {
+    if elf::is_elf(data) {
+        Ok(Kernel::Elf(elf::parse(data, layout)?))
+    } else if bzimage::is_bzimage(data) {
+        Ok(Kernel::BzImage(bzimage::parse(data, layout)?))
+    } else {
+        Err(BootError::UnknownFormat)
+    }
+}
+
+fn write(mem: &GuestMemoryMmap, addr: u64, data: &[u8]) -> Result<(), BootError> {
+    mem.write_slice(data, GuestAddress(addr))
+        .map_err(|e| BootError::Memory {
+            addr,
+            why: e.to_string(),
+        })
+}
+
+fn zero(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Result<(), BootError> {
+    const CHUNK: usize = 1 << 16;
+    let zeros = [0u8; CHUNK];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(CHUNK as u64) as usize;
+        write(mem, addr + off, &zeros[..n])?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Choose the initrd's address: page aligned, as high as allowed, above the kernel.
+pub fn place_initrd(
+    layout: &MemLayout,
+    size: u64,
+    kernel_end: u64,
+    addr_max: u64,
+) -> Result<u64, BootError> {
+    let limit = layout.low_end().min(addr_max.saturating_add(1));
+    let addr = limit
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|&a| a >= kernel_end.max(HIMEM_START))
+        .ok_or_else(|| {
+            BootError::Initrd(format!(
+                "{size} bytes do not fit between the kernel (ends at {kernel_end:#x}) and {limit:#x}; give the guest more memory"
+            ))
+        })?;
+    Ok(addr)
+}
+
+/// Write everything the guest needs to boot and return how to enter it.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    layout: &MemLayout,
+    kernel_data: &[u8],
+    initrd: Option<&[u8]>,
+    cmdline: &str,
+    machine: &MachineDesc,
+) -> Result<EntryPoint, BootError> {
+    if cmdline.as_bytes().contains(&0) {
+        return Err(BootError::Cmdline("contains a NUL byte".into()));
+    }
+    let kernel = parse_kernel(kernel_data, layout)?;
+    let cmdline_max = match &kernel {
+        Kernel::BzImage(b) => b.cmdline_max.min(CMDLINE_MAX),
+        Kernel::Elf(_) => CMDLINE_MAX,
+    };
+    if cmdline.len() > cmdline_max {
+        return Err(BootError::Cmdline(format!(
+            "{} bytes, the kernel accepts at most {cmdline_max}",
+            cmdline.len()
+        )));
+    }
+
+    // Kernel image.
+    let (kernel_end, initrd_max) = match &kernel {
+        Kernel::Elf(k) => {
+            for s in &k.segments {
+                let from = s.offset as usize;
+                write(mem, s.paddr, &kernel_data[from..from + s.filesz as usize])?;
+                zero(mem, s.paddr + s.filesz, s.memsz - s.filesz)?;
+            }
+            (k.end(), u64::from(u32::MAX))
+        }
+        Kernel::BzImage(b) => {
+            write(mem, b.load_addr, &kernel_data[b.payload_offset..])?;
+            (b.load_addr + b.footprint, b.initrd_addr_max)
+        }
+    };
+
+    // Initrd.
+    let initrd_at = match initrd {
+        Some(data) => {
+            let addr = place_initrd(layout, data.len() as u64, kernel_end, initrd_max)?;
+            write(mem, addr, data)?;
+            Some((addr, data.len() as u64))
+        }
+        None => None,
+    };
+
+    // Command line.
+    let mut c = cmdline.as_bytes().to_vec();
+    c.push(0);
+    write(mem, CMDLINE_ADDR, &c)?;
+
+    // Machine description.
+    let rsdp = if machine.acpi {
+        let tables = acpi::build(&machine.apic_ids)?;
+        for t in &tables {
+            write(mem, t.addr, &t.bytes)?;
+        }
+        Some(ACPI_START)
+    } else {
+        write(mem, MPTABLE_START, &mptable::build(&machine.apic_ids))?;
+        None
+    };
+
+    write_page_tables(mem)?;
+
+    let entry = match kernel {
+        Kernel::Elf(k) => match k.pvh_entry {
+            Some(entry) => {
+                write_pvh_info(mem, layout, initrd_at, rsdp)?;
+                EntryPoint::Pvh {
+                    entry,
+                    start_info: PVH_INFO_ADDR as u32,
+                }
+            }
+            None => {
+                let zp = zero_page(None, layout, initrd_at, rsdp)?;
+                write(mem, ZERO_PAGE_ADDR, &zp)?;
+                EntryPoint::Linux64 {
+                    entry: k.entry,
+                    zero_page: ZERO_PAGE_ADDR,
+                }
+            }
+        },
+        Kernel::BzImage(b) => {
+            let zp = zero_page(Some((kernel_data, &b)), layout, initrd_at, rsdp)?;
+            write(mem, ZERO_PAGE_ADDR, &zp)?;
+            if b.entry64 {
+                EntryPoint::Linux64 {
+                    entry: b.load_addr + bzimage::ENTRY64_OFFSET,
+                    zero_page: ZERO_PAGE_ADDR,
+                }
+            } else {
+                EntryPoint::Linux32 {
+                    entry: b.load_addr as u32,
+                    zero_page: ZERO_PAGE_ADDR as u32,
+                }
+            }
+        }
+    };
+    write_gdt(mem, matches!(entry, EntryPoint::Linux64 { .. }))?;
+    Ok(entry)
+}
+
+fn put(buf: &mut [u8], off: usize, bytes: &[u8]) {
+    buf[off..off + bytes.len()].copy_from_slice(bytes);
+}
+
+/// Build `struct boot_params` (the zero page).
+fn zero_page(
+    bz: Option<(&[u8], &bzimage::BzImage)>,
+    layout: &MemLayout,
+    initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
+) -> Result<Vec<u8>, BootError> {
+    let mut zp = vec![0u8; 4096];
+    match bz {
+        Some((data, b)) => {
+            // Copy the kernel's setup header verbatim, then fill in our fields.
+            put(&mut zp, 0x1f1, &data[0x1f1..b.hdr_end]);
+        }
+        None => {
+            put(&mut zp, 0x1fe, &0xaa55u16.to_le_bytes());
+            put(&mut zp, 0x202, b"HdrS");
+            put(&mut zp, 0x206, &0x020fu16.to_le_bytes());
+            put(&mut zp, 0x230, &0x0100_0000u32.to_le_bytes()); // kernel_alignment
+        }
+    }
+    put(&mut zp, 0x1fa, &0xffffu16.to_le_bytes()); // vid_mode: normal
+    zp[0x210] = 0xff; // type_of_loader: undefined
+    zp[0x211] |= bzimage::LOADED_HIGH;
+    put(&mut zp, 0x228, &(CMDLINE_ADDR as u32).to_le_bytes());
+    if let Some((addr, size)) = initrd {
+        put(&mut zp, 0x218, &(addr as u32).to_le_bytes());
+        put(&mut zp, 0x21c, &(size as u32).to_le_bytes());
+        put(&mut zp, 0x0c0, &((addr >> 32) as u32).to_le_bytes());
+        put(&mut zp, 0x0c4, &((size >> 32) as u32).to_le_bytes());
+    }
+    if let Some(r) = rsdp {
+        put(&mut zp, 0x070, &r.to_le_bytes());
+    }
+    let e820 = layout.e820();
+    if e820.len() > 128 {
+        return Err(BootError::Tables("too many e820 entries".into()));
+    }
+    zp[0x1e8] = e820.len() as u8;
+    for (i, e) in e820.iter().enumerate() {
+        let off = 0x2d0 + i * 20;
+        put(&mut zp, off, &e.addr.to_le_bytes());
+        put(&mut zp, off + 8, &e.size.to_le_bytes());
+        put(&mut zp, off + 16, &e.kind.to_le_bytes());
+    }
+    Ok(zp)
+}
+
+/// PVH `hvm_start_info` (xen/include/public/arch-x86/hvm/start_info.h).
+fn write_pvh_info(
+    mem: &GuestMemoryMmap,
+    layout: &MemLayout,
+    initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
+) -> Result<(), BootError> {
+    let e820 = layout.e820();
+    if e820.len() > PVH_MEMMAP_MAX {
+        return Err(BootError::Tables("too many memory map entries".into()));
+    }
+    let mut info = [0u8; 56];
+    put(&mut info, 0, &0x336e_c578u32.to_le_bytes());
+    put(&mut info, 4, &1u32.to_le_bytes());
+    if let Some((addr, size)) = initrd {
+        put(&mut info, 12, &1u32.to_le_bytes());
+        put(&mut info, 16, &PVH_MODLIST_ADDR.to_le_bytes());
+        let mut m = [0u8; 32];
+        put(&mut m, 0, &addr.to_le_bytes());
+        put(&mut m, 8, &size.to_le_bytes());
+        write(mem, PVH_MODLIST_ADDR, &m)?;
+    }
+    put(&mut info, 24, &CMDLINE_ADDR.to_le_bytes());
+    put(&mut info, 32, &rsdp.unwrap_or(0).to_le_bytes());
+    put(&mut info, 40, &PVH_MEMMAP_ADDR.to_le_bytes());
+    put(&mut info, 48, &(e820.len() as u32).to_le_bytes());
+    let mut map = Vec::new();
+    for e in &e820 {
+        map.extend_from_slice(&e.addr.to_le_bytes());
+        map.extend_from_slice(&e.size.to_le_bytes());
+        map.extend_from_slice(&e.kind.to_le_bytes());
+        map.extend_from_slice(&0u32.to_le_bytes());
+    }
+    write(mem, PVH_MEMMAP_ADDR, &map)?;
+    write(mem, PVH_INFO_ADDR, &info)
+}
+
+/// The boot GDT (Linux boot protocol: __BOOT_CS 0x10, __BOOT_DS 0x18).
+pub mod gdt {
+    pub const CODE_SEL: u16 = 0x10;
+    pub const DATA_SEL: u16 = 0x18;
+    pub const TSS_SEL: u16 = 0x20;
+    pub const CODE64: u64 = 0x00af_9b00_0000_ffff;
+    pub const CODE32: u64 = 0x00cf_9b00_0000_ffff;
+    pub const DATA: u64 = 0x00cf_9300_0000_ffff;
+    /// A 32-bit busy TSS at base 0, limit 0x67.
+    pub const TSS: u64 = 0x0000_8b00_0000_0067;
+
+    /// The table: `CODE_SEL` is a 64-bit code segment when `long`.
+    pub fn table(long: bool) -> [u64; 5] {
+        [0, 0, if long { CODE64 } else { CODE32 }, DATA, TSS]
+    }
+}
+
+fn write_gdt(mem: &GuestMemoryMmap, long: bool) -> Result<(), BootError> {
+    let bytes: Vec<u8> = gdt::table(long)
+        .iter()
+        .flat_map(|e| e.to_le_bytes())
+        .collect();
+    write(mem, GDT_ADDR, &bytes)
+}
+
+/// Identity-map the first 4 GiB with 2 MiB pages (the 64-bit boot protocol
+/// needs the kernel, zero page, command line and initrd mapped).
+fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    let mut pml4 = [0u8; 4096];
+    put(&mut pml4, 0, &(PDPT_ADDR | 0x3).to_le_bytes());
+    write(mem, PML4_ADDR, &pml4)?;
+    let mut pdpt = [0u8; 4096];
+    for i in 0..4u64 {
+        put(
+            &mut pdpt,
+            i as usize * 8,
+            &((PD_ADDR + i * 0x1000) | 0x3).to_le_bytes(),
+        );
+    }
+    write(mem, PDPT_ADDR, &pdpt)?;
+    let mut pd = vec![0u8; 4 * 4096];
+    for i in 0..2048u64 {
+        put(&mut pd, i as usize * 8, &((i << 21) | 0x83).to_le_bytes());
+    }
+    write(mem, PD_ADDR, &pd)
+}

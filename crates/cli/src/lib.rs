@@ -1,0 +1,597 @@
+//! QEMU-compatible command line -> one typed, validated [`VmConfig`].
+//!
+//! Nothing downstream of this crate reads raw option strings. Every option
+//! and sub-key we do not support is an error naming it (exit status 1 at
+//! the binary's edge), never silently ignored.
+
+pub mod keyval;
+
+use std::path::PathBuf;
+
+/// The largest vCPU count moat accepts.
+pub const MAX_CPUS: u32 = 64;
+/// The smallest guest RAM moat accepts (room for the boot structures).
+pub const MIN_RAM: u64 = 2 << 20;
+/// The largest guest RAM moat accepts (1 TiB).
+pub const MAX_RAM: u64 = 1 << 40;
+
+/// A command-line error: names the option and the offending value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{option} {value}: {why}")]
+pub struct CliError {
+    pub option: String,
+    pub value: String,
+    pub why: String,
+}
+
+impl CliError {
+    pub fn new(option: &str, value: &str, why: &str) -> Self {
+        CliError {
+            option: option.to_string(),
+            value: value.to_string(),
+            why: why.to_string(),
+        }
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Run(Box<VmConfig>),
+    Help,
+    Version,
+}
+
+/// CPU topology as QEMU's `-smp` defines it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    pub cpus: u32,
+    pub sockets: u32,
+    pub dies: u32,
+    pub cores: u32,
+    pub threads: u32,
+}
+
+/// Where a serial port's bytes go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialBackend {
+    Stdio,
+    Null,
+    File(PathBuf),
+    /// A listening UNIX socket; `wait` means block at startup for a client.
+    UnixServer { path: PathBuf, wait: bool },
+}
+
+/// The validated configuration of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// `-M microvm,acpi=`: describe the machine with ACPI (else an MP table).
+    pub acpi: bool,
+    /// Guest RAM in bytes (page aligned).
+    pub mem_size: u64,
+    pub smp: Topology,
+    /// `None` boots the built-in demo guest.
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    pub append: String,
+    /// COM1's backend; `None` when there is no serial port.
+    pub serial: Option<SerialBackend>,
+    pub no_reboot: bool,
+    /// `-S`: create the VM but do not run the vCPUs.
+    pub start_paused: bool,
+    pub name: Option<String>,
+    pub pidfile: Option<PathBuf>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            acpi: true,
+            mem_size: 128 << 20,
+            smp: Topology {
+                cpus: 1,
+                sockets: 1,
+                dies: 1,
+                cores: 1,
+                threads: 1,
+            },
+            kernel: None,
+            initrd: None,
+            append: String::new(),
+            serial: Some(SerialBackend::Stdio),
+            no_reboot: false,
+            start_paused: false,
+            name: None,
+            pidfile: None,
+        }
+    }
+}
+
+/// Options that take an argument.
+const WITH_ARG: &[&str] = &[
+    "M", "machine", "accel", "cpu", "m", "smp", "kernel", "initrd", "append", "serial", "display",
+    "name", "pidfile",
+];
+/// Options without an argument.
+const FLAGS: &[&str] = &[
+    "enable-kvm",
+    "nographic",
+    "nodefaults",
+    "no-reboot",
+    "S",
+    "version",
+    "h",
+    "help",
+];
+
+/// Parse the arguments after the program name.
+pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
+    let mut cfg = VmConfig::default();
+    let mut serials: Vec<Option<SerialBackend>> = Vec::new();
+    let mut nodefaults = false;
+    let mut it = args.iter().map(|s| s.as_ref());
+    while let Some(raw) = it.next() {
+        let name = raw
+            .strip_prefix("--")
+            .or_else(|| raw.strip_prefix('-'))
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| CliError::new(raw, "", "not an option (options start with '-')"))?;
+        let opt = format!("-{name}");
+        if FLAGS.contains(&name) {
+            match name {
+                "h" | "help" => return Ok(Action::Help),
+                "version" => return Ok(Action::Version),
+                "enable-kvm" => {}
+                "nographic" => {}
+                "nodefaults" => nodefaults = true,
+                "no-reboot" => cfg.no_reboot = true,
+                "S" => cfg.start_paused = true,
+                _ => unreachable!("every flag is handled"),
+            }
+            continue;
+        }
+        if !WITH_ARG.contains(&name) {
+            return Err(CliError::new(&opt, "", "invalid option"));
+        }
+        let arg = it
+            .next()
+            .ok_or_else(|| CliError::new(&opt, "", "requires an argument"))?;
+        match name {
+            "M" | "machine" => parse_machine(&opt, arg, &mut cfg)?,
+            "accel" => parse_accel(&opt, arg)?,
+            "cpu" => {
+                let mut kv = keyval::parse(&opt, arg, Some("model"))?;
+                match kv.take("model").as_deref() {
+                    Some("host") | Some("max") => {}
+                    Some(m) => {
+                        return Err(CliError::new(
+                            &opt,
+                            arg,
+                            &format!("unsupported CPU model '{m}' (moat offers 'host')"),
+                        ))
+                    }
+                    None => return Err(CliError::new(&opt, arg, "a CPU model is required")),
+                }
+                kv.finish(&opt, arg)?;
+            }
+            "m" => cfg.mem_size = parse_mem(&opt, arg)?,
+            "smp" => cfg.smp = parse_smp(&opt, arg)?,
+            "kernel" => cfg.kernel = Some(nonempty_path(&opt, arg)?),
+            "initrd" => cfg.initrd = Some(nonempty_path(&opt, arg)?),
+            "append" => cfg.append = arg.to_string(),
+            "serial" => serials.push(parse_serial(&opt, arg)?),
+            "display" => {
+                let mut kv = keyval::parse(&opt, arg, Some("type"))?;
+                match kv.take("type").as_deref() {
+                    Some("none") => {}
+                    _ => {
+                        return Err(CliError::new(
+                            &opt,
+                            arg,
+                            "moat has no display; only 'none' is accepted",
+                        ))
+                    }
+                }
+                kv.finish(&opt, arg)?;
+            }
+            "name" => {
+                let mut kv = keyval::parse(&opt, arg, Some("guest"))?;
+                cfg.name = kv.take("guest");
+                if let Some(v) = kv.take("debug-threads") {
+                    keyval::parse_bool(&opt, "debug-threads", &v)?;
+                }
+                kv.finish(&opt, arg)?;
+            }
+            "pidfile" => cfg.pidfile = Some(nonempty_path(&opt, arg)?),
+            _ => unreachable!("every option with an argument is handled"),
+        }
+    }
+    if serials.len() > 1 {
+        return Err(CliError::new(
+            "-serial",
+            "",
+            "moat emulates one serial port (COM1); give -serial once",
+        ));
+    }
+    cfg.serial = match serials.pop() {
+        Some(s) => s,
+        None if nodefaults => None,
+        None => Some(SerialBackend::Stdio),
+    };
+    if cfg.kernel.is_none() {
+        if cfg.initrd.is_some() {
+            return Err(CliError::new(
+                "-initrd",
+                "",
+                "-initrd only allowed with -kernel option",
+            ));
+        }
+        if !cfg.append.is_empty() {
+            return Err(CliError::new(
+                "-append",
+                "",
+                "-append only allowed with -kernel option",
+            ));
+        }
+    }
+    Ok(Action::Run(Box::new(cfg)))
+}
+
+fn nonempty_path(opt: &str, arg: &str) -> Result<PathBuf, CliError> {
+    if arg.is_empty() {
+        return Err(CliError::new(opt, arg, "empty file name"));
+    }
+    Ok(PathBuf::from(arg))
+}
+
+fn parse_machine(opt: &str, arg: &str, cfg: &mut VmConfig) -> Result<(), CliError> {
+    let mut kv = keyval::parse(opt, arg, Some("type"))?;
+    match kv.take("type").as_deref() {
+        None | Some("microvm") => {}
+        Some("help") | Some("?") => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                "supported machines: microvm (the default)",
+            ))
+        }
+        Some(t) => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("unsupported machine type '{t}' (moat offers 'microvm')"),
+            ))
+        }
+    }
+    if let Some(v) = kv.take("acpi") {
+        cfg.acpi = match v.as_str() {
+            "auto" => true,
+            _ => keyval::parse_bool(opt, "acpi", &v)?,
+        };
+    }
+    if let Some(v) = kv.take("accel") {
+        check_accel(opt, arg, &v)?;
+    }
+    kv.finish(opt, arg)
+}
+
+const TCG_REFUSED: &str = "TCG emulation is not offered: it runs guest code in the VMM process \
+with no hardware isolation, so it is unfit for untrusted guests; use KVM (-accel kvm)";
+
+fn check_accel(opt: &str, arg: &str, accel: &str) -> Result<(), CliError> {
+    match accel {
+        "kvm" => Ok(()),
+        "tcg" => Err(CliError::new(opt, arg, TCG_REFUSED)),
+        other => Err(CliError::new(
+            opt,
+            arg,
+            &format!("unsupported accelerator '{other}' (moat offers 'kvm')"),
+        )),
+    }
+}
+
+fn parse_accel(opt: &str, arg: &str) -> Result<(), CliError> {
+    let mut kv = keyval::parse(opt, arg, Some("accel"))?;
+    let accel = kv
+        .take("accel")
+        .ok_or_else(|| CliError::new(opt, arg, "an accelerator name is required"))?;
+    // QEMU allows a ':'-separated fallback list (`kvm:tcg`); each must be acceptable.
+    for a in accel.split(':') {
+        check_accel(opt, arg, a)?;
+    }
+    kv.finish(opt, arg)
+}
+
+fn parse_mem(opt: &str, arg: &str) -> Result<u64, CliError> {
+    let mut kv = keyval::parse(opt, arg, Some("size"))?;
+    let size = match kv.take("size") {
+        Some(s) => keyval::parse_size(opt, &s, 1 << 20)?,
+        None => return Err(CliError::new(opt, arg, "missing 'size' parameter")),
+    };
+    kv.finish(opt, arg)?;
+    if size < MIN_RAM {
+        return Err(CliError::new(
+            opt,
+            arg,
+            &format!("RAM size too small (at least {} MiB)", MIN_RAM >> 20),
+        ));
+    }
+    if size > MAX_RAM {
+        return Err(CliError::new(
+            opt,
+            arg,
+            &format!("RAM size too large (at most {} GiB)", MAX_RAM >> 30),
+        ));
+    }
+    // QEMU rounds RAM up to its page granularity (8 KiB on x86).
+    Ok(size.div_ceil(8192) * 8192)
+}
+
+fn parse_smp(opt: &str, arg: &str) -> Result<Topology, CliError> {
+    let mut kv = keyval::parse(opt, arg, Some("cpus"))?;
+    let mut get = |k: &str| -> Result<Option<u32>, CliError> {
+        match kv.take(k) {
+            None => Ok(None),
+            Some(v) => {
+                let n = keyval::parse_u64(opt, k, &v)?;
+                let n = u32::try_from(n)
+                    .map_err(|_| CliError::new(opt, arg, &format!("'{k}' is too large")))?;
+                // QEMU treats 0 as "not given".
+                Ok(if n == 0 { None } else { Some(n) })
+            }
+        }
+    };
+    let cpus = get("cpus")?;
+    let sockets = get("sockets")?;
+    let dies = get("dies")?;
+    let cores = get("cores")?;
+    let threads = get("threads")?;
+    let maxcpus = get("maxcpus")?;
+    kv.finish(opt, arg)?;
+    let dies = dies.unwrap_or(1);
+    // QEMU >= 6.2 prefers cores over sockets when the topology is incomplete.
+    let threads = threads.unwrap_or(1);
+    let given_max = maxcpus.or(cpus).unwrap_or(1);
+    let (sockets, cores) = match (sockets, cores) {
+        (Some(s), Some(c)) => (s, c),
+        (Some(s), None) => (s, given_max.div_ceil(s * dies * threads).max(1)),
+        (None, Some(c)) => (given_max.div_ceil(c * dies * threads).max(1), c),
+        (None, None) => (1, given_max.div_ceil(dies * threads).max(1)),
+    };
+    let product = u64::from(sockets) * u64::from(dies) * u64::from(cores) * u64::from(threads);
+    let maxcpus = match maxcpus {
+        Some(m) => u64::from(m),
+        None => product,
+    };
+    let cpus = u64::from(cpus.unwrap_or(u32::try_from(maxcpus).unwrap_or(u32::MAX)));
+    if product != maxcpus {
+        return Err(CliError::new(
+            opt,
+            arg,
+            &format!(
+                "Invalid CPU topology: product of the hierarchy must match maxcpus: \
+                 sockets ({sockets}) * dies ({dies}) * cores ({cores}) * threads ({threads}) != maxcpus ({maxcpus})"
+            ),
+        ));
+    }
+    if cpus > maxcpus {
+        return Err(CliError::new(
+            opt,
+            arg,
+            &format!("Invalid CPUs {cpus}: maxcpus must be equal to or greater than smp"),
+        ));
+    }
+    if cpus != maxcpus {
+        return Err(CliError::new(
+            opt,
+            arg,
+            "CPU hotplug is not supported: maxcpus must equal cpus",
+        ));
+    }
+    if maxcpus > u64::from(MAX_CPUS) {
+        return Err(CliError::new(
+            opt,
+            arg,
+            &format!(
+                "Invalid SMP CPUs {maxcpus}. The max CPUs supported by machine 'microvm' is {MAX_CPUS}"
+            ),
+        ));
+    }
+    let cpus = u32::try_from(cpus).unwrap_or(MAX_CPUS);
+    Ok(Topology {
+        cpus,
+        sockets,
+        dies,
+        cores,
+        threads,
+    })
+}
+
+fn parse_serial(opt: &str, arg: &str) -> Result<Option<SerialBackend>, CliError> {
+    let (kind, rest) = arg.split_once(':').unwrap_or((arg, ""));
+    let backend = match kind {
+        "stdio" | "mon:stdio" if rest.is_empty() => SerialBackend::Stdio,
+        "mon" if rest == "stdio" => SerialBackend::Stdio,
+        "null" if rest.is_empty() => SerialBackend::Null,
+        "none" if rest.is_empty() => return Ok(None),
+        "file" => SerialBackend::File(nonempty_path(opt, rest)?),
+        "unix" => {
+            let mut kv = keyval::parse(opt, rest, Some("path"))?;
+            let path = kv
+                .take("path")
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| CliError::new(opt, arg, "a socket path is required"))?;
+            let server = match kv.take("server") {
+                Some(v) => keyval::parse_bool(opt, "server", &v)?,
+                None => false,
+            };
+            let wait = match kv.take("wait") {
+                Some(v) => keyval::parse_bool(opt, "wait", &v)?,
+                None => true,
+            };
+            kv.finish(opt, arg)?;
+            if !server {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    "only listening sockets are supported (add server=on)",
+                ));
+            }
+            SerialBackend::UnixServer {
+                path: PathBuf::from(path),
+                wait,
+            }
+        }
+        _ => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                "unsupported serial backend (moat offers stdio, null, none, file:PATH, unix:PATH,server=on[,wait=off])",
+            ))
+        }
+    };
+    Ok(Some(backend))
+}
+
+/// The text of `-h`.
+pub const HELP: &str = "\
+usage: moat [options]
+A virtual machine monitor for KVM that speaks a subset of qemu-system-x86_64's command line.
+With no -kernel, moat boots its built-in demo guest.
+
+-M|-machine microvm[,acpi=on|off]   the machine (microvm is the only one)
+-accel kvm | -enable-kvm            KVM acceleration (tcg is refused: it gives no isolation)
+-cpu host                           expose the host CPU
+-m SIZE                             guest RAM (default 128M; suffixes K M G T, default M)
+-smp N[,cpus=N][,sockets=S][,dies=D][,cores=C][,threads=T][,maxcpus=N]   vCPUs (1..64)
+-kernel FILE                        bzImage, or ELF vmlinux (PVH note or 64-bit entry)
+-initrd FILE                        initial ramdisk
+-append CMDLINE                     kernel command line
+-serial stdio|null|none|file:PATH|unix:PATH,server=on[,wait=off]   COM1 backend (default stdio)
+-nographic, -display none           accepted (moat has no display)
+-nodefaults                         no default serial port
+-no-reboot                          exit instead of rebooting when the guest resets
+-S                                  do not start the vCPUs
+-name NAME                          the VM's name
+-pidfile FILE                       write the process id to FILE
+-version                            print the version
+-h|-help                            print this help
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> VmConfig {
+        match parse_args(args).unwrap() {
+            Action::Run(c) => *c,
+            a => panic!("unexpected {a:?}"),
+        }
+    }
+
+    fn err(args: &[&str]) -> String {
+        parse_args(args).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]);
+        assert_eq!(c, VmConfig::default());
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = cfg(&[
+            "-M",
+            "microvm,acpi=off",
+            "--enable-kvm",
+            "-cpu",
+            "host",
+            "-m",
+            "512M",
+            "-smp",
+            "2",
+            "-kernel",
+            "/k",
+            "-initrd",
+            "/i",
+            "-append",
+            "console=ttyS0",
+            "-nographic",
+            "-no-reboot",
+            "-serial",
+            "file:/tmp/x,,y",
+            "--name",
+            "vm1",
+            "-S",
+        ]);
+        assert!(!c.acpi);
+        assert_eq!(c.mem_size, 512 << 20);
+        assert_eq!(c.smp.cpus, 2);
+        assert_eq!(c.smp.cores, 2);
+        assert_eq!(c.kernel, Some(PathBuf::from("/k")));
+        assert_eq!(c.append, "console=ttyS0");
+        assert!(c.no_reboot && c.start_paused);
+        assert_eq!(c.name.as_deref(), Some("vm1"));
+        // file: is not keyval; the path is taken verbatim.
+        assert_eq!(
+            c.serial,
+            Some(SerialBackend::File(PathBuf::from("/tmp/x,,y")))
+        );
+    }
+
+    #[test]
+    fn smp_topologies() {
+        let t = cfg(&["-smp", "cpus=8,sockets=2,threads=2"]).smp;
+        assert_eq!((t.sockets, t.cores, t.threads), (2, 2, 2));
+        let t = cfg(&["-smp", "sockets=2,cores=3"]).smp;
+        assert_eq!(t.cpus, 6);
+        assert!(err(&["-smp", "65"]).contains("max CPUs"));
+        assert!(err(&["-smp", "cpus=4,sockets=3,cores=1"]).contains("Invalid CPU topology"));
+        assert!(err(&["-smp", "2,maxcpus=4"]).contains("hotplug"));
+        assert!(err(&["-smp", "two"]).contains("expects a number"));
+        assert!(err(&["-smp", "2,foo=1"]).contains("'foo'"));
+        assert_eq!(cfg(&["-smp", "64"]).smp.cpus, 64);
+    }
+
+    #[test]
+    fn refusals_name_the_option() {
+        assert!(err(&["-accel", "tcg"]).contains("no hardware isolation"));
+        assert!(err(&["-accel", "kvm:tcg"]).contains("-accel"));
+        assert!(err(&["-machine", "pc"]).starts_with("-machine pc: unsupported machine"));
+        assert!(err(&["-M", "microvm,acpi=maybe"]).contains("'acpi'"));
+        assert!(err(&["-M", "microvm,foo=1"]).contains("'foo'"));
+        assert!(err(&["-bogus"]).starts_with("-bogus"));
+        assert!(err(&["-m"]).contains("requires an argument"));
+        assert!(err(&["-m", "1K"]).contains("too small"));
+        assert!(err(&["-m", "5T"]).contains("too large"));
+        assert!(err(&["-serial", "tcp:1.2.3.4:5"]).contains("unsupported serial"));
+        assert!(err(&["-serial", "unix:/x"]).contains("server=on"));
+        assert!(err(&["-initrd", "/i"]).contains("-initrd only allowed with -kernel"));
+        assert!(err(&["-display", "gtk"]).contains("-display"));
+        assert!(err(&["-cpu", "qemu64"]).contains("-cpu"));
+        assert!(err(&["stray"]).contains("not an option"));
+    }
+
+    #[test]
+    fn serial_variants() {
+        assert_eq!(cfg(&["-nodefaults"]).serial, None);
+        assert_eq!(cfg(&["-serial", "none"]).serial, None);
+        assert_eq!(cfg(&["-serial", "null"]).serial, Some(SerialBackend::Null));
+        assert_eq!(
+            cfg(&["-serial", "unix:/tmp/s,server=on,wait=off"]).serial,
+            Some(SerialBackend::UnixServer {
+                path: PathBuf::from("/tmp/s"),
+                wait: false
+            })
+        );
+        assert!(err(&["-serial", "null", "-serial", "stdio"]).contains("once"));
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse_args(&["-h"]).unwrap(), Action::Help);
+        assert_eq!(parse_args(&["--help"]).unwrap(), Action::Help);
+        assert_eq!(parse_args(&["-version"]).unwrap(), Action::Version);
+    }
+}

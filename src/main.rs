@@ -1,0 +1,181 @@
+//! `moat`: parse the QEMU-style command line, read the guest images, and run
+//! the VM until it powers off (exit 0), resets with `-no-reboot` (exit 0), or
+//! fails (a one-line error, exit 1).
+
+use anyhow::Context as _;
+use moat_cli::{Action, VmConfig, HELP};
+use moat_vmm::{BootImages, Platform, Vm, VmEvent, VmExit};
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Command line handed to the demo guest.
+const DEMO_CMDLINE: &str = "console=ttyS0 moat.demo=1";
+
+fn log_init() {
+    struct Stderr(log::LevelFilter);
+    impl log::Log for Stderr {
+        fn enabled(&self, m: &log::Metadata) -> bool {
+            m.level() <= self.0
+        }
+        fn log(&self, r: &log::Record) {
+            if self.enabled(r.metadata()) {
+                eprintln!("moat: {}: {}", r.level().as_str().to_lowercase(), r.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+    let level = match std::env::var("MOAT_LOG").as_deref() {
+        Ok("trace") => log::LevelFilter::Trace,
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("info") => log::LevelFilter::Info,
+        Ok("error") => log::LevelFilter::Error,
+        _ => log::LevelFilter::Warn,
+    };
+    let _ = log::set_boxed_logger(Box::new(Stderr(level)));
+    log::set_max_level(level);
+}
+
+/// Read a guest image, refusing anything that could not fit in guest RAM.
+fn read_image(opt: &str, path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+    let ctx = || format!("{opt} {}", path.display());
+    let f = std::fs::File::open(path).with_context(ctx)?;
+    let len = f.metadata().with_context(ctx)?.len();
+    if len > limit {
+        anyhow::bail!(
+            "{}: {len} bytes cannot fit in {} MiB of guest RAM",
+            ctx(),
+            limit >> 20
+        );
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut data).with_context(ctx)?;
+    if data.len() as u64 > limit {
+        anyhow::bail!("{}: grew beyond guest RAM while reading", ctx());
+    }
+    Ok(data)
+}
+
+/// The pid file, locked and removed at exit as QEMU does.
+/// The open file holds the lock until moat exits.
+struct PidFile(PathBuf, #[allow(dead_code)] std::fs::File);
+
+impl PidFile {
+    fn create(path: &Path) -> anyhow::Result<PidFile> {
+        let ctx = || format!("-pidfile {}", path.display());
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(ctx)?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            anyhow::bail!("{}: cannot lock pid file: {}", ctx(), std::io::Error::last_os_error());
+        }
+        f.set_len(0).with_context(ctx)?;
+        writeln!(f, "{}", std::process::id()).with_context(ctx)?;
+        Ok(PidFile(path.to_path_buf(), f))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn run(cfg: VmConfig) -> anyhow::Result<()> {
+    let images = BootImages {
+        kernel: match &cfg.kernel {
+            Some(k) => read_image("-kernel", k, cfg.mem_size)?,
+            None => moat_guests::DEMO.to_vec(),
+        },
+        initrd: match &cfg.initrd {
+            Some(i) => Some(read_image("-initrd", i, cfg.mem_size)?),
+            None => None,
+        },
+        cmdline: if cfg.kernel.is_some() {
+            cfg.append.clone()
+        } else {
+            DEMO_CMDLINE.to_string()
+        },
+    };
+    // Validate the kernel for this machine before opening anything else.
+    moat_boot::parse_kernel(&images.kernel, &moat_boot::layout::MemLayout::new(cfg.mem_size))
+        .with_context(|| match &cfg.kernel {
+            Some(k) => format!("-kernel {}", k.display()),
+            None => "demo guest".into(),
+        })?;
+    let _pidfile = match &cfg.pidfile {
+        Some(p) => Some(PidFile::create(p)?),
+        None => None,
+    };
+    moat_vmm::init_kick_signal()?;
+    let platform = Platform::new(&cfg)?;
+    let (tx, rx) = mpsc::channel::<VmEvent>();
+    {
+        let tx = tx.clone();
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGINT,
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGHUP,
+        ])?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for s in signals.forever() {
+                    let _ = tx.send(VmEvent::Signal(s));
+                }
+            })?;
+    }
+    let mut generation = 0;
+    let outcome = loop {
+        generation += 1;
+        let vm = Vm::build(&cfg, &images, &platform, generation, tx.clone())?;
+        match vm.run(&rx, !cfg.start_paused) {
+            Ok(VmExit::Reset) if !cfg.no_reboot => {
+                log::info!("guest reset: rebooting");
+                continue;
+            }
+            Ok(VmExit::Reset) | Ok(VmExit::PowerOff) => break Ok(()),
+            Ok(VmExit::Signal(s)) => {
+                eprintln!("moat: terminating on signal {s}");
+                break Ok(());
+            }
+            Err(e) => break Err(anyhow::Error::from(e)),
+        }
+    };
+    platform.console.flush(Duration::from_secs(2));
+    outcome
+}
+
+fn main() -> ExitCode {
+    log_init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cfg = match moat_cli::parse_args(&args) {
+        Ok(Action::Help) => {
+            print!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Action::Version) => {
+            println!("moat version {} (QEMU-compatible command line and monitor)", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Ok(Action::Run(cfg)) => *cfg,
+        Err(e) => {
+            eprintln!("moat: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
