@@ -209,11 +209,19 @@ void acpi_poweroff(u64 rsdp) {
     puts_serial("poweroff: still running\n");
 }
 
+void acpi_reset(u64 rsdp) {
+    const u8 *f = acpi_table(rsdp, "FACP");
+    if (!f || !(rd32(f + 112) & (1 << 10)) || f[116] != 1) { puts_serial("reset: no FADT reset register\n"); return; }
+    outb((u16)rd64(f + 116 + 4), f[128]);
+    for (int i = 0; i < 1000000; i++) cpu_relax();
+}
+
 void i8042_reset(void) { outb(0x64, 0xfe); for (;;) cpu_relax(); }
 
 void triple_fault(void) {
     struct __attribute__((packed)) { u16 limit; u64 base; } idt = { 0, 0 };
-    __asm__ volatile("lidt %0; int3" :: "m"(idt));
+    __asm__ volatile("lidt %0" :: "m"(idt));
+    __asm__ volatile("ud2");
     for (;;) cpu_relax();
 }
 

@@ -55,6 +55,7 @@ int madt_cpus(const u8 *madt, u32 *ids, int max);
 int mptable_cpus(u32 *ids, int max);
 void acpi_poweroff(u64 rsdp);   /* returns only on failure */
 
+void acpi_reset(u64 rsdp);    /* FADT RESET_REG; returns only on failure */
 void i8042_reset(void);
 void triple_fault(void);
 void halt_forever(void);

@@ -5,7 +5,10 @@
  *   smp=1            start every AP (INIT-SIPI-SIPI); each checks its APIC ID
  *   initrd_len=N initrd_sum=X   the initrd's size and FNV-1a 32 checksum
  *   rtc=YYYYMMDD[,YYYYMMDD]     the CMOS date (either)
- *   action=poweroff|reset|triple|reboot-once|halt   what to do at the end
+ *   spam=N           print N filler lines (serial back-pressure tests)
+ *   action=poweroff|reset|triple|reboot-once|halt   what to do at the end;
+ *                    reboot-once resets (how=kbd|triple|acpi) on the first
+ *                    boot, counted in CMOS RAM, and powers off on the second
  * It prints "cmdline: ..." and then PASS or FAIL lines. */
 #include "lib.h"
 
@@ -125,6 +128,10 @@ void guest_main(u64 info, u32 kind) {
         printf_serial("rtc: %lu\n", got);
     }
 
+    if (cmdline_get(bi.cmdline, "spam", v, sizeof v))
+        for (u64 i = 0, n = parse_num(v); i < n; i++)
+            printf_serial("spam %lu: the quick brown fox jumps over the lazy dog\n", i);
+
     puts_serial(failures ? "RESULT: FAIL\n" : "RESULT: PASS\n");
 
     if (!cmdline_get(bi.cmdline, "action", v, sizeof v)) halt_forever();
@@ -134,7 +141,14 @@ void guest_main(u64 info, u32 kind) {
     if (!memcmp(v, "reboot-once", 12)) {
         u8 boots = cmos_read(0x40);
         printf_serial("boot count: %u\n", boots);
-        if (boots == 0) { cmos_write(0x40, 1); i8042_reset(); }
+        if (boots == 0) {
+            cmos_write(0x40, 1);
+            if (!cmdline_get(bi.cmdline, "how", v, sizeof v) || !memcmp(v, "kbd", 4)) i8042_reset();
+            if (!memcmp(v, "triple", 7)) triple_fault();
+            if (!memcmp(v, "acpi", 5)) acpi_reset(rsdp);
+            puts_serial("FAIL: unknown reset method\n");
+            halt_forever();
+        }
         cmos_write(0x40, 0);
         acpi_poweroff(rsdp);
     }

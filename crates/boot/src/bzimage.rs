@@ -76,7 +76,8 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
     }
     let payload_len = (data.len() - payload_offset) as u64;
     let syssize = u64::from(rd_u32(data, 0x1f4)) * 16;
-    if syssize > payload_len {
+    // syssize is rounded up to 16-byte paragraphs.
+    if syssize > payload_len.div_ceil(16) * 16 {
         return Err(field("syssize", format!("{syssize:#x} bytes claimed, file holds {payload_len:#x}")));
     }
     let initrd_addr_max = u64::from(rd_u32(data, 0x22c));

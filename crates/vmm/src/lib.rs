@@ -353,6 +353,9 @@ fn vcpu_thread(
     };
     while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {
+            Ok(kvm_ioctls::VcpuExit::InternalError) => {
+                vcpu::ExitAction::Fail(vcpu::internal_error(&mut vcpu))
+            }
             Ok(exit) => vcpu::handle_exit(exit, &bus),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);

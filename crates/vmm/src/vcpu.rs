@@ -211,3 +211,24 @@ pub fn dump(vcpu: &VcpuFd) -> String {
     }
     s
 }
+
+/// Describe a KVM_EXIT_INTERNAL_ERROR from the `internal` member of `kvm_run`.
+pub fn internal_error(vcpu: &mut VcpuFd) -> String {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so KVM filled the
+    // `internal` member of the union; every bit pattern is a valid u32/u64.
+    let internal = unsafe { run.__bindgen_anon_1.internal };
+    let n = (internal.ndata as usize).min(internal.data.len());
+    let kind = match internal.suberror {
+        1 => "emulation failure",
+        2 => "simultaneous exceptions",
+        3 => "event delivery failure",
+        4 => "unexpected VM exit",
+        _ => "unknown",
+    };
+    format!(
+        "KVM_EXIT_INTERNAL_ERROR: {kind} (suberror {}), data {:x?}",
+        internal.suberror,
+        &internal.data[..n]
+    )
+}

@@ -1,0 +1,108 @@
+//! Tier 1: reset, power-off, -no-reboot, -S, signals, pidfile, and the demo.
+
+mod common;
+use common::*;
+use moat_guests::{TEST_ELF64, TEST_PVH};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+#[test]
+fn demo_guest_boots_with_no_arguments() {
+    let r = moat(&[]);
+    assert_eq!(r.status, Some(0), "{r:#?}");
+    assert!(r.stdout.contains("moat demo guest"), "{r:#?}");
+    assert!(r.stdout.contains("CPUs          : 1 (from the ACPI MADT)"), "{r:#?}");
+    assert!(r.stdout.contains("command line  : console=ttyS0 moat.demo=1"), "{r:#?}");
+    // 128 MiB minus the legacy hole below 1 MiB.
+    let kib: u64 = r.stdout.split("memory        : ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(kib > 127 * 1024 && kib < 128 * 1024, "{kib}");
+}
+
+#[test]
+fn demo_guest_sees_the_machine_it_was_given() {
+    let r = moat(&["-m", "1G", "-smp", "2"]);
+    assert_eq!(r.status, Some(0), "{r:#?}");
+    assert!(r.stdout.contains("CPUs          : 2"), "{r:#?}");
+    // No ACPI: no power-off register, the demo falls back to a keyboard reset.
+    let r = moat(&["-M", "microvm,acpi=off", "-smp", "2", "-no-reboot"]);
+    assert_eq!(r.status, Some(0), "{r:#?}");
+    assert!(r.stdout.contains("CPUs          : 2 (from the MP table)"), "{r:#?}");
+}
+
+#[test]
+fn reset_methods_reboot_the_guest() {
+    for how in ["kbd", "triple", "acpi"] {
+        let r = moat(&["-kernel", TEST_PVH, "-append", &format!("action=reboot-once how={how}")]);
+        assert_eq!(r.status, Some(0), "{how}: {r:#?}");
+        assert!(r.stdout.contains("boot count: 0"), "{how}: {r:#?}");
+        assert!(r.stdout.contains("boot count: 1"), "{how}: {r:#?}");
+        assert_eq!(r.stdout.matches("RESULT: PASS").count(), 2, "{how}: {r:#?}");
+    }
+}
+
+#[test]
+fn no_reboot_turns_a_reset_into_exit() {
+    for action in ["reset", "triple"] {
+        let r = moat(&["-kernel", TEST_ELF64, "-append", &format!("action={action}"), "-no-reboot"]);
+        assert_eq!(r.status, Some(0), "{action}: {r:#?}");
+        assert_eq!(r.stdout.matches("RESULT: PASS").count(), 1, "{action}: {r:#?}");
+    }
+}
+
+#[test]
+fn start_paused_runs_nothing_until_terminated() {
+    let dir = scratch("paused");
+    let pidfile = dir.join("pid");
+    let out = dir.join("serial");
+    let mut child = Command::new(MOAT)
+        .args(["-S", "-kernel", TEST_PVH, "-append", "action=poweroff", "-serial"])
+        .arg(format!("file:{}", out.display()))
+        .arg("-pidfile")
+        .arg(&pidfile)
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut waited = Duration::ZERO;
+    while !pidfile.exists() && waited < HANG {
+        std::thread::sleep(Duration::from_millis(20));
+        waited += Duration::from_millis(20);
+    }
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert_eq!(pid as u32, child.id());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "moat exited while paused");
+    assert_eq!(std::fs::read(&out).unwrap(), b"", "the guest ran while paused");
+    // SAFETY-free: kill(1) via the command line keeps this test free of unsafe.
+    Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert!(!pidfile.exists(), "pid file left behind");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_stuck_stdout_does_not_stall_the_guest() {
+    // stdout is a pipe nobody reads: the guest's 5000 lines overflow it, yet
+    // the guest still reaches power-off and moat exits.
+    let mut child = Command::new(MOAT)
+        .args(["-kernel", TEST_PVH, "-append", "spam=5000 action=poweroff"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut waited = Duration::ZERO;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if waited > HANG {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        waited += Duration::from_millis(50);
+    };
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+}
