@@ -5,14 +5,30 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const FLAGS: &[&str] = &[
-    "-m64", "-O2", "-ffreestanding", "-fno-pic", "-no-pie", "-static", "-nostdlib",
-    "-mgeneral-regs-only", "-mno-red-zone", "-mcmodel=small", "-fno-stack-protector",
-    "-fno-asynchronous-unwind-tables", "-fno-tree-loop-distribute-patterns",
-    "-Wall", "-Werror", "-Wl,--build-id=none", "-Wl,-n", "-Wl,--no-warn-rwx-segments",
+    "-m64",
+    "-O2",
+    "-ffreestanding",
+    "-fno-pic",
+    "-no-pie",
+    "-static",
+    "-nostdlib",
+    "-mgeneral-regs-only",
+    "-mno-red-zone",
+    "-mcmodel=small",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-tree-loop-distribute-patterns",
+    "-Wall",
+    "-Werror",
+    "-Wl,--build-id=none",
+    "-Wl,-n",
+    "-Wl,--no-warn-rwx-segments",
 ];
 
 fn run(cmd: &mut Command) {
-    let st = cmd.status().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let st = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(st.success(), "{cmd:?} failed");
 }
 
@@ -29,7 +45,10 @@ fn link(src: &Path, out: &Path, main: &str) {
 }
 
 fn le(b: &[u8], off: usize, n: usize) -> u64 {
-    b[off..off + n].iter().rev().fold(0, |a, &x| (a << 8) | u64::from(x))
+    b[off..off + n]
+        .iter()
+        .rev()
+        .fold(0, |a, &x| (a << 8) | u64::from(x))
 }
 
 /// End of the highest PT_LOAD (for the bzImage's init_size).
@@ -76,12 +95,22 @@ fn main() {
     link(&src, &out.join("demo.elf"), "demo.c");
     let pvh = out.join("test-pvh.elf");
     link(&src, &pvh, "test.c");
-    run(Command::new("objcopy").args(["--remove-section=.note.Xen"]).arg(&pvh).arg(out.join("test-elf64.elf")));
+    run(Command::new("objcopy")
+        .args(["--remove-section=.note.Xen"])
+        .arg(&pvh)
+        .arg(out.join("test-elf64.elf")));
     let bin = out.join("test.bin");
-    run(Command::new("objcopy").args(["-O", "binary", "--remove-section=.note.Xen"]).arg(&pvh).arg(&bin));
+    run(Command::new("objcopy")
+        .args(["-O", "binary", "--remove-section=.note.Xen"])
+        .arg(&pvh)
+        .arg(&bin));
     let elf = std::fs::read(&pvh).unwrap();
     let payload = std::fs::read(&bin).unwrap();
     let init_size = elf_mem_end(&elf) - 0x10_0000;
     std::fs::write(out.join("test-bzimage"), bzimage(&payload, init_size, true)).unwrap();
-    std::fs::write(out.join("test-bzimage32"), bzimage(&payload, init_size, false)).unwrap();
+    std::fs::write(
+        out.join("test-bzimage32"),
+        bzimage(&payload, init_size, false),
+    )
+    .unwrap();
 }

@@ -52,7 +52,8 @@ fn read_image(opt: &str, path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
         );
     }
     let mut data = Vec::with_capacity(len as usize);
-    std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut data).with_context(ctx)?;
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut data)
+        .with_context(ctx)?;
     if data.len() as u64 > limit {
         anyhow::bail!("{}: grew beyond guest RAM while reading", ctx());
     }
@@ -74,7 +75,11 @@ impl PidFile {
             .with_context(ctx)?;
         // SAFETY: flock on a descriptor we own; no memory is passed.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            anyhow::bail!("{}: cannot lock pid file: {}", ctx(), std::io::Error::last_os_error());
+            anyhow::bail!(
+                "{}: cannot lock pid file: {}",
+                ctx(),
+                std::io::Error::last_os_error()
+            );
         }
         f.set_len(0).with_context(ctx)?;
         writeln!(f, "{}", std::process::id()).with_context(ctx)?;
@@ -105,11 +110,14 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         },
     };
     // Validate the kernel for this machine before opening anything else.
-    moat_boot::parse_kernel(&images.kernel, &moat_boot::layout::MemLayout::new(cfg.mem_size))
-        .with_context(|| match &cfg.kernel {
-            Some(k) => format!("-kernel {}", k.display()),
-            None => "demo guest".into(),
-        })?;
+    moat_boot::parse_kernel(
+        &images.kernel,
+        &moat_boot::layout::MemLayout::new(cfg.mem_size),
+    )
+    .with_context(|| match &cfg.kernel {
+        Some(k) => format!("-kernel {}", k.display()),
+        None => "demo guest".into(),
+    })?;
     let _pidfile = match &cfg.pidfile {
         Some(p) => Some(PidFile::create(p)?),
         None => None,
@@ -162,7 +170,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Action::Version) => {
-            println!("moat version {} (QEMU-compatible command line and monitor)", env!("CARGO_PKG_VERSION"));
+            println!(
+                "moat version {} (QEMU-compatible command line and monitor)",
+                env!("CARGO_PKG_VERSION")
+            );
             return ExitCode::SUCCESS;
         }
         Ok(Action::Run(cfg)) => *cfg,

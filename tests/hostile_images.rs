@@ -68,27 +68,83 @@ fn malformed_elf_kernels() {
     let mut e = elf(MB, &[(LOAD, 0x1000, MB, 0x1000, 0x1000)]);
     e[56..58].copy_from_slice(&5000u16.to_le_bytes());
     refused("many-phdrs", &e, &[], &["e_phnum"]);
-    refused("past-eof", &elf(MB, &[(LOAD, 0x1000, MB, 0x10_0000, 0x10_0000)]), &[], &["p_offset", "past the end"]);
-    refused("offset-overflow", &elf(MB, &[(LOAD, u64::MAX - 4, MB, 0x100, 0x100)]), &[], &["p_offset"]);
-    refused("filesz>memsz", &elf(MB, &[(LOAD, 0x1000, MB, 0x1000, 0x10)]), &[], &["p_filesz"]);
-    refused("below-1M", &elf(0x8000, &[(LOAD, 0x1000, 0x8000, 0x1000, 0x1000)]), &[], &["p_paddr"]);
-    refused("beyond-ram", &elf(MB, &[(LOAD, 0x1000, MB, 0x1000, 0x4000_0000)]), &["-m", "64M"], &["p_paddr", "64 MiB"]);
-    refused("huge-memsz", &elf(MB, &[(LOAD, 0x1000, MB, 0x1000, u64::MAX)]), &[], &["p_paddr"]);
-    refused("in-mmio-hole", &elf(0xd000_0000, &[(LOAD, 0x1000, 0xd000_0000, 0x1000, 0x1000)]), &["-m", "8G"], &["p_paddr"]);
+    refused(
+        "past-eof",
+        &elf(MB, &[(LOAD, 0x1000, MB, 0x10_0000, 0x10_0000)]),
+        &[],
+        &["p_offset", "past the end"],
+    );
+    refused(
+        "offset-overflow",
+        &elf(MB, &[(LOAD, u64::MAX - 4, MB, 0x100, 0x100)]),
+        &[],
+        &["p_offset"],
+    );
+    refused(
+        "filesz>memsz",
+        &elf(MB, &[(LOAD, 0x1000, MB, 0x1000, 0x10)]),
+        &[],
+        &["p_filesz"],
+    );
+    refused(
+        "below-1M",
+        &elf(0x8000, &[(LOAD, 0x1000, 0x8000, 0x1000, 0x1000)]),
+        &[],
+        &["p_paddr"],
+    );
+    refused(
+        "beyond-ram",
+        &elf(MB, &[(LOAD, 0x1000, MB, 0x1000, 0x4000_0000)]),
+        &["-m", "64M"],
+        &["p_paddr", "64 MiB"],
+    );
+    refused(
+        "huge-memsz",
+        &elf(MB, &[(LOAD, 0x1000, MB, 0x1000, u64::MAX)]),
+        &[],
+        &["p_paddr"],
+    );
+    refused(
+        "in-mmio-hole",
+        &elf(0xd000_0000, &[(LOAD, 0x1000, 0xd000_0000, 0x1000, 0x1000)]),
+        &["-m", "8G"],
+        &["p_paddr"],
+    );
     refused(
         "overlap",
-        &elf(MB, &[(LOAD, 0x1000, MB, 0x1000, 0x2000), (LOAD, 0x1000, MB + 0x1000, 0x1000, 0x1000)]),
+        &elf(
+            MB,
+            &[
+                (LOAD, 0x1000, MB, 0x1000, 0x2000),
+                (LOAD, 0x1000, MB + 0x1000, 0x1000, 0x1000),
+            ],
+        ),
         &[],
         &["overlaps"],
     );
-    refused("entry-outside", &elf(0x40_0000, &[(LOAD, 0x1000, MB, 0x1000, 0x1000)]), &[], &["e_entry"]);
+    refused(
+        "entry-outside",
+        &elf(0x40_0000, &[(LOAD, 0x1000, MB, 0x1000, 0x1000)]),
+        &[],
+        &["e_entry"],
+    );
     // A PVH note whose descriptor is two bytes.
-    let mut e = elf(MB, &[(LOAD, 0x1000, MB, 0x1000, 0x1000), (NOTE, 0x200, 0, 20, 20)]);
-    e[0x200..0x214].copy_from_slice(&[4, 0, 0, 0, 2, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0, 0, 0x10, 0, 0]);
+    let mut e = elf(
+        MB,
+        &[(LOAD, 0x1000, MB, 0x1000, 0x1000), (NOTE, 0x200, 0, 20, 20)],
+    );
+    e[0x200..0x214].copy_from_slice(&[
+        4, 0, 0, 0, 2, 0, 0, 0, 18, 0, 0, 0, b'X', b'e', b'n', 0, 0, 0x10, 0, 0,
+    ]);
     refused("pvh-desc", &e, &[], &["XEN_ELFNOTE_PHYS32_ENTRY"]);
     // A note that claims more bytes than its segment holds.
-    let mut e = elf(MB, &[(LOAD, 0x1000, MB, 0x1000, 0x1000), (NOTE, 0x200, 0, 16, 16)]);
-    e[0x200..0x210].copy_from_slice(&[4, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f, 18, 0, 0, 0, b'X', b'e', b'n', 0]);
+    let mut e = elf(
+        MB,
+        &[(LOAD, 0x1000, MB, 0x1000, 0x1000), (NOTE, 0x200, 0, 16, 16)],
+    );
+    e[0x200..0x210].copy_from_slice(&[
+        4, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f, 18, 0, 0, 0, b'X', b'e', b'n', 0,
+    ]);
     refused("note-overrun", &e, &[], &["PT_NOTE"]);
 }
 
@@ -103,20 +159,70 @@ fn set(mut b: Vec<u8>, off: usize, v: &[u8]) -> Vec<u8> {
 
 #[test]
 fn malformed_bzimages() {
-    refused("bz-truncated", &bz()[..0x300], &[], &["bzImage", "setup_sects"]);
-    refused("bz-header-only", &bz()[..0x220], &[], &["setup header", "too short"]);
-    refused("bz-old", &set(bz(), 0x206, &0x0205u16.to_le_bytes()), &[], &["version", "2.05"]);
-    refused("bz-setup-sects", &set(bz(), 0x1f1, &[200]), &[], &["setup_sects"]);
+    refused(
+        "bz-truncated",
+        &bz()[..0x300],
+        &[],
+        &["bzImage", "setup_sects"],
+    );
+    refused(
+        "bz-header-only",
+        &bz()[..0x220],
+        &[],
+        &["setup header", "too short"],
+    );
+    refused(
+        "bz-old",
+        &set(bz(), 0x206, &0x0205u16.to_le_bytes()),
+        &[],
+        &["version", "2.05"],
+    );
+    refused(
+        "bz-setup-sects",
+        &set(bz(), 0x1f1, &[200]),
+        &[],
+        &["setup_sects"],
+    );
     refused("bz-zimage", &set(bz(), 0x211, &[0]), &[], &["loadflags"]);
-    refused("bz-syssize", &set(bz(), 0x1f4, &0x0fff_ffffu32.to_le_bytes()), &[], &["syssize"]);
-    refused("bz-init-size", &set(bz(), 0x260, &0xffff_f000u32.to_le_bytes()), &[], &["init_size"]);
-    refused("bz-pref-address", &set(bz(), 0x258, &0xffff_ffff_0000_0000u64.to_le_bytes()), &[], &["bzImage"]);
+    refused(
+        "bz-syssize",
+        &set(bz(), 0x1f4, &0x0fff_ffffu32.to_le_bytes()),
+        &[],
+        &["syssize"],
+    );
+    refused(
+        "bz-init-size",
+        &set(bz(), 0x260, &0xffff_f000u32.to_le_bytes()),
+        &[],
+        &["init_size"],
+    );
+    refused(
+        "bz-pref-address",
+        &set(bz(), 0x258, &0xffff_ffff_0000_0000u64.to_le_bytes()),
+        &[],
+        &["bzImage"],
+    );
     let reloc = set(bz(), 0x234, &[1]);
-    refused("bz-alignment", &set(reloc, 0x230, &0x3000u32.to_le_bytes()), &[], &["kernel_alignment"]);
+    refused(
+        "bz-alignment",
+        &set(reloc, 0x230, &0x3000u32.to_le_bytes()),
+        &[],
+        &["kernel_alignment"],
+    );
     refused("bz-jump", &set(bz(), 0x201, &[0xff]), &[], &["jump"]);
-    refused("bz-cmdline-size", &set(bz(), 0x238, &0u32.to_le_bytes()), &[], &["cmdline_size"]);
+    refused(
+        "bz-cmdline-size",
+        &set(bz(), 0x238, &0u32.to_le_bytes()),
+        &[],
+        &["cmdline_size"],
+    );
     let long = "x".repeat(3000);
-    refused("bz-cmdline-long", &bz(), &["-append", &long], &["command line", "3000 bytes", "2047"]);
+    refused(
+        "bz-cmdline-long",
+        &bz(),
+        &["-append", &long],
+        &["command line", "3000 bytes", "2047"],
+    );
 }
 
 #[test]
@@ -125,14 +231,33 @@ fn bad_initrds_and_files() {
     let dir = scratch("initrd");
     let big = dir.join("big");
     std::fs::write(&big, vec![0u8; 5 << 20]).unwrap();
-    refused("initrd-larger-than-ram", &pvh, &["-m", "4M", "-initrd", big.to_str().unwrap()], &["-initrd", "cannot fit"]);
+    refused(
+        "initrd-larger-than-ram",
+        &pvh,
+        &["-m", "4M", "-initrd", big.to_str().unwrap()],
+        &["-initrd", "cannot fit"],
+    );
     let mid = dir.join("mid");
     std::fs::write(&mid, vec![0u8; (3 << 20) + (512 << 10)]).unwrap();
-    refused("initrd-no-room", &pvh, &["-m", "4M", "-initrd", mid.to_str().unwrap()], &["initrd", "do not fit"]);
-    refused("initrd-missing", &pvh, &["-initrd", "/nonexistent/initrd"], &["-initrd /nonexistent/initrd", "No such file"]);
+    refused(
+        "initrd-no-room",
+        &pvh,
+        &["-m", "4M", "-initrd", mid.to_str().unwrap()],
+        &["initrd", "do not fit"],
+    );
+    refused(
+        "initrd-missing",
+        &pvh,
+        &["-initrd", "/nonexistent/initrd"],
+        &["-initrd /nonexistent/initrd", "No such file"],
+    );
     let r = moat(&["-kernel", "/nonexistent/kernel"]);
     assert_eq!(r.status, Some(1));
-    assert!(r.stderr.contains("-kernel /nonexistent/kernel: No such file"), "{r:#?}");
+    assert!(
+        r.stderr
+            .contains("-kernel /nonexistent/kernel: No such file"),
+        "{r:#?}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -11,10 +11,26 @@ fn demo_guest_boots_with_no_arguments() {
     let r = moat(&[]);
     assert_eq!(r.status, Some(0), "{r:#?}");
     assert!(r.stdout.contains("moat demo guest"), "{r:#?}");
-    assert!(r.stdout.contains("CPUs          : 1 (from the ACPI MADT)"), "{r:#?}");
-    assert!(r.stdout.contains("command line  : console=ttyS0 moat.demo=1"), "{r:#?}");
+    assert!(
+        r.stdout.contains("CPUs          : 1 (from the ACPI MADT)"),
+        "{r:#?}"
+    );
+    assert!(
+        r.stdout
+            .contains("command line  : console=ttyS0 moat.demo=1"),
+        "{r:#?}"
+    );
     // 128 MiB minus the legacy hole below 1 MiB.
-    let kib: u64 = r.stdout.split("memory        : ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let kib: u64 = r
+        .stdout
+        .split("memory        : ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(kib > 127 * 1024 && kib < 128 * 1024, "{kib}");
 }
 
@@ -26,13 +42,21 @@ fn demo_guest_sees_the_machine_it_was_given() {
     // No ACPI: no power-off register, the demo falls back to a keyboard reset.
     let r = moat(&["-M", "microvm,acpi=off", "-smp", "2", "-no-reboot"]);
     assert_eq!(r.status, Some(0), "{r:#?}");
-    assert!(r.stdout.contains("CPUs          : 2 (from the MP table)"), "{r:#?}");
+    assert!(
+        r.stdout.contains("CPUs          : 2 (from the MP table)"),
+        "{r:#?}"
+    );
 }
 
 #[test]
 fn reset_methods_reboot_the_guest() {
     for how in ["kbd", "triple", "acpi"] {
-        let r = moat(&["-kernel", TEST_PVH, "-append", &format!("action=reboot-once how={how}")]);
+        let r = moat(&[
+            "-kernel",
+            TEST_PVH,
+            "-append",
+            &format!("action=reboot-once how={how}"),
+        ]);
         assert_eq!(r.status, Some(0), "{how}: {r:#?}");
         assert!(r.stdout.contains("boot count: 0"), "{how}: {r:#?}");
         assert!(r.stdout.contains("boot count: 1"), "{how}: {r:#?}");
@@ -43,9 +67,19 @@ fn reset_methods_reboot_the_guest() {
 #[test]
 fn no_reboot_turns_a_reset_into_exit() {
     for action in ["reset", "triple"] {
-        let r = moat(&["-kernel", TEST_ELF64, "-append", &format!("action={action}"), "-no-reboot"]);
+        let r = moat(&[
+            "-kernel",
+            TEST_ELF64,
+            "-append",
+            &format!("action={action}"),
+            "-no-reboot",
+        ]);
         assert_eq!(r.status, Some(0), "{action}: {r:#?}");
-        assert_eq!(r.stdout.matches("RESULT: PASS").count(), 1, "{action}: {r:#?}");
+        assert_eq!(
+            r.stdout.matches("RESULT: PASS").count(),
+            1,
+            "{action}: {r:#?}"
+        );
     }
 }
 
@@ -55,7 +89,14 @@ fn start_paused_runs_nothing_until_terminated() {
     let pidfile = dir.join("pid");
     let out = dir.join("serial");
     let mut child = Command::new(MOAT)
-        .args(["-S", "-kernel", TEST_PVH, "-append", "action=poweroff", "-serial"])
+        .args([
+            "-S",
+            "-kernel",
+            TEST_PVH,
+            "-append",
+            "action=poweroff",
+            "-serial",
+        ])
         .arg(format!("file:{}", out.display()))
         .arg("-pidfile")
         .arg(&pidfile)
@@ -68,13 +109,28 @@ fn start_paused_runs_nothing_until_terminated() {
         std::thread::sleep(Duration::from_millis(20));
         waited += Duration::from_millis(20);
     }
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(pid as u32, child.id());
     std::thread::sleep(Duration::from_millis(500));
-    assert!(child.try_wait().unwrap().is_none(), "moat exited while paused");
-    assert_eq!(std::fs::read(&out).unwrap(), b"", "the guest ran while paused");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "moat exited while paused"
+    );
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        b"",
+        "the guest ran while paused"
+    );
     // SAFETY-free: kill(1) via the command line keeps this test free of unsafe.
-    Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     let st = child.wait().unwrap();
     assert_eq!(st.code(), Some(0));
     assert!(!pidfile.exists(), "pid file left behind");

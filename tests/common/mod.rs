@@ -75,15 +75,22 @@ pub fn scratch(name: &str) -> PathBuf {
 
 /// Today's (and tomorrow's) UTC date as YYYYMMDD, computed without the RTC code under test.
 pub fn utc_dates() -> String {
-    let out = Command::new("date").args(["-u", "+%Y%m%d"]).output().unwrap();
+    let out = Command::new("date")
+        .args(["-u", "+%Y%m%d"])
+        .output()
+        .unwrap();
     let today = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let out = Command::new("date").args(["-u", "-d", "+1 day", "+%Y%m%d"]).output().unwrap();
+    let out = Command::new("date")
+        .args(["-u", "-d", "+1 day", "+%Y%m%d"])
+        .output()
+        .unwrap();
     let tomorrow = String::from_utf8(out.stdout).unwrap().trim().to_string();
     format!("{today},{tomorrow}")
 }
 
 /// FNV-1a 32, as the test guest computes it.
 pub fn fnv1a(data: &[u8]) -> u32 {
-    data.iter()
-        .fold(2166136261u32, |h, &b| (h ^ u32::from(b)).wrapping_mul(16777619))
+    data.iter().fold(2166136261u32, |h, &b| {
+        (h ^ u32::from(b)).wrapping_mul(16777619)
+    })
 }

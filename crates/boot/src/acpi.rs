@@ -4,7 +4,9 @@
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -36,7 +38,10 @@ fn bytes_of(t: &dyn Aml) -> Vec<u8> {
 
 /// A `Device` with a `_HID` and a `_CRS` of I/O ranges and an optional edge IRQ.
 fn legacy_device(path: &str, hid: &str, io: &[(u16, u8)], irq: Option<u32>) -> Vec<u8> {
-    let ios: Vec<aml::IO> = io.iter().map(|&(p, len)| aml::IO::new(p, p, 1, len)).collect();
+    let ios: Vec<aml::IO> = io
+        .iter()
+        .map(|&(p, len)| aml::IO::new(p, p, 1, len))
+        .collect();
     let int = irq.map(|i| aml::Interrupt::new(true, true, false, false, i));
     let mut res: Vec<&dyn Aml> = ios.iter().map(|i| i as &dyn Aml).collect();
     if let Some(i) = &int {
@@ -60,7 +65,12 @@ fn dsdt() -> Vec<u8> {
         "_S5_".into(),
         &aml::Package::new(vec![&ports::S5_SLP_TYP]),
     )));
-    dsdt.append_slice(&legacy_device("_SB_.COM1", "PNP0501", &[(ports::COM1, 8)], Some(ports::COM1_IRQ)));
+    dsdt.append_slice(&legacy_device(
+        "_SB_.COM1",
+        "PNP0501",
+        &[(ports::COM1, 8)],
+        Some(ports::COM1_IRQ),
+    ));
     dsdt.append_slice(&legacy_device(
         "_SB_.PS2K",
         "PNP0303",
@@ -68,12 +78,25 @@ fn dsdt() -> Vec<u8> {
         Some(ports::I8042_IRQ),
     ));
     // The RTC is declared without an IRQ: moat's CMOS clock raises none.
-    dsdt.append_slice(&legacy_device("_SB_.RTC_", "PNP0B00", &[(ports::RTC_INDEX, 2)], None));
+    dsdt.append_slice(&legacy_device(
+        "_SB_.RTC_",
+        "PNP0B00",
+        &[(ports::RTC_INDEX, 2)],
+        None,
+    ));
     dsdt.as_slice().to_vec()
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let pm = |addr: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(addr));
+    let pm = |addr: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            u64::from(addr),
+        )
+    };
     let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, 1)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
@@ -88,10 +111,17 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
 }
 
 fn madt(apic_ids: &[u32]) -> Result<Vec<u8>, BootError> {
-    let mut madt = MADT::new(OEM_ID, OEM_TABLE_ID, 1, LocalInterruptController::Address(LAPIC_ADDR));
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        1,
+        LocalInterruptController::Address(LAPIC_ADDR),
+    );
     for (i, &id) in apic_ids.iter().enumerate() {
-        let id = u8::try_from(id).map_err(|_| BootError::Tables(format!("APIC ID {id} does not fit the MADT")))?;
-        let uid = u8::try_from(i).map_err(|_| BootError::Tables("too many CPUs for the MADT".into()))?;
+        let id = u8::try_from(id)
+            .map_err(|_| BootError::Tables(format!("APIC ID {id} does not fit the MADT")))?;
+        let uid =
+            u8::try_from(i).map_err(|_| BootError::Tables("too many CPUs for the MADT".into()))?;
         madt.add_structure(ProcessorLocalApic::new(uid, id, EnabledStatus::Enabled));
     }
     madt.add_structure(IoApic::new(ioapic_id(apic_ids), IOAPIC_ADDR, 0));
@@ -115,7 +145,11 @@ pub fn build(apic_ids: &[u32]) -> Result<Vec<Table>, BootError> {
     let mut place = |sig: &str, bytes: Vec<u8>, tables: &mut Vec<Table>| {
         let a = addr;
         addr = align16(addr + bytes.len() as u64);
-        tables.push(Table { signature: sig.into(), addr: a, bytes });
+        tables.push(Table {
+            signature: sig.into(),
+            addr: a,
+            bytes,
+        });
         a
     };
     let dsdt_addr = place("DSDT", dsdt(), &mut tables);
@@ -126,9 +160,19 @@ pub fn build(apic_ids: &[u32]) -> Result<Vec<Table>, BootError> {
     xsdt.add_entry(madt_addr);
     let xsdt_addr = place("XSDT", bytes_of(&xsdt), &mut tables);
     if addr > ACPI_END {
-        return Err(BootError::Tables(format!("ACPI tables need {:#x} bytes, more than the reserved area", addr - ACPI_START)));
+        return Err(BootError::Tables(format!(
+            "ACPI tables need {:#x} bytes, more than the reserved area",
+            addr - ACPI_START
+        )));
     }
-    tables.insert(0, Table { signature: "RSDP".into(), addr: ACPI_START, bytes: bytes_of(&Rsdp::new(OEM_ID, xsdt_addr)) });
+    tables.insert(
+        0,
+        Table {
+            signature: "RSDP".into(),
+            addr: ACPI_START,
+            bytes: bytes_of(&Rsdp::new(OEM_ID, xsdt_addr)),
+        },
+    );
     Ok(tables)
 }
 

@@ -46,7 +46,10 @@ fn field(f: &'static str, why: String) -> BootError {
 /// Parse and place a bzImage for a guest with `layout`.
 pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
     if data.len() < 0x268 {
-        return Err(field("setup header", format!("file is {} bytes, too short for a setup header", data.len())));
+        return Err(field(
+            "setup header",
+            format!("file is {} bytes, too short for a setup header", data.len()),
+        ));
     }
     if rd_u16(data, 0x1fe) != 0xaa55 {
         return Err(field("boot_flag", "missing 0xAA55".into()));
@@ -56,7 +59,14 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
     }
     let version = rd_u16(data, 0x206);
     if version < 0x0206 {
-        return Err(field("version", format!("boot protocol {}.{:02} is older than 2.06", version >> 8, version & 0xff)));
+        return Err(field(
+            "version",
+            format!(
+                "boot protocol {}.{:02} is older than 2.06",
+                version >> 8,
+                version & 0xff
+            ),
+        ));
     }
     let setup_sects = match data[0x1f1] {
         0 => 4,
@@ -64,21 +74,36 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
     };
     let payload_offset = (setup_sects + 1) * 512;
     if payload_offset >= data.len() {
-        return Err(field("setup_sects", format!("{setup_sects} setup sectors leave no kernel in a {}-byte file", data.len())));
+        return Err(field(
+            "setup_sects",
+            format!(
+                "{setup_sects} setup sectors leave no kernel in a {}-byte file",
+                data.len()
+            ),
+        ));
     }
     let hdr_end = 0x202 + usize::from(data[0x201]);
-    if hdr_end > payload_offset || hdr_end > 0x290 || hdr_end < 0x238 {
-        return Err(field("jump", format!("setup header end {hdr_end:#x} is out of range")));
+    if hdr_end > payload_offset || !(0x238..=0x290).contains(&hdr_end) {
+        return Err(field(
+            "jump",
+            format!("setup header end {hdr_end:#x} is out of range"),
+        ));
     }
     let loadflags = data[0x211];
     if loadflags & LOADED_HIGH == 0 {
-        return Err(field("loadflags", "not a bzImage (LOADED_HIGH clear: zImage is unsupported)".into()));
+        return Err(field(
+            "loadflags",
+            "not a bzImage (LOADED_HIGH clear: zImage is unsupported)".into(),
+        ));
     }
     let payload_len = (data.len() - payload_offset) as u64;
     let syssize = u64::from(rd_u32(data, 0x1f4)) * 16;
     // syssize is rounded up to 16-byte paragraphs.
     if syssize > payload_len.div_ceil(16) * 16 {
-        return Err(field("syssize", format!("{syssize:#x} bytes claimed, file holds {payload_len:#x}")));
+        return Err(field(
+            "syssize",
+            format!("{syssize:#x} bytes claimed, file holds {payload_len:#x}"),
+        ));
     }
     let initrd_addr_max = u64::from(rd_u32(data, 0x22c));
     let cmdline_size = rd_u32(data, 0x238) as usize;
@@ -89,14 +114,24 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
     } else {
         (HIMEM_START, 0)
     };
-    let xloadflags = if version >= 0x020c { rd_u16(data, 0x236) } else { 0 };
+    let xloadflags = if version >= 0x020c {
+        rd_u16(data, 0x236)
+    } else {
+        0
+    };
     let footprint = payload_len.max(init_size);
     let low_end = layout.low_end();
-    let fits = |addr: u64| addr >= HIMEM_START && addr.checked_add(footprint).is_some_and(|e| e <= low_end);
+    let fits = |addr: u64| {
+        addr >= HIMEM_START && addr.checked_add(footprint).is_some_and(|e| e <= low_end)
+    };
 
     let load_addr = if relocatable && version >= 0x0205 {
-        if !kernel_alignment.is_power_of_two() || !(0x1000..=(1 << 30)).contains(&kernel_alignment) {
-            return Err(field("kernel_alignment", format!("{kernel_alignment:#x} is not a power of two between 4 KiB and 1 GiB")));
+        if !kernel_alignment.is_power_of_two() || !(0x1000..=(1 << 30)).contains(&kernel_alignment)
+        {
+            return Err(field(
+                "kernel_alignment",
+                format!("{kernel_alignment:#x} is not a power of two between 4 KiB and 1 GiB"),
+            ));
         }
         if pref_address % kernel_alignment == 0 && fits(pref_address) {
             pref_address
@@ -113,7 +148,10 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
         )));
     }
     if cmdline_size == 0 {
-        return Err(field("cmdline_size", "kernel accepts no command line".into()));
+        return Err(field(
+            "cmdline_size",
+            "kernel accepts no command line".into(),
+        ));
     }
     let mut initrd_addr_max = initrd_addr_max;
     if xloadflags & XLF_CAN_BE_LOADED_ABOVE_4G != 0 {

@@ -55,10 +55,16 @@ fn field(f: &'static str, why: String) -> BootError {
 /// Parse and validate `data` against the guest memory layout.
 pub fn parse(data: &[u8], layout: &MemLayout) -> Result<ElfKernel, BootError> {
     if data.len() < 64 {
-        return Err(field("e_ident", format!("file is {} bytes, shorter than an ELF64 header", data.len())));
+        return Err(field(
+            "e_ident",
+            format!("file is {} bytes, shorter than an ELF64 header", data.len()),
+        ));
     }
     if data[4] != 2 {
-        return Err(field("EI_CLASS", "only 64-bit ELF kernels are supported".into()));
+        return Err(field(
+            "EI_CLASS",
+            "only 64-bit ELF kernels are supported".into(),
+        ));
     }
     if data[5] != 1 {
         return Err(field("EI_DATA", "not little-endian".into()));
@@ -82,12 +88,20 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<ElfKernel, BootError> {
         return Err(field("e_phentsize", format!("{phentsize}, expected 56")));
     }
     if phnum == 0 || phnum > MAX_PHDRS {
-        return Err(field("e_phnum", format!("{phnum} program headers (1..={MAX_PHDRS} allowed)")));
+        return Err(field(
+            "e_phnum",
+            format!("{phnum} program headers (1..={MAX_PHDRS} allowed)"),
+        ));
     }
     let ph_end = phoff
         .checked_add(56 * phnum as u64)
         .filter(|&e| e <= data.len() as u64)
-        .ok_or_else(|| field("e_phoff", format!("program headers at {phoff:#x} run past the end of the file")))?;
+        .ok_or_else(|| {
+            field(
+                "e_phoff",
+                format!("program headers at {phoff:#x} run past the end of the file"),
+            )
+        })?;
     let _ = ph_end;
     let phoff = phoff as usize; // <= data.len(), checked above
 
@@ -110,7 +124,10 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<ElfKernel, BootError> {
                     return Err(field("p_offset", format!("segment {i}: {filesz:#x} bytes at {offset:#x} run past the end of the file")));
                 }
                 if filesz > memsz {
-                    return Err(field("p_filesz", format!("segment {i}: p_filesz {filesz:#x} > p_memsz {memsz:#x}")));
+                    return Err(field(
+                        "p_filesz",
+                        format!("segment {i}: p_filesz {filesz:#x} > p_memsz {memsz:#x}"),
+                    ));
                 }
                 if memsz == 0 {
                     continue;
@@ -121,15 +138,32 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<ElfKernel, BootError> {
                         layout.mem_size >> 20
                     )));
                 }
-                let s = Segment { paddr, offset, filesz, memsz };
-                if let Some(o) = segments.iter().find(|o| paddr < o.paddr + o.memsz && o.paddr < paddr + memsz) {
-                    return Err(field("p_paddr", format!("segment {i} at {paddr:#x} overlaps the segment at {:#x}", o.paddr)));
+                let s = Segment {
+                    paddr,
+                    offset,
+                    filesz,
+                    memsz,
+                };
+                if let Some(o) = segments
+                    .iter()
+                    .find(|o| paddr < o.paddr + o.memsz && o.paddr < paddr + memsz)
+                {
+                    return Err(field(
+                        "p_paddr",
+                        format!(
+                            "segment {i} at {paddr:#x} overlaps the segment at {:#x}",
+                            o.paddr
+                        ),
+                    ));
                 }
                 segments.push(s);
             }
             PT_NOTE => {
                 if !in_file {
-                    return Err(field("p_offset", format!("note segment {i} runs past the end of the file")));
+                    return Err(field(
+                        "p_offset",
+                        format!("note segment {i} runs past the end of the file"),
+                    ));
                 }
                 let notes = &data[offset as usize..(offset + filesz) as usize];
                 if let Some(e) = find_pvh_note(notes, align)? {
@@ -142,15 +176,29 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<ElfKernel, BootError> {
     if segments.is_empty() {
         return Err(field("e_phnum", "no loadable segment".into()));
     }
-    let inside = |a: u64| segments.iter().any(|s| a >= s.paddr && a < s.paddr + s.filesz);
+    let inside = |a: u64| {
+        segments
+            .iter()
+            .any(|s| a >= s.paddr && a < s.paddr + s.filesz)
+    };
     if let Some(p) = pvh_entry {
         if !inside(u64::from(p)) {
-            return Err(field("XEN_ELFNOTE_PHYS32_ENTRY", format!("entry {p:#x} is outside every loaded segment")));
+            return Err(field(
+                "XEN_ELFNOTE_PHYS32_ENTRY",
+                format!("entry {p:#x} is outside every loaded segment"),
+            ));
         }
     } else if !inside(entry) {
-        return Err(field("e_entry", format!("entry {entry:#x} is outside every loaded segment")));
+        return Err(field(
+            "e_entry",
+            format!("entry {entry:#x} is outside every loaded segment"),
+        ));
     }
-    Ok(ElfKernel { segments, entry, pvh_entry })
+    Ok(ElfKernel {
+        segments,
+        entry,
+        pvh_entry,
+    })
 }
 
 /// Walk the notes of one PT_NOTE segment looking for the PVH entry.
@@ -167,7 +215,10 @@ fn find_pvh_note(mut notes: &[u8], align: u64) -> Result<Option<u32>, BootError>
             return Err(field("PT_NOTE", "note sizes overflow".into()));
         };
         if desc_raw_end > notes.len() {
-            return Err(field("PT_NOTE", "note runs past the end of its segment".into()));
+            return Err(field(
+                "PT_NOTE",
+                "note runs past the end of its segment".into(),
+            ));
         }
         let desc_end = name_end.saturating_add(up(descsz));
         let name = &notes[12..12 + namesz];
@@ -176,10 +227,18 @@ fn find_pvh_note(mut notes: &[u8], align: u64) -> Result<Option<u32>, BootError>
             let entry = match descsz {
                 4 => u64::from(rd_u32(desc, 0)),
                 8 => rd_u64(desc, 0),
-                _ => return Err(field("XEN_ELFNOTE_PHYS32_ENTRY", format!("descriptor of {descsz} bytes, expected 4 or 8"))),
+                _ => {
+                    return Err(field(
+                        "XEN_ELFNOTE_PHYS32_ENTRY",
+                        format!("descriptor of {descsz} bytes, expected 4 or 8"),
+                    ))
+                }
             };
             let entry = u32::try_from(entry).map_err(|_| {
-                field("XEN_ELFNOTE_PHYS32_ENTRY", format!("entry {entry:#x} is above 4 GiB"))
+                field(
+                    "XEN_ELFNOTE_PHYS32_ENTRY",
+                    format!("entry {entry:#x} is above 4 GiB"),
+                )
             })?;
             return Ok(Some(entry));
         }

@@ -161,13 +161,7 @@ pub fn parse_u64(option: &str, key: &str, v: &str) -> Result<u64, CliError> {
     } else {
         v.parse()
     };
-    r.map_err(|_| {
-        CliError::new(
-            option,
-            v,
-            &format!("Parameter '{key}' expects a number"),
-        )
-    })
+    r.map_err(|_| CliError::new(option, v, &format!("Parameter '{key}' expects a number")))
 }
 
 #[cfg(test)]

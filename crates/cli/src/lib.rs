@@ -59,7 +59,10 @@ pub enum SerialBackend {
     Null,
     File(PathBuf),
     /// A listening UNIX socket; `wait` means block at startup for a client.
-    UnixServer { path: PathBuf, wait: bool },
+    UnixServer {
+        path: PathBuf,
+        wait: bool,
+    },
 }
 
 /// The validated configuration of one VM.

@@ -13,7 +13,6 @@ const CTR_SYS: u8 = 0x04;
 const CTR_XLATE: u8 = 0x40;
 const BUF_MAX: usize = 16;
 
-
 pub struct I8042 {
     ctr: u8,
     outp: u8,
@@ -162,7 +161,10 @@ mod tests {
         assert_ne!(d.read_status() & STATUS_OUT_FULL, 0);
         assert_eq!(d.read_data(), 0x55);
         d.write_data(0xf2);
-        assert_eq!([d.read_data(), d.read_data(), d.read_data()], [0xfa, 0xab, 0x83]);
+        assert_eq!(
+            [d.read_data(), d.read_data(), d.read_data()],
+            [0xfa, 0xab, 0x83]
+        );
         assert_eq!(d.read_status() & STATUS_OUT_FULL, 0);
         d.write_command(0x60);
         d.write_data(0x00);

@@ -4,7 +4,6 @@
 use crate::{RequestSink, VmRequest};
 use moat_boot::layout::ports::{ACPI_RESET_VALUE, S5_SLP_TYP, SLP_EN};
 
-
 pub struct AcpiPm {
     requests: RequestSink,
 }

@@ -229,7 +229,10 @@ mod tests {
     fn civil_round_trip() {
         for s in [0i64, 951_782_400, 1_700_000_000, 4_102_444_800] {
             let t = civil_from_unix(s);
-            assert_eq!(unix_from_civil(t.year, t.month, t.day, t.hour, t.minute, t.second), s);
+            assert_eq!(
+                unix_from_civil(t.year, t.month, t.day, t.hour, t.minute, t.second),
+                s
+            );
         }
         assert_eq!(civil_from_unix(fixed()).weekday, 1);
         assert_eq!(civil_from_unix(951_782_400).day, 29); // 2000-02-29

@@ -283,7 +283,9 @@ impl Console {
         }
         let dropped = self.out.0.dropped.load(Ordering::Relaxed);
         if dropped > 0 {
-            log::warn!("serial: {dropped} output bytes dropped because the backend was not keeping up");
+            log::warn!(
+                "serial: {dropped} output bytes dropped because the backend was not keeping up"
+            );
         }
     }
 }
@@ -309,7 +311,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("moat-serial-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("out");
-        let c = Console::start(Some(&SerialBackend::File(p.clone())), IrqLine::new().unwrap()).unwrap();
+        let c = Console::start(
+            Some(&SerialBackend::File(p.clone())),
+            IrqLine::new().unwrap(),
+        )
+        .unwrap();
         for b in b"hello" {
             lock(c.uart()).write(0, *b);
         }

@@ -50,7 +50,9 @@ impl PioBus {
 
     pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
-        let Some(first) = data.first_mut() else { return };
+        let Some(first) = data.first_mut() else {
+            return;
+        };
         match port {
             p if (ports::COM1..ports::COM1 + 8).contains(&p) => {
                 *first = lock(&self.uart).read((p - ports::COM1) as u8)

@@ -54,7 +54,14 @@ const LEVEL_SMT: u32 = 1;
 const LEVEL_CORE: u32 = 2;
 const LEVEL_DIE: u32 = 5;
 
-fn topo_entry(function: u32, index: u32, eax: u32, ebx: u32, level: u32, apic: u32) -> kvm_cpuid_entry2 {
+fn topo_entry(
+    function: u32,
+    index: u32,
+    eax: u32,
+    ebx: u32,
+    level: u32,
+    apic: u32,
+) -> kvm_cpuid_entry2 {
     kvm_cpuid_entry2 {
         function,
         index,
@@ -75,7 +82,11 @@ fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
 }
 
 /// CPUID for vCPU `index` derived from KVM's supported entries.
-pub fn for_vcpu(supported: &CpuId, t: &Topology, index: u32) -> Result<CpuId, vmm_sys_util::fam::Error> {
+pub fn for_vcpu(
+    supported: &CpuId,
+    t: &Topology,
+    index: u32,
+) -> Result<CpuId, vmm_sys_util::fam::Error> {
     let s = ApicShape::of(t);
     let apic = apic_id(t, index);
     let logical_per_pkg = (t.threads * t.cores * t.dies).max(1);
@@ -87,7 +98,9 @@ pub fn for_vcpu(supported: &CpuId, t: &Topology, index: u32) -> Result<CpuId, vm
         let mut e = *e;
         match e.function {
             0x1 => {
-                e.ebx = (e.ebx & 0xffff) | ((apic & 0xff) << 24) | ((1u32 << s.pkg_shift()).min(255) << 16);
+                e.ebx = (e.ebx & 0xffff)
+                    | ((apic & 0xff) << 24)
+                    | ((1u32 << s.pkg_shift()).min(255) << 16);
                 e.ecx |= 1 << 31; // hypervisor present
                 if logical_per_pkg > 1 {
                     e.edx |= 1 << 28; // HTT: the package has several logical CPUs
@@ -95,7 +108,11 @@ pub fn for_vcpu(supported: &CpuId, t: &Topology, index: u32) -> Result<CpuId, vm
             }
             0x4 => {
                 let level = (e.eax >> 5) & 7;
-                let sharing = if level >= 3 { s.pkg_shift() } else { s.thread_bits };
+                let sharing = if level >= 3 {
+                    s.pkg_shift()
+                } else {
+                    s.thread_bits
+                };
                 e.eax = (e.eax & 0x3fff)
                     | (((1u32 << sharing) - 1) << 14)
                     | (((1u32 << (s.core_bits + s.die_bits)) - 1) << 26);
@@ -106,7 +123,9 @@ pub fn for_vcpu(supported: &CpuId, t: &Topology, index: u32) -> Result<CpuId, vm
             }
             0x8000_001e if amd => {
                 e.eax = apic;
-                e.ebx = (e.ebx & !0xffff) | (((1 << s.thread_bits) - 1) << 8) | ((apic >> s.core_shift()) & 0xff);
+                e.ebx = (e.ebx & !0xffff)
+                    | (((1 << s.thread_bits) - 1) << 8)
+                    | ((apic >> s.core_shift()) & 0xff);
                 e.ecx = (e.ecx & !0xff) | ((apic >> s.die_shift()) & 0xff);
             }
             _ => {}
@@ -114,14 +133,49 @@ pub fn for_vcpu(supported: &CpuId, t: &Topology, index: u32) -> Result<CpuId, vm
         out.push(e);
     }
     if max_basic >= 0xb {
-        out.push(topo_entry(0xb, 0, s.core_shift(), t.threads, LEVEL_SMT, apic));
-        out.push(topo_entry(0xb, 1, s.pkg_shift(), t.threads * t.cores * t.dies, LEVEL_CORE, apic));
+        out.push(topo_entry(
+            0xb,
+            0,
+            s.core_shift(),
+            t.threads,
+            LEVEL_SMT,
+            apic,
+        ));
+        out.push(topo_entry(
+            0xb,
+            1,
+            s.pkg_shift(),
+            t.threads * t.cores * t.dies,
+            LEVEL_CORE,
+            apic,
+        ));
         out.push(topo_entry(0xb, 2, 0, 0, 0, apic));
     }
     if max_basic >= 0x1f {
-        out.push(topo_entry(0x1f, 0, s.core_shift(), t.threads, LEVEL_SMT, apic));
-        out.push(topo_entry(0x1f, 1, s.die_shift(), t.threads * t.cores, LEVEL_CORE, apic));
-        out.push(topo_entry(0x1f, 2, s.pkg_shift(), t.threads * t.cores * t.dies, LEVEL_DIE, apic));
+        out.push(topo_entry(
+            0x1f,
+            0,
+            s.core_shift(),
+            t.threads,
+            LEVEL_SMT,
+            apic,
+        ));
+        out.push(topo_entry(
+            0x1f,
+            1,
+            s.die_shift(),
+            t.threads * t.cores,
+            LEVEL_CORE,
+            apic,
+        ));
+        out.push(topo_entry(
+            0x1f,
+            2,
+            s.pkg_shift(),
+            t.threads * t.cores * t.dies,
+            LEVEL_DIE,
+            apic,
+        ));
         out.push(topo_entry(0x1f, 3, 0, 0, 0, apic));
     }
     CpuId::from_entries(&out)
@@ -132,7 +186,13 @@ mod tests {
     use super::*;
 
     fn topo(sockets: u32, dies: u32, cores: u32, threads: u32) -> Topology {
-        Topology { cpus: sockets * dies * cores * threads, sockets, dies, cores, threads }
+        Topology {
+            cpus: sockets * dies * cores * threads,
+            sockets,
+            dies,
+            cores,
+            threads,
+        }
     }
 
     #[test]
@@ -148,8 +208,15 @@ mod tests {
     fn topology_leaves() {
         let t = topo(2, 1, 2, 2);
         let sup = CpuId::from_entries(&[
-            kvm_cpuid_entry2 { function: 0, eax: 0xd, ..Default::default() },
-            kvm_cpuid_entry2 { function: 1, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 0,
+                eax: 0xd,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ..Default::default()
+            },
         ])
         .unwrap();
         let c = for_vcpu(&sup, &t, 5).unwrap();
@@ -157,7 +224,10 @@ mod tests {
         let leaf1 = e.iter().find(|x| x.function == 1).unwrap();
         assert_eq!(leaf1.ebx >> 24, 5);
         assert_ne!(leaf1.ecx & (1 << 31), 0);
-        let b1 = e.iter().find(|x| x.function == 0xb && x.index == 1).unwrap();
+        let b1 = e
+            .iter()
+            .find(|x| x.function == 0xb && x.index == 1)
+            .unwrap();
         assert_eq!((b1.eax, b1.ebx, b1.edx), (2, 4, 5));
         assert!(!e.iter().any(|x| x.function == 0x1f));
     }

@@ -11,7 +11,9 @@ pub mod cpuid;
 pub mod vcpu;
 
 use bus::PioBus;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use moat_boot::layout::{ports, MemLayout, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use moat_boot::{EntryPoint, MachineDesc};
@@ -69,8 +71,15 @@ pub enum VmExit {
 #[derive(Debug)]
 pub enum VmEvent {
     /// From a device or vCPU of the boot with this generation.
-    Request { generation: u64, request: VmRequest },
-    VcpuFailed { generation: u64, cpu: u32, why: String },
+    Request {
+        generation: u64,
+        request: VmRequest,
+    },
+    VcpuFailed {
+        generation: u64,
+        cpu: u32,
+        why: String,
+    },
     Signal(i32),
 }
 
@@ -83,9 +92,8 @@ pub struct Platform {
 
 impl Platform {
     pub fn new(cfg: &VmConfig) -> Result<Self, VmError> {
-        let console = Console::start(cfg.serial.as_ref(), IrqLine::new()?).map_err(|e| {
-            VmError::Io(std::io::Error::other(e.to_string()))
-        })?;
+        let console = Console::start(cfg.serial.as_ref(), IrqLine::new()?)
+            .map_err(|e| VmError::Io(std::io::Error::other(e.to_string())))?;
         Ok(Platform {
             console,
             rtc: Arc::new(Mutex::new(Rtc::new())),
@@ -154,7 +162,12 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Vm {{ vcpus: {}, generation: {} }}", self.vcpus.len(), self.generation)
+        write!(
+            f,
+            "Vm {{ vcpus: {}, generation: {} }}",
+            self.vcpus.len(),
+            self.generation
+        )
     }
 }
 
@@ -184,7 +197,9 @@ fn create_memory(vm: &VmFd, layout: &MemLayout) -> Result<GuestMemoryMmap, VmErr
         };
         // SAFETY: `host` points to a live mapping of `r.len()` bytes owned by
         // `mem`, which the returned value keeps alive as long as the VM.
-        kvm("KVM_SET_USER_MEMORY_REGION", unsafe { vm.set_user_memory_region(region) })?;
+        kvm("KVM_SET_USER_MEMORY_REGION", unsafe {
+            vm.set_user_memory_region(region)
+        })?;
     }
     Ok(mem)
 }
@@ -200,8 +215,14 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         let kvm_sys = Kvm::new().map_err(VmError::KvmOpen)?;
         let vm = kvm("KVM_CREATE_VM", kvm_sys.create_vm())?;
-        kvm("KVM_SET_IDENTITY_MAP_ADDR", vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR))?;
-        kvm("KVM_SET_TSS_ADDR", vm.set_tss_address(KVM_TSS_ADDR as usize))?;
+        kvm(
+            "KVM_SET_IDENTITY_MAP_ADDR",
+            vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR),
+        )?;
+        kvm(
+            "KVM_SET_TSS_ADDR",
+            vm.set_tss_address(KVM_TSS_ADDR as usize),
+        )?;
         kvm("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
@@ -234,16 +255,29 @@ impl Vm {
                 let _ = tx
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .send(VmEvent::Request { generation, request });
+                    .send(VmEvent::Request {
+                        generation,
+                        request,
+                    });
             })
         };
         {
-            let mut uart = platform.console.uart().lock().unwrap_or_else(|e| e.into_inner());
+            let mut uart = platform
+                .console
+                .uart()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             uart.reset()?;
-            kvm("KVM_IRQFD (COM1)", vm.register_irqfd(&uart.irq().0, ports::COM1_IRQ))?;
+            kvm(
+                "KVM_IRQFD (COM1)",
+                vm.register_irqfd(&uart.irq().0, ports::COM1_IRQ),
+            )?;
         }
         let kbd_irq = IrqLine::new()?;
-        kvm("KVM_IRQFD (i8042)", vm.register_irqfd(&kbd_irq.0, ports::I8042_IRQ))?;
+        kvm(
+            "KVM_IRQFD (i8042)",
+            vm.register_irqfd(&kbd_irq.0, ports::I8042_IRQ),
+        )?;
         let bus = Arc::new(PioBus::new(
             platform.console.uart().clone(),
             platform.rtc.clone(),
@@ -252,16 +286,25 @@ impl Vm {
         ));
 
         // vCPUs.
-        let supported = kvm("KVM_GET_SUPPORTED_CPUID", kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES))?;
+        let supported = kvm(
+            "KVM_GET_SUPPORTED_CPUID",
+            kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
+        )?;
         let mut vcpus = Vec::new();
         for i in 0..t.cpus {
-            let vcpu = kvm("KVM_CREATE_VCPU", vm.create_vcpu(u64::from(apic_ids[i as usize])))?;
+            let vcpu = kvm(
+                "KVM_CREATE_VCPU",
+                vm.create_vcpu(u64::from(apic_ids[i as usize])),
+            )?;
             let cpuid = cpuid::for_vcpu(&supported, t, i).map_err(|e| VmError::Fam("CPUID", e))?;
             kvm("KVM_SET_CPUID2", vcpu.set_cpuid2(&cpuid))?;
             let msrs = vcpu::boot_msrs().map_err(|e| VmError::Fam("MSRs", e))?;
             let n = kvm("KVM_SET_MSRS", vcpu.set_msrs(&msrs))?;
             if n != msrs.as_slice().len() {
-                log::debug!("vCPU {i}: KVM accepted {n} of {} boot MSRs", msrs.as_slice().len());
+                log::debug!(
+                    "vCPU {i}: KVM accepted {n} of {} boot MSRs",
+                    msrs.as_slice().len()
+                );
             }
             kvm("KVM_SET_FPU", vcpu.set_fpu(&vcpu::boot_fpu()))?;
             kvm("KVM_SET_LAPIC", vcpu::setup_lapic(&vcpu))?;
@@ -306,13 +349,20 @@ impl Vm {
         }
         let result = loop {
             match events.recv() {
-                Ok(VmEvent::Request { generation: g, request }) if g == generation => {
+                Ok(VmEvent::Request {
+                    generation: g,
+                    request,
+                }) if g == generation => {
                     break Ok(match request {
                         VmRequest::Reset => VmExit::Reset,
                         VmRequest::PowerOff => VmExit::PowerOff,
                     });
                 }
-                Ok(VmEvent::VcpuFailed { generation: g, cpu, why }) if g == generation => {
+                Ok(VmEvent::VcpuFailed {
+                    generation: g,
+                    cpu,
+                    why,
+                }) if g == generation => {
                     break Err(VmError::VcpuFailed { cpu, why });
                 }
                 Ok(VmEvent::Signal(s)) => break Ok(VmExit::Signal(s)),
@@ -349,7 +399,11 @@ fn vcpu_thread(
     }
     let fail = |why: String, vcpu: &VcpuFd| {
         log::error!("vCPU {cpu}: {why}\n{}", vcpu::dump(vcpu));
-        let _ = tx.send(VmEvent::VcpuFailed { generation, cpu, why });
+        let _ = tx.send(VmEvent::VcpuFailed {
+            generation,
+            cpu,
+            why,
+        });
     };
     while !stop.load(Ordering::SeqCst) {
         let action = match vcpu.run() {
@@ -366,7 +420,10 @@ fn vcpu_thread(
         match action {
             vcpu::ExitAction::Continue => {}
             vcpu::ExitAction::Request(request) => {
-                let _ = tx.send(VmEvent::Request { generation, request });
+                let _ = tx.send(VmEvent::Request {
+                    generation,
+                    request,
+                });
                 // Stay out of the guest until the control loop stops us.
                 while !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(1));

@@ -2,7 +2,7 @@
 //! KVM_RUN loop with a free exit handler that unit tests can call.
 
 use crate::bus::PioBus;
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use moat_boot::gdt;
 use moat_boot::layout::{BOOT_STACK_TOP, GDT_ADDR, PML4_ADDR};
@@ -141,17 +141,17 @@ pub fn boot_msrs() -> Result<Msrs, vmm_sys_util::fam::Error> {
         ..Default::default()
     };
     Msrs::from_entries(&[
-        e(0x174, 0),                // IA32_SYSENTER_CS
-        e(0x175, 0),                // IA32_SYSENTER_ESP
-        e(0x176, 0),                // IA32_SYSENTER_EIP
-        e(0xc000_0081, 0),          // STAR
-        e(0xc000_0082, 0),          // LSTAR
-        e(0xc000_0083, 0),          // CSTAR
-        e(0xc000_0084, 0),          // SYSCALL_MASK
-        e(0xc000_0102, 0),          // KERNEL_GS_BASE
-        e(0x10, 0),                 // TSC
-        e(0x1a0, 1),                // IA32_MISC_ENABLE: fast strings
-        e(0x2ff, (1 << 11) | 6),    // MTRRdefType: enabled, write-back
+        e(0x174, 0),             // IA32_SYSENTER_CS
+        e(0x175, 0),             // IA32_SYSENTER_ESP
+        e(0x176, 0),             // IA32_SYSENTER_EIP
+        e(0xc000_0081, 0),       // STAR
+        e(0xc000_0082, 0),       // LSTAR
+        e(0xc000_0083, 0),       // CSTAR
+        e(0xc000_0084, 0),       // SYSCALL_MASK
+        e(0xc000_0102, 0),       // KERNEL_GS_BASE
+        e(0x10, 0),              // TSC
+        e(0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
+        e(0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
     ])
 }
 
@@ -201,8 +201,19 @@ pub fn dump(vcpu: &VcpuFd) -> String {
         );
     }
     if let Ok(sr) = vcpu.get_sregs() {
-        for (n, sg) in [("CS", sr.cs), ("SS", sr.ss), ("DS", sr.ds), ("ES", sr.es), ("FS", sr.fs), ("GS", sr.gs), ("TR", sr.tr)] {
-            s += &format!("{n} ={:04x} {:016x} {:08x} type={:x} l={} db={}\n", sg.selector, sg.base, sg.limit, sg.type_, sg.l, sg.db);
+        for (n, sg) in [
+            ("CS", sr.cs),
+            ("SS", sr.ss),
+            ("DS", sr.ds),
+            ("ES", sr.es),
+            ("FS", sr.fs),
+            ("GS", sr.gs),
+            ("TR", sr.tr),
+        ] {
+            s += &format!(
+                "{n} ={:04x} {:016x} {:08x} type={:x} l={} db={}\n",
+                sg.selector, sg.base, sg.limit, sg.type_, sg.l, sg.db
+            );
         }
         s += &format!(
             "GDT={:016x} {:04x} IDT={:016x} {:04x}\nCR0={:08x} CR2={:016x} CR3={:016x} CR4={:08x} EFER={:016x}",
