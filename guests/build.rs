@@ -32,15 +32,15 @@ fn run(cmd: &mut Command) {
     assert!(st.success(), "{cmd:?} failed");
 }
 
-fn link(src: &Path, out: &Path, main: &str) {
+fn link(src: &Path, out: &Path, files: &[&str]) {
     let mut c = Command::new(std::env::var("CC").unwrap_or_else(|_| "gcc".into()));
     c.args(FLAGS)
         .arg(format!("-Wl,-T,{}", src.join("link.ld").display()))
         .arg("-o")
-        .arg(out)
-        .arg(src.join("entry.S"))
-        .arg(src.join("lib.c"))
-        .arg(src.join(main));
+        .arg(out);
+    for f in files {
+        c.arg(src.join(f));
+    }
     run(&mut c);
 }
 
@@ -89,12 +89,15 @@ fn bzimage(payload: &[u8], init_size: u64, kernel64: bool) -> Vec<u8> {
 fn main() {
     let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("c");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    for f in ["entry.S", "lib.c", "lib.h", "demo.c", "test.c", "link.ld"] {
+    for f in [
+        "entry.S", "lib.c", "lib.h", "demo.c", "test.c", "bench.S", "link.ld",
+    ] {
         println!("cargo:rerun-if-changed=c/{f}");
     }
-    link(&src, &out.join("demo.elf"), "demo.c");
+    link(&src, &out.join("demo.elf"), &["entry.S", "lib.c", "demo.c"]);
+    link(&src, &out.join("bench-pvh.elf"), &["bench.S"]);
     let pvh = out.join("test-pvh.elf");
-    link(&src, &pvh, "test.c");
+    link(&src, &pvh, &["entry.S", "lib.c", "test.c"]);
     run(Command::new("objcopy")
         .args(["--remove-section=.note.Xen"])
         .arg(&pvh)

@@ -143,12 +143,18 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
     let mut generation = 0;
     let outcome = loop {
         generation += 1;
-        let vm = Vm::build(&cfg, &images, &platform, generation, tx.clone())?;
-        match vm.run(&rx, !cfg.start_paused) {
-            Ok(VmExit::Reset) if !cfg.no_reboot => {
-                log::info!("guest reset: rebooting");
-                continue;
-            }
+        let mut vm = Vm::build(&cfg, &images, &platform, generation, tx.clone())?;
+        let exit = vm.run(&rx, !cfg.start_paused);
+        if matches!(exit, Ok(VmExit::Reset)) && !cfg.no_reboot {
+            log::info!("guest reset: rebooting");
+            drop(vm);
+            continue;
+        }
+        // moat is about to exit: let the kernel tear the VM down with the
+        // process instead of paying for an explicit close of the VM fd.
+        std::mem::forget(vm);
+        match exit {
+            Ok(VmExit::Reset) if !cfg.no_reboot => unreachable!("handled above"),
             Ok(VmExit::Reset) | Ok(VmExit::PowerOff) => break Ok(()),
             Ok(VmExit::Signal(s)) => {
                 eprintln!("moat: terminating on signal {s}");

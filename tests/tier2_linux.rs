@@ -19,11 +19,17 @@ fn run_tier2(scenarios: &[&str]) -> HashMap<String, String> {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("TIER2 done"), "nested test host did not finish:\n{text}");
+    assert!(
+        text.contains("TIER2 done"),
+        "nested test host did not finish:\n{text}"
+    );
     let mut res = HashMap::new();
     for s in scenarios {
         let begin = format!("TIER2 {s} begin\n");
-        let body = text.split(&begin).nth(1).unwrap_or_else(|| panic!("{s} never began:\n{text}"));
+        let body = text
+            .split(&begin)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{s} never began:\n{text}"));
         let body = body.split("TIER2 done").next().unwrap_or(body);
         let body = body.split(&format!("TIER2 {s} exit ")).collect::<Vec<_>>();
         assert_eq!(body.len(), 2, "{s} did not end:\n{text}");
@@ -41,10 +47,21 @@ fn debian_kernel_boots_to_userspace_with_two_cpus_and_acpi_poweroff() {
     assert!(acpi.contains("L2: cpus online 0-1 count 2"), "{acpi}");
     assert!(acpi.contains("L2: cmdline console=ttyS0 quiet"), "{acpi}");
     assert!(acpi.contains("L2: acpi APIC DSDT FACP"), "{acpi}");
-    let kb: u64 = acpi.split("MemTotal: ").nth(1).and_then(|s| s.split(' ').next()).and_then(|s| s.parse().ok()).unwrap_or(0);
-    assert!(kb > 200 * 1024 && kb <= 256 * 1024, "MemTotal {kb} kB for -m 256M: {acpi}");
+    let kb: u64 = acpi
+        .split("MemTotal: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        kb > 200 * 1024 && kb <= 256 * 1024,
+        "MemTotal {kb} kB for -m 256M: {acpi}"
+    );
     assert!(acpi.contains("L2: powering off"), "{acpi}");
-    assert!(acpi.contains("reboot: Power down"), "ACPI power-off: {acpi}");
+    assert!(
+        acpi.contains("reboot: Power down"),
+        "ACPI power-off: {acpi}"
+    );
     assert!(acpi.contains("EXIT 0 "), "moat exit status: {acpi}");
 
     let mp = &r["boot-acpi-off"];
@@ -55,5 +72,8 @@ fn debian_kernel_boots_to_userspace_with_two_cpus_and_acpi_poweroff() {
     assert!(mp.contains("L2: cpus online 0 count 1"), "{mp}");
     assert!(mp.contains("L2: acpi \n"), "{mp}");
     assert!(mp.contains("L2: no ACPI, rebooting"), "{mp}");
-    assert!(mp.contains("EXIT 0 "), "-no-reboot turns the reboot into exit 0: {mp}");
+    assert!(
+        mp.contains("EXIT 0 "),
+        "-no-reboot turns the reboot into exit 0: {mp}"
+    );
 }

@@ -203,8 +203,10 @@ void acpi_poweroff(u64 rsdp) {
     if (!f || !d) { puts_serial("poweroff: no FADT/DSDT\n"); return; }
     const u8 *gas = f + 244;           /* SLEEP_CONTROL_REG */
     int typ = s5_slp_typ(d);
-    if (gas[0] != 1 || typ < 0) { puts_serial("poweroff: no usable sleep control register or _S5_\n"); return; }
-    outb((u16)rd64(gas + 4), (u8)((typ & 7) << 2 | 1 << 5));
+    if (gas[0] > 1 || typ < 0) { puts_serial("poweroff: no usable sleep control register or _S5_\n"); return; }
+    u8 v = (u8)((typ & 7) << 2 | 1 << 5);
+    if (gas[0] == 1) outb((u16)rd64(gas + 4), v);        /* SystemIO */
+    else *(volatile u8 *)rd64(gas + 4) = v;               /* SystemMemory */
     for (int i = 0; i < 1000000; i++) cpu_relax();
     puts_serial("poweroff: still running\n");
 }

@@ -14,3 +14,5 @@ pub const TEST_ELF64: &str = concat!(env!("OUT_DIR"), "/test-elf64.elf");
 pub const TEST_BZIMAGE: &str = concat!(env!("OUT_DIR"), "/test-bzimage");
 /// Test guest as a bzImage without XLF_KERNEL_64 (32-bit entry).
 pub const TEST_BZIMAGE32: &str = concat!(env!("OUT_DIR"), "/test-bzimage32");
+/// Minimal benchmark guest (PVH): one line on COM1, then a triple fault.
+pub const BENCH_PVH: &str = concat!(env!("OUT_DIR"), "/bench-pvh.elf");

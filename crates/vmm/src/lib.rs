@@ -329,12 +329,15 @@ impl Vm {
         })
     }
 
-    /// Run the vCPUs until the guest resets, powers off, fails, or a signal arrives.
-    pub fn run(self, events: &Receiver<VmEvent>, start: bool) -> Result<VmExit, VmError> {
+    /// Run the vCPUs until the guest resets, powers off, fails, or a signal
+    /// arrives. The vCPUs are gone afterwards; the VM itself is dropped by
+    /// the caller (or leaked at process exit: closing a KVM VM fd is slow,
+    /// and the kernel tears it down faster with the rest of the process).
+    pub fn run(&mut self, events: &Receiver<VmEvent>, start: bool) -> Result<VmExit, VmError> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let generation = self.generation;
-        for (i, vcpu) in self.vcpus.into_iter().enumerate() {
+        for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let bus = self.bus.clone();
             let stop = stop.clone();
             let gate = self.gate.clone();
