@@ -42,7 +42,7 @@ mk_busybox_root() {
     local root=$1
     rm -rf "$root" && mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,lib,lib64}
     cp "$(command -v busybox)" "$root/bin/busybox"
-    for a in sh mount umount cat echo grep wc ls insmod poweroff reboot sleep mkdir date dmesg tr cut head tail seq; do
+    for a in sh mount umount cat echo grep wc ls insmod poweroff reboot sleep usleep mkdir mkfifo kill date dmesg tr cut head tail seq; do
         ln -sf busybox "$root/bin/$a"
     done
 }
@@ -88,6 +88,19 @@ for lib in $(ldd "$MOAT" | grep -o '/[^ ]*' | sort -u); do
     mkdir -p "$L1ROOT$(dirname "$lib")"
     cp -L "$lib" "$L1ROOT$lib"
 done
+# QEMU itself, for side-by-side benchmarks (MOAT_TIER2_QEMU=1).
+if [ "${MOAT_TIER2_QEMU:-0}" = 1 ]; then
+    Q=$(command -v qemu-system-x86_64)
+    mkdir -p "$L1ROOT/usr/bin" "$L1ROOT/usr/share/qemu"
+    cp "$Q" "$L1ROOT/usr/bin/"
+    for lib in $(ldd "$Q" | grep -o '/[^ ]*' | sort -u); do
+        mkdir -p "$L1ROOT$(dirname "$lib")"
+        cp -L "$lib" "$L1ROOT$lib"
+    done
+    for f in bios-microvm.bin linuxboot_dma.bin pvh.bin kvmvapic.bin; do
+        cp -L "/usr/share/qemu/$f" "$L1ROOT/usr/share/qemu/"
+    done
+fi
 cp "$VMLINUZ" "$L1ROOT/l2/vmlinuz"
 cp "$WORK/l2-initrd.gz" "$L1ROOT/l2/initrd.gz"
 cp "$HERE/l1-init.sh" "$L1ROOT/init"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Tier 2 boot benchmark: a Debian kernel + busybox initramfs booted by moat
+# and by qemu-system-x86_64 -M microvm,rtc=on, alternately, in one boot of the
+# nested test host (see tier2/). Prints per-run times (from process start:
+# first console byte, userspace reached, exit), peak RSS, and median ratios.
+#
+#   bench/linux.sh [RUNS]      (after cargo build --release)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=${1:-3}
+SCEN=""
+for _ in $(seq "$RUNS"); do SCEN="$SCEN bench-moat bench-qemu"; done
+OUT=$(MOAT_TIER2_QEMU=1 bash "$ROOT/tier2/run.sh" "$ROOT/target/release/moat" $SCEN | tr -d '\r')
+echo "$OUT" | grep "TIER2 bench " || { echo "$OUT" | tail -40; exit 1; }
+echo "$OUT" | grep "TIER2 bench " | python3 "$ROOT/bench/summarize_linux.py"
