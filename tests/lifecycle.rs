@@ -162,3 +162,19 @@ fn a_stuck_stdout_does_not_stall_the_guest() {
     };
     assert_eq!(status.and_then(|s| s.code()), Some(0));
 }
+
+#[test]
+fn an_internal_error_dumps_registers_and_exits_1() {
+    let r = moat(&["-kernel", TEST_PVH, "-append", "action=mmio-exec"]);
+    assert_eq!(r.status, Some(1), "{r:#?}");
+    assert!(
+        r.stderr.contains("RIP=00000000d0000000"),
+        "register dump: {r:#?}"
+    );
+    assert!(r.stderr.contains("CR0="), "register dump: {r:#?}");
+    let last = r.stderr.trim_end().lines().last().unwrap();
+    assert!(
+        last.starts_with("moat: vCPU 0 failed: KVM_EXIT_INTERNAL_ERROR"),
+        "{last}"
+    );
+}

@@ -6,7 +6,8 @@
  *   initrd_len=N initrd_sum=X   the initrd's size and FNV-1a 32 checksum
  *   rtc=YYYYMMDD[,YYYYMMDD]     the CMOS date (either)
  *   spam=N           print N filler lines (serial back-pressure tests)
- *   action=poweroff|reset|triple|reboot-once|halt   what to do at the end;
+ *   action=poweroff|reset|triple|reboot-once|mmio-exec|halt   what to do at the end
+ *                    (mmio-exec jumps into the MMIO hole: KVM cannot run it);
  *                    reboot-once resets (how=kbd|triple|acpi) on the first
  *                    boot, counted in CMOS RAM, and powers off on the second
  * It prints "cmdline: ..." and then PASS or FAIL lines. */
@@ -138,6 +139,7 @@ void guest_main(u64 info, u32 kind) {
     if (!memcmp(v, "poweroff", 9)) { acpi_poweroff(rsdp); halt_forever(); }
     if (!memcmp(v, "reset", 6)) i8042_reset();
     if (!memcmp(v, "triple", 7)) triple_fault();
+    if (!memcmp(v, "mmio-exec", 10)) ((void (*)(void))0xd0000000UL)();   /* no RAM there */
     if (!memcmp(v, "reboot-once", 12)) {
         u8 boots = cmos_read(0x40);
         printf_serial("boot count: %u\n", boots);
@@ -145,6 +147,7 @@ void guest_main(u64 info, u32 kind) {
             cmos_write(0x40, 1);
             if (!cmdline_get(bi.cmdline, "how", v, sizeof v) || !memcmp(v, "kbd", 4)) i8042_reset();
             if (!memcmp(v, "triple", 7)) triple_fault();
+    if (!memcmp(v, "mmio-exec", 10)) ((void (*)(void))0xd0000000UL)();   /* no RAM there */
             if (!memcmp(v, "acpi", 5)) acpi_reset(rsdp);
             puts_serial("FAIL: unknown reset method\n");
             halt_forever();

@@ -115,6 +115,42 @@ impl Uart {
 pub struct Console {
     out: OutQueue,
     uart: Arc<Mutex<Uart>>,
+    /// The terminal settings to restore when stdin was a terminal.
+    saved_termios: Option<libc::termios>,
+}
+
+/// Put the terminal on stdin in raw mode (as QEMU does for `-serial stdio`),
+/// keeping ISIG so that Ctrl-C still ends moat; returns the old settings.
+fn stdin_raw() -> Option<libc::termios> {
+    // SAFETY: isatty only inspects the descriptor.
+    if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+        return None;
+    }
+    // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
+    let mut old: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: `old` is a valid, writable termios.
+    if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut old) } != 0 {
+        return None;
+    }
+    let mut raw = old;
+    // SAFETY: cfmakeraw only edits the struct it is given.
+    unsafe { libc::cfmakeraw(&mut raw) };
+    raw.c_lflag |= libc::ISIG;
+    raw.c_oflag |= libc::OPOST | libc::ONLCR;
+    // SAFETY: `raw` is a valid termios for a terminal fd.
+    if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
+        return None;
+    }
+    Some(old)
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some(t) = &self.saved_termios {
+            // SAFETY: restoring settings previously read from the same fd.
+            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -192,9 +228,11 @@ impl Console {
         });
         let out = OutQueue(shared.clone());
         let uart = Arc::new(Mutex::new(Uart::new(irq, out.clone())));
+        let mut saved_termios = None;
         match backend {
             None | Some(SerialBackend::Null) => {}
             Some(SerialBackend::Stdio) => {
+                saved_termios = stdin_raw();
                 spawn_writer(shared, |b| {
                     let mut o = std::io::stdout().lock();
                     let _ = o.write_all(b);
@@ -264,7 +302,11 @@ impl Console {
                 });
             }
         }
-        Ok(Console { out, uart })
+        Ok(Console {
+            out,
+            uart,
+            saved_termios,
+        })
     }
 
     pub fn uart(&self) -> &Arc<Mutex<Uart>> {
