@@ -275,6 +275,18 @@ fn parse_machine(opt: &str, arg: &str, cfg: &mut VmConfig) -> Result<(), CliErro
     if let Some(v) = kv.take("accel") {
         check_accel(opt, arg, &v)?;
     }
+    // QEMU microvm's optional legacy devices: moat's microvm always has them.
+    for dev in ["rtc", "pit", "pic", "isa-serial"] {
+        if let Some(v) = kv.take(dev) {
+            if v != "auto" && !keyval::parse_bool(opt, dev, &v)? {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!("{dev}=off is not supported: moat's microvm always has this device"),
+                ));
+            }
+        }
+    }
     kv.finish(opt, arg)
 }
 
@@ -381,7 +393,10 @@ fn parse_smp(opt: &str, arg: &str) -> Result<Topology, CliError> {
         return Err(CliError::new(
             opt,
             arg,
-            &format!("Invalid CPUs {cpus}: maxcpus must be equal to or greater than smp"),
+            &format!(
+                "Invalid CPU topology: maxcpus must be equal to or greater than smp: \
+                 sockets ({sockets}) * dies ({dies}) * cores ({cores}) * threads ({threads}) == maxcpus ({maxcpus}) < smp_cpus ({cpus})"
+            ),
         ));
     }
     if cpus != maxcpus {
@@ -462,7 +477,8 @@ usage: moat [options]
 A virtual machine monitor for KVM that speaks a subset of qemu-system-x86_64's command line.
 With no -kernel, moat boots its built-in demo guest.
 
--M|-machine microvm[,acpi=on|off]   the machine (microvm is the only one)
+-M|-machine microvm[,acpi=on|off][,rtc=on][,pit=on][,pic=on][,isa-serial=on]
+                                    the machine (microvm is the only one)
 -accel kvm | -enable-kvm            KVM acceleration (tcg is refused: it gives no isolation)
 -cpu host                           expose the host CPU
 -m SIZE                             guest RAM (default 128M; suffixes K M G T, default M)
@@ -564,6 +580,8 @@ mod tests {
         assert!(err(&["-machine", "pc"]).starts_with("-machine pc: unsupported machine"));
         assert!(err(&["-M", "microvm,acpi=maybe"]).contains("'acpi'"));
         assert!(err(&["-M", "microvm,foo=1"]).contains("'foo'"));
+        assert!(err(&["-M", "microvm,rtc=off"]).contains("rtc=off"));
+        assert!(cfg(&["-M", "microvm,rtc=on,pit=auto,pic=on,isa-serial=on"]).acpi);
         assert!(err(&["-bogus"]).starts_with("-bogus"));
         assert!(err(&["-m"]).contains("requires an argument"));
         assert!(err(&["-m", "1K"]).contains("too small"));

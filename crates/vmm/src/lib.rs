@@ -16,7 +16,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use moat_boot::layout::{ports, MemLayout, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
-use moat_boot::{EntryPoint, MachineDesc};
+use moat_boot::MachineDesc;
 use moat_cli::VmConfig;
 use moat_devices::i8042::I8042;
 use moat_devices::pm::AcpiPm;
@@ -317,7 +317,6 @@ impl Vm {
             vcpus.push(vcpu);
         }
         log::debug!("boot entry {entry:?}");
-        let _: EntryPoint = entry;
         Ok(Vm {
             _vm: vm,
             _mem: mem,
