@@ -3,13 +3,19 @@
 //! fails (a one-line error, exit 1).
 
 use anyhow::Context as _;
-use moat_cli::{Action, VmConfig, HELP};
-use moat_vmm::{BootImages, Platform, Vm, VmEvent, VmExit};
+use moat_cli::{Action, MonitorMode, SocketAddr, VmConfig, HELP};
+use moat_monitor::qmp::{FdStore, MonitorContext};
+use moat_monitor::server::{Mode, MonitorSpec, Monitors};
+use moat_monitor::{QmpError, VmCommand, VmControl, VmInfo};
+use moat_vmm::{BootImages, Control, ControlReply, Lifecycle, Platform, Vm, VmEvent, VmExit};
+use serde_json::{json, Value};
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Command line handed to the demo guest.
@@ -93,6 +99,143 @@ impl Drop for PidFile {
     }
 }
 
+/// The monitor's handle on the VM: commands travel to the control loop.
+struct VmHandle {
+    tx: Mutex<mpsc::Sender<VmEvent>>,
+    /// Started with -S and never continued.
+    prelaunch: AtomicBool,
+    /// `quit` was answered; moat quits once the reply is queued.
+    quit_requested: AtomicBool,
+}
+
+impl VmHandle {
+    fn send(&self, cmd: Control) -> Result<ControlReply, QmpError> {
+        let (reply, rx) = mpsc::channel();
+        let sent = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(VmEvent::Control { cmd, reply });
+        if sent.is_err() {
+            return Err(QmpError::generic("the VM is shutting down"));
+        }
+        rx.recv_timeout(Duration::from_secs(30))
+            .map_err(|_| QmpError::generic("the VM did not answer"))
+    }
+}
+
+impl VmControl for VmHandle {
+    fn execute(&self, cmd: VmCommand) -> Result<Value, QmpError> {
+        let control = match cmd {
+            VmCommand::Stop => Control::Stop,
+            VmCommand::Cont => Control::Cont,
+            VmCommand::SystemReset => Control::Reset,
+            VmCommand::SystemPowerdown => Control::Powerdown,
+            VmCommand::Quit => {
+                self.quit_requested.store(true, Ordering::SeqCst);
+                return Ok(json!({}));
+            }
+            VmCommand::QueryStatus => Control::Status,
+            VmCommand::QueryCpusFast => Control::Cpus,
+            VmCommand::Registers(cpu) => Control::Registers(cpu),
+        };
+        match self.send(control)? {
+            ControlReply::Done => {
+                if control == Control::Cont {
+                    self.prelaunch.store(false, Ordering::SeqCst);
+                }
+                Ok(json!({}))
+            }
+            ControlReply::Status { running, status } => {
+                let status = if !running && self.prelaunch.load(Ordering::SeqCst) {
+                    "prelaunch"
+                } else {
+                    status
+                };
+                Ok(json!({"running": running, "singlestep": false, "status": status}))
+            }
+            ControlReply::Cpus(cpus) => Ok(Value::Array(
+                cpus.iter()
+                    .map(|c| {
+                        json!({
+                            "cpu-index": c.index,
+                            "qom-path": format!("/machine/unattached/device[{}]", c.index),
+                            "thread-id": c.thread_id,
+                            "props": {"core-id": c.core, "thread-id": c.thread,
+                                      "socket-id": c.socket, "die-id": c.die},
+                            "target": "x86_64"
+                        })
+                    })
+                    .collect(),
+            )),
+            ControlReply::Text(t) => Ok(Value::String(t)),
+            ControlReply::Error(e) => Err(QmpError::generic(e)),
+        }
+    }
+
+    fn replied(&self) {
+        if self.quit_requested.swap(false, Ordering::SeqCst) {
+            let (reply, _) = mpsc::channel();
+            let _ = self
+                .tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(VmEvent::Control {
+                    cmd: Control::Quit,
+                    reply,
+                });
+        }
+    }
+}
+
+/// Lifecycle events, as QMP events for every monitor.
+struct Events(Option<Monitors>);
+
+impl Events {
+    fn emit(&self, name: &str, data: Option<Value>) {
+        if let Some(m) = &self.0 {
+            m.emit(name, data);
+        }
+    }
+    fn shutdown(&self, guest: bool, reason: &str) {
+        self.emit("SHUTDOWN", Some(json!({"guest": guest, "reason": reason})));
+    }
+    fn reset(&self, guest: bool, reason: &str) {
+        self.emit("RESET", Some(json!({"guest": guest, "reason": reason})));
+    }
+}
+
+impl Lifecycle for Events {
+    fn stopped(&self) {
+        self.emit("STOP", None);
+    }
+    fn resumed(&self) {
+        self.emit("RESUME", None);
+    }
+    fn powerdown(&self) {
+        self.emit("POWERDOWN", None);
+    }
+}
+
+fn monitor_specs(cfg: &VmConfig) -> anyhow::Result<Vec<MonitorSpec>> {
+    cfg.monitors
+        .iter()
+        .map(|m| match &m.socket.addr {
+            SocketAddr::Unix(path) => Ok(MonitorSpec {
+                path: path.clone(),
+                mode: match m.mode {
+                    MonitorMode::Control => Mode::Control,
+                    MonitorMode::Readline => Mode::Readline,
+                },
+                wait: m.socket.wait,
+            }),
+            SocketAddr::Tcp { host, port } => anyhow::bail!(
+                "monitor tcp:{host}:{port}: TLS monitors are not implemented yet; use a UNIX socket"
+            ),
+        })
+        .collect()
+}
+
 fn run(cfg: VmConfig) -> anyhow::Result<()> {
     let images = BootImages {
         kernel: match &cfg.kernel {
@@ -140,30 +283,64 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
                 }
             })?;
     }
+    let specs = monitor_specs(&cfg)?;
+    let events = Events(if specs.is_empty() {
+        None
+    } else {
+        let ctx = Arc::new(MonitorContext {
+            info: VmInfo {
+                name: cfg.name.clone(),
+                uuid: cfg.uuid.clone(),
+            },
+            vm: Arc::new(VmHandle {
+                tx: Mutex::new(tx.clone()),
+                prelaunch: AtomicBool::new(cfg.start_paused),
+                quit_requested: AtomicBool::new(false),
+            }),
+            fds: Mutex::new(FdStore::default()),
+        });
+        Some(Monitors::start(&specs, ctx)?)
+    });
     let mut generation = 0;
+    let mut paused = cfg.start_paused;
     let outcome = loop {
         generation += 1;
         let mut vm = Vm::build(&cfg, &images, &platform, generation, tx.clone())?;
-        let exit = vm.run(&rx, !cfg.start_paused);
-        if matches!(exit, Ok(VmExit::Reset)) && !cfg.no_reboot {
-            log::info!("guest reset: rebooting");
-            drop(vm);
-            continue;
+        let exit = vm.run(&rx, &mut paused, &events);
+        match exit {
+            Ok(VmExit::GuestReset) if !cfg.no_reboot => {
+                log::info!("guest reset: rebooting");
+                events.reset(true, "guest-reset");
+                drop(vm);
+                continue;
+            }
+            Ok(VmExit::HostReset) => {
+                events.reset(false, "host-qmp-system-reset");
+                drop(vm);
+                continue;
+            }
+            _ => {}
         }
         // moat is about to exit: let the kernel tear the VM down with the
         // process instead of paying for an explicit close of the VM fd.
         std::mem::forget(vm);
         match exit {
-            Ok(VmExit::Reset) if !cfg.no_reboot => unreachable!("handled above"),
-            Ok(VmExit::Reset) | Ok(VmExit::PowerOff) => break Ok(()),
+            Ok(VmExit::GuestReset) => events.shutdown(true, "guest-reset"),
+            Ok(VmExit::GuestPowerOff) => events.shutdown(true, "guest-shutdown"),
+            Ok(VmExit::Quit) => events.shutdown(false, "host-qmp-quit"),
             Ok(VmExit::Signal(s)) => {
                 eprintln!("moat: terminating on signal {s}");
-                break Ok(());
+                events.shutdown(false, "host-signal");
             }
+            Ok(VmExit::HostReset) => unreachable!("handled above"),
             Err(e) => break Err(anyhow::Error::from(e)),
         }
+        break Ok(());
     };
     platform.console.flush(Duration::from_secs(2));
+    if let Some(m) = &events.0 {
+        m.flush(Duration::from_secs(1));
+    }
     outcome
 }
 

@@ -6,7 +6,9 @@
  *   initrd_len=N initrd_sum=X   the initrd's size and FNV-1a 32 checksum
  *   rtc=YYYYMMDD[,YYYYMMDD]     the CMOS date (either)
  *   spam=N           print N filler lines (serial back-pressure tests)
- *   action=poweroff|reset|triple|reboot-once|mmio-exec|halt   what to do at the end
+ *   action=poweroff|reset|triple|reboot-once|mmio-exec|count|wait-powerdown|halt
+ *                    what to do at the end (count: print a counter forever;
+ *                    wait-powerdown: poll the ACPI GED for the power button);
  *                    (mmio-exec jumps into the MMIO hole: KVM cannot run it);
  *                    reboot-once resets (how=kbd|triple|acpi) on the first
  *                    boot, counted in CMOS RAM, and powers off on the second
@@ -139,6 +141,17 @@ void guest_main(u64 info, u32 kind) {
     if (!memcmp(v, "poweroff", 9)) { acpi_poweroff(rsdp); halt_forever(); }
     if (!memcmp(v, "reset", 6)) i8042_reset();
     if (!memcmp(v, "triple", 7)) triple_fault();
+    if (!memcmp(v, "count", 6))          /* count forever: shows pauses */
+        for (u64 i = 0;; i++) {
+            printf_serial("count %lu\n", i);
+            for (int k = 0; k < 2000; k++) cpu_relax();
+        }
+    if (!memcmp(v, "wait-powerdown", 15)) {   /* poll the GED for the power button */
+        puts_serial("waiting for the power button\n");
+        while (!(mmio_read32(0xfea00000UL) & 1)) cpu_relax();
+        puts_serial("power button pressed\n");
+        acpi_poweroff(rsdp);
+    }
     if (!memcmp(v, "mmio-exec", 10)) ((void (*)(void))0xd0000000UL)();   /* no RAM there */
     if (!memcmp(v, "reboot-once", 12)) {
         u8 boots = cmos_read(0x40);
@@ -147,6 +160,17 @@ void guest_main(u64 info, u32 kind) {
             cmos_write(0x40, 1);
             if (!cmdline_get(bi.cmdline, "how", v, sizeof v) || !memcmp(v, "kbd", 4)) i8042_reset();
             if (!memcmp(v, "triple", 7)) triple_fault();
+    if (!memcmp(v, "count", 6))          /* count forever: shows pauses */
+        for (u64 i = 0;; i++) {
+            printf_serial("count %lu\n", i);
+            for (int k = 0; k < 2000; k++) cpu_relax();
+        }
+    if (!memcmp(v, "wait-powerdown", 15)) {   /* poll the GED for the power button */
+        puts_serial("waiting for the power button\n");
+        while (!(mmio_read32(0xfea00000UL) & 1)) cpu_relax();
+        puts_serial("power button pressed\n");
+        acpi_poweroff(rsdp);
+    }
     if (!memcmp(v, "mmio-exec", 10)) ((void (*)(void))0xd0000000UL)();   /* no RAM there */
             if (!memcmp(v, "acpi", 5)) acpi_reset(rsdp);
             puts_serial("FAIL: unknown reset method\n");

@@ -12,7 +12,7 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 
-use crate::layout::{ports, ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::layout::{ports, ACPI_END, ACPI_START, GED_ADDR, IOAPIC_ADDR, LAPIC_ADDR};
 use crate::BootError;
 
 const OEM_ID: [u8; 6] = *b"MOAT  ";
@@ -59,6 +59,58 @@ fn legacy_device(path: &str, hid: &str, io: &[(u16, u8)], irq: Option<u32>) -> V
     ))
 }
 
+/// Bit of the GED event register for the power button.
+pub const GED_EVENT_POWER_BUTTON: u32 = 1;
+
+/// The Generic Event Device (ACPI 6.5 5.6.9): on its interrupt the OS runs
+/// `_EVT`, which reads (and so clears) the event register and notifies the
+/// power button device.
+fn ged_and_power_button() -> Vec<u8> {
+    let irq = aml::Interrupt::new(true, true, false, false, ports::GED_IRQ);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let addr = GED_ADDR as usize;
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemMemory,
+        &addr,
+        &4usize,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::DWord,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::WriteAsZeroes,
+        vec![aml::FieldEntry::Named(*b"GDAT", 32)],
+    );
+    let and = aml::And::new(&aml::ZERO, &aml::Local(0), &GED_EVENT_POWER_BUTTON);
+    let is_power = aml::Equal::new(&and, &GED_EVENT_POWER_BUTTON);
+    let pwrb: aml::Path = "\\_SB_.PWRB".into();
+    let notify = aml::Notify::new(&pwrb, &0x80u8);
+    let gdat: aml::Path = "GDAT".into();
+    let store = aml::Store::new(&aml::Local(0), &gdat);
+    let when = aml::If::new(&is_power, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&store, &when]);
+    let mut v = bytes_of(&aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
+            &region,
+            &field,
+            &evt,
+        ],
+    ));
+    v.extend(bytes_of(&aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )));
+    v
+}
+
 fn dsdt() -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, 1);
     dsdt.append_slice(&bytes_of(&aml::Name::new(
@@ -84,6 +136,7 @@ fn dsdt() -> Vec<u8> {
         &[(ports::RTC_INDEX, 2)],
         None,
     ));
+    dsdt.append_slice(&ged_and_power_button());
     dsdt.as_slice().to_vec()
 }
 

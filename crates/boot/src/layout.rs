@@ -7,7 +7,7 @@
 //! 0x0002_0000  kernel command line (64 KiB at most)
 //! 0x0009_fc00  EBDA (reserved)         0x000e_0000  ACPI tables (RSDP first), reserved
 //! 0x000f_0000  MP table (acpi=off)     0x0010_0000  kernel, initrd: RAM up to 3 GiB
-//! 0xc000_0000  32-bit MMIO hole: IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0xc000_0000  32-bit MMIO hole: GED 0xfea0_0000, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000  RAM above 3 GiB continues here
 //! ```
 
@@ -33,6 +33,9 @@ pub const HIMEM_START: u64 = 0x100000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// The ACPI Generic Event Device's event register (power button).
+pub const GED_ADDR: u64 = 0xfea0_0000;
+pub const GED_SIZE: u64 = 0x1000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// KVM's TSS and identity-map pages live just below the IOAPIC, in the hole.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
@@ -165,4 +168,6 @@ pub mod ports {
     /// SLP_TYP of S5 as the DSDT's `_S5_` object declares it.
     pub const S5_SLP_TYP: u8 = 5;
     pub const SLP_EN: u8 = 1 << 5;
+    /// Interrupt of the ACPI Generic Event Device.
+    pub const GED_IRQ: u32 = 9;
 }

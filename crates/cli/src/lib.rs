@@ -65,6 +65,41 @@ pub enum SerialBackend {
     },
 }
 
+/// Where a listening socket is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketAddr {
+    Unix(PathBuf),
+    Tcp { host: String, port: u16 },
+}
+
+/// A listening socket chardev (`-chardev socket,...` or legacy `unix:`/`tcp:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketChardev {
+    pub addr: SocketAddr,
+    /// Block startup until a client connects.
+    pub wait: bool,
+    /// `tls-creds=ID` of a `tls-creds-x509` object.
+    pub tls_creds: Option<String>,
+    /// `tls-authz=ID` of an `authz-simple`/`authz-list` object.
+    pub tls_authz: Option<String>,
+}
+
+/// A monitor's protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorMode {
+    /// QMP.
+    Control,
+    /// HMP.
+    Readline,
+}
+
+/// One monitor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorConfig {
+    pub mode: MonitorMode,
+    pub socket: SocketChardev,
+}
+
 /// The validated configuration of one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -84,6 +119,9 @@ pub struct VmConfig {
     pub start_paused: bool,
     pub name: Option<String>,
     pub pidfile: Option<PathBuf>,
+    /// `-uuid`, in canonical lower-case form.
+    pub uuid: Option<String>,
+    pub monitors: Vec<MonitorConfig>,
 }
 
 impl Default for VmConfig {
@@ -106,6 +144,8 @@ impl Default for VmConfig {
             start_paused: false,
             name: None,
             pidfile: None,
+            uuid: None,
+            monitors: Vec::new(),
         }
     }
 }
@@ -113,7 +153,7 @@ impl Default for VmConfig {
 /// Options that take an argument.
 const WITH_ARG: &[&str] = &[
     "M", "machine", "accel", "cpu", "m", "smp", "kernel", "initrd", "append", "serial", "display",
-    "name", "pidfile",
+    "name", "pidfile", "uuid", "qmp", "monitor", "chardev", "mon",
 ];
 /// Options without an argument.
 const FLAGS: &[&str] = &[
@@ -132,6 +172,8 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
     let mut cfg = VmConfig::default();
     let mut serials: Vec<Option<SerialBackend>> = Vec::new();
     let mut nodefaults = false;
+    let mut chardevs: Vec<(String, SocketChardev)> = Vec::new();
+    let mut mons: Vec<(String, MonitorMode, String)> = Vec::new();
     let mut it = args.iter().map(|s| s.as_ref());
     while let Some(raw) = it.next() {
         let name = raw
@@ -206,8 +248,68 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
                 kv.finish(&opt, arg)?;
             }
             "pidfile" => cfg.pidfile = Some(nonempty_path(&opt, arg)?),
+            "uuid" => cfg.uuid = Some(parse_uuid(&opt, arg)?),
+            "qmp" => cfg.monitors.push(MonitorConfig {
+                mode: MonitorMode::Control,
+                socket: legacy_socket(&opt, arg)?,
+            }),
+            "monitor" => {
+                if arg != "none" {
+                    cfg.monitors.push(MonitorConfig {
+                        mode: MonitorMode::Readline,
+                        socket: legacy_socket(&opt, arg)?,
+                    })
+                }
+            }
+            "chardev" => {
+                let (id, c) = parse_chardev(&opt, arg)?;
+                if chardevs.iter().any(|(i, _)| *i == id) {
+                    return Err(CliError::new(
+                        &opt,
+                        arg,
+                        &format!("duplicate chardev id '{id}'"),
+                    ));
+                }
+                chardevs.push((id, c));
+            }
+            "mon" => {
+                let mut kv = keyval::parse(&opt, arg, Some("chardev"))?;
+                let chardev = kv
+                    .take("chardev")
+                    .ok_or_else(|| CliError::new(&opt, arg, "Parameter 'chardev' is missing"))?;
+                let mode = match kv.take("mode").as_deref() {
+                    None | Some("readline") => MonitorMode::Readline,
+                    Some("control") => MonitorMode::Control,
+                    Some(m) => {
+                        return Err(CliError::new(
+                            &opt,
+                            arg,
+                            &format!("invalid monitor mode '{m}' (control or readline)"),
+                        ))
+                    }
+                };
+                if let Some(v) = kv.take("pretty") {
+                    keyval::parse_bool(&opt, "pretty", &v)?;
+                }
+                kv.take("id");
+                kv.finish(&opt, arg)?;
+                mons.push((chardev, mode, arg.to_string()));
+            }
             _ => unreachable!("every option with an argument is handled"),
         }
+    }
+    for (chardev, mode, arg) in mons {
+        let socket = chardevs
+            .iter()
+            .find(|(id, _)| *id == chardev)
+            .map(|(_, c)| c.clone())
+            .ok_or_else(|| {
+                CliError::new("-mon", &arg, &format!("chardev '{chardev}' not found"))
+            })?;
+        cfg.monitors.push(MonitorConfig { mode, socket });
+    }
+    for m in &cfg.monitors {
+        check_monitor_security(m)?;
     }
     if serials.len() > 1 {
         return Err(CliError::new(
@@ -434,31 +536,11 @@ fn parse_serial(opt: &str, arg: &str) -> Result<Option<SerialBackend>, CliError>
         "none" if rest.is_empty() => return Ok(None),
         "file" => SerialBackend::File(nonempty_path(opt, rest)?),
         "unix" => {
-            let mut kv = keyval::parse(opt, rest, Some("path"))?;
-            let path = kv
-                .take("path")
-                .filter(|p| !p.is_empty())
-                .ok_or_else(|| CliError::new(opt, arg, "a socket path is required"))?;
-            let server = match kv.take("server") {
-                Some(v) => keyval::parse_bool(opt, "server", &v)?,
-                None => false,
+            let c = legacy_socket(opt, arg)?;
+            let SocketAddr::Unix(path) = c.addr else {
+                unreachable!("unix: gives a UNIX socket")
             };
-            let wait = match kv.take("wait") {
-                Some(v) => keyval::parse_bool(opt, "wait", &v)?,
-                None => true,
-            };
-            kv.finish(opt, arg)?;
-            if !server {
-                return Err(CliError::new(
-                    opt,
-                    arg,
-                    "only listening sockets are supported (add server=on)",
-                ));
-            }
-            SerialBackend::UnixServer {
-                path: PathBuf::from(path),
-                wait,
-            }
+            SerialBackend::UnixServer { path, wait: c.wait }
         }
         _ => {
             return Err(CliError::new(
@@ -469,6 +551,166 @@ fn parse_serial(opt: &str, arg: &str) -> Result<Option<SerialBackend>, CliError>
         }
     };
     Ok(Some(backend))
+}
+
+fn parse_uuid(opt: &str, arg: &str) -> Result<String, CliError> {
+    let ok = arg.len() == 36
+        && arg.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        });
+    if !ok {
+        return Err(CliError::new(opt, arg, "Fail to parse UUID string"));
+    }
+    Ok(arg.to_ascii_lowercase())
+}
+
+/// The options shared by socket chardevs, from keyval pairs.
+fn socket_options(
+    opt: &str,
+    arg: &str,
+    kv: &mut keyval::KeyVals,
+    addr: SocketAddr,
+) -> Result<SocketChardev, CliError> {
+    let server = match kv.take("server") {
+        Some(v) => keyval::parse_bool(opt, "server", &v)?,
+        None => false,
+    };
+    let wait = match kv.take("wait") {
+        Some(v) => keyval::parse_bool(opt, "wait", &v)?,
+        None => true,
+    };
+    for k in ["ipv4", "ipv6", "nodelay"] {
+        if let Some(v) = kv.take(k) {
+            keyval::parse_bool(opt, k, &v)?;
+        }
+    }
+    let tls_creds = kv.take("tls-creds");
+    let tls_authz = kv.take("tls-authz");
+    if !server {
+        return Err(CliError::new(
+            opt,
+            arg,
+            "only listening sockets are supported (add server=on)",
+        ));
+    }
+    if matches!(addr, SocketAddr::Unix(_)) && (tls_creds.is_some() || tls_authz.is_some()) {
+        return Err(CliError::new(opt, arg, "TLS is only for TCP sockets"));
+    }
+    Ok(SocketChardev {
+        addr,
+        wait,
+        tls_creds,
+        tls_authz,
+    })
+}
+
+/// QEMU's legacy bare flags: `server`, `nowait`, `wait`.
+fn legacy_flags(rest: &str) -> String {
+    rest.split(',')
+        .map(|e| match e {
+            "server" => "server=on",
+            "nowait" => "wait=off",
+            "wait" => "wait=on",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_port(opt: &str, arg: &str, p: &str) -> Result<u16, CliError> {
+    p.parse::<u16>()
+        .map_err(|_| CliError::new(opt, arg, &format!("invalid port '{p}'")))
+}
+
+/// The legacy socket syntax of `-qmp`/`-monitor`/`-serial`: `unix:PATH,...`, `tcp:HOST:PORT,...`.
+fn legacy_socket(opt: &str, arg: &str) -> Result<SocketChardev, CliError> {
+    if let Some(rest) = arg.strip_prefix("unix:") {
+        let mut kv = keyval::parse(opt, &legacy_flags(rest), Some("path"))?;
+        let path = kv
+            .take("path")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| CliError::new(opt, arg, "a socket path is required"))?;
+        let c = socket_options(opt, arg, &mut kv, SocketAddr::Unix(PathBuf::from(path)))?;
+        kv.finish(opt, arg)?;
+        Ok(c)
+    } else if let Some(rest) = arg.strip_prefix("tcp:") {
+        let mut kv = keyval::parse(opt, &legacy_flags(rest), Some("addr"))?;
+        let addr = kv.take("addr").unwrap_or_default();
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| CliError::new(opt, arg, "expected tcp:HOST:PORT"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = parse_port(opt, arg, port)?;
+        let c = socket_options(opt, arg, &mut kv, SocketAddr::Tcp { host, port })?;
+        kv.finish(opt, arg)?;
+        Ok(c)
+    } else {
+        Err(CliError::new(
+            opt,
+            arg,
+            "unsupported monitor backend (moat offers unix:PATH,server=on[,wait=off] and tcp:HOST:PORT with TLS)",
+        ))
+    }
+}
+
+/// `-chardev socket,id=ID,path=...|host=...,port=...,server=on,...`.
+fn parse_chardev(opt: &str, arg: &str) -> Result<(String, SocketChardev), CliError> {
+    let mut kv = keyval::parse(opt, arg, Some("backend"))?;
+    match kv.take("backend").as_deref() {
+        Some("socket") => {}
+        Some(b) => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("unsupported chardev backend '{b}' (moat offers 'socket')"),
+            ))
+        }
+        None => return Err(CliError::new(opt, arg, "a chardev backend is required")),
+    }
+    let id = kv
+        .take("id")
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| CliError::new(opt, arg, "Parameter 'id' is missing"))?;
+    let addr = match (kv.take("path"), kv.take("host"), kv.take("port")) {
+        (Some(p), None, None) if !p.is_empty() => SocketAddr::Unix(PathBuf::from(p)),
+        (None, host, Some(port)) => SocketAddr::Tcp {
+            host: host.unwrap_or_else(|| "0.0.0.0".into()),
+            port: parse_port(opt, arg, &port)?,
+        },
+        _ => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                "give either path= or port= (with host=)",
+            ))
+        }
+    };
+    let c = socket_options(opt, arg, &mut kv, addr)?;
+    kv.finish(opt, arg)?;
+    Ok((id, c))
+}
+
+/// A TCP monitor is refused unless it has TLS and an authorization policy.
+fn check_monitor_security(m: &MonitorConfig) -> Result<(), CliError> {
+    if let SocketAddr::Tcp { host, port } = &m.socket.addr {
+        if m.socket.tls_creds.is_none() || m.socket.tls_authz.is_none() {
+            return Err(CliError::new(
+                if m.mode == MonitorMode::Control {
+                    "-qmp"
+                } else {
+                    "-monitor"
+                },
+                &format!("tcp:{host}:{port}"),
+                "a monitor on TCP needs tls-creds= (x509, verify-peer=on) and tls-authz=; \
+                 plaintext TCP monitors do not exist in moat (use a UNIX socket)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The text of `-h`.
@@ -492,6 +734,11 @@ With no -kernel, moat boots its built-in demo guest.
 -no-reboot                          exit instead of rebooting when the guest resets
 -S                                  do not start the vCPUs
 -name NAME                          the VM's name
+-uuid UUID                          the VM's UUID
+-qmp unix:PATH,server=on[,wait=off] a QMP monitor (socket created mode 0600)
+-monitor unix:PATH,server=on[,wait=off]   an HMP monitor
+-chardev socket,id=ID,path=PATH,server=on[,wait=off]  with  -mon chardev=ID[,mode=control|readline]
+                                    TCP monitors only with tls-creds= and tls-authz=
 -pidfile FILE                       write the process id to FILE
 -version                            print the version
 -h|-help                            print this help
@@ -588,6 +835,17 @@ mod tests {
         assert!(err(&["-m", "5T"]).contains("too large"));
         assert!(err(&["-serial", "tcp:1.2.3.4:5"]).contains("unsupported serial"));
         assert!(err(&["-serial", "unix:/x"]).contains("server=on"));
+        assert!(err(&["-qmp", "tcp:127.0.0.1:4444,server=on,wait=off"])
+            .contains("plaintext TCP monitors do not exist"));
+        assert!(err(&[
+            "-chardev",
+            "socket,id=c,host=::1,port=5,server=on",
+            "-mon",
+            "c"
+        ])
+        .contains("tls-creds"));
+        assert!(err(&["-mon", "chardev=nope"]).contains("'nope' not found"));
+        assert!(err(&["-uuid", "1234"]).contains("UUID"));
         assert!(err(&["-initrd", "/i"]).contains("-initrd only allowed with -kernel"));
         assert!(err(&["-display", "gtk"]).contains("-display"));
         assert!(err(&["-cpu", "qemu64"]).contains("-cpu"));
@@ -607,6 +865,41 @@ mod tests {
             })
         );
         assert!(err(&["-serial", "null", "-serial", "stdio"]).contains("once"));
+    }
+
+    #[test]
+    fn monitors() {
+        let c = cfg(&[
+            "-qmp",
+            "unix:/tmp/q.sock,server,nowait",
+            "-chardev",
+            "socket,id=m0,path=/tmp/h.sock,server=on,wait=off",
+            "-mon",
+            "chardev=m0,mode=readline",
+            "-monitor",
+            "unix:/tmp/m.sock,server=on,wait=on",
+            "-uuid",
+            "12345678-ABCD-1234-abcd-1234567890ab",
+        ]);
+        assert_eq!(c.monitors.len(), 3);
+        assert_eq!(c.monitors[0].mode, MonitorMode::Control);
+        assert_eq!(
+            c.monitors[0].socket.addr,
+            SocketAddr::Unix("/tmp/q.sock".into())
+        );
+        assert!(!c.monitors[0].socket.wait);
+        // -monitor (wait=on), then the -mon of chardev m0 (wait=off).
+        assert_eq!(c.monitors[1].mode, MonitorMode::Readline);
+        assert!(c.monitors[1].socket.wait);
+        assert_eq!(
+            c.monitors[2].socket.addr,
+            SocketAddr::Unix("/tmp/h.sock".into())
+        );
+        assert!(!c.monitors[2].socket.wait);
+        assert_eq!(
+            c.uuid.as_deref(),
+            Some("12345678-abcd-1234-abcd-1234567890ab")
+        );
     }
 
     #[test]

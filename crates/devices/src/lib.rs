@@ -1,8 +1,10 @@
-//! Platform devices of a moat microvm.
+//! Platform devices of a moat microvm: COM1, i8042, CMOS RTC, the ACPI
+//! PM register and Generic Event Device.
 //!
 //! Each device is plain logic behind `read`/`write` of its registers, so it
 //! can be unit tested without KVM; the VMM routes port I/O to them.
 
+pub mod ged;
 pub mod i8042;
 pub mod pm;
 pub mod rtc;

@@ -1,6 +1,7 @@
 //! Port I/O and MMIO dispatch to the platform devices.
 
-use moat_boot::layout::ports;
+use moat_boot::layout::{ports, GED_ADDR, GED_SIZE};
+use moat_devices::ged::Ged;
 use moat_devices::i8042::I8042;
 use moat_devices::pm::AcpiPm;
 use moat_devices::rtc::Rtc;
@@ -15,27 +16,35 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub struct PioBus {
+pub struct PlatformBus {
     pub uart: Arc<Mutex<Uart>>,
     pub rtc: Arc<Mutex<Rtc>>,
     pub i8042: Mutex<I8042>,
     pub pm: AcpiPm,
+    pub ged: Mutex<Ged>,
     logged: Mutex<HashSet<u64>>,
 }
 
-impl std::fmt::Debug for PioBus {
+impl std::fmt::Debug for PlatformBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PioBus")
+        f.write_str("PlatformBus")
     }
 }
 
-impl PioBus {
-    pub fn new(uart: Arc<Mutex<Uart>>, rtc: Arc<Mutex<Rtc>>, i8042: I8042, pm: AcpiPm) -> Self {
-        PioBus {
+impl PlatformBus {
+    pub fn new(
+        uart: Arc<Mutex<Uart>>,
+        rtc: Arc<Mutex<Rtc>>,
+        i8042: I8042,
+        pm: AcpiPm,
+        ged: Ged,
+    ) -> Self {
+        PlatformBus {
             uart,
             rtc,
             i8042: Mutex::new(i8042),
             pm,
+            ged: Mutex::new(ged),
             logged: Mutex::new(HashSet::new()),
         }
     }
@@ -86,11 +95,18 @@ impl PioBus {
     }
 
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if (GED_ADDR..GED_ADDR + GED_SIZE).contains(&addr) {
+            lock(&self.ged).read(addr - GED_ADDR, data);
+            return;
+        }
         data.fill(0xff);
         self.unclaimed("MMIO read", addr & !0xfff);
     }
 
     pub fn mmio_write(&self, addr: u64, _data: &[u8]) {
+        if (GED_ADDR..GED_ADDR + GED_SIZE).contains(&addr) {
+            return; // the event register is read-only
+        }
         self.unclaimed("MMIO write", addr & !0xfff);
     }
 }

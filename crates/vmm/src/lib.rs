@@ -7,10 +7,12 @@
 //! CMOS RTC) survives, as it would on real hardware.
 
 pub mod bus;
+pub mod control;
 pub mod cpuid;
 pub mod vcpu;
 
-use bus::PioBus;
+use bus::PlatformBus;
+use control::VcpuSet;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -18,17 +20,15 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use moat_boot::layout::{ports, MemLayout, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use moat_boot::MachineDesc;
 use moat_cli::VmConfig;
+use moat_devices::ged::Ged;
 use moat_devices::i8042::I8042;
 use moat_devices::pm::AcpiPm;
 use moat_devices::rtc::Rtc;
 use moat_devices::serial::Console;
 use moat_devices::{IrqLine, RequestSink, VmRequest};
-use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,11 +60,57 @@ fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmEr
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmExit {
     /// The guest asked for a reset (or triple-faulted).
-    Reset,
+    GuestReset,
     /// The guest powered off through ACPI.
-    PowerOff,
+    GuestPowerOff,
+    /// The monitor asked for a reset (`system_reset`).
+    HostReset,
+    /// The monitor asked moat to quit.
+    Quit,
     /// moat was asked to terminate by a signal.
     Signal(i32),
+}
+
+/// What the monitor can ask of the running VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Stop,
+    Cont,
+    Reset,
+    Powerdown,
+    Quit,
+    Status,
+    Cpus,
+    /// Register dump of one vCPU, or of all of them.
+    Registers(Option<u32>),
+}
+
+/// One vCPU as `query-cpus-fast` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuInfo {
+    pub index: u32,
+    pub thread_id: i32,
+    pub socket: u32,
+    pub die: u32,
+    pub core: u32,
+    pub thread: u32,
+}
+
+/// The answer to a [`Control`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlReply {
+    Done,
+    Status { running: bool, status: &'static str },
+    Cpus(Vec<CpuInfo>),
+    Text(String),
+    Error(String),
+}
+
+/// Lifecycle notifications (the monitor turns them into QMP events).
+pub trait Lifecycle {
+    fn stopped(&self);
+    fn resumed(&self);
+    fn powerdown(&self);
 }
 
 /// Events that reach the VM's control loop.
@@ -81,6 +127,11 @@ pub enum VmEvent {
         why: String,
     },
     Signal(i32),
+    /// From the monitor; answered on `reply`.
+    Control {
+        cmd: Control,
+        reply: Sender<ControlReply>,
+    },
 }
 
 /// Devices and backends that survive guest resets.
@@ -109,43 +160,11 @@ pub struct BootImages {
     pub cmdline: String,
 }
 
-/// Blocks vCPUs until the VM is started (`-S` keeps them here).
-#[derive(Debug, Default)]
-pub struct StartGate {
-    started: Mutex<bool>,
-    cv: Condvar,
-}
-
-impl StartGate {
-    pub fn open(&self) {
-        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.cv.notify_all();
-    }
-
-    /// Wait until opened or `stop` is set; true if the vCPU may run.
-    fn wait(&self, stop: &AtomicBool) -> bool {
-        let mut s = self.started.lock().unwrap_or_else(|e| e.into_inner());
-        while !*s && !stop.load(Ordering::SeqCst) {
-            s = self
-                .cv
-                .wait_timeout(s, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        !stop.load(Ordering::SeqCst)
-    }
-}
-
-/// The signal used to kick vCPU threads out of KVM_RUN.
-fn kick_signal() -> i32 {
-    vmm_sys_util::signal::SIGRTMIN()
-}
-
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
 /// Install the (empty) handler for the kick signal; once per process.
 pub fn init_kick_signal() -> Result<(), VmError> {
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+    vmm_sys_util::signal::register_signal_handler(control::kick_signal(), noop_handler)
         .map_err(|e| VmError::Io(std::io::Error::from_raw_os_error(e.errno())))
 }
 
@@ -154,10 +173,12 @@ pub struct Vm {
     _vm: VmFd,
     _mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
-    bus: Arc<PioBus>,
+    bus: Arc<PlatformBus>,
     generation: u64,
     events: Sender<VmEvent>,
-    pub gate: Arc<StartGate>,
+    topology: moat_cli::Topology,
+    acpi: bool,
+    set: Option<Arc<VcpuSet>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -165,8 +186,7 @@ impl std::fmt::Debug for Vm {
         write!(
             f,
             "Vm {{ vcpus: {}, generation: {} }}",
-            self.vcpus.len(),
-            self.generation
+            self.topology.cpus, self.generation
         )
     }
 }
@@ -278,11 +298,17 @@ impl Vm {
             "KVM_IRQFD (i8042)",
             vm.register_irqfd(&kbd_irq.0, ports::I8042_IRQ),
         )?;
-        let bus = Arc::new(PioBus::new(
+        let ged_irq = IrqLine::new()?;
+        kvm(
+            "KVM_IRQFD (GED)",
+            vm.register_irqfd(&ged_irq.0, ports::GED_IRQ),
+        )?;
+        let bus = Arc::new(PlatformBus::new(
             platform.console.uart().clone(),
             platform.rtc.clone(),
             I8042::new(kbd_irq, sink.clone()),
             AcpiPm::new(sink),
+            Ged::new(ged_irq),
         ));
 
         // vCPUs.
@@ -324,116 +350,155 @@ impl Vm {
             bus,
             generation,
             events,
-            gate: Arc::new(StartGate::default()),
+            topology: *t,
+            acpi: cfg.acpi,
+            set: None,
         })
     }
 
-    /// Run the vCPUs until the guest resets, powers off, fails, or a signal
-    /// arrives. The vCPUs are gone afterwards; the VM itself is dropped by
-    /// the caller (or leaked at process exit: closing a KVM VM fd is slow,
-    /// and the kernel tears it down faster with the rest of the process).
-    pub fn run(&mut self, events: &Receiver<VmEvent>, start: bool) -> Result<VmExit, VmError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    /// Run until the guest resets or powers off, the monitor resets or
+    /// quits, a vCPU fails, or a signal arrives. `paused` is the run state
+    /// (true: vCPUs parked) before and after. Monitor commands are served
+    /// here. The vCPU threads are gone afterwards; the VM itself is dropped
+    /// by the caller (or leaked at process exit: closing a KVM VM fd is
+    /// slow, and the kernel tears it down with the rest of the process).
+    pub fn run(
+        &mut self,
+        events: &Receiver<VmEvent>,
+        paused: &mut bool,
+        life: &dyn Lifecycle,
+    ) -> Result<VmExit, VmError> {
+        let set = VcpuSet::new(self.vcpus.len(), *paused);
+        self.set = Some(set.clone());
+        set.spawn(
+            std::mem::take(&mut self.vcpus),
+            self.bus.clone(),
+            self.events.clone(),
+            self.generation,
+        )?;
         let generation = self.generation;
-        for (i, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let bus = self.bus.clone();
-            let stop = stop.clone();
-            let gate = self.gate.clone();
-            let tx = self.events.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("vcpu{i}"))
-                .spawn(move || vcpu_thread(vcpu, i as u32, bus, stop, gate, tx, generation))?;
-            threads.push(h);
-        }
-        if start {
-            self.gate.open();
-        }
         let result = loop {
-            match events.recv() {
-                Ok(VmEvent::Request {
+            let ev = match events.recv() {
+                Ok(ev) => ev,
+                Err(_) => break Ok(VmExit::Signal(0)),
+            };
+            match ev {
+                VmEvent::Request {
                     generation: g,
                     request,
-                }) if g == generation => {
+                } if g == generation => {
                     break Ok(match request {
-                        VmRequest::Reset => VmExit::Reset,
-                        VmRequest::PowerOff => VmExit::PowerOff,
+                        VmRequest::Reset => VmExit::GuestReset,
+                        VmRequest::PowerOff => VmExit::GuestPowerOff,
                     });
                 }
-                Ok(VmEvent::VcpuFailed {
+                VmEvent::VcpuFailed {
                     generation: g,
                     cpu,
                     why,
-                }) if g == generation => {
+                } if g == generation => {
                     break Err(VmError::VcpuFailed { cpu, why });
                 }
-                Ok(VmEvent::Signal(s)) => break Ok(VmExit::Signal(s)),
-                Ok(_) => continue, // stale event from an earlier boot
-                Err(_) => break Ok(VmExit::Signal(0)),
+                VmEvent::Signal(s) => break Ok(VmExit::Signal(s)),
+                VmEvent::Control { cmd, reply } => {
+                    let (answer, exit) = self.control(&set, cmd, life);
+                    *paused = set.is_paused();
+                    let _ = reply.send(answer);
+                    if let Some(exit) = exit {
+                        break Ok(exit);
+                    }
+                }
+                _ => {} // stale event from an earlier boot
             }
         };
-        stop.store(true, Ordering::SeqCst);
-        self.gate.open();
-        for h in threads {
-            while !h.is_finished() {
-                // SAFETY: the thread has not been joined, so its pthread_t is
-                // valid; the kick signal has a no-op handler installed.
-                unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let _ = h.join();
-        }
+        *paused = set.is_paused();
+        set.stop();
         result
     }
-}
 
-fn vcpu_thread(
-    mut vcpu: VcpuFd,
-    cpu: u32,
-    bus: Arc<PioBus>,
-    stop: Arc<AtomicBool>,
-    gate: Arc<StartGate>,
-    tx: Sender<VmEvent>,
-    generation: u64,
-) {
-    if !gate.wait(&stop) {
-        return;
-    }
-    let fail = |why: String, vcpu: &VcpuFd| {
-        log::error!("vCPU {cpu}: {why}\n{}", vcpu::dump(vcpu));
-        let _ = tx.send(VmEvent::VcpuFailed {
-            generation,
-            cpu,
-            why,
-        });
-    };
-    while !stop.load(Ordering::SeqCst) {
-        let action = match vcpu.run() {
-            Ok(kvm_ioctls::VcpuExit::InternalError) => {
-                vcpu::ExitAction::Fail(vcpu::internal_error(&mut vcpu))
-            }
-            Ok(exit) => vcpu::handle_exit(exit, &bus),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                vcpu.set_kvm_immediate_exit(0);
-                continue;
-            }
-            Err(e) => vcpu::ExitAction::Fail(format!("KVM_RUN: {e}")),
-        };
-        match action {
-            vcpu::ExitAction::Continue => {}
-            vcpu::ExitAction::Request(request) => {
-                let _ = tx.send(VmEvent::Request {
-                    generation,
-                    request,
-                });
-                // Stay out of the guest until the control loop stops us.
-                while !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(1));
+    fn control(
+        &self,
+        set: &VcpuSet,
+        cmd: Control,
+        life: &dyn Lifecycle,
+    ) -> (ControlReply, Option<VmExit>) {
+        match cmd {
+            Control::Stop => {
+                if !set.is_paused() {
+                    set.pause();
+                    life.stopped();
                 }
+                (ControlReply::Done, None)
             }
-            vcpu::ExitAction::Fail(why) => {
-                fail(why, &vcpu);
-                return;
+            Control::Cont => {
+                if set.is_paused() {
+                    set.resume();
+                    life.resumed();
+                }
+                (ControlReply::Done, None)
+            }
+            Control::Reset => (ControlReply::Done, Some(VmExit::HostReset)),
+            Control::Quit => (ControlReply::Done, Some(VmExit::Quit)),
+            Control::Powerdown => {
+                life.powerdown();
+                if self.acpi {
+                    self.bus
+                        .ged
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .power_button();
+                } else {
+                    self.bus
+                        .i8042
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .ctrl_alt_del();
+                }
+                (ControlReply::Done, None)
+            }
+            Control::Status => {
+                let running = !set.is_paused();
+                (
+                    ControlReply::Status {
+                        running,
+                        status: if running { "running" } else { "paused" },
+                    },
+                    None,
+                )
+            }
+            Control::Cpus => {
+                let t = &self.topology;
+                let cpus = (0..t.cpus)
+                    .map(|i| CpuInfo {
+                        index: i,
+                        thread_id: set.thread_ids[i as usize].load(Ordering::SeqCst),
+                        thread: i % t.threads,
+                        core: (i / t.threads) % t.cores,
+                        die: (i / (t.threads * t.cores)) % t.dies,
+                        socket: i / (t.threads * t.cores * t.dies),
+                    })
+                    .collect();
+                (ControlReply::Cpus(cpus), None)
+            }
+            Control::Registers(which) => {
+                let ids: Vec<u32> = match which {
+                    Some(i) if i < self.topology.cpus => vec![i],
+                    Some(i) => {
+                        return (ControlReply::Error(format!("CPU {i} does not exist")), None)
+                    }
+                    None => (0..self.topology.cpus).collect(),
+                };
+                let mut text = String::new();
+                for i in ids {
+                    if which.is_none() {
+                        text += &format!("\nCPU#{i}\n");
+                    }
+                    match set.registers(i as usize) {
+                        Some(d) => text += &format!("{d}\n"),
+                        None => text += &format!("CPU#{i}: not responding\n"),
+                    }
+                }
+                (ControlReply::Text(text), None)
             }
         }
     }

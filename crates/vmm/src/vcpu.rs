@@ -1,7 +1,7 @@
 //! vCPU setup (registers for each boot entry, MSRs, FPU, LAPIC) and the
 //! KVM_RUN loop with a free exit handler that unit tests can call.
 
-use crate::bus::PioBus;
+use crate::bus::PlatformBus;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use moat_boot::gdt;
@@ -22,7 +22,7 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
 /// Handle one exit of KVM_RUN.
-pub fn handle_exit(exit: VcpuExit<'_>, bus: &PioBus) -> ExitAction {
+pub fn handle_exit(exit: VcpuExit<'_>, bus: &PlatformBus) -> ExitAction {
     match exit {
         VcpuExit::IoIn(port, data) => {
             bus.pio_read(port, data);

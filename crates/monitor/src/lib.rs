@@ -1,0 +1,79 @@
+//! The monitor: QEMU's QMP and HMP protocols over UNIX sockets (and, with
+//! TLS and an authorization policy only, TCP).
+//!
+//! The protocol engines ([`qmp`], [`hmp`]) are transport independent and
+//! talk to the VM through one interface, [`VmControl`]; HMP commands are
+//! implemented on top of the QMP command layer, never twice.
+
+pub mod hmp;
+pub mod qmp;
+pub mod server;
+
+use serde_json::Value;
+
+/// The QEMU release whose QMP behaviour moat matches (greeting, error texts,
+/// query-version). Debian 12's QEMU, which the tests compare against.
+pub const QEMU_VERSION: (u32, u32, u32) = (7, 2, 0);
+
+/// A QMP error: `{"error": {"class": ..., "desc": ...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{class}: {desc}")]
+pub struct QmpError {
+    pub class: &'static str,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "GenericError",
+            desc: desc.into(),
+        }
+    }
+    pub fn not_found(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "CommandNotFound",
+            desc: desc.into(),
+        }
+    }
+    pub fn device_not_found(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: "DeviceNotFound",
+            desc: desc.into(),
+        }
+    }
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({"class": self.class, "desc": self.desc})
+    }
+}
+
+/// Commands that need the running VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmCommand {
+    Stop,
+    Cont,
+    SystemReset,
+    SystemPowerdown,
+    Quit,
+    QueryStatus,
+    QueryCpusFast,
+    /// HMP `info registers` for one vCPU (or all with `None`).
+    Registers(Option<u32>),
+}
+
+/// The VM as the monitor sees it.
+pub trait VmControl: Send + Sync {
+    /// Execute `cmd` and return its QMP `return` value.
+    fn execute(&self, cmd: VmCommand) -> Result<Value, QmpError>;
+
+    /// Called once a reply has been queued for its client (so that `quit`
+    /// can end moat only after its own reply is on its way).
+    fn replied(&self) {}
+}
+
+/// Facts fixed at startup that the monitor reports.
+#[derive(Debug, Clone, Default)]
+pub struct VmInfo {
+    pub name: Option<String>,
+    pub uuid: Option<String>,
+}

@@ -1,0 +1,759 @@
+//! QMP (docs/interop/qmp-spec.txt): framing of a JSON byte stream, capability
+//! negotiation, argument checking against each command's schema, dispatch,
+//! and replies with QEMU's error classes and texts.
+
+use crate::{hmp, QmpError, VmCommand, VmControl, VmInfo, QEMU_VERSION};
+use serde_json::{json, Map, Value};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+/// Largest accepted QMP message; a client that sends more is disconnected.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// Argument types of the QAPI schema subset moat uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgType {
+    Str,
+    Int,
+    Bool,
+    StrList,
+}
+
+impl ArgType {
+    fn name(self) -> &'static str {
+        match self {
+            ArgType::Str => "str",
+            ArgType::Int => "int",
+            ArgType::Bool => "bool",
+            ArgType::StrList => "[str]",
+        }
+    }
+    fn json_name(self) -> &'static str {
+        match self {
+            ArgType::Str => "string",
+            ArgType::Int => "integer",
+            ArgType::Bool => "boolean",
+            ArgType::StrList => "array",
+        }
+    }
+    fn matches(self, v: &Value) -> bool {
+        match self {
+            ArgType::Str => v.is_string(),
+            ArgType::Int => v.is_i64() || v.is_u64(),
+            ArgType::Bool => v.is_boolean(),
+            ArgType::StrList => v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
+        }
+    }
+}
+
+/// One command's schema: (argument, type, required).
+#[derive(Debug)]
+pub struct CommandSpec {
+    pub name: &'static str,
+    pub args: &'static [(&'static str, ArgType, bool)],
+}
+
+use ArgType::*;
+
+/// Every QMP command moat implements.
+pub const COMMANDS: &[CommandSpec] = &[
+    CommandSpec {
+        name: "qmp_capabilities",
+        args: &[("enable", StrList, false)],
+    },
+    CommandSpec {
+        name: "query-version",
+        args: &[],
+    },
+    CommandSpec {
+        name: "query-commands",
+        args: &[],
+    },
+    CommandSpec {
+        name: "query-status",
+        args: &[],
+    },
+    CommandSpec {
+        name: "query-name",
+        args: &[],
+    },
+    CommandSpec {
+        name: "query-uuid",
+        args: &[],
+    },
+    CommandSpec {
+        name: "query-kvm",
+        args: &[],
+    },
+    CommandSpec {
+        name: "query-cpus-fast",
+        args: &[],
+    },
+    CommandSpec {
+        name: "query-qmp-schema",
+        args: &[],
+    },
+    CommandSpec {
+        name: "stop",
+        args: &[],
+    },
+    CommandSpec {
+        name: "cont",
+        args: &[],
+    },
+    CommandSpec {
+        name: "system_reset",
+        args: &[],
+    },
+    CommandSpec {
+        name: "system_powerdown",
+        args: &[],
+    },
+    CommandSpec {
+        name: "quit",
+        args: &[],
+    },
+    CommandSpec {
+        name: "human-monitor-command",
+        args: &[("command-line", Str, true), ("cpu-index", Int, false)],
+    },
+    CommandSpec {
+        name: "getfd",
+        args: &[("fdname", Str, true)],
+    },
+    CommandSpec {
+        name: "closefd",
+        args: &[("fdname", Str, true)],
+    },
+    CommandSpec {
+        name: "add-fd",
+        args: &[("fdset-id", Int, false), ("opaque", Str, false)],
+    },
+    CommandSpec {
+        name: "remove-fd",
+        args: &[("fdset-id", Int, true), ("fd", Int, false)],
+    },
+    CommandSpec {
+        name: "query-fdsets",
+        args: &[],
+    },
+    CommandSpec {
+        name: "migrate",
+        args: &[
+            ("uri", Str, true),
+            ("blk", Bool, false),
+            ("inc", Bool, false),
+            ("detach", Bool, false),
+            ("resume", Bool, false),
+        ],
+    },
+];
+
+/// Events moat emits.
+pub const EVENTS: &[&str] = &["STOP", "RESUME", "RESET", "POWERDOWN", "SHUTDOWN"];
+
+/// File descriptors handed in over the monitor (`getfd`, `add-fd`).
+#[derive(Debug, Default)]
+pub struct FdStore {
+    named: Vec<(String, OwnedFd)>,
+    sets: Vec<FdSet>,
+}
+
+#[derive(Debug)]
+struct FdSet {
+    id: i64,
+    fds: Vec<(OwnedFd, Option<String>)>,
+}
+
+/// At most this many descriptors are kept, so a client cannot exhaust moat's.
+pub const MAX_STORED_FDS: usize = 256;
+
+impl FdStore {
+    fn count(&self) -> usize {
+        self.named.len() + self.sets.iter().map(|s| s.fds.len()).sum::<usize>()
+    }
+
+    /// Take a named descriptor (for a later consumer such as a device).
+    pub fn take_named(&mut self, name: &str) -> Option<OwnedFd> {
+        let i = self.named.iter().position(|(n, _)| n == name)?;
+        Some(self.named.remove(i).1)
+    }
+
+    /// Duplicate the first descriptor of fd set `id` (for `/dev/fdset/N` paths).
+    pub fn dup_from_set(&self, id: i64) -> Option<OwnedFd> {
+        let set = self.sets.iter().find(|s| s.id == id)?;
+        set.fds.first().and_then(|(fd, _)| fd.try_clone().ok())
+    }
+}
+
+/// Shared by every session of one monitor process.
+pub struct MonitorContext {
+    pub info: VmInfo,
+    pub vm: Arc<dyn VmControl>,
+    pub fds: Mutex<FdStore>,
+}
+
+impl std::fmt::Debug for MonitorContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MonitorContext")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+/// The greeting sent when a client connects.
+pub fn greeting() -> Value {
+    let (major, minor, micro) = QEMU_VERSION;
+    json!({"QMP": {
+        "version": {"qemu": {"micro": micro, "minor": minor, "major": major},
+                    "package": format!("moat {}", env!("CARGO_PKG_VERSION"))},
+        "capabilities": []
+    }})
+}
+
+/// A QMP event with the current time.
+pub fn event(name: &str, data: Option<Value>) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut ev = json!({
+        "event": name,
+        "timestamp": {"seconds": now.as_secs(), "microseconds": now.subsec_micros()}
+    });
+    if let Some(d) = data {
+        ev["data"] = d;
+    }
+    ev
+}
+
+/// Splits a byte stream into JSON values, as QEMU's JSON streamer does.
+#[derive(Debug, Default)]
+pub struct Framer {
+    buf: Vec<u8>,
+}
+
+/// One item out of the framer.
+#[derive(Debug)]
+pub enum Frame {
+    Value(Value),
+    /// Bad JSON: answer with this error and carry on.
+    Error(QmpError),
+}
+
+impl Framer {
+    /// Add bytes; returns complete frames. `Err` means the client exceeded
+    /// [`MAX_MESSAGE`] and must be disconnected.
+    pub fn push(&mut self, data: &[u8]) -> Result<Vec<Frame>, QmpError> {
+        self.buf.extend_from_slice(data);
+        let mut out = Vec::new();
+        loop {
+            let start = self
+                .buf
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(self.buf.len());
+            self.buf.drain(..start);
+            if self.buf.is_empty() {
+                break;
+            }
+            let mut it = serde_json::Deserializer::from_slice(&self.buf).into_iter::<Value>();
+            match it.next() {
+                Some(Ok(v)) => {
+                    let used = it.byte_offset();
+                    self.buf.drain(..used);
+                    out.push(Frame::Value(v));
+                }
+                Some(Err(e)) if e.is_eof() => break,
+                Some(Err(e)) => {
+                    // Resynchronise after the next newline (or drop everything).
+                    let cut = self
+                        .buf
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(self.buf.len(), |p| p + 1);
+                    self.buf.drain(..cut);
+                    out.push(Frame::Error(QmpError::generic(format!(
+                        "JSON parse error, {e}"
+                    ))));
+                }
+                None => break,
+            }
+        }
+        if self.buf.len() > MAX_MESSAGE {
+            self.buf.clear();
+            return Err(QmpError::generic(format!(
+                "QMP message larger than {MAX_MESSAGE} bytes"
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// One client connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    ctx: Arc<MonitorContext>,
+    negotiated: bool,
+    /// Descriptors received with the latest message (SCM_RIGHTS).
+    pub received_fds: Vec<OwnedFd>,
+}
+
+impl Session {
+    pub fn new(ctx: Arc<MonitorContext>) -> Self {
+        Session {
+            ctx,
+            negotiated: false,
+            received_fds: Vec::new(),
+        }
+    }
+
+    /// Has the client completed `qmp_capabilities` (and so receives events)?
+    pub fn negotiated(&self) -> bool {
+        self.negotiated
+    }
+
+    /// Handle one input value; returns the reply.
+    pub fn handle(&mut self, input: Value) -> Value {
+        let id = input.get("id").cloned();
+        let reply = match self.dispatch(input) {
+            Ok(v) => json!({ "return": v }),
+            Err(e) => json!({ "error": e.to_json() }),
+        };
+        match (reply, id) {
+            (Value::Object(mut m), Some(id)) => {
+                m.insert("id".into(), id);
+                Value::Object(m)
+            }
+            (r, _) => r,
+        }
+    }
+
+    fn dispatch(&mut self, input: Value) -> Result<Value, QmpError> {
+        let Value::Object(mut obj) = input else {
+            return Err(QmpError::generic("QMP input must be a JSON object"));
+        };
+        let (name, oob) = match (obj.remove("execute"), obj.remove("exec-oob")) {
+            (Some(Value::String(s)), None) => (s, false),
+            (None, Some(Value::String(s))) => (s, true),
+            (Some(_), None) => {
+                return Err(QmpError::generic(
+                    "QMP input member 'execute' must be a string",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(QmpError::generic(
+                    "QMP input member 'exec-oob' must be a string",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(QmpError::generic(
+                    "QMP input must not contain both 'execute' and 'exec-oob'",
+                ))
+            }
+            (None, None) => return Err(QmpError::generic("QMP input lacks member 'execute'")),
+        };
+        let args = match obj.remove("arguments") {
+            None => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "QMP input member 'arguments' must be an object",
+                ))
+            }
+        };
+        obj.remove("id");
+        if let Some(k) = obj.keys().next() {
+            return Err(QmpError::generic(format!(
+                "QMP input member '{k}' is unexpected"
+            )));
+        }
+        if oob {
+            return Err(QmpError::generic(
+                "Please enable out-of-band first for the session during capabilities negotiation",
+            ));
+        }
+        if !self.negotiated {
+            if name != "qmp_capabilities" {
+                return Err(QmpError::not_found(
+                    "Expecting capabilities negotiation with 'qmp_capabilities'",
+                ));
+            }
+        } else if name == "qmp_capabilities" {
+            return Err(QmpError::not_found(
+                "Capabilities negotiation is already complete, command ignored",
+            ));
+        }
+        let spec = COMMANDS
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| QmpError::not_found(format!("The command {name} has not been found")))?;
+        check_args(spec, &args)?;
+        self.run(spec.name, &args)
+    }
+
+    fn run(&mut self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let s = |k: &str| args.get(k).and_then(Value::as_str);
+        let i = |k: &str| args.get(k).and_then(Value::as_i64);
+        let vm = &self.ctx.vm;
+        match name {
+            "qmp_capabilities" => {
+                if let Some(caps) = args.get("enable").and_then(Value::as_array) {
+                    if let Some(c) = caps.first().and_then(Value::as_str) {
+                        return Err(QmpError::generic(format!("Capability '{c}' not available")));
+                    }
+                }
+                self.negotiated = true;
+                Ok(json!({}))
+            }
+            "query-version" => {
+                let (major, minor, micro) = QEMU_VERSION;
+                Ok(
+                    json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+                          "package": format!("moat {}", env!("CARGO_PKG_VERSION"))}),
+                )
+            }
+            "query-commands" => Ok(Value::Array(
+                COMMANDS.iter().map(|c| json!({"name": c.name})).collect(),
+            )),
+            "query-name" => Ok(match &self.ctx.info.name {
+                Some(n) => json!({"name": n}),
+                None => json!({}),
+            }),
+            "query-uuid" => Ok(
+                json!({"UUID": self.ctx.info.uuid.clone().unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".into())}),
+            ),
+            "query-kvm" => Ok(json!({"enabled": true, "present": true})),
+            "query-qmp-schema" => Ok(schema()),
+            "query-status" => vm.execute(VmCommand::QueryStatus),
+            "query-cpus-fast" => vm.execute(VmCommand::QueryCpusFast),
+            "stop" => vm.execute(VmCommand::Stop),
+            "cont" => vm.execute(VmCommand::Cont),
+            "system_reset" => vm.execute(VmCommand::SystemReset),
+            "system_powerdown" => vm.execute(VmCommand::SystemPowerdown),
+            "quit" => vm.execute(VmCommand::Quit),
+            "human-monitor-command" => {
+                let line = s("command-line").unwrap_or_default();
+                let cpu = i("cpu-index").map(|c| c as u32);
+                Ok(Value::String(hmp::execute(self, line, cpu)))
+            }
+            "getfd" => {
+                let name = s("fdname").unwrap_or_default().to_string();
+                if name.starts_with(|c: char| c.is_ascii_digit()) {
+                    return Err(QmpError::generic(
+                        "Parameter 'fdname' must not start with a digit",
+                    ));
+                }
+                let fd = self.received_fds.pop().ok_or_else(|| {
+                    QmpError::generic("No file descriptor supplied via SCM_RIGHTS")
+                })?;
+                let mut store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(slot) = store.named.iter_mut().find(|(n, _)| *n == name) {
+                    slot.1 = fd; // replacing closes the old descriptor, as QEMU does
+                } else {
+                    if store.count() >= MAX_STORED_FDS {
+                        return Err(QmpError::generic("Too many file descriptors stored"));
+                    }
+                    store.named.push((name, fd));
+                }
+                Ok(json!({}))
+            }
+            "closefd" => {
+                let name = s("fdname").unwrap_or_default();
+                let mut store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
+                store.take_named(name).map(|_| json!({})).ok_or_else(|| {
+                    QmpError::generic(format!("File descriptor named '{name}' not found"))
+                })
+            }
+            "add-fd" => {
+                let fd = self.received_fds.pop().ok_or_else(|| {
+                    QmpError::generic("No file descriptor supplied via SCM_RIGHTS")
+                })?;
+                let mut store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
+                if store.count() >= MAX_STORED_FDS {
+                    return Err(QmpError::generic("Too many file descriptors stored"));
+                }
+                let id = match i("fdset-id") {
+                    Some(id) if id < 0 => {
+                        return Err(QmpError::generic(
+                            "Parameter 'fdset-id' expects a non-negative value",
+                        ))
+                    }
+                    Some(id) => id,
+                    None => (0..)
+                        .find(|n| !store.sets.iter().any(|s| s.id == *n))
+                        .unwrap_or(0),
+                };
+                let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+                let opaque = s("opaque").map(str::to_string);
+                match store.sets.iter_mut().find(|s| s.id == id) {
+                    Some(set) => set.fds.push((fd, opaque)),
+                    None => {
+                        store.sets.push(FdSet {
+                            id,
+                            fds: vec![(fd, opaque)],
+                        });
+                        store.sets.sort_by_key(|s| s.id);
+                    }
+                }
+                Ok(json!({"fdset-id": id, "fd": raw}))
+            }
+            "remove-fd" => {
+                let id = i("fdset-id").unwrap_or(-1);
+                let fd = i("fd");
+                let mut store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
+                let missing = || match fd {
+                    Some(fd) => QmpError::generic(format!(
+                        "File descriptor named 'fdset-id:{id}, fd:{fd}' not found"
+                    )),
+                    None => QmpError::generic(format!(
+                        "File descriptor named 'fdset-id:{id}' not found"
+                    )),
+                };
+                let pos = store
+                    .sets
+                    .iter()
+                    .position(|s| s.id == id)
+                    .ok_or_else(missing)?;
+                match fd {
+                    None => {
+                        store.sets.remove(pos);
+                    }
+                    Some(fd) => {
+                        let set = &mut store.sets[pos];
+                        let before = set.fds.len();
+                        set.fds
+                            .retain(|(f, _)| i64::from(std::os::fd::AsRawFd::as_raw_fd(f)) != fd);
+                        if set.fds.len() == before {
+                            return Err(missing());
+                        }
+                        if set.fds.is_empty() {
+                            store.sets.remove(pos);
+                        }
+                    }
+                }
+                Ok(json!({}))
+            }
+            "query-fdsets" => {
+                let store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
+                Ok(Value::Array(
+                    store
+                        .sets
+                        .iter()
+                        .map(|s| {
+                            let fds: Vec<Value> = s
+                                .fds
+                                .iter()
+                                .map(|(f, o)| {
+                                    let mut e = json!({"fd": std::os::fd::AsRawFd::as_raw_fd(f)});
+                                    if let Some(o) = o {
+                                        e["opaque"] = json!(o);
+                                    }
+                                    e
+                                })
+                                .collect();
+                            json!({"fdset-id": s.id, "fds": fds})
+                        })
+                        .collect(),
+                ))
+            }
+            "migrate" => {
+                let uri = s("uri").unwrap_or_default();
+                if uri.starts_with("exec:") {
+                    Err(QmpError::generic(
+                        "moat refuses 'exec:' migration: a monitor command must never spawn a host process",
+                    ))
+                } else {
+                    Err(QmpError::generic(format!(
+                        "migration to '{uri}' is not supported by moat"
+                    )))
+                }
+            }
+            _ => Err(QmpError::not_found(format!(
+                "The command {name} has not been found"
+            ))),
+        }
+    }
+
+    /// The reply to the last command has been queued for the client.
+    pub fn replied(&self) {
+        self.ctx.vm.replied();
+    }
+
+    /// Run a VM command on behalf of HMP.
+    pub(crate) fn vm(&self) -> &Arc<dyn VmControl> {
+        &self.ctx.vm
+    }
+
+    /// Run a QMP command by name on behalf of HMP (same layer, same checks).
+    pub(crate) fn call(&mut self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let spec = COMMANDS
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| QmpError::not_found(format!("The command {name} has not been found")))?;
+        check_args(spec, &args)?;
+        self.run(name, &args)
+    }
+}
+
+fn check_args(spec: &CommandSpec, args: &Map<String, Value>) -> Result<(), QmpError> {
+    for (k, v) in args {
+        let Some((_, t, _)) = spec.args.iter().find(|(n, _, _)| n == k) else {
+            return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+        };
+        if !t.matches(v) {
+            return Err(QmpError::generic(format!(
+                "Invalid parameter type for '{k}', expected: {}",
+                t.json_name()
+            )));
+        }
+    }
+    for (n, _, required) in spec.args {
+        if *required && !args.contains_key(*n) {
+            return Err(QmpError::generic(format!("Parameter '{n}' is missing")));
+        }
+    }
+    Ok(())
+}
+
+/// A `query-qmp-schema` answer describing every command and event moat has.
+fn schema() -> Value {
+    let mut out = vec![
+        json!({"name": "str", "meta-type": "builtin", "json-type": "string"}),
+        json!({"name": "int", "meta-type": "builtin", "json-type": "int"}),
+        json!({"name": "bool", "meta-type": "builtin", "json-type": "boolean"}),
+        json!({"name": "any", "meta-type": "builtin", "json-type": "value"}),
+        json!({"name": "[str]", "meta-type": "array", "element-type": "str"}),
+        json!({"name": "0", "meta-type": "object", "members": []}),
+    ];
+    for c in COMMANDS {
+        let arg_type = if c.args.is_empty() {
+            "0".to_string()
+        } else {
+            let members: Vec<Value> = c
+                .args
+                .iter()
+                .map(|(n, t, req)| {
+                    let mut m = json!({"name": n, "type": t.name()});
+                    if !req {
+                        m["default"] = Value::Null;
+                    }
+                    m
+                })
+                .collect();
+            let tn = format!("q_obj_{}-arg", c.name);
+            out.push(json!({"name": tn, "meta-type": "object", "members": members}));
+            tn
+        };
+        out.push(json!({"name": c.name, "meta-type": "command", "arg-type": arg_type, "ret-type": "any"}));
+    }
+    for e in EVENTS {
+        out.push(json!({"name": e, "meta-type": "event", "arg-type": "0"}));
+    }
+    Value::Array(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeVm;
+    impl VmControl for FakeVm {
+        fn execute(&self, cmd: VmCommand) -> Result<Value, QmpError> {
+            Ok(json!({"cmd": format!("{cmd:?}")}))
+        }
+    }
+
+    fn session() -> Session {
+        Session::new(Arc::new(MonitorContext {
+            info: VmInfo {
+                name: Some("vm1".into()),
+                uuid: None,
+            },
+            vm: Arc::new(FakeVm),
+            fds: Mutex::new(FdStore::default()),
+        }))
+    }
+
+    fn err_class(v: &Value) -> &str {
+        v["error"]["class"].as_str().unwrap()
+    }
+
+    #[test]
+    fn negotiation() {
+        let mut s = session();
+        let r = s.handle(json!({"execute": "query-status"}));
+        assert_eq!(err_class(&r), "CommandNotFound");
+        let r = s.handle(json!({"execute": "qmp_capabilities", "id": [1, "x"]}));
+        assert_eq!(r, json!({"return": {}, "id": [1, "x"]}));
+        let r = s.handle(json!({"execute": "qmp_capabilities"}));
+        assert_eq!(err_class(&r), "CommandNotFound");
+        let r = s.handle(json!({"execute": "query-name"}));
+        assert_eq!(r, json!({"return": {"name": "vm1"}}));
+    }
+
+    #[test]
+    fn malformed_requests() {
+        let mut s = session();
+        s.handle(json!({"execute": "qmp_capabilities"}));
+        for (input, want) in [
+            (json!([1]), "must be a JSON object"),
+            (json!({"arguments": {}}), "lacks member 'execute'"),
+            (json!({"execute": 1}), "must be a string"),
+            (
+                json!({"execute": "stop", "bogus": 1}),
+                "'bogus' is unexpected",
+            ),
+            (
+                json!({"execute": "stop", "arguments": []}),
+                "'arguments' must be an object",
+            ),
+            (
+                json!({"execute": "stop", "arguments": {"x": 1}}),
+                "Parameter 'x' is unexpected",
+            ),
+            (
+                json!({"execute": "getfd", "arguments": {}}),
+                "Parameter 'fdname' is missing",
+            ),
+            (
+                json!({"execute": "getfd", "arguments": {"fdname": 3}}),
+                "expected: string",
+            ),
+            (
+                json!({"execute": "getfd", "arguments": {"fdname": "a"}}),
+                "No file descriptor supplied",
+            ),
+            (
+                json!({"execute": "migrate", "arguments": {"uri": "exec:cat"}}),
+                "never spawn",
+            ),
+        ] {
+            let r = s.handle(input.clone());
+            assert_eq!(err_class(&r), "GenericError", "{input}: {r}");
+            assert!(
+                r["error"]["desc"].as_str().unwrap().contains(want),
+                "{input}: {r}"
+            );
+        }
+        let r = s.handle(json!({"execute": "no-such"}));
+        assert_eq!(err_class(&r), "CommandNotFound");
+    }
+
+    #[test]
+    fn framer_handles_partial_garbage_and_limits() {
+        let mut f = Framer::default();
+        assert!(f.push(b"{\"execute\": ").unwrap().is_empty());
+        let v = f.push(b"\"stop\"}{\"a\":1}\n  ").unwrap();
+        assert_eq!(v.len(), 2);
+        let v = f.push(b"{bad json}\n{\"ok\":true}").unwrap();
+        assert!(matches!(v[0], Frame::Error(_)));
+        assert!(matches!(&v[1], Frame::Value(x) if x["ok"] == true));
+        // Deep nesting is a parse error, never a stack overflow or a value.
+        let mut f = Framer::default();
+        let r = f.push(&vec![b'['; 100_000]);
+        assert!(r.is_err() || r.unwrap().iter().all(|x| matches!(x, Frame::Error(_))));
+        let mut f = Framer::default();
+        let big = format!("{{\"x\": \"{}", "a".repeat(MAX_MESSAGE));
+        assert!(f.push(big.as_bytes()).is_err());
+    }
+}

@@ -1,0 +1,401 @@
+//! Monitor transports: listening UNIX sockets (mode 0600), one thread per
+//! client, bounded input and output, bounded clients, event broadcast.
+//!
+//! A hostile client cannot hurt the VM or other clients: messages larger
+//! than [`qmp::MAX_MESSAGE`] disconnect it, a client that does not read its
+//! replies is dropped once [`MAX_QUEUED_OUTPUT`] bytes wait for it, at most
+//! [`MAX_CLIENTS`] are served per socket (later ones wait in the backlog),
+//! and nothing a client does blocks a vCPU.
+
+use crate::hmp;
+use crate::qmp::{self, Frame, MonitorContext, Session};
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// Output allowed to wait for a slow client before it is dropped.
+pub const MAX_QUEUED_OUTPUT: usize = 4 << 20;
+/// Clients served at once on one socket.
+pub const MAX_CLIENTS: usize = 8;
+/// Descriptors accepted with one message.
+const MAX_FDS_PER_MESSAGE: usize = 8;
+/// Longest HMP command line.
+const MAX_HMP_LINE: usize = 4096;
+
+/// The protocol a monitor socket speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// QMP (`-qmp`, `-mon mode=control`).
+    Control,
+    /// HMP (`-monitor`, `-mon mode=readline`).
+    Readline,
+}
+
+/// One configured monitor socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MonitorSpec {
+    pub path: PathBuf,
+    pub mode: Mode,
+    /// Block startup until a client connects (`wait=on`).
+    pub wait: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("monitor socket {path}: {why}")]
+    Socket { path: String, why: String },
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bind a listening UNIX socket with mode 0600, replacing only a stale socket.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| format!("removing stale socket: {e}"))?;
+        }
+        Ok(_) => return Err("exists and is not a socket; refusing to replace it".into()),
+        Err(_) => {}
+    }
+    // Create it private from the start: no window where others may connect.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path).map_err(|e| e.to_string());
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let l = l?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("setting mode 0600: {e}"))?;
+    Ok(l)
+}
+
+/// The bounded outbound queue of one client, drained by its writer thread.
+#[derive(Debug, Default)]
+struct Outbox {
+    q: Mutex<(VecDeque<Vec<u8>>, usize, bool)>, // messages, bytes, closed
+    cv: Condvar,
+    /// The writer holds a message it has not finished writing.
+    writing: AtomicBool,
+}
+
+impl Outbox {
+    /// Queue bytes; false (and the client is closed) if it is too far behind.
+    fn push(&self, bytes: Vec<u8>) -> bool {
+        let mut g = lock(&self.q);
+        if g.2 {
+            return false;
+        }
+        if g.1 + bytes.len() > MAX_QUEUED_OUTPUT {
+            g.2 = true;
+            self.cv.notify_all();
+            return false;
+        }
+        g.1 += bytes.len();
+        g.0.push_back(bytes);
+        self.cv.notify_all();
+        true
+    }
+
+    /// Everything queued so far has been written (or the client is gone).
+    fn drained(&self) -> bool {
+        let g = lock(&self.q);
+        g.2 || (g.0.is_empty() && !self.writing.load(Ordering::SeqCst))
+    }
+
+    fn close(&self) {
+        lock(&self.q).2 = true;
+        self.cv.notify_all();
+    }
+
+    /// Next message, or None once closed and drained.
+    fn pop(&self) -> Option<Vec<u8>> {
+        let mut g = lock(&self.q);
+        loop {
+            if let Some(m) = g.0.pop_front() {
+                g.1 -= m.len();
+                self.writing.store(true, Ordering::SeqCst);
+                return Some(m);
+            }
+            if g.2 {
+                return None;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Client {
+    outbox: Arc<Outbox>,
+    /// QMP clients receive events once negotiated.
+    negotiated: Arc<AtomicBool>,
+}
+
+/// All monitor sockets of this VM.
+#[derive(Debug, Clone)]
+pub struct Monitors {
+    clients: Arc<Mutex<Vec<Client>>>,
+}
+
+fn json_line(v: &Value) -> Vec<u8> {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.extend_from_slice(b"\r\n");
+    b
+}
+
+impl Monitors {
+    /// Bind every socket and start serving. Sockets with `wait` block here
+    /// until their first client connects.
+    pub fn start(specs: &[MonitorSpec], ctx: Arc<MonitorContext>) -> Result<Monitors, ServerError> {
+        let mon = Monitors {
+            clients: Arc::new(Mutex::new(Vec::new())),
+        };
+        for spec in specs {
+            let listener = bind_unix(&spec.path).map_err(|why| ServerError::Socket {
+                path: spec.path.display().to_string(),
+                why,
+            })?;
+            let first = if spec.wait {
+                eprintln!(
+                    "moat: waiting for a connection on monitor socket {}",
+                    spec.path.display()
+                );
+                listener.accept().ok().map(|(s, _)| s)
+            } else {
+                None
+            };
+            let mon2 = mon.clone();
+            let ctx = ctx.clone();
+            let mode = spec.mode;
+            std::thread::Builder::new()
+                .name("monitor-accept".into())
+                .spawn(move || mon2.accept_loop(listener, first, mode, ctx))
+                .map_err(|e| ServerError::Socket {
+                    path: spec.path.display().to_string(),
+                    why: e.to_string(),
+                })?;
+        }
+        Ok(mon)
+    }
+
+    fn accept_loop(
+        &self,
+        listener: UnixListener,
+        first: Option<UnixStream>,
+        mode: Mode,
+        ctx: Arc<MonitorContext>,
+    ) {
+        let active = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let mut pending = first;
+        loop {
+            // Wait for a free slot before accepting: extra clients queue in the backlog.
+            {
+                let (m, cv) = &*active;
+                let mut n = lock(m);
+                while *n >= MAX_CLIENTS {
+                    n = cv.wait(n).unwrap_or_else(|e| e.into_inner());
+                }
+                *n += 1;
+            }
+            let stream = match pending.take() {
+                Some(s) => s,
+                None => match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        log::warn!("monitor: accept: {e}");
+                        let (m, _) = &*active;
+                        *lock(m) -= 1;
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        continue;
+                    }
+                },
+            };
+            let me = self.clone();
+            let ctx = ctx.clone();
+            let active2 = active.clone();
+            let spawned = std::thread::Builder::new()
+                .name("monitor-client".into())
+                .spawn(move || {
+                    me.serve(stream, mode, ctx);
+                    let (m, cv) = &*active2;
+                    *lock(m) -= 1;
+                    cv.notify_all();
+                });
+            if spawned.is_err() {
+                let (m, _) = &*active;
+                *lock(m) -= 1;
+            }
+        }
+    }
+
+    /// Send an event to every negotiated QMP client.
+    pub fn emit(&self, name: &str, data: Option<Value>) {
+        let line = json_line(&qmp::event(name, data));
+        let mut clients = lock(&self.clients);
+        clients.retain(|c| {
+            if c.negotiated.load(Ordering::SeqCst) {
+                c.outbox.push(line.clone())
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Wait (at most `timeout`) until every client has been sent what is queued for it.
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if lock(&self.clients).iter().all(|c| c.outbox.drained()) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    fn serve(&self, stream: UnixStream, mode: Mode, ctx: Arc<MonitorContext>) {
+        let outbox = Arc::new(Outbox::default());
+        let negotiated = Arc::new(AtomicBool::new(false));
+        let Ok(mut wstream) = stream.try_clone() else {
+            return;
+        };
+        let wbox = outbox.clone();
+        let writer = std::thread::Builder::new()
+            .name("monitor-out".into())
+            .spawn(move || {
+                while let Some(m) = wbox.pop() {
+                    let ok = wstream.write_all(&m).is_ok();
+                    wbox.writing.store(false, Ordering::SeqCst);
+                    if !ok {
+                        wbox.close();
+                        break;
+                    }
+                }
+                let _ = wstream.shutdown(std::net::Shutdown::Both);
+            });
+        if writer.is_err() {
+            return;
+        }
+        if mode == Mode::Control {
+            lock(&self.clients).push(Client {
+                outbox: outbox.clone(),
+                negotiated: negotiated.clone(),
+            });
+        }
+        let mut session = Session::new(ctx);
+        match mode {
+            Mode::Control => serve_qmp(&stream, &mut session, &outbox, &negotiated),
+            Mode::Readline => serve_hmp(&stream, &mut session, &outbox),
+        }
+        outbox.close();
+        let _ = stream.shutdown(std::net::Shutdown::Read);
+        lock(&self.clients).retain(|c| !Arc::ptr_eq(&c.outbox, &outbox));
+    }
+}
+
+/// Read bytes and any descriptors passed with them.
+fn recv(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<(usize, Vec<OwnedFd>)> {
+    let mut raw: [RawFd; MAX_FDS_PER_MESSAGE] = [-1; MAX_FDS_PER_MESSAGE];
+    let mut iov = [libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    }];
+    // SAFETY: the iovec points to `buf`, which is valid and writable for its length.
+    let (n, nfds) = unsafe { stream.recv_with_fds(&mut iov, &mut raw) }
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    let fds = raw[..nfds.min(MAX_FDS_PER_MESSAGE)]
+        .iter()
+        .map(|&fd| {
+            // SAFETY: recvmsg just installed `fd` in our table; we are its only owner.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: fcntl on a descriptor we own.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            owned
+        })
+        .collect();
+    Ok((n, fds))
+}
+
+fn serve_qmp(stream: &UnixStream, session: &mut Session, outbox: &Outbox, negotiated: &AtomicBool) {
+    if !outbox.push(json_line(&qmp::greeting())) {
+        return;
+    }
+    let mut framer = qmp::Framer::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let (n, fds) = match recv(stream, &mut buf) {
+            Ok((0, _)) | Err(_) => return,
+            Ok(x) => x,
+        };
+        if !fds.is_empty() {
+            session.received_fds = fds;
+        }
+        let frames = match framer.push(&buf[..n]) {
+            Ok(f) => f,
+            Err(e) => {
+                outbox.push(json_line(&serde_json::json!({"error": e.to_json()})));
+                return;
+            }
+        };
+        for f in frames {
+            let reply = match f {
+                Frame::Value(v) => session.handle(v),
+                Frame::Error(e) => serde_json::json!({"error": e.to_json()}),
+            };
+            negotiated.store(session.negotiated(), Ordering::SeqCst);
+            if !outbox.push(json_line(&reply)) {
+                return;
+            }
+            session.replied();
+        }
+    }
+}
+
+fn serve_hmp(stream: &UnixStream, session: &mut Session, outbox: &Outbox) {
+    // HMP goes through the QMP layer: negotiate on the client's behalf.
+    let _ = session.handle(serde_json::json!({"execute": "qmp_capabilities"}));
+    if !outbox.push(format!("{}{}", hmp::banner(), hmp::PROMPT).into_bytes()) {
+        return;
+    }
+    let mut line: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut reader = stream;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        for &b in &buf[..n] {
+            if b == b'\n' || b == b'\r' {
+                if line.is_empty() && b == b'\n' {
+                    continue;
+                }
+                let text = String::from_utf8_lossy(&line).into_owned();
+                line.clear();
+                let out = hmp::execute(session, &text, None);
+                if !outbox.push(format!("{out}{}", hmp::PROMPT).into_bytes()) {
+                    return;
+                }
+                session.replied();
+            } else if line.len() < MAX_HMP_LINE {
+                line.push(b);
+            } else {
+                outbox.push(b"\r\nline too long\r\n".to_vec());
+                return;
+            }
+        }
+    }
+}
+
+/// Count of live QMP clients, for tests and diagnostics.
+pub fn live_clients(m: &Monitors) -> usize {
+    lock(&m.clients).len()
+}

@@ -1,0 +1,263 @@
+//! Running vCPUs under control: start, pause (really stopping every vCPU
+//! before acknowledging), resume, register dumps, and stop for good.
+//!
+//! vCPU threads check two atomics after every exit; the controller kicks
+//! them out of KVM_RUN with a signal (a no-op handler makes KVM_RUN return
+//! EINTR) until each has acknowledged.
+
+use crate::bus::PlatformBus;
+use crate::vcpu::{self, ExitAction};
+use crate::VmEvent;
+use kvm_ioctls::VcpuFd;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// vCPUs currently parked (paused).
+    parked: usize,
+    /// vCPUs whose register dump is wanted, and the dumps.
+    dump_wanted: Vec<bool>,
+    dumps: Vec<Option<String>>,
+}
+
+/// State shared by the controller and every vCPU thread of one VM.
+#[derive(Debug)]
+pub struct VcpuSet {
+    paused: AtomicBool,
+    stop: AtomicBool,
+    dump: AtomicBool,
+    shared: Mutex<Shared>,
+    cv: Condvar,
+    /// Host thread id of each vCPU (0 until it started).
+    pub thread_ids: Vec<AtomicI32>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl VcpuSet {
+    /// `paused`: the vCPUs start parked (`-S`, or a pause kept across reset).
+    pub fn new(n: usize, paused: bool) -> Arc<Self> {
+        Arc::new(VcpuSet {
+            paused: AtomicBool::new(paused),
+            stop: AtomicBool::new(false),
+            dump: AtomicBool::new(false),
+            shared: Mutex::new(Shared {
+                parked: 0,
+                dump_wanted: vec![false; n],
+                dumps: vec![None; n],
+            }),
+            cv: Condvar::new(),
+            thread_ids: (0..n).map(|_| AtomicI32::new(0)).collect(),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Start one thread per vCPU.
+    pub fn spawn(
+        self: &Arc<Self>,
+        vcpus: Vec<VcpuFd>,
+        bus: Arc<PlatformBus>,
+        events: Sender<VmEvent>,
+        generation: u64,
+    ) -> std::io::Result<()> {
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            let set = self.clone();
+            let bus = bus.clone();
+            let tx = events.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || set.vcpu_loop(vcpu, i, &bus, &tx, generation))?;
+            lock(&self.threads).push(h);
+        }
+        Ok(())
+    }
+
+    /// Signal every vCPU thread that has not finished.
+    fn kick_all(&self) {
+        for h in lock(&self.threads).iter() {
+            if !h.is_finished() {
+                // SAFETY: the thread has not been joined, so its pthread_t is
+                // valid; the kick signal has a no-op handler installed.
+                unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+            }
+        }
+    }
+
+    fn live(&self) -> usize {
+        lock(&self.threads)
+            .iter()
+            .filter(|h| !h.is_finished())
+            .count()
+    }
+
+    /// Pause every vCPU; returns once all are parked (or gone).
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        loop {
+            let parked = lock(&self.shared).parked;
+            if parked >= self.live() {
+                return;
+            }
+            self.kick_all();
+            let g = lock(&self.shared);
+            let _ = self.cv.wait_timeout(g, Duration::from_millis(1));
+        }
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        let _g = lock(&self.shared);
+        self.cv.notify_all();
+    }
+
+    /// Stop and join every vCPU thread.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        {
+            let _g = lock(&self.shared);
+            self.cv.notify_all();
+        }
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for h in threads {
+            while !h.is_finished() {
+                // SAFETY: as in kick_all: not joined yet, no-op handler.
+                unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = h.join();
+        }
+    }
+
+    /// The register dump of vCPU `i`, taken by its own thread.
+    pub fn registers(&self, i: usize) -> Option<String> {
+        {
+            let mut g = lock(&self.shared);
+            *g.dump_wanted.get_mut(i)? = true;
+            g.dumps[i] = None;
+        }
+        self.dump.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            {
+                let mut g = lock(&self.shared);
+                if let Some(d) = g.dumps[i].take() {
+                    return Some(d);
+                }
+                self.cv.notify_all(); // wake parked vCPUs
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            self.kick_all();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn serve_dump(&self, vcpu: &VcpuFd, i: usize) {
+        if !self.dump.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut g = lock(&self.shared);
+        if g.dump_wanted[i] {
+            g.dump_wanted[i] = false;
+            g.dumps[i] = Some(vcpu::dump(vcpu));
+            if !g.dump_wanted.iter().any(|&w| w) {
+                self.dump.store(false, Ordering::SeqCst);
+            }
+            self.cv.notify_all();
+        }
+    }
+
+    /// Park while paused; false when the vCPU must end.
+    fn park(&self, vcpu: &VcpuFd, i: usize) -> bool {
+        let mut g = lock(&self.shared);
+        g.parked += 1;
+        self.cv.notify_all();
+        while self.paused.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst) {
+            drop(g);
+            self.serve_dump(vcpu, i);
+            g = lock(&self.shared);
+            g = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        g.parked -= 1;
+        !self.stop.load(Ordering::SeqCst)
+    }
+
+    fn vcpu_loop(
+        &self,
+        mut vcpu: VcpuFd,
+        i: usize,
+        bus: &PlatformBus,
+        tx: &Sender<VmEvent>,
+        generation: u64,
+    ) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.thread_ids[i].store(tid, Ordering::SeqCst);
+        let cpu = i as u32;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            self.serve_dump(&vcpu, i);
+            if self.paused.load(Ordering::SeqCst) && !self.park(&vcpu, i) {
+                return;
+            }
+            let action = match vcpu.run() {
+                Ok(kvm_ioctls::VcpuExit::InternalError) => {
+                    ExitAction::Fail(vcpu::internal_error(&mut vcpu))
+                }
+                Ok(exit) => vcpu::handle_exit(exit, bus),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    vcpu.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e) => ExitAction::Fail(format!("KVM_RUN: {e}")),
+            };
+            match action {
+                ExitAction::Continue => {}
+                ExitAction::Request(request) => {
+                    let _ = tx.send(VmEvent::Request {
+                        generation,
+                        request,
+                    });
+                    // Stay out of the guest: the controller ends this VM.
+                    while !self.stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    return;
+                }
+                ExitAction::Fail(why) => {
+                    log::error!("vCPU {cpu}: {why}\n{}", vcpu::dump(&vcpu));
+                    let _ = tx.send(VmEvent::VcpuFailed {
+                        generation,
+                        cpu,
+                        why,
+                    });
+                    return;
+                }
+            }
+        }
+    }
+}
