@@ -1,0 +1,364 @@
+"""QMP against a running moat, with the real qemu.qmp client (PyPI)."""
+import json
+import os
+import socket
+import stat
+import time
+
+import pytest
+from qemu.qmp import ExecuteError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+
+def connect(m):
+    q = QEMUMonitorProtocol(m.qmp_path)
+    q.connect(negotiate=True)
+    q.settimeout(30)
+    return q
+
+
+def raw(m, path=None):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(path or m.qmp_path)
+    f = s.makefile("rwb")
+    greeting = json.loads(f.readline())
+    return s, f, greeting
+
+
+def send(f, obj):
+    f.write(obj if isinstance(obj, bytes) else json.dumps(obj).encode() + b"\n")
+    f.flush()
+
+
+def reply(f):
+    while True:
+        msg = json.loads(f.readline())
+        if "event" not in msg:
+            return msg
+
+
+def event(q, name, timeout=30.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ev = q.pull_event(wait=max(0.01, end - time.monotonic()))
+        if ev and ev["event"] == name:
+            return ev
+    raise AssertionError(f"no {name} event")
+
+
+def test_greeting_and_negotiation(moat):
+    m = moat()
+    s, f, greeting = raw(m)
+    assert greeting["QMP"]["version"]["qemu"] == {"major": 7, "minor": 2, "micro": 0}
+    assert greeting["QMP"]["version"]["package"].startswith("moat ")
+    assert greeting["QMP"]["capabilities"] == []
+    send(f, {"execute": "query-status", "id": 1})
+    r = reply(f)
+    assert r["error"]["class"] == "CommandNotFound" and r["id"] == 1
+    send(f, {"execute": "qmp_capabilities", "id": {"any": ["json", 1]}})
+    assert reply(f) == {"return": {}, "id": {"any": ["json", 1]}}
+    send(f, {"execute": "qmp_capabilities"})
+    assert reply(f)["error"]["class"] == "CommandNotFound"
+    s.close()
+
+
+def test_queries(moat):
+    m = moat(extra=["-smp", "2", "-uuid", "6f1f1a62-7a1c-4a56-b4a3-1d2b6a4f2e10"])
+    q = connect(m)
+    assert q.cmd("query-version")["qemu"]["major"] == 7
+    names = {c["name"] for c in q.cmd("query-commands")}
+    for c in ["qmp_capabilities", "query-status", "stop", "cont", "system_reset", "system_powerdown",
+              "quit", "human-monitor-command", "getfd", "closefd", "add-fd", "remove-fd",
+              "query-fdsets", "query-qmp-schema", "query-cpus-fast", "query-kvm", "query-uuid", "query-name"]:
+        assert c in names
+    assert q.cmd("query-status") == {"running": True, "singlestep": False, "status": "running"}
+    assert q.cmd("query-name") == {"name": "pytest-vm"}
+    assert q.cmd("query-uuid") == {"UUID": "6f1f1a62-7a1c-4a56-b4a3-1d2b6a4f2e10"}
+    assert q.cmd("query-kvm") == {"enabled": True, "present": True}
+    cpus = q.cmd("query-cpus-fast")
+    assert [c["cpu-index"] for c in cpus] == [0, 1]
+    for c in cpus:
+        assert c["target"] == "x86_64"
+        # thread-id names a real thread of the moat process.
+        assert os.path.exists(f"/proc/{m.proc.pid}/task/{c['thread-id']}")
+    schema = q.cmd("query-qmp-schema")
+    assert any(e["name"] == "query-status" and e["meta-type"] == "command" for e in schema)
+    q.close()
+
+
+def test_argument_checking(moat):
+    m = moat()
+    q = connect(m)
+    for name, args, text in [
+        ("stop", {"force": True}, "Parameter 'force' is unexpected"),
+        ("getfd", {}, "Parameter 'fdname' is missing"),
+        ("getfd", {"fdname": 7}, "Invalid parameter type for 'fdname', expected: string"),
+        ("human-monitor-command", {"command-line": 1}, "Invalid parameter type"),
+    ]:
+        with pytest.raises(ExecuteError) as e:
+            q.cmd(name, **args)
+        assert e.value.error_class == "GenericError"
+        assert text in e.value.error.error.desc
+    with pytest.raises(ExecuteError) as e:
+        q.cmd("no-such-command")
+    assert e.value.error_class == "CommandNotFound"
+    with pytest.raises(ExecuteError) as e:
+        q.cmd("migrate", uri="exec:touch /tmp/pwned")
+    assert "never spawn" in e.value.error.error.desc
+    q.close()
+
+
+def test_stop_really_stops_the_guest(moat):
+    m = moat()
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 20, "the guest to count")
+    q.cmd("stop")
+    event(q, "STOP")
+    assert q.cmd("query-status")["status"] == "paused"
+    frozen = m.count()
+    time.sleep(1.0)
+    assert m.count() == frozen, "the guest kept running while paused"
+    q.cmd("cont")
+    event(q, "RESUME")
+    m.wait_for(lambda: m.count() > frozen + 20, "the guest to count again")
+    # The guest continues where it was: the counter is not restarted.
+    assert "count 0\n" in m.console() and m.console().count("count 0\n") == 1
+    q.close()
+
+
+def test_start_paused_then_cont(moat):
+    m = moat(paused=True)
+    q = connect(m)
+    assert q.cmd("query-status") == {"running": False, "singlestep": False, "status": "prelaunch"}
+    time.sleep(0.3)
+    assert m.count() == 0
+    q.cmd("cont")
+    event(q, "RESUME")
+    assert q.cmd("query-status")["status"] == "running"
+    m.wait_for(lambda: m.count() > 5, "the guest to run")
+    q.close()
+
+
+def test_system_reset_reboots_the_guest(moat):
+    m = moat()
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 5, "first boot")
+    q.cmd("system_reset")
+    ev = event(q, "RESET")
+    assert ev["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
+    m.wait_for(lambda: m.console().count("count 0\n") == 2, "the second boot")
+    assert q.cmd("query-status")["status"] == "running"
+    q.close()
+
+
+def test_guest_poweroff_emits_shutdown(moat):
+    m = moat(append="action=wait-powerdown")
+    q = connect(m)
+    m.wait_for(lambda: "waiting for the power button" in m.console(), "the guest")
+    q.cmd("system_powerdown")
+    event(q, "POWERDOWN")
+    ev = event(q, "SHUTDOWN")
+    assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}
+    assert m.wait_exit() == 0
+    assert "power button pressed" in m.console()
+
+
+def test_quit(moat):
+    m = moat()
+    q = connect(m)
+    q.cmd("quit")
+    ev = event(q, "SHUTDOWN")
+    assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
+    assert m.wait_exit() == 0
+    assert not os.path.exists(m.qmp_path) or stat.S_ISSOCK(os.stat(m.qmp_path).st_mode)
+
+
+def test_guest_reset_with_no_reboot(moat):
+    m = moat(append="action=reboot-once", extra=["-no-reboot"], paused=True)
+    q = connect(m)
+    q.cmd("cont")
+    ev = event(q, "SHUTDOWN")
+    assert ev["data"] == {"guest": True, "reason": "guest-reset"}
+    assert m.wait_exit() == 0
+
+
+def test_fd_passing(moat, tmp_path):
+    m = moat()
+    q = connect(m)
+    r, w = os.pipe()
+    q.send_fd_scm(r)
+    q.cmd("getfd", fdname="mypipe")
+    q.cmd("closefd", fdname="mypipe")
+    with pytest.raises(ExecuteError) as e:
+        q.cmd("closefd", fdname="mypipe")
+    assert "not found" in e.value.error.error.desc
+    with pytest.raises(ExecuteError) as e:
+        q.cmd("getfd", fdname="nothing-sent")
+    assert "No file descriptor supplied via SCM_RIGHTS" in e.value.error.error.desc
+    f = open(tmp_path / "disk.img", "wb")
+    q.send_fd_scm(f.fileno())
+    added = q.cmd("add-fd", **{"fdset-id": 3, "opaque": "disk"})
+    assert added["fdset-id"] == 3
+    # The descriptor moat holds really is our file.
+    target = os.readlink(f"/proc/{m.proc.pid}/fd/{added['fd']}")
+    assert target == str(tmp_path / "disk.img")
+    assert q.cmd("query-fdsets") == [{"fdset-id": 3, "fds": [{"fd": added["fd"], "opaque": "disk"}]}]
+    q.cmd("remove-fd", **{"fdset-id": 3, "fd": added["fd"]})
+    assert q.cmd("query-fdsets") == []
+    with pytest.raises(ExecuteError):
+        q.cmd("remove-fd", **{"fdset-id": 3})
+    os.close(r)
+    os.close(w)
+    q.close()
+
+
+def test_hmp(moat):
+    m = moat(hmp=True)
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(m.hmp_path)
+
+    def until_prompt():
+        data = b""
+        while not data.endswith(b"(qemu) "):
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+        return data.decode()
+
+    assert until_prompt().startswith("QEMU 7.2.0 monitor - type 'help' for more information")
+
+    def hmp(line):
+        s.sendall(line.encode() + b"\n")
+        return until_prompt()[: -len("(qemu) ")]
+
+    assert hmp("info status") == "VM status: running\r\n"
+    assert hmp("stop") == ""
+    assert hmp("info status") == "VM status: paused\r\n"
+    assert hmp("cont") == ""
+    assert hmp("info version").startswith("7.2.0 (moat ")
+    assert hmp("info name") == "pytest-vm\r\n"
+    assert hmp("info kvm") == "kvm support: enabled\r\n"
+    assert hmp("info cpus").startswith("* CPU #0: thread_id=")
+    assert "RIP=" in hmp("info registers")
+    assert "system_reset" in hmp("help")
+    assert hmp("frobnicate") == "unknown command: 'frobnicate'\r\n"
+    # The QMP route to HMP runs the same commands.
+    q = connect(m)
+    assert q.cmd("human-monitor-command", **{"command-line": "info status"}) == "VM status: running\r\n"
+    q.close()
+    s.close()
+
+
+def test_socket_is_private_and_never_clobbers_files(moat, tmp_path):
+    m = moat()
+    assert stat.S_IMODE(os.stat(m.qmp_path).st_mode) == 0o600
+    precious = tmp_path / "precious"
+    precious.write_text("keep me")
+    import subprocess
+    from conftest import GUEST, MOAT
+    r = subprocess.run([MOAT, "-kernel", GUEST, "-qmp", f"unix:{precious},server=on,wait=off"],
+                       capture_output=True, timeout=60)
+    assert r.returncode == 1
+    assert b"not a socket" in r.stderr
+    assert precious.read_text() == "keep me"
+
+
+def test_insecure_tcp_monitor_is_refused():
+    import subprocess
+    from conftest import GUEST, MOAT
+    for args in (["-qmp", "tcp:127.0.0.1:4444,server=on,wait=off"],
+                 ["-chardev", "socket,id=c0,host=127.0.0.1,port=4445,server=on,wait=off", "-mon", "chardev=c0,mode=control"],
+                 ["-monitor", "tcp:127.0.0.1:4446,server,nowait"]):
+        r = subprocess.run([MOAT, "-kernel", GUEST] + args, capture_output=True, timeout=60)
+        assert r.returncode == 1, args
+        assert b"plaintext TCP monitors do not exist" in r.stderr, r.stderr
+
+
+# ---- hostile clients: the VM keeps running and other clients are served ----
+
+def test_malformed_json_is_answered(moat):
+    m = moat()
+    s, f, _ = raw(m)
+    send(f, {"execute": "qmp_capabilities"})
+    reply(f)
+    send(f, b"{\"execute\": nonsense}\n")
+    r = reply(f)
+    assert r["error"]["class"] == "GenericError"
+    send(f, b"[1, 2]\n")
+    assert "must be a JSON object" in reply(f)["error"]["desc"]
+    send(f, {"execute": "query-status"})
+    assert reply(f)["return"]["status"] == "running"
+    s.close()
+
+
+def test_oversized_message_disconnects_only_that_client(moat):
+    m = moat()
+    s, f, _ = raw(m)
+    send(f, {"execute": "qmp_capabilities"})
+    reply(f)
+    try:
+        s.sendall(b'{"execute": "' + b"x" * (2 << 20))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # moat hung up on us mid-message: that is the point
+    # An error (if it got through before the hang-up), then end of stream.
+    lines = []
+    try:
+        while True:
+            line = f.readline()
+            if not line:
+                break
+            lines.append(json.loads(line))
+    except ConnectionResetError:
+        pass
+    assert all(r["error"]["class"] == "GenericError" for r in lines), lines
+    before = m.count()
+    m.wait_for(lambda: m.count() > before + 10, "the guest to keep running")
+    q = connect(m)
+    assert q.cmd("query-status")["status"] == "running"
+    q.close()
+
+
+def test_client_that_never_reads_is_dropped(moat):
+    m = moat()
+    s, f, _ = raw(m)
+    send(f, {"execute": "qmp_capabilities"})
+    reply(f)
+    # Ask for large replies and never read them.
+    s.setblocking(False)
+    msg = (json.dumps({"execute": "query-qmp-schema"}) + "\n").encode()
+    sent = 0
+    dropped = False
+    for _ in range(20000):
+        try:
+            sent += s.send(msg)
+        except BlockingIOError:
+            time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True
+            break
+    assert dropped, "moat kept a client that never reads"
+    q = connect(m)
+    assert q.cmd("query-status")["status"] == "running"
+    before = m.count()
+    m.wait_for(lambda: m.count() > before + 10, "the guest to keep running")
+    q.close()
+
+
+def test_many_clients_and_disconnect_mid_command(moat):
+    m = moat()
+    socks = []
+    for _ in range(20):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(m.qmp_path)
+        socks.append(s)
+    # Half of them vanish in the middle of a command.
+    for s in socks[:10]:
+        s.sendall(b'{"execute": "qmp_capabilities"}{"execute": "query-st')
+        s.close()
+    for s in socks[10:]:
+        s.close()
+    q = connect(m)
+    assert q.cmd("query-status")["status"] == "running"
+    q.close()
