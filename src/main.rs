@@ -3,9 +3,11 @@
 //! fails (a one-line error, exit 1).
 
 use anyhow::Context as _;
-use moat_cli::{Action, MonitorMode, SocketAddr, VmConfig, HELP};
+use moat_cli::{Action, MatchFormat, MonitorMode, Object, SocketAddr, VmConfig, HELP};
+use moat_monitor::authz::Authz;
 use moat_monitor::qmp::{FdStore, MonitorContext};
-use moat_monitor::server::{Mode, MonitorSpec, Monitors};
+use moat_monitor::server::{Endpoint, Mode, MonitorSpec, Monitors};
+use moat_monitor::tls::TlsServer;
 use moat_monitor::{QmpError, VmCommand, VmControl, VmInfo};
 use moat_vmm::{BootImages, Control, ControlReply, Lifecycle, Platform, Vm, VmEvent, VmExit};
 use serde_json::{json, Value};
@@ -217,21 +219,66 @@ impl Lifecycle for Events {
     }
 }
 
+/// The authorization policy of the object `id` (the CLI checked it exists).
+fn authz_object(cfg: &VmConfig, id: &str) -> anyhow::Result<Authz> {
+    use moat_monitor::authz::{Format, Rule};
+    match cfg.objects.iter().find(|o| o.id() == id) {
+        Some(Object::AuthzSimple { identity, .. }) => Ok(Authz::Simple(identity.clone())),
+        Some(Object::AuthzList {
+            default_allow,
+            rules,
+            ..
+        }) => Ok(Authz::List {
+            default_allow: *default_allow,
+            rules: rules
+                .iter()
+                .map(|r| Rule {
+                    pattern: r.pattern.clone(),
+                    allow: r.allow,
+                    format: match r.format {
+                        MatchFormat::Exact => Format::Exact,
+                        MatchFormat::Glob => Format::Glob,
+                    },
+                })
+                .collect(),
+        }),
+        _ => anyhow::bail!("no authz object '{id}'"),
+    }
+}
+
 fn monitor_specs(cfg: &VmConfig) -> anyhow::Result<Vec<MonitorSpec>> {
     cfg.monitors
         .iter()
-        .map(|m| match &m.socket.addr {
-            SocketAddr::Unix(path) => Ok(MonitorSpec {
-                path: path.clone(),
+        .map(|m| {
+            let endpoint = match &m.socket.addr {
+                SocketAddr::Unix(path) => Endpoint::Unix(path.clone()),
+                SocketAddr::Tcp { host, port } => {
+                    let creds = m.socket.tls_creds.as_deref().unwrap_or_default();
+                    let Some(Object::TlsCredsX509 { dir, .. }) =
+                        cfg.objects.iter().find(|o| o.id() == creds)
+                    else {
+                        anyhow::bail!("no tls-creds-x509 object '{creds}'");
+                    };
+                    let tls = TlsServer::load(dir)
+                        .map_err(|e| anyhow::anyhow!("-object tls-creds-x509,id={creds}: {e}"))?;
+                    let authz =
+                        authz_object(cfg, m.socket.tls_authz.as_deref().unwrap_or_default())?;
+                    Endpoint::Tcp {
+                        host: host.clone(),
+                        port: *port,
+                        tls,
+                        authz: Arc::new(authz),
+                    }
+                }
+            };
+            Ok(MonitorSpec {
+                endpoint,
                 mode: match m.mode {
                     MonitorMode::Control => Mode::Control,
                     MonitorMode::Readline => Mode::Readline,
                 },
                 wait: m.socket.wait,
-            }),
-            SocketAddr::Tcp { host, port } => anyhow::bail!(
-                "monitor tcp:{host}:{port}: TLS monitors are not implemented yet; use a UNIX socket"
-            ),
+            })
         })
         .collect()
 }

@@ -6,9 +6,10 @@
  *   initrd_len=N initrd_sum=X   the initrd's size and FNV-1a 32 checksum
  *   rtc=YYYYMMDD[,YYYYMMDD]     the CMOS date (either)
  *   spam=N           print N filler lines (serial back-pressure tests)
- *   action=poweroff|reset|triple|reboot-once|mmio-exec|count|wait-powerdown|halt
+ *   action=poweroff|reset|triple|reboot-once|mmio-exec|count|wait-powerdown|wait-cad|halt
  *                    what to do at the end (count: print a counter forever;
- *                    wait-powerdown: poll the ACPI GED for the power button);
+ *                    wait-powerdown: poll the ACPI GED for the power button;
+ *                    wait-cad: poll the i8042 for CTRL+ALT+DEL scancodes);
  *                    (mmio-exec jumps into the MMIO hole: KVM cannot run it);
  *                    reboot-once resets (how=kbd|triple|acpi) on the first
  *                    boot, counted in CMOS RAM, and powers off on the second
@@ -152,6 +153,18 @@ void guest_main(u64 info, u32 kind) {
         puts_serial("power button pressed\n");
         acpi_poweroff(rsdp);
     }
+    if (!memcmp(v, "wait-cad", 9)) {          /* poll the i8042 for CTRL+ALT+DEL */
+        static const u8 want[] = { 0x1d, 0x38, 0xe0, 0x53 };
+        unsigned got = 0;
+        puts_serial("waiting for ctrl-alt-del\n");
+        while (got < sizeof want) {
+            if (!(inb(0x64) & 1)) { cpu_relax(); continue; }
+            u8 b = inb(0x60);
+            got = (b == want[got]) ? got + 1 : (b == want[0]);
+        }
+        puts_serial("ctrl-alt-del received\n");
+        i8042_reset();
+    }
     if (!memcmp(v, "mmio-exec", 10)) ((void (*)(void))0xd0000000UL)();   /* no RAM there */
     if (!memcmp(v, "reboot-once", 12)) {
         u8 boots = cmos_read(0x40);
@@ -170,6 +183,18 @@ void guest_main(u64 info, u32 kind) {
         while (!(mmio_read32(0xfea00000UL) & 1)) cpu_relax();
         puts_serial("power button pressed\n");
         acpi_poweroff(rsdp);
+    }
+    if (!memcmp(v, "wait-cad", 9)) {          /* poll the i8042 for CTRL+ALT+DEL */
+        static const u8 want[] = { 0x1d, 0x38, 0xe0, 0x53 };
+        unsigned got = 0;
+        puts_serial("waiting for ctrl-alt-del\n");
+        while (got < sizeof want) {
+            if (!(inb(0x64) & 1)) { cpu_relax(); continue; }
+            u8 b = inb(0x60);
+            got = (b == want[got]) ? got + 1 : (b == want[0]);
+        }
+        puts_serial("ctrl-alt-del received\n");
+        i8042_reset();
     }
     if (!memcmp(v, "mmio-exec", 10)) ((void (*)(void))0xd0000000UL)();   /* no RAM there */
             if (!memcmp(v, "acpi", 5)) acpi_reset(rsdp);

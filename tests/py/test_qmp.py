@@ -164,6 +164,18 @@ def test_guest_poweroff_emits_shutdown(moat):
     assert "power button pressed" in m.console()
 
 
+def test_powerdown_without_acpi_sends_ctrl_alt_del(moat):
+    m = moat(append="action=wait-cad", extra=["-M", "microvm,acpi=off", "-no-reboot"])
+    q = connect(m)
+    m.wait_for(lambda: "waiting for ctrl-alt-del" in m.console(), "the guest")
+    q.cmd("system_powerdown")
+    event(q, "POWERDOWN")
+    ev = event(q, "SHUTDOWN")
+    assert ev["data"] == {"guest": True, "reason": "guest-reset"}
+    assert m.wait_exit() == 0
+    assert "ctrl-alt-del received" in m.console()
+
+
 def test_quit(moat):
     m = moat()
     q = connect(m)

@@ -77,6 +77,15 @@ impl KeyVals {
         found
     }
 
+    /// Remove and return the first remaining pair.
+    pub fn pop(&mut self) -> Option<(String, String)> {
+        if self.pairs.is_empty() {
+            None
+        } else {
+            Some(self.pairs.remove(0))
+        }
+    }
+
     /// Error naming the first key nobody took.
     pub fn finish(self, option: &str, arg: &str) -> Result<(), CliError> {
         match self.pairs.into_iter().next() {

@@ -84,6 +84,50 @@ pub struct SocketChardev {
     pub tls_authz: Option<String>,
 }
 
+/// How an authorization rule compares identities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchFormat {
+    Exact,
+    Glob,
+}
+
+/// One rule of an `authz-list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthzRule {
+    pub pattern: String,
+    pub allow: bool,
+    pub format: MatchFormat,
+}
+
+/// `-object` types moat understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    /// `tls-creds-x509`: `ca-cert.pem`, `server-cert.pem`, `server-key.pem` in `dir`.
+    TlsCredsX509 {
+        id: String,
+        dir: PathBuf,
+        verify_peer: bool,
+    },
+    /// `authz-simple`: exactly one allowed identity.
+    AuthzSimple { id: String, identity: String },
+    /// `authz-list`: rules in order, then the default policy.
+    AuthzList {
+        id: String,
+        default_allow: bool,
+        rules: Vec<AuthzRule>,
+    },
+}
+
+impl Object {
+    pub fn id(&self) -> &str {
+        match self {
+            Object::TlsCredsX509 { id, .. }
+            | Object::AuthzSimple { id, .. }
+            | Object::AuthzList { id, .. } => id,
+        }
+    }
+}
+
 /// A monitor's protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MonitorMode {
@@ -122,6 +166,7 @@ pub struct VmConfig {
     /// `-uuid`, in canonical lower-case form.
     pub uuid: Option<String>,
     pub monitors: Vec<MonitorConfig>,
+    pub objects: Vec<Object>,
 }
 
 impl Default for VmConfig {
@@ -146,6 +191,7 @@ impl Default for VmConfig {
             pidfile: None,
             uuid: None,
             monitors: Vec::new(),
+            objects: Vec::new(),
         }
     }
 }
@@ -153,7 +199,7 @@ impl Default for VmConfig {
 /// Options that take an argument.
 const WITH_ARG: &[&str] = &[
     "M", "machine", "accel", "cpu", "m", "smp", "kernel", "initrd", "append", "serial", "display",
-    "name", "pidfile", "uuid", "qmp", "monitor", "chardev", "mon",
+    "name", "pidfile", "uuid", "qmp", "monitor", "chardev", "mon", "object",
 ];
 /// Options without an argument.
 const FLAGS: &[&str] = &[
@@ -249,6 +295,17 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
             }
             "pidfile" => cfg.pidfile = Some(nonempty_path(&opt, arg)?),
             "uuid" => cfg.uuid = Some(parse_uuid(&opt, arg)?),
+            "object" => {
+                let o = parse_object(&opt, arg)?;
+                if cfg.objects.iter().any(|x| x.id() == o.id()) {
+                    return Err(CliError::new(
+                        &opt,
+                        arg,
+                        &format!("attempt to add duplicate property '{}'", o.id()),
+                    ));
+                }
+                cfg.objects.push(o);
+            }
             "qmp" => cfg.monitors.push(MonitorConfig {
                 mode: MonitorMode::Control,
                 socket: legacy_socket(&opt, arg)?,
@@ -309,7 +366,7 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
         cfg.monitors.push(MonitorConfig { mode, socket });
     }
     for m in &cfg.monitors {
-        check_monitor_security(m)?;
+        check_monitor_security(m, &cfg.objects)?;
     }
     if serials.len() > 1 {
         return Err(CliError::new(
@@ -694,23 +751,180 @@ fn parse_chardev(opt: &str, arg: &str) -> Result<(String, SocketChardev), CliErr
     Ok((id, c))
 }
 
-/// A TCP monitor is refused unless it has TLS and an authorization policy.
-fn check_monitor_security(m: &MonitorConfig) -> Result<(), CliError> {
-    if let SocketAddr::Tcp { host, port } = &m.socket.addr {
-        if m.socket.tls_creds.is_none() || m.socket.tls_authz.is_none() {
+/// A TCP monitor is refused unless it has TLS with client certificates and
+/// an authorization policy.
+fn check_monitor_security(m: &MonitorConfig, objects: &[Object]) -> Result<(), CliError> {
+    let SocketAddr::Tcp { host, port } = &m.socket.addr else {
+        return Ok(());
+    };
+    let opt = if m.mode == MonitorMode::Control {
+        "-qmp"
+    } else {
+        "-monitor"
+    };
+    let arg = format!("tcp:{host}:{port}");
+    let (Some(creds), Some(authz)) = (&m.socket.tls_creds, &m.socket.tls_authz) else {
+        return Err(CliError::new(
+            opt,
+            &arg,
+            "a monitor on TCP needs tls-creds= (x509, verify-peer=on) and tls-authz=; \
+             plaintext TCP monitors do not exist in moat (use a UNIX socket)",
+        ));
+    };
+    match objects.iter().find(|o| o.id() == creds) {
+        Some(Object::TlsCredsX509 { verify_peer: true, .. }) => {}
+        Some(Object::TlsCredsX509 { .. }) => {
             return Err(CliError::new(
-                if m.mode == MonitorMode::Control {
-                    "-qmp"
-                } else {
-                    "-monitor"
-                },
-                &format!("tcp:{host}:{port}"),
-                "a monitor on TCP needs tls-creds= (x509, verify-peer=on) and tls-authz=; \
-                 plaintext TCP monitors do not exist in moat (use a UNIX socket)",
+                opt,
+                &arg,
+                &format!("tls-creds '{creds}' must have verify-peer=on: monitor clients must present a certificate"),
+            ))
+        }
+        _ => return Err(CliError::new(opt, &arg, &format!("no tls-creds-x509 object with id '{creds}'"))),
+    }
+    match objects.iter().find(|o| o.id() == authz) {
+        Some(Object::AuthzSimple { .. }) | Some(Object::AuthzList { .. }) => Ok(()),
+        _ => Err(CliError::new(
+            opt,
+            &arg,
+            &format!("no authz-simple or authz-list object with id '{authz}'"),
+        )),
+    }
+}
+
+fn policy(opt: &str, arg: &str, v: &str) -> Result<bool, CliError> {
+    match v {
+        "allow" => Ok(true),
+        "deny" => Ok(false),
+        _ => Err(CliError::new(
+            opt,
+            arg,
+            &format!("invalid policy '{v}' (allow or deny)"),
+        )),
+    }
+}
+
+/// `-object TYPE,id=ID,...` (keyval, with `rules.N.key=` for lists) or
+/// QEMU's JSON form `{"qom-type": TYPE, "id": ID, ...}`.
+fn parse_object(opt: &str, arg: &str) -> Result<Object, CliError> {
+    let mut props: Vec<(String, serde_json::Value)> = Vec::new();
+    if arg.trim_start().starts_with('{') {
+        let v: serde_json::Value = serde_json::from_str(arg)
+            .map_err(|e| CliError::new(opt, arg, &format!("invalid JSON: {e}")))?;
+        let serde_json::Value::Object(m) = v else {
+            return Err(CliError::new(opt, arg, "expected a JSON object"));
+        };
+        props.extend(m);
+    } else {
+        let mut kv = keyval::parse(opt, arg, Some("qom-type"))?;
+        let mut rules: Vec<serde_json::Map<String, serde_json::Value>> = Vec::new();
+        while let Some((k, v)) = kv.pop() {
+            if let Some(rest) = k.strip_prefix("rules.") {
+                let (idx, key) = rest
+                    .split_once('.')
+                    .ok_or_else(|| CliError::new(opt, arg, &format!("Invalid parameter '{k}'")))?;
+                let idx: usize =
+                    idx.parse().ok().filter(|&i| i < 1024).ok_or_else(|| {
+                        CliError::new(opt, arg, &format!("Invalid parameter '{k}'"))
+                    })?;
+                if rules.len() <= idx {
+                    rules.resize(idx + 1, serde_json::Map::new());
+                }
+                rules[idx].insert(key.to_string(), serde_json::Value::String(v));
+            } else {
+                props.push((k, serde_json::Value::String(v)));
+            }
+        }
+        if !rules.is_empty() {
+            props.push((
+                "rules".into(),
+                serde_json::Value::Array(
+                    rules.into_iter().map(serde_json::Value::Object).collect(),
+                ),
             ));
         }
     }
-    Ok(())
+    let mut take = |k: &str| -> Option<serde_json::Value> {
+        let i = props.iter().position(|(n, _)| n == k)?;
+        Some(props.remove(i).1)
+    };
+    let text = |v: Option<serde_json::Value>, k: &str| -> Result<Option<String>, CliError> {
+        match v {
+            None => Ok(None),
+            Some(serde_json::Value::String(s)) => Ok(Some(s)),
+            Some(serde_json::Value::Bool(b)) => {
+                Ok(Some(if b { "on".into() } else { "off".into() }))
+            }
+            Some(_) => Err(CliError::new(
+                opt,
+                arg,
+                &format!("Parameter '{k}' expects a string"),
+            )),
+        }
+    };
+    let qom_type = text(take("qom-type"), "qom-type")?
+        .ok_or_else(|| CliError::new(opt, arg, "Parameter 'qom-type' is missing"))?;
+    let id = text(take("id"), "id")?
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| CliError::new(opt, arg, "Parameter 'id' is missing"))?;
+    let obj = match qom_type.as_str() {
+        "tls-creds-x509" => {
+            let dir = text(take("dir"), "dir")?.ok_or_else(|| CliError::new(opt, arg, "Parameter 'dir' is missing"))?;
+            match text(take("endpoint"), "endpoint")?.as_deref() {
+                None | Some("server") => {}
+                Some(e) => return Err(CliError::new(opt, arg, &format!("endpoint '{e}': moat only serves (endpoint=server)"))),
+            }
+            let verify_peer = match text(take("verify-peer"), "verify-peer")? {
+                Some(v) => keyval::parse_bool(opt, "verify-peer", &v)?,
+                None => true,
+            };
+            Object::TlsCredsX509 { id, dir: PathBuf::from(dir), verify_peer }
+        }
+        "authz-simple" => {
+            let identity = text(take("identity"), "identity")?.ok_or_else(|| CliError::new(opt, arg, "Parameter 'identity' is missing"))?;
+            Object::AuthzSimple { id, identity }
+        }
+        "authz-list" => {
+            let default_allow = match text(take("policy"), "policy")? {
+                Some(p) => policy(opt, arg, &p)?,
+                None => false,
+            };
+            let mut rules = Vec::new();
+            match take("rules") {
+                None => {}
+                Some(serde_json::Value::Array(list)) => {
+                    for r in list {
+                        let serde_json::Value::Object(mut r) = r else {
+                            return Err(CliError::new(opt, arg, "each rule must be an object"));
+                        };
+                        let get = |r: &mut serde_json::Map<String, serde_json::Value>, k: &str| match r.remove(k) {
+                            None => Ok(None),
+                            Some(serde_json::Value::String(s)) => Ok(Some(s)),
+                            Some(_) => Err(CliError::new(opt, arg, &format!("rule member '{k}' must be a string"))),
+                        };
+                        let pattern = get(&mut r, "match")?.ok_or_else(|| CliError::new(opt, arg, "a rule lacks 'match'"))?;
+                        let allow = policy(opt, arg, &get(&mut r, "policy")?.ok_or_else(|| CliError::new(opt, arg, "a rule lacks 'policy'"))?)?;
+                        let format = match get(&mut r, "format")?.as_deref() {
+                            None | Some("exact") => MatchFormat::Exact,
+                            Some("glob") => MatchFormat::Glob,
+                            Some(f) => return Err(CliError::new(opt, arg, &format!("invalid rule format '{f}' (exact or glob)"))),
+                        };
+                        if let Some(k) = r.keys().next() {
+                            return Err(CliError::new(opt, arg, &format!("unknown rule member '{k}'")));
+                        }
+                        rules.push(AuthzRule { pattern, allow, format });
+                    }
+                }
+                Some(_) => return Err(CliError::new(opt, arg, "'rules' must be a list")),
+            }
+            Object::AuthzList { id, default_allow, rules }
+        }
+        t => return Err(CliError::new(opt, arg, &format!("unsupported object type '{t}' (moat offers tls-creds-x509, authz-simple, authz-list)"))),
+    };
+    if let Some((k, _)) = props.first() {
+        return Err(CliError::new(opt, arg, &format!("Invalid parameter '{k}'")));
+    }
+    Ok(obj)
 }
 
 /// The text of `-h`.
@@ -846,6 +1060,33 @@ mod tests {
         .contains("tls-creds"));
         assert!(err(&["-mon", "chardev=nope"]).contains("'nope' not found"));
         assert!(err(&["-uuid", "1234"]).contains("UUID"));
+        let tcp = "socket,id=c,host=127.0.0.1,port=5,server=on,tls-creds=t,tls-authz=a";
+        let creds = "tls-creds-x509,id=t,dir=/d,endpoint=server,verify-peer=on";
+        assert!(err(&["-chardev", tcp, "-mon", "c"]).contains("no tls-creds-x509 object"));
+        assert!(err(&[
+            "-object",
+            "tls-creds-x509,id=t,dir=/d,verify-peer=off",
+            "-object",
+            "authz-simple,id=a,identity=CN=x",
+            "-chardev",
+            tcp,
+            "-mon",
+            "c"
+        ])
+        .contains("verify-peer=on"));
+        let c = cfg(&[
+            "-object",
+            creds,
+            "-object",
+            "authz-simple,id=a,identity=CN=x",
+            "-chardev",
+            tcp,
+            "-mon",
+            "c,mode=control",
+        ]);
+        assert_eq!(c.monitors.len(), 1);
+        assert!(err(&["-object", "authz-simple,id=a"]).contains("identity"));
+        assert!(err(&["-object", "secret,id=s,data=x"]).contains("unsupported object type"));
         assert!(err(&["-initrd", "/i"]).contains("-initrd only allowed with -kernel"));
         assert!(err(&["-display", "gtk"]).contains("-display"));
         assert!(err(&["-cpu", "qemu64"]).contains("-cpu"));
@@ -899,6 +1140,31 @@ mod tests {
         assert_eq!(
             c.uuid.as_deref(),
             Some("12345678-abcd-1234-abcd-1234567890ab")
+        );
+    }
+
+    #[test]
+    fn objects_in_keyval_and_json() {
+        let json = r#"{"qom-type":"authz-list","id":"auth0","policy":"deny","rules":[{"match":"CN=alice","policy":"allow","format":"exact"},{"match":"CN=bob*","policy":"allow","format":"glob"}]}"#;
+        let dotted = "authz-list,id=auth0,policy=deny,rules.0.match=CN=alice,rules.0.policy=allow,rules.0.format=exact,rules.1.match=CN=bob*,rules.1.policy=allow,rules.1.format=glob";
+        let a = cfg(&["-object", json]).objects;
+        let b = cfg(&["-object", dotted]).objects;
+        assert_eq!(a, b);
+        let Object::AuthzList {
+            default_allow,
+            rules,
+            ..
+        } = &a[0]
+        else {
+            panic!()
+        };
+        assert!(!default_allow);
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[1].format, MatchFormat::Glob);
+        assert!(err(&["-object", json, "-object", json]).contains("duplicate"));
+        assert!(
+            err(&["-object", r#"{"qom-type":"authz-list","id":"x","bogus":1}"#])
+                .contains("'bogus'")
         );
     }
 

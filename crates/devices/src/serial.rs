@@ -35,6 +35,8 @@ pub enum SerialError {
 struct OutShared {
     buf: Mutex<VecDeque<u8>>,
     cv: Condvar,
+    /// Set while the backend thread sleeps on `cv` (only then is a wake-up needed).
+    idle: std::sync::atomic::AtomicBool,
     /// Set while the backend thread is writing bytes it has taken.
     busy: std::sync::atomic::AtomicBool,
     dropped: AtomicU64,
@@ -60,7 +62,9 @@ impl Write for OutQueue {
                 .fetch_add((data.len() - n) as u64, Ordering::Relaxed);
         }
         drop(q);
-        self.0.cv.notify_one();
+        if self.0.idle.load(Ordering::SeqCst) {
+            self.0.cv.notify_one();
+        }
         Ok(data.len())
     }
 
@@ -176,14 +180,26 @@ fn pump_input(mut src: impl Read, uart: Arc<Mutex<Uart>>) {
 }
 
 /// Take everything queued, waiting up to `wait` for something to arrive.
+/// How long the backend thread lets output accumulate after waking, so that
+/// a guest writing byte by byte costs one host write per batch, not per byte.
+const COALESCE: Duration = Duration::from_micros(500);
+
+/// Take everything queued, waiting up to `wait` for something to arrive.
 fn take(shared: &OutShared, wait: Duration) -> Vec<u8> {
     let mut q = lock(&shared.buf);
     if q.is_empty() {
+        shared.idle.store(true, Ordering::SeqCst);
         q = shared
             .cv
             .wait_timeout(q, wait)
             .unwrap_or_else(|e| e.into_inner())
             .0;
+        shared.idle.store(false, Ordering::SeqCst);
+        if !q.is_empty() {
+            drop(q);
+            std::thread::sleep(COALESCE);
+            q = lock(&shared.buf);
+        }
     }
     shared.busy.store(!q.is_empty(), Ordering::SeqCst);
     q.drain(..).collect()

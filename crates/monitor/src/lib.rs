@@ -5,9 +5,11 @@
 //! talk to the VM through one interface, [`VmControl`]; HMP commands are
 //! implemented on top of the QMP command layer, never twice.
 
+pub mod authz;
 pub mod hmp;
 pub mod qmp;
 pub mod server;
+pub mod tls;
 
 use serde_json::Value;
 

@@ -7,11 +7,14 @@
 //! [`MAX_CLIENTS`] are served per socket (later ones wait in the backlog),
 //! and nothing a client does blocks a vCPU.
 
+use crate::authz::Authz;
 use crate::hmp;
 use crate::qmp::{self, Frame, MonitorContext, Session};
+use crate::tls::TlsServer;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -38,13 +41,75 @@ pub enum Mode {
     Readline,
 }
 
+/// Where a monitor listens.
+#[derive(Debug, Clone)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    /// TCP, always with TLS and client authorization.
+    Tcp {
+        host: String,
+        port: u16,
+        tls: TlsServer,
+        authz: Arc<Authz>,
+    },
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::Tcp { host, port, .. } => write!(f, "tcp:{host}:{port}"),
+        }
+    }
+}
+
 /// One configured monitor socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct MonitorSpec {
-    pub path: PathBuf,
+    pub endpoint: Endpoint,
     pub mode: Mode,
     /// Block startup until a client connects (`wait=on`).
     pub wait: bool,
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener, TlsServer, Arc<Authz>),
+}
+
+enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream, TlsServer, Arc<Authz>),
+}
+
+impl Listener {
+    fn accept(&self) -> std::io::Result<Conn> {
+        match self {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Listener::Tcp(l, tls, authz) => l
+                .accept()
+                .map(|(s, _)| Conn::Tcp(s, tls.clone(), authz.clone())),
+        }
+    }
+}
+
+impl Conn {
+    /// The plaintext stream to serve (after TLS and authorization for TCP).
+    fn establish(self) -> Option<UnixStream> {
+        match self {
+            Conn::Unix(s) => Some(s),
+            Conn::Tcp(s, tls, authz) => {
+                let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                match tls.accept(s, &authz) {
+                    Ok(local) => Some(local),
+                    Err(e) => {
+                        log::warn!("monitor: TLS client {peer} refused: {e}");
+                        None
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -160,16 +225,29 @@ impl Monitors {
             clients: Arc::new(Mutex::new(Vec::new())),
         };
         for spec in specs {
-            let listener = bind_unix(&spec.path).map_err(|why| ServerError::Socket {
-                path: spec.path.display().to_string(),
+            let err = |why: String| ServerError::Socket {
+                path: spec.endpoint.to_string(),
                 why,
-            })?;
+            };
+            let listener = match &spec.endpoint {
+                Endpoint::Unix(path) => Listener::Unix(bind_unix(path).map_err(err)?),
+                Endpoint::Tcp {
+                    host,
+                    port,
+                    tls,
+                    authz,
+                } => Listener::Tcp(
+                    TcpListener::bind((host.as_str(), *port)).map_err(|e| err(e.to_string()))?,
+                    tls.clone(),
+                    authz.clone(),
+                ),
+            };
             let first = if spec.wait {
                 eprintln!(
                     "moat: waiting for a connection on monitor socket {}",
-                    spec.path.display()
+                    spec.endpoint
                 );
-                listener.accept().ok().map(|(s, _)| s)
+                listener.accept().ok()
             } else {
                 None
             };
@@ -179,18 +257,15 @@ impl Monitors {
             std::thread::Builder::new()
                 .name("monitor-accept".into())
                 .spawn(move || mon2.accept_loop(listener, first, mode, ctx))
-                .map_err(|e| ServerError::Socket {
-                    path: spec.path.display().to_string(),
-                    why: e.to_string(),
-                })?;
+                .map_err(|e| err(e.to_string()))?;
         }
         Ok(mon)
     }
 
     fn accept_loop(
         &self,
-        listener: UnixListener,
-        first: Option<UnixStream>,
+        listener: Listener,
+        first: Option<Conn>,
         mode: Mode,
         ctx: Arc<MonitorContext>,
     ) {
@@ -206,10 +281,10 @@ impl Monitors {
                 }
                 *n += 1;
             }
-            let stream = match pending.take() {
-                Some(s) => s,
+            let conn = match pending.take() {
+                Some(c) => c,
                 None => match listener.accept() {
-                    Ok((s, _)) => s,
+                    Ok(c) => c,
                     Err(e) => {
                         log::warn!("monitor: accept: {e}");
                         let (m, _) = &*active;
@@ -225,7 +300,9 @@ impl Monitors {
             let spawned = std::thread::Builder::new()
                 .name("monitor-client".into())
                 .spawn(move || {
-                    me.serve(stream, mode, ctx);
+                    if let Some(stream) = conn.establish() {
+                        me.serve(stream, mode, ctx);
+                    }
                     let (m, cv) = &*active2;
                     *lock(m) -= 1;
                     cv.notify_all();
