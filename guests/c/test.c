@@ -173,30 +173,6 @@ void guest_main(u64 info, u32 kind) {
             cmos_write(0x40, 1);
             if (!cmdline_get(bi.cmdline, "how", v, sizeof v) || !memcmp(v, "kbd", 4)) i8042_reset();
             if (!memcmp(v, "triple", 7)) triple_fault();
-    if (!memcmp(v, "count", 6))          /* count forever: shows pauses */
-        for (u64 i = 0;; i++) {
-            printf_serial("count %lu\n", i);
-            for (int k = 0; k < 2000; k++) cpu_relax();
-        }
-    if (!memcmp(v, "wait-powerdown", 15)) {   /* poll the GED for the power button */
-        puts_serial("waiting for the power button\n");
-        while (!(mmio_read32(0xfea00000UL) & 1)) cpu_relax();
-        puts_serial("power button pressed\n");
-        acpi_poweroff(rsdp);
-    }
-    if (!memcmp(v, "wait-cad", 9)) {          /* poll the i8042 for CTRL+ALT+DEL */
-        static const u8 want[] = { 0x1d, 0x38, 0xe0, 0x53 };
-        unsigned got = 0;
-        puts_serial("waiting for ctrl-alt-del\n");
-        while (got < sizeof want) {
-            if (!(inb(0x64) & 1)) { cpu_relax(); continue; }
-            u8 b = inb(0x60);
-            got = (b == want[got]) ? got + 1 : (b == want[0]);
-        }
-        puts_serial("ctrl-alt-del received\n");
-        i8042_reset();
-    }
-    if (!memcmp(v, "mmio-exec", 10)) ((void (*)(void))0xd0000000UL)();   /* no RAM there */
             if (!memcmp(v, "acpi", 5)) acpi_reset(rsdp);
             puts_serial("FAIL: unknown reset method\n");
             halt_forever();

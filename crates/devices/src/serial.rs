@@ -9,9 +9,7 @@ use crate::IrqLine;
 use moat_cli::SerialBackend;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -219,21 +217,6 @@ fn spawn_writer(shared: Arc<OutShared>, mut sink: impl FnMut(&[u8]) + Send + 'st
         .unwrap_or_else(|e| log::error!("serial: cannot start output thread: {e}"));
 }
 
-/// Bind a listening UNIX socket with mode 0600, replacing only a stale socket.
-pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| format!("removing stale socket: {e}"))?;
-        }
-        Ok(_) => return Err("exists and is not a socket; refusing to replace it".into()),
-        Err(_) => {}
-    }
-    let l = UnixListener::bind(path).map_err(|e| e.to_string())?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("setting mode 0600: {e}"))?;
-    Ok(l)
-}
-
 impl Console {
     /// Open `backend` and start its threads. `irq` is COM1's interrupt line.
     pub fn start(backend: Option<&SerialBackend>, irq: IrqLine) -> Result<Console, SerialError> {
@@ -278,7 +261,7 @@ impl Console {
                     path: path.display().to_string(),
                     why,
                 };
-                let listener = bind_unix(path).map_err(sock_err)?;
+                let listener = moat_sys::bind_unix_private(path).map_err(sock_err)?;
                 let client: Arc<Mutex<Option<UnixStream>>> = Arc::new(Mutex::new(None));
                 let attach = {
                     let client = client.clone();
@@ -379,23 +362,6 @@ mod tests {
         }
         c.flush(Duration::from_secs(5));
         assert_eq!(std::fs::read(&p).unwrap(), b"hello");
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn unix_socket_is_private_and_never_clobbers_files() {
-        let dir = std::env::temp_dir().join(format!("moat-sock-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("file");
-        std::fs::write(&f, b"keep").unwrap();
-        assert!(bind_unix(&f).unwrap_err().contains("not a socket"));
-        assert_eq!(std::fs::read(&f).unwrap(), b"keep");
-        let s = dir.join("sock");
-        let l = bind_unix(&s).unwrap();
-        let mode = std::fs::metadata(&s).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        drop(l);
-        bind_unix(&s).unwrap(); // a stale socket is replaced
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -16,9 +16,8 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -122,27 +121,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Bind a listening UNIX socket with mode 0600, replacing only a stale socket.
-pub fn bind_unix(path: &Path) -> Result<UnixListener, String> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| format!("removing stale socket: {e}"))?;
-        }
-        Ok(_) => return Err("exists and is not a socket; refusing to replace it".into()),
-        Err(_) => {}
-    }
-    // Create it private from the start: no window where others may connect.
-    // SAFETY: umask only changes this process's file creation mask.
-    let old = unsafe { libc::umask(0o177) };
-    let l = UnixListener::bind(path).map_err(|e| e.to_string());
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let l = l?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("setting mode 0600: {e}"))?;
-    Ok(l)
-}
-
 /// The bounded outbound queue of one client, drained by its writer thread.
 #[derive(Debug, Default)]
 struct Outbox {
@@ -230,7 +208,9 @@ impl Monitors {
                 why,
             };
             let listener = match &spec.endpoint {
-                Endpoint::Unix(path) => Listener::Unix(bind_unix(path).map_err(err)?),
+                Endpoint::Unix(path) => {
+                    Listener::Unix(moat_sys::bind_unix_private(path).map_err(err)?)
+                }
                 Endpoint::Tcp {
                     host,
                     port,

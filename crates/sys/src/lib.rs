@@ -1,0 +1,48 @@
+//! Small host-OS helpers shared by moat's crates.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+/// Bind a listening UNIX socket that only its owner can use (mode 0600 from
+/// the moment it exists), replacing a stale socket but never any other file.
+pub fn bind_unix_private(path: &Path) -> Result<UnixListener, String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| format!("removing stale socket: {e}"))?;
+        }
+        Ok(_) => return Err("exists and is not a socket; refusing to replace it".into()),
+        Err(_) => {}
+    }
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path).map_err(|e| e.to_string());
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let l = l?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("setting mode 0600: {e}"))?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_and_never_clobbers_files() {
+        let dir = std::env::temp_dir().join(format!("moat-sys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("file");
+        std::fs::write(&f, b"keep").unwrap();
+        assert!(bind_unix_private(&f).unwrap_err().contains("not a socket"));
+        assert_eq!(std::fs::read(&f).unwrap(), b"keep");
+        let s = dir.join("sock");
+        let l = bind_unix_private(&s).unwrap();
+        let mode = std::fs::metadata(&s).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(l);
+        bind_unix_private(&s).unwrap(); // a stale socket is replaced
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
