@@ -108,6 +108,8 @@ struct VmHandle {
     prelaunch: AtomicBool,
     /// `quit` was answered; moat quits once the reply is queued.
     quit_requested: AtomicBool,
+    /// Dies per socket (`query-cpus-fast` shows die-id when above 1).
+    dies: u32,
 }
 
 impl VmHandle {
@@ -159,12 +161,17 @@ impl VmControl for VmHandle {
             ControlReply::Cpus(cpus) => Ok(Value::Array(
                 cpus.iter()
                     .map(|c| {
+                        let mut props =
+                            json!({"core-id": c.core, "thread-id": c.thread, "socket-id": c.socket});
+                        // QEMU reports die-id only on machines with several dies.
+                        if self.dies > 1 {
+                            props["die-id"] = json!(c.die);
+                        }
                         json!({
                             "cpu-index": c.index,
                             "qom-path": format!("/machine/unattached/device[{}]", c.index),
                             "thread-id": c.thread_id,
-                            "props": {"core-id": c.core, "thread-id": c.thread,
-                                      "socket-id": c.socket, "die-id": c.die},
+                            "props": props,
                             "target": "x86_64"
                         })
                     })
@@ -343,6 +350,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
                 tx: Mutex::new(tx.clone()),
                 prelaunch: AtomicBool::new(cfg.start_paused),
                 quit_requested: AtomicBool::new(false),
+                dies: cfg.smp.dies,
             }),
             fds: Mutex::new(FdStore::default()),
         });

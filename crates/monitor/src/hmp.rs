@@ -90,8 +90,9 @@ fn info(session: &mut Session, what: Option<&str>, arg: Option<&str>, cpu: Optio
             Err(e) => e,
         },
         Some("version") => match r(session, "query-version") {
+            // QEMU prints the package right after the version.
             Ok(v) => format!(
-                "{}.{}.{} ({})\n",
+                "{}.{}.{}{}\n",
                 v["qemu"]["major"],
                 v["qemu"]["minor"],
                 v["qemu"]["micro"],
@@ -158,5 +159,87 @@ fn info(session: &mut Session, what: Option<&str>, arg: Option<&str>, cpu: Optio
             }
         }
         Some(other) => format!("info: unknown subcommand '{other}'\n"),
+    }
+}
+
+/// QEMU's readline as seen from the wire: every keystroke is echoed by
+/// redrawing the line (cursor back, the whole line, clear to end of line),
+/// Enter (CR or LF) echoes CRLF and yields the line, backspace edits, and
+/// escape sequences (arrow keys) are consumed.
+#[derive(Debug, Default)]
+pub struct LineEditor {
+    line: Vec<u8>,
+    /// Bytes of the escape sequence being skipped (0: none).
+    escape: u8,
+}
+
+/// Longest HMP command line.
+pub const MAX_LINE: usize = 4096;
+
+impl LineEditor {
+    fn redraw(&self, shown: usize, out: &mut Vec<u8>) {
+        for _ in 0..shown {
+            out.extend_from_slice(b"\x1b[D");
+        }
+        out.extend_from_slice(&self.line);
+        out.extend_from_slice(b"\x1b[K");
+    }
+
+    /// Feed one byte; echo goes to `out`; a completed line is returned.
+    pub fn feed(&mut self, b: u8, out: &mut Vec<u8>) -> Option<String> {
+        match (self.escape, b) {
+            (0, 0x1b) => self.escape = 1,
+            (1, b'[') | (1, b'O') => self.escape = 2,
+            (1, _) => self.escape = 0,
+            (2, 0x40..=0x7e) => self.escape = 0,
+            (2, _) => {}
+            (_, b'\r') | (_, b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                let line = String::from_utf8_lossy(&self.line).into_owned();
+                self.line.clear();
+                return Some(line);
+            }
+            (_, 0x7f) | (_, 0x08) => {
+                if !self.line.is_empty() {
+                    let shown = self.line.len();
+                    self.line.pop();
+                    self.redraw(shown, out);
+                }
+            }
+            (_, c) if c >= 0x20 && self.line.len() < MAX_LINE => {
+                let shown = self.line.len();
+                self.line.push(c);
+                self.redraw(shown, out);
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_matches_qemu_readline() {
+        let mut e = LineEditor::default();
+        let mut out = Vec::new();
+        let mut done = None;
+        for &b in b"stop\n" {
+            done = done.or(e.feed(b, &mut out));
+        }
+        assert_eq!(done.as_deref(), Some("stop"));
+        // Byte for byte what QEMU 7.2 sends back for "stop\n".
+        assert_eq!(
+            out,
+            b"s\x1b[K\x1b[Dst\x1b[K\x1b[D\x1b[Dsto\x1b[K\x1b[D\x1b[D\x1b[Dstop\x1b[K\r\n".to_vec()
+        );
+        let mut out = Vec::new();
+        for &b in b"ab\x7fc\x1b[Ad\r" {
+            if let Some(l) = e.feed(b, &mut out) {
+                assert_eq!(l, "acd");
+            }
+        }
     }
 }

@@ -28,8 +28,6 @@ pub const MAX_QUEUED_OUTPUT: usize = 4 << 20;
 pub const MAX_CLIENTS: usize = 8;
 /// Descriptors accepted with one message.
 const MAX_FDS_PER_MESSAGE: usize = 8;
-/// Longest HMP command line.
-const MAX_HMP_LINE: usize = 4096;
 
 /// The protocol a monitor socket speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,7 +420,7 @@ fn serve_hmp(stream: &UnixStream, session: &mut Session, outbox: &Outbox) {
     if !outbox.push(format!("{}{}", hmp::banner(), hmp::PROMPT).into_bytes()) {
         return;
     }
-    let mut line: Vec<u8> = Vec::new();
+    let mut editor = hmp::LineEditor::default();
     let mut buf = [0u8; 4096];
     let mut reader = stream;
     loop {
@@ -430,24 +428,20 @@ fn serve_hmp(stream: &UnixStream, session: &mut Session, outbox: &Outbox) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        let mut echo = Vec::new();
         for &b in &buf[..n] {
-            if b == b'\n' || b == b'\r' {
-                if line.is_empty() && b == b'\n' {
-                    continue;
-                }
-                let text = String::from_utf8_lossy(&line).into_owned();
-                line.clear();
-                let out = hmp::execute(session, &text, None);
-                if !outbox.push(format!("{out}{}", hmp::PROMPT).into_bytes()) {
+            if let Some(line) = editor.feed(b, &mut echo) {
+                let out = hmp::execute(session, &line, None);
+                echo.extend_from_slice(out.as_bytes());
+                echo.extend_from_slice(hmp::PROMPT.as_bytes());
+                if !outbox.push(std::mem::take(&mut echo)) {
                     return;
                 }
                 session.replied();
-            } else if line.len() < MAX_HMP_LINE {
-                line.push(b);
-            } else {
-                outbox.push(b"\r\nline too long\r\n".to_vec());
-                return;
             }
+        }
+        if !echo.is_empty() && !outbox.push(echo) {
+            return;
         }
     }
 }

@@ -43,7 +43,7 @@ pub struct VcpuSet {
     shared: Mutex<Shared>,
     cv: Condvar,
     /// Host thread id of each vCPU (0 until it started).
-    pub thread_ids: Vec<AtomicI32>,
+    thread_ids: Vec<AtomicI32>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -63,6 +63,22 @@ impl VcpuSet {
             thread_ids: (0..n).map(|_| AtomicI32::new(0)).collect(),
             threads: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Host thread ids of the vCPUs (waiting briefly for threads still starting).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let ids: Vec<i32> = self
+                .thread_ids
+                .iter()
+                .map(|t| t.load(Ordering::SeqCst))
+                .collect();
+            if ids.iter().all(|&t| t != 0) || Instant::now() > deadline {
+                return ids;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     pub fn is_paused(&self) -> bool {

@@ -26,7 +26,6 @@ use moat_devices::pm::AcpiPm;
 use moat_devices::rtc::Rtc;
 use moat_devices::serial::Console;
 use moat_devices::{IrqLine, RequestSink, VmRequest};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -468,10 +467,11 @@ impl Vm {
             }
             Control::Cpus => {
                 let t = &self.topology;
+                let tids = set.thread_ids();
                 let cpus = (0..t.cpus)
                     .map(|i| CpuInfo {
                         index: i,
-                        thread_id: set.thread_ids[i as usize].load(Ordering::SeqCst),
+                        thread_id: tids.get(i as usize).copied().unwrap_or(0),
                         thread: i % t.threads,
                         core: (i / t.threads) % t.cores,
                         die: (i / (t.threads * t.cores)) % t.dies,
