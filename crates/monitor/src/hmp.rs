@@ -199,12 +199,10 @@ impl LineEditor {
                 self.line.clear();
                 return Some(line);
             }
-            (_, 0x7f) | (_, 0x08) => {
-                if !self.line.is_empty() {
-                    let shown = self.line.len();
-                    self.line.pop();
-                    self.redraw(shown, out);
-                }
+            (_, 0x7f) | (_, 0x08) if !self.line.is_empty() => {
+                let shown = self.line.len();
+                self.line.pop();
+                self.redraw(shown, out);
             }
             (_, c) if c >= 0x20 && self.line.len() < MAX_LINE => {
                 let shown = self.line.len();
