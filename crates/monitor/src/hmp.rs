@@ -204,6 +204,7 @@ impl LineEditor {
                 self.line.pop();
                 self.redraw(shown, out);
             }
+            (_, 0x7f) | (_, 0x08) => {} // nothing to erase
             (_, c) if c >= 0x20 && self.line.len() < MAX_LINE => {
                 let shown = self.line.len();
                 self.line.push(c);
@@ -234,7 +235,7 @@ mod tests {
             b"s\x1b[K\x1b[Dst\x1b[K\x1b[D\x1b[Dsto\x1b[K\x1b[D\x1b[D\x1b[Dstop\x1b[K\r\n".to_vec()
         );
         let mut out = Vec::new();
-        for &b in b"ab\x7fc\x1b[Ad\r" {
+        for &b in b"\x7fab\x7fc\x1b[Ad\r" {
             if let Some(l) = e.feed(b, &mut out) {
                 assert_eq!(l, "acd");
             }
