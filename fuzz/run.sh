@@ -16,6 +16,6 @@ done
 for t in $(cargo fuzz list); do
     echo "fuzz: $t for ${SECS}s"
     mkdir -p corpus/$t
-    cargo fuzz run "$t" corpus/$t -- -max_total_time="$SECS" -max_len=65536 -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12
+    cargo fuzz run "$t" corpus/$t -- -max_total_time="$SECS" -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 2>&1 | tail -n 12
 done
 echo "fuzz: all targets ran without a crash"

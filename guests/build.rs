@@ -97,7 +97,7 @@ fn main() {
     link(&src, &out.join("demo.elf"), &["entry.S", "lib.c", "demo.c"]);
     link(&src, &out.join("bench-pvh.elf"), &["bench.S"]);
     let pvh = out.join("test-pvh.elf");
-    link(&src, &pvh, &["entry.S", "lib.c", "test.c"]);
+    link(&src, &pvh, &["entry.S", "lib.c", "virtio.c", "test.c"]);
     run(Command::new("objcopy")
         .args(["--remove-section=.note.Xen"])
         .arg(&pvh)

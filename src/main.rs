@@ -27,6 +27,11 @@ fn log_init() {
     struct Stderr(log::LevelFilter);
     impl log::Log for Stderr {
         fn enabled(&self, m: &log::Metadata) -> bool {
+            // virtio-queue logs the driver's mistakes as errors: guest-triggered,
+            // so shown only when debugging, never as a host log storm.
+            if m.target().starts_with("virtio_queue") {
+                return self.0 >= log::LevelFilter::Debug;
+            }
             m.level() <= self.0
         }
         fn log(&self, r: &log::Record) {
@@ -305,6 +310,12 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         } else {
             DEMO_CMDLINE.to_string()
         },
+        disks: cfg
+            .drives
+            .iter()
+            .map(moat_vmm::Disk::open)
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!(e))?,
     };
     // Validate the kernel for this machine before opening anything else.
     moat_boot::parse_kernel(

@@ -168,7 +168,7 @@ fn an_internal_error_dumps_registers_and_exits_1() {
     let r = moat(&["-kernel", TEST_PVH, "-append", "action=mmio-exec"]);
     assert_eq!(r.status, Some(1), "{r:#?}");
     assert!(
-        r.stderr.contains("RIP=00000000d0000000"),
+        r.stderr.contains("RIP=00000000e0000000"),
         "register dump: {r:#?}"
     );
     assert!(r.stderr.contains("CR0="), "register dump: {r:#?}");

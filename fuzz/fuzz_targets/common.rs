@@ -14,7 +14,7 @@ pub fn memory() -> &'static GuestMemoryMmap {
 /// Parse, then (when valid) write everything into guest memory.
 pub fn load(kernel: &[u8]) {
     let layout = MemLayout::new(MEM);
-    let machine = MachineDesc { apic_ids: vec![0, 1], acpi: kernel.len() % 2 == 0 };
+    let machine = MachineDesc { apic_ids: vec![0, 1], acpi: kernel.len() % 2 == 0, virtio: vec![(0xd000_0000, 5)] };
     let initrd = [0x5au8; 4096];
     let _ = moat_boot::load(memory(), &layout, kernel, Some(&initrd), "console=ttyS0", &machine);
 }

@@ -13,8 +13,16 @@
  *                    (mmio-exec jumps into the MMIO hole: KVM cannot run it);
  *                    reboot-once resets (how=kbd|triple|acpi) on the first
  *                    boot, counted in CMOS RAM, and powers off on the second
+ *   blk=N            N virtio-blk devices; on the first: blk_len=L blk_sum=X
+ *                    (FNV of its first L bytes), blk_serial=S (GET_ID),
+ *                    blk_write=1 (writes sectors 8..15 with a pattern, flushes),
+ *                    blk_oob=1 (a read past the end fails); on the second:
+ *                    blk_ro=1 (it is read-only: writes fail)
+ *   blk_hostile=1    attack the first device (loops, bad addresses, bad queue)
+ *                    and check it still serves requests afterwards
  * It prints "cmdline: ..." and then PASS or FAIL lines. */
 #include "lib.h"
+#include "virtio.h"
 
 static int failures;
 #define CHECK(cond, ...) do { if (!(cond)) { puts_serial("FAIL: "); printf_serial(__VA_ARGS__); puts_serial("\n"); failures++; } } while (0)
@@ -65,6 +73,121 @@ static void start_aps(const u32 *ids, int n) {
     while (ap_ok + ap_bad < (u32)(n - 1) && spins++ < 200000000UL) cpu_relax();
     CHECK(ap_ok == (u32)(n - 1), "%u of %d APs started with a matching APIC ID (%u mismatched)", ap_ok, n - 1, ap_bad);
     printf_serial("smp: %u APs up\n", ap_ok);
+}
+
+static u8 rings[2][16384] __attribute__((aligned(4096)));
+static u8 blkbuf[65536] __attribute__((aligned(4096)));
+
+static u32 fnv1a(const u8 *p, u64 n);
+
+static void blk_hostile(u64 base) {
+    struct vblk b;
+    u32 used;
+    int r;
+    /* An absurd queue size: the device must refuse DRIVER_OK with NEEDS_RESET. */
+    vmmio_write(base, 0x70, 0);
+    vmmio_write(base, 0x70, 3);
+    vmmio_write(base, 0x24, 1); vmmio_write(base, 0x20, 1);
+    vmmio_write(base, 0x70, 11);
+    vmmio_write(base, 0x30, 0);
+    vmmio_write(base, 0x38, 60000);
+    vmmio_write(base, 0x80, 0x123);  /* misaligned too */
+    vmmio_write(base, 0x44, 1);
+    vmmio_write(base, 0x70, 15);
+    CHECK(vmmio_read(base, 0x70) & 0x40, "bad queue accepted (status %x)", vmmio_read(base, 0x70));
+
+    CHECK(vblk_init(&b, base, 8, rings[0]) == 0, "re-init after reset failed");
+    /* A descriptor loop: 0 -> 1 -> 0. */
+    b.desc[0] = (struct vdesc){ (u64)blkbuf, 16, VDESC_NEXT, 1 };
+    b.desc[1] = (struct vdesc){ (u64)blkbuf + 512, 512, VDESC_NEXT | VDESC_WRITE, 0 };
+    CHECK(vblk_submit(&b, 0, &used) == 0, "descriptor loop hung the device");
+    /* Data outside guest RAM and inside the MMIO hole. */
+    r = vblk_request(&b, VBLK_T_IN, 0, (void *)0xfffff0000000UL, 512, 1, &used);
+    CHECK(r != 0, "read into non-RAM reported success");
+    r = vblk_request(&b, VBLK_T_IN, 0, (void *)0xd0000000UL, 512, 1, &used);
+    CHECK(r != 0, "read into the MMIO hole reported success");
+    /* A length that overflows, a head index beyond the queue. */
+    r = vblk_request(&b, VBLK_T_IN, 0, blkbuf, 0xfffffe00u, 1, &used);
+    CHECK(r != 0, "overflowing read reported success");
+    /* Status in a read-only descriptor: the device must not write it. */
+    b.desc[0] = (struct vdesc){ (u64)blkbuf, 16, VDESC_NEXT, 1 };
+    b.desc[1] = (struct vdesc){ (u64)blkbuf + 16, 1, 0, 0 };
+    memset(blkbuf, 0, 32);
+    blkbuf[16] = 0x5a;
+    CHECK(vblk_submit(&b, 0, &used) == 0 && used == 0 && blkbuf[16] == 0x5a, "read-only status written");
+    /* A notify storm. */
+    for (int i = 0; i < 1000; i++) vmmio_write(base, 0x50, 0);
+    /* And the device still works. */
+    r = vblk_request(&b, VBLK_T_IN, 0, blkbuf, 512, 1, &used);
+    CHECK(r == 0 && used == 513, "device broken after the attacks (status %d, used %u)", r, used);
+    /* A head index beyond the queue breaks the protocol: DEVICE_NEEDS_RESET,
+     * and after a reset the device works again. */
+    CHECK(vblk_submit(&b, 200, &used) == -2, "out-of-range head: no DEVICE_NEEDS_RESET");
+    CHECK(vblk_init(&b, base, 8, rings[0]) == 0, "re-init after NEEDS_RESET failed");
+    r = vblk_request(&b, VBLK_T_IN, 0, blkbuf, 512, 1, &used);
+    CHECK(r == 0 && used == 513, "device broken after reset (status %d, used %u)", r, used);
+    printf_serial("blk: hostile requests survived\n");
+}
+
+static void blk_checks(const char *cmdline) {
+    char v[64];
+    u64 bases[16];
+    int n = vblk_scan(bases, 16);
+    printf_serial("blk: %d devices\n", n);
+    if (cmdline_get(cmdline, "blk", v, sizeof v)) CHECK(n == (int)parse_num(v), "found %d virtio-blk devices, expected %s", n, v);
+    if (n == 0) return;
+    if (cmdline_get(cmdline, "blk_hostile", v, sizeof v)) blk_hostile(bases[0]);
+    struct vblk b;
+    int r = vblk_init(&b, bases[0], 64, rings[0]);
+    CHECK(r == 0, "virtio-blk init failed at step %d", -r);
+    if (r) return;
+    printf_serial("blk: capacity %lu sectors, features %lx\n", b.capacity, b.features);
+    u32 used;
+    if (cmdline_get(cmdline, "blk_len", v, sizeof v)) {
+        u64 len = parse_num(v), done = 0;
+        u32 h = 2166136261u;
+        while (done < len) {
+            u32 chunk = len - done > sizeof blkbuf ? sizeof blkbuf : (u32)(len - done);
+            r = vblk_request(&b, VBLK_T_IN, done / 512, blkbuf, chunk, 1, &used);
+            CHECK(r == 0 && used == chunk + 1, "read at %lu: status %d used %u", done, r, used);
+            for (u32 i = 0; i < chunk; i++) { h ^= blkbuf[i]; h *= 16777619u; }
+            done += chunk;
+        }
+        if (cmdline_get(cmdline, "blk_sum", v, sizeof v)) CHECK(h == (u32)parse_num(v), "disk checksum %x, expected %s", h, v);
+    }
+    if (cmdline_get(cmdline, "blk_serial", v, sizeof v)) {
+        memset(blkbuf, 0, 32);
+        r = vblk_request(&b, VBLK_T_GET_ID, 0, blkbuf, 20, 1, &used);
+        blkbuf[20] = 0;
+        CHECK(r == 0 && !memcmp(blkbuf, v, strlen(v) + 1), "serial '%s', expected '%s'", (char *)blkbuf, v);
+    }
+    if (cmdline_get(cmdline, "blk_write", v, sizeof v)) {
+        for (u32 i = 0; i < 4096; i++) blkbuf[i] = (u8)(i * 7 + 3);
+        r = vblk_request(&b, VBLK_T_OUT, 8, blkbuf, 4096, 0, &used);
+        CHECK(r == 0, "write: status %d", r);
+        r = vblk_request(&b, VBLK_T_FLUSH, 0, 0, 0, 0, &used);
+        CHECK(r == 0, "flush: status %d", r);
+        memset(blkbuf, 0, 4096);
+        r = vblk_request(&b, VBLK_T_IN, 8, blkbuf, 4096, 1, &used);
+        CHECK(r == 0 && blkbuf[4095] == (u8)(4095 * 7 + 3), "read back after write failed");
+    }
+    if (cmdline_get(cmdline, "blk_oob", v, sizeof v)) {
+        r = vblk_request(&b, VBLK_T_IN, b.capacity, blkbuf, 512, 1, &used);
+        CHECK(r == 1, "read past the end: status %d, expected IOERR", r);
+        r = vblk_request(&b, VBLK_T_IN, b.capacity - 1, blkbuf, 1024, 1, &used);
+        CHECK(r == 1, "read across the end: status %d, expected IOERR", r);
+        r = vblk_request(&b, VBLK_T_IN, 0, blkbuf, 100, 1, &used);
+        CHECK(r == 1, "partial-sector read: status %d, expected IOERR", r);
+        r = vblk_request(&b, 0x7777, 0, blkbuf, 512, 1, &used);
+        CHECK(r == 2, "unknown request: status %d, expected UNSUPP", r);
+    }
+    if (cmdline_get(cmdline, "blk_ro", v, sizeof v) && n > 1) {
+        struct vblk ro;
+        CHECK(vblk_init(&ro, bases[1], 16, rings[1]) == 0, "read-only disk init failed");
+        CHECK(ro.features & (1 << 5), "read-only disk lacks VIRTIO_BLK_F_RO");
+        r = vblk_request(&ro, VBLK_T_OUT, 0, blkbuf, 512, 0, &used);
+        CHECK(r == 1, "write to a read-only disk: status %d, expected IOERR", r);
+    }
 }
 
 static u32 fnv1a(const u8 *p, u64 n) {
@@ -132,6 +255,8 @@ void guest_main(u64 info, u32 kind) {
         printf_serial("rtc: %lu\n", got);
     }
 
+    blk_checks(bi.cmdline);
+
     if (cmdline_get(bi.cmdline, "spam", v, sizeof v))
         for (u64 i = 0, n = parse_num(v); i < n; i++)
             printf_serial("spam %lu: the quick brown fox jumps over the lazy dog\n", i);
@@ -165,7 +290,7 @@ void guest_main(u64 info, u32 kind) {
         puts_serial("ctrl-alt-del received\n");
         i8042_reset();
     }
-    if (!memcmp(v, "mmio-exec", 10)) ((void (*)(void))0xd0000000UL)();   /* no RAM there */
+    if (!memcmp(v, "mmio-exec", 10)) ((void (*)(void))0xe0000000UL)();   /* no RAM there */
     if (!memcmp(v, "reboot-once", 12)) {
         u8 boots = cmos_read(0x40);
         printf_serial("boot count: %u\n", boots);

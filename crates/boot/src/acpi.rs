@@ -111,7 +111,24 @@ fn ged_and_power_button() -> Vec<u8> {
     v
 }
 
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device as Linux's virtio_mmio driver finds it (LNRO0005).
+fn virtio_mmio_device(i: usize, base: u64, irq: u32) -> Vec<u8> {
+    let mem = aml::Memory32Fixed::new(true, base as u32, crate::layout::VIRTIO_MMIO_SIZE as u32);
+    let int = aml::Interrupt::new(true, true, false, false, irq);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &int]);
+    let uid = i as u32;
+    bytes_of(&aml::Device::new(
+        format!("_SB_.V{i:03X}").as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CCA".into(), &aml::ONE),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    ))
+}
+
+fn dsdt(virtio: &[(u64, u32)]) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM_ID, OEM_TABLE_ID, 1);
     dsdt.append_slice(&bytes_of(&aml::Name::new(
         "_S5_".into(),
@@ -137,6 +154,9 @@ fn dsdt() -> Vec<u8> {
         None,
     ));
     dsdt.append_slice(&ged_and_power_button());
+    for (i, &(base, irq)) in virtio.iter().enumerate() {
+        dsdt.append_slice(&virtio_mmio_device(i, base, irq));
+    }
     dsdt.as_slice().to_vec()
 }
 
@@ -192,7 +212,7 @@ fn align16(x: u64) -> u64 {
 }
 
 /// Lay the tables out from `ACPI_START`; the RSDP comes first.
-pub fn build(apic_ids: &[u32]) -> Result<Vec<Table>, BootError> {
+pub fn build(apic_ids: &[u32], virtio: &[(u64, u32)]) -> Result<Vec<Table>, BootError> {
     let mut addr = ACPI_START + align16(Rsdp::len() as u64);
     let mut tables = Vec::new();
     let mut place = |sig: &str, bytes: Vec<u8>, tables: &mut Vec<Table>| {
@@ -205,7 +225,7 @@ pub fn build(apic_ids: &[u32]) -> Result<Vec<Table>, BootError> {
         });
         a
     };
-    let dsdt_addr = place("DSDT", dsdt(), &mut tables);
+    let dsdt_addr = place("DSDT", dsdt(virtio), &mut tables);
     let fadt_addr = place("FACP", fadt(dsdt_addr), &mut tables);
     let madt_addr = place("APIC", madt(apic_ids)?, &mut tables);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
@@ -240,7 +260,7 @@ mod tests {
     #[test]
     fn tables_have_valid_checksums_and_fit() {
         let ids: Vec<u32> = (0..64).collect();
-        let t = build(&ids).unwrap();
+        let t = build(&ids, &[(0xd000_0000, 5), (0xd000_1000, 6)]).unwrap();
         assert_eq!(t[0].signature, "RSDP");
         assert_eq!(sum(&t[0].bytes[..20]), 0);
         assert_eq!(sum(&t[0].bytes), 0);

@@ -7,7 +7,7 @@
 //! 0x0002_0000  kernel command line (64 KiB at most)
 //! 0x0009_fc00  EBDA (reserved)         0x000e_0000  ACPI tables (RSDP first), reserved
 //! 0x000f_0000  MP table (acpi=off)     0x0010_0000  kernel, initrd: RAM up to 3 GiB
-//! 0xc000_0000  32-bit MMIO hole: GED 0xfea0_0000, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0xc000_0000  32-bit MMIO hole: virtio-mmio 0xd000_0000 (4 KiB each), GED 0xfea0_0000, IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000  RAM above 3 GiB continues here
 //! ```
 
@@ -33,6 +33,19 @@ pub const HIMEM_START: u64 = 0x100000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// virtio-mmio devices: one 4 KiB window each from here.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// Their interrupts (edge-triggered IOAPIC pins; 8 is the RTC's, 9 the GED's).
+pub const VIRTIO_IRQS: [u32; 16] = [5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22];
+
+/// The window and interrupt of virtio-mmio device `i`.
+pub fn virtio_slot(i: usize) -> Option<(u64, u32)> {
+    VIRTIO_IRQS
+        .get(i)
+        .map(|&irq| (VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_SIZE, irq))
+}
+
 /// The ACPI Generic Event Device's event register (power button).
 pub const GED_ADDR: u64 = 0xfea0_0000;
 pub const GED_SIZE: u64 = 0x1000;

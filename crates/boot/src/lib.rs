@@ -67,6 +67,8 @@ pub struct MachineDesc {
     /// APIC ID of each vCPU, BSP first.
     pub apic_ids: Vec<u32>,
     pub acpi: bool,
+    /// virtio-mmio devices: (MMIO base, IRQ).
+    pub virtio: Vec<(u64, u32)>,
 }
 
 /// A kernel file recognised and validated for a layout (not yet written).
@@ -139,6 +141,14 @@ pub fn load(
     if cmdline.as_bytes().contains(&0) {
         return Err(BootError::Cmdline("contains a NUL byte".into()));
     }
+    // Without ACPI, Linux learns of virtio-mmio devices from its command line.
+    let mut full = cmdline.to_string();
+    if !machine.acpi {
+        for (base, irq) in &machine.virtio {
+            full += &format!(" virtio_mmio.device=4K@{base:#x}:{irq}");
+        }
+    }
+    let cmdline = full.trim_start();
     let kernel = parse_kernel(kernel_data, layout)?;
     let cmdline_max = match &kernel {
         Kernel::BzImage(b) => b.cmdline_max.min(CMDLINE_MAX),
@@ -184,7 +194,7 @@ pub fn load(
 
     // Machine description.
     let rsdp = if machine.acpi {
-        let tables = acpi::build(&machine.apic_ids)?;
+        let tables = acpi::build(&machine.apic_ids, &machine.virtio)?;
         for t in &tables {
             write(mem, t.addr, &t.bytes)?;
         }

@@ -31,7 +31,7 @@ fn iasl_accepts_and_describes_the_tables() {
     let dir = std::env::temp_dir().join(format!("moat-iasl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ids = [0u32, 1, 2, 4, 5, 6];
-    let tables = acpi::build(&ids).unwrap();
+    let tables = acpi::build(&ids, &[(0xd000_0000, 5), (0xd000_1000, 6)]).unwrap();
     let get = |sig: &str| tables.iter().find(|t| t.signature == sig).unwrap();
 
     // iasl cannot disassemble a bare RSDP; check it by hand (ACPI 6.5 5.2.5).

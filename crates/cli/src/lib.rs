@@ -8,6 +8,8 @@ pub mod keyval;
 
 use std::path::PathBuf;
 
+/// virtio-mmio devices a machine can have.
+pub const MAX_VIRTIO_DEVICES: usize = 16;
 /// The largest vCPU count moat accepts.
 pub const MAX_CPUS: u32 = 64;
 /// The smallest guest RAM moat accepts (room for the boot structures).
@@ -82,6 +84,35 @@ pub struct SocketChardev {
     pub tls_creds: Option<String>,
     /// `tls-authz=ID` of an `authz-simple`/`authz-list` object.
     pub tls_authz: Option<String>,
+}
+
+/// Image formats moat reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriveFormat {
+    Raw,
+}
+
+/// `-drive cache=`: the host page cache and flush behaviour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    Writeback,
+    None,
+    Writethrough,
+    Directsync,
+    Unsafe,
+}
+
+/// A disk: `-drive if=virtio`, or `-drive if=none,id=` used by `-device virtio-blk-device`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    pub id: Option<String>,
+    pub file: PathBuf,
+    pub format: DriveFormat,
+    pub read_only: bool,
+    pub cache: CacheMode,
+    /// `discard=unmap` (true) or `ignore`.
+    pub discard_unmap: bool,
+    pub serial: Option<String>,
 }
 
 /// How an authorization rule compares identities.
@@ -167,6 +198,8 @@ pub struct VmConfig {
     pub uuid: Option<String>,
     pub monitors: Vec<MonitorConfig>,
     pub objects: Vec<Object>,
+    /// virtio-blk disks, in device order.
+    pub drives: Vec<DriveConfig>,
 }
 
 impl Default for VmConfig {
@@ -192,6 +225,7 @@ impl Default for VmConfig {
             uuid: None,
             monitors: Vec::new(),
             objects: Vec::new(),
+            drives: Vec::new(),
         }
     }
 }
@@ -199,7 +233,7 @@ impl Default for VmConfig {
 /// Options that take an argument.
 const WITH_ARG: &[&str] = &[
     "M", "machine", "accel", "cpu", "m", "smp", "kernel", "initrd", "append", "serial", "display",
-    "name", "pidfile", "uuid", "qmp", "monitor", "chardev", "mon", "object",
+    "name", "pidfile", "uuid", "qmp", "monitor", "chardev", "mon", "object", "drive", "device",
 ];
 /// Options without an argument.
 const FLAGS: &[&str] = &[
@@ -220,6 +254,8 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
     let mut nodefaults = false;
     let mut chardevs: Vec<(String, SocketChardev)> = Vec::new();
     let mut mons: Vec<(String, MonitorMode, String)> = Vec::new();
+    // -drive if=none ones wait for a -device that uses them.
+    let mut backends: Vec<(DriveConfig, bool)> = Vec::new();
     let mut it = args.iter().map(|s| s.as_ref());
     while let Some(raw) = it.next() {
         let name = raw
@@ -295,6 +331,74 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
             }
             "pidfile" => cfg.pidfile = Some(nonempty_path(&opt, arg)?),
             "uuid" => cfg.uuid = Some(parse_uuid(&opt, arg)?),
+            "drive" => {
+                let (d, virtio) = parse_drive(&opt, arg)?;
+                if let Some(id) = &d.id {
+                    if backends.iter().any(|(b, _)| b.id.as_ref() == Some(id)) {
+                        return Err(CliError::new(
+                            &opt,
+                            arg,
+                            &format!("Duplicate ID '{id}' for drive"),
+                        ));
+                    }
+                }
+                if virtio {
+                    cfg.drives.push(d.clone());
+                }
+                backends.push((d, virtio));
+            }
+            "device" => {
+                let mut kv = keyval::parse(&opt, arg, Some("driver"))?;
+                match kv.take("driver").as_deref() {
+                    Some("virtio-blk-device") | Some("virtio-blk") => {}
+                    Some("help") | Some("?") => {
+                        return Err(CliError::new(
+                            &opt,
+                            arg,
+                            "moat offers -device virtio-blk-device",
+                        ))
+                    }
+                    Some(d) => {
+                        return Err(CliError::new(
+                            &opt,
+                            arg,
+                            &format!("unsupported device '{d}' (moat offers virtio-blk-device)"),
+                        ))
+                    }
+                    None => return Err(CliError::new(&opt, arg, "a device driver is required")),
+                }
+                let drive = kv
+                    .take("drive")
+                    .ok_or_else(|| CliError::new(&opt, arg, "Parameter 'drive' is missing"))?;
+                let serial = kv.take("serial");
+                kv.take("id");
+                kv.finish(&opt, arg)?;
+                let (d, used) = backends
+                    .iter_mut()
+                    .find(|(b, _)| b.id.as_deref() == Some(drive.as_str()))
+                    .ok_or_else(|| {
+                        CliError::new(
+                            &opt,
+                            arg,
+                            &format!(
+                                "Property 'virtio-blk-device.drive' can't find value '{drive}'"
+                            ),
+                        )
+                    })?;
+                if *used {
+                    return Err(CliError::new(
+                        &opt,
+                        arg,
+                        &format!("drive '{drive}' is already in use"),
+                    ));
+                }
+                *used = true;
+                let mut d = d.clone();
+                if serial.is_some() {
+                    d.serial = serial;
+                }
+                cfg.drives.push(d);
+            }
             "object" => {
                 let o = parse_object(&opt, arg)?;
                 if cfg.objects.iter().any(|x| x.id() == o.id()) {
@@ -354,6 +458,21 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
             }
             _ => unreachable!("every option with an argument is handled"),
         }
+    }
+    for (d, used) in &backends {
+        if !used {
+            log::warn!(
+                "-drive id={}: no device uses it",
+                d.id.as_deref().unwrap_or_default()
+            );
+        }
+    }
+    if cfg.drives.len() > MAX_VIRTIO_DEVICES {
+        return Err(CliError::new(
+            "-drive",
+            "",
+            &format!("at most {MAX_VIRTIO_DEVICES} virtio devices"),
+        ));
     }
     for (chardev, mode, arg) in mons {
         let socket = chardevs
@@ -608,6 +727,118 @@ fn parse_serial(opt: &str, arg: &str) -> Result<Option<SerialBackend>, CliError>
         }
     };
     Ok(Some(backend))
+}
+
+/// `-drive file=...,format=raw,if=virtio|none,...`; true when it makes a device itself.
+fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
+    let mut kv = keyval::parse(opt, arg, None)?;
+    let file = kv
+        .take("file")
+        .filter(|f| !f.is_empty())
+        .ok_or_else(|| CliError::new(opt, arg, "Parameter 'file' is missing"))?;
+    let read_only = match kv.take("readonly") {
+        Some(v) => keyval::parse_bool(opt, "readonly", &v)?,
+        None => false,
+    };
+    let format = match kv.take("format").as_deref() {
+        Some("raw") => DriveFormat::Raw,
+        Some("qcow2") => {
+            return Err(CliError::new(opt, arg, "format=qcow2 is not supported yet; convert with qemu-img convert -O raw"))
+        }
+        Some(f) => return Err(CliError::new(opt, arg, &format!("unsupported format '{f}' (moat reads raw)"))),
+        // Probing lets a guest that wrote an image header into its disk choose
+        // how the host opens it next time: never for a writable drive.
+        None if !read_only => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                "a writable drive needs format= (moat never probes the format of an image the guest can write)",
+            ))
+        }
+        None => DriveFormat::Raw,
+    };
+    let virtio = match kv.take("if").as_deref() {
+        None | Some("virtio") => true,
+        Some("none") => false,
+        Some(i) => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("unsupported interface if={i} (moat offers virtio and none)"),
+            ))
+        }
+    };
+    let cache = match kv.take("cache").as_deref() {
+        None | Some("writeback") => CacheMode::Writeback,
+        Some("none") => CacheMode::None,
+        Some("writethrough") => CacheMode::Writethrough,
+        Some("directsync") => CacheMode::Directsync,
+        Some("unsafe") => CacheMode::Unsafe,
+        Some(c) => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("invalid cache option '{c}'"),
+            ))
+        }
+    };
+    let discard_unmap = match kv.take("discard").as_deref() {
+        None | Some("ignore") | Some("off") => false,
+        Some("unmap") | Some("on") => true,
+        Some(d) => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("invalid discard option '{d}'"),
+            ))
+        }
+    };
+    let id = kv.take("id");
+    let serial = kv.take("serial");
+    if let Some(m) = kv.take("media") {
+        if m != "disk" {
+            return Err(CliError::new(opt, arg, "only media=disk is supported"));
+        }
+    }
+    if let Some(k) = [
+        "throttling.bps-total",
+        "throttling.bps-read",
+        "throttling.bps-write",
+        "throttling.iops-total",
+        "throttling.iops-read",
+        "throttling.iops-write",
+        "throttling.bps-total-max",
+        "throttling.iops-total-max",
+    ]
+    .iter()
+    .find(|k| kv.take(k).is_some())
+    {
+        return Err(CliError::new(
+            opt,
+            arg,
+            &format!("{k}: I/O throttling is not supported yet"),
+        ));
+    }
+    kv.finish(opt, arg)?;
+    if !virtio && id.is_none() {
+        return Err(CliError::new(
+            opt,
+            arg,
+            "if=none needs an id= for -device to use",
+        ));
+    }
+    Ok((
+        DriveConfig {
+            id,
+            file: PathBuf::from(file),
+            format,
+            read_only,
+            cache,
+            discard_unmap,
+            serial,
+        },
+        virtio,
+    ))
 }
 
 fn parse_uuid(opt: &str, arg: &str) -> Result<String, CliError> {
@@ -949,6 +1180,8 @@ With no -kernel, moat boots its built-in demo guest.
 -S                                  do not start the vCPUs
 -name NAME                          the VM's name
 -uuid UUID                          the VM's UUID
+-drive file=F,format=raw[,if=virtio|none][,id=][,readonly=on][,cache=][,discard=unmap|ignore][,serial=]
+-device virtio-blk-device,drive=ID[,serial=]   a virtio-blk disk for an if=none drive
 -qmp unix:PATH,server=on[,wait=off] a QMP monitor (socket created mode 0600)
 -monitor unix:PATH,server=on[,wait=off]   an HMP monitor
 -chardev socket,id=ID,path=PATH,server=on[,wait=off]  with  -mon chardev=ID[,mode=control|readline]
@@ -1166,6 +1399,42 @@ mod tests {
             err(&["-object", r#"{"qom-type":"authz-list","id":"x","bogus":1}"#])
                 .contains("'bogus'")
         );
+    }
+
+    #[test]
+    fn drives() {
+        let c = cfg(&[
+            "-drive",
+            "file=/a.img,format=raw,if=virtio,serial=abc",
+            "-drive",
+            "file=/b.img,format=raw,if=none,id=d1,readonly=on,cache=none,discard=unmap",
+            "-device",
+            "virtio-blk-device,drive=d1,serial=xyz",
+        ]);
+        assert_eq!(c.drives.len(), 2);
+        assert_eq!(c.drives[0].serial.as_deref(), Some("abc"));
+        assert!(c.drives[1].read_only && c.drives[1].discard_unmap);
+        assert_eq!(c.drives[1].serial.as_deref(), Some("xyz"));
+        assert!(err(&["-drive", "file=/a.img"]).contains("never probes"));
+        assert_eq!(
+            cfg(&["-drive", "file=/a.img,readonly=on"]).drives[0].format,
+            DriveFormat::Raw
+        );
+        assert!(
+            err(&["-drive", "file=/a.img,format=raw,throttling.bps-total=5"])
+                .contains("throttling")
+        );
+        assert!(err(&["-device", "virtio-blk-device,drive=nope"]).contains("'nope'"));
+        assert!(err(&["-device", "e1000"]).contains("unsupported device"));
+        assert!(err(&[
+            "-drive",
+            "file=/a,format=raw,if=none,id=x",
+            "-device",
+            "virtio-blk,drive=x",
+            "-device",
+            "virtio-blk,drive=x"
+        ])
+        .contains("in use"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod i8042;
 pub mod pm;
 pub mod rtc;
 pub mod serial;
+pub mod virtio;
 
 /// Something a device asks of the whole VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

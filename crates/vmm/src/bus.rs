@@ -6,6 +6,7 @@ use moat_devices::i8042::I8042;
 use moat_devices::pm::AcpiPm;
 use moat_devices::rtc::Rtc;
 use moat_devices::serial::Uart;
+use moat_devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -22,6 +23,8 @@ pub struct PlatformBus {
     pub i8042: Mutex<I8042>,
     pub pm: AcpiPm,
     pub ged: Mutex<Ged>,
+    /// virtio-mmio devices by window base.
+    pub virtio: Vec<(u64, Mutex<MmioTransport>)>,
     logged: Mutex<HashSet<u64>>,
 }
 
@@ -45,6 +48,7 @@ impl PlatformBus {
             i8042: Mutex::new(i8042),
             pm,
             ged: Mutex::new(ged),
+            virtio: Vec::new(),
             logged: Mutex::new(HashSet::new()),
         }
     }
@@ -94,7 +98,18 @@ impl PlatformBus {
         }
     }
 
+    fn virtio_at(&self, addr: u64) -> Option<(u64, &Mutex<MmioTransport>)> {
+        self.virtio
+            .iter()
+            .find(|(base, _)| (*base..*base + MMIO_SIZE).contains(&addr))
+            .map(|(base, t)| (addr - base, t))
+    }
+
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some((off, t)) = self.virtio_at(addr) {
+            lock(t).read(off, data);
+            return;
+        }
         if (GED_ADDR..GED_ADDR + GED_SIZE).contains(&addr) {
             lock(&self.ged).read(addr - GED_ADDR, data);
             return;
@@ -103,7 +118,11 @@ impl PlatformBus {
         self.unclaimed("MMIO read", addr & !0xfff);
     }
 
-    pub fn mmio_write(&self, addr: u64, _data: &[u8]) {
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((off, t)) = self.virtio_at(addr) {
+            lock(t).write(off, data);
+            return;
+        }
         if (GED_ADDR..GED_ADDR + GED_SIZE).contains(&addr) {
             return; // the event register is read-only
         }

@@ -16,6 +16,7 @@ use control::VcpuSet;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
+use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use moat_boot::layout::{ports, MemLayout, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use moat_boot::MachineDesc;
@@ -25,6 +26,8 @@ use moat_devices::i8042::I8042;
 use moat_devices::pm::AcpiPm;
 use moat_devices::rtc::Rtc;
 use moat_devices::serial::Console;
+use moat_devices::virtio::block::Block;
+use moat_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use moat_devices::{IrqLine, RequestSink, VmRequest};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -151,12 +154,58 @@ impl Platform {
     }
 }
 
+/// An opened disk, shared by every boot of the VM.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub image: Arc<dyn moat_block::DiskImage>,
+    pub serial: String,
+    pub discard: moat_devices::virtio::block::Discard,
+}
+
+impl Disk {
+    /// Open `-drive file=` as the drive's options say.
+    pub fn open(d: &moat_cli::DriveConfig) -> Result<Disk, String> {
+        use moat_cli::CacheMode;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut o = std::fs::OpenOptions::new();
+        o.read(true).write(!d.read_only);
+        if matches!(d.cache, CacheMode::Writethrough | CacheMode::Directsync) {
+            o.custom_flags(libc::O_DSYNC);
+        }
+        let f = o
+            .open(&d.file)
+            .map_err(|e| format!("-drive file={}: {e}", d.file.display()))?;
+        let meta = f.metadata().map_err(|e| e.to_string())?;
+        if !meta.is_file() {
+            return Err(format!(
+                "-drive file={}: not a regular file",
+                d.file.display()
+            ));
+        }
+        let image = match d.format {
+            moat_cli::DriveFormat::Raw => {
+                moat_block::RawImage::new(f, d.read_only).map_err(|e| e.to_string())?
+            }
+        };
+        Ok(Disk {
+            image: Arc::new(image),
+            serial: d.serial.clone().unwrap_or_default(),
+            discard: if d.discard_unmap {
+                moat_devices::virtio::block::Discard::Unmap
+            } else {
+                moat_devices::virtio::block::Discard::Ignore
+            },
+        })
+    }
+}
+
 /// The kernel and initrd contents (read once; reused on every reset).
 #[derive(Debug, Clone)]
 pub struct BootImages {
     pub kernel: Vec<u8>,
     pub initrd: Option<Vec<u8>>,
     pub cmdline: String,
+    pub disks: Vec<Disk>,
 }
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
@@ -254,9 +303,17 @@ impl Vm {
 
         let t = &cfg.smp;
         let apic_ids: Vec<u32> = (0..t.cpus).map(|i| cpuid::apic_id(t, i)).collect();
+        let virtio: Vec<(u64, u32)> = (0..images.disks.len())
+            .map(|i| {
+                moat_boot::layout::virtio_slot(i).ok_or(VmError::Io(std::io::Error::other(
+                    "too many virtio devices",
+                )))
+            })
+            .collect::<Result<_, _>>()?;
         let machine = MachineDesc {
             apic_ids: apic_ids.clone(),
             acpi: cfg.acpi,
+            virtio: virtio.clone(),
         };
         let entry = moat_boot::load(
             &mem,
@@ -302,13 +359,26 @@ impl Vm {
             "KVM_IRQFD (GED)",
             vm.register_irqfd(&ged_irq.0, ports::GED_IRQ),
         )?;
-        let bus = Arc::new(PlatformBus::new(
+        let mut bus = PlatformBus::new(
             platform.console.uart().clone(),
             platform.rtc.clone(),
             I8042::new(kbd_irq, sink.clone()),
             AcpiPm::new(sink),
             Ged::new(ged_irq),
-        ));
+        );
+        for (disk, &(base, irq)) in images.disks.iter().zip(&virtio) {
+            let dev = Block::new(disk.image.clone(), &disk.serial, disk.discard);
+            let t = MmioTransport::new(Box::new(dev), mem.clone(), IrqLine::new()?)?;
+            kvm("KVM_IRQFD (virtio)", vm.register_irqfd(&t.irq().0, irq))?;
+            for (q, evt) in t.notify_fds().iter().enumerate() {
+                kvm(
+                    "KVM_IOEVENTFD (virtio)",
+                    vm.register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32),
+                )?;
+            }
+            bus.virtio.push((base, Mutex::new(t)));
+        }
+        let bus = Arc::new(bus);
 
         // vCPUs.
         let supported = kvm(

@@ -1,0 +1,252 @@
+//! Disk images: what a virtio-blk device reads and writes.
+//!
+//! Every access is bounds-checked against the image's virtual size before
+//! it reaches the file, so a guest can never read or write bytes outside
+//! the image it was given.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("access of {len} bytes at {offset} is beyond the end of the {size}-byte image")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("the image is read-only")]
+    ReadOnly,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+/// A disk image as a device sees it.
+pub trait DiskImage: Send + Sync + std::fmt::Debug {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError>;
+    /// Make written data durable.
+    fn flush(&self) -> Result<(), BlockError>;
+    /// Deallocate a range (reads then return zeroes).
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// Zero a range.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError>;
+}
+
+/// Check that `[offset, offset+len)` lies inside an image of `size` bytes.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { offset, len, size }),
+    }
+}
+
+/// A raw image: the file's bytes are the disk's bytes.
+#[derive(Debug)]
+pub struct RawImage {
+    file: File,
+    size: u64,
+    read_only: bool,
+}
+
+impl RawImage {
+    pub fn new(file: File, read_only: bool) -> io::Result<RawImage> {
+        let size = file.metadata()?.len();
+        Ok(RawImage {
+            file,
+            size,
+            read_only,
+        })
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+impl DiskImage for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.file.read_exact_at(buf, offset)?;
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(offset, buf.len() as u64, self.size)?;
+        self.file.write_all_at(buf, offset)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        if !self.read_only {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(offset, len, self.size)?;
+        // Best effort, as for QEMU's discard=unmap: a file system without
+        // hole punching simply keeps the data.
+        let _ = self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        );
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        check_range(offset, len, self.size)?;
+        if self
+            .fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.file.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(bytes: &[u8], ro: bool) -> (RawImage, std::path::PathBuf) {
+        let p =
+            std::env::temp_dir().join(format!("moat-raw-{}-{}", std::process::id(), bytes.len()));
+        std::fs::write(&p, bytes).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!ro)
+            .open(&p)
+            .unwrap();
+        (RawImage::new(f, ro).unwrap(), p)
+    }
+
+    #[test]
+    fn bounds_and_read_only() {
+        let (img, p) = image(&[7u8; 4096], false);
+        let mut b = [0u8; 512];
+        img.read_at(&mut b, 3584).unwrap();
+        assert_eq!(b, [7u8; 512]);
+        assert!(matches!(
+            img.read_at(&mut b, 3585),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            img.write_at(&b, u64::MAX - 10),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        img.write_zeroes(0, 1024).unwrap();
+        img.read_at(&mut b, 512).unwrap();
+        assert_eq!(b, [0u8; 512]);
+        std::fs::remove_file(&p).unwrap();
+        let (ro, p) = image(&[1u8; 1024], true);
+        assert!(matches!(ro.write_at(&b, 0), Err(BlockError::ReadOnly)));
+        assert!(matches!(ro.discard(0, 512), Err(BlockError::ReadOnly)));
+        std::fs::remove_file(&p).unwrap();
+    }
+}
+
+/// An image held in memory (tests and fuzzing).
+#[derive(Debug)]
+pub struct MemImage {
+    data: std::sync::Mutex<Vec<u8>>,
+    read_only: bool,
+}
+
+impl MemImage {
+    pub fn new(data: Vec<u8>, read_only: bool) -> Self {
+        MemImage {
+            data: std::sync::Mutex::new(data),
+            read_only,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the current contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+}
+
+impl DiskImage for MemImage {
+    fn size(&self) -> u64 {
+        self.lock().len() as u64
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
+        let d = self.lock();
+        check_range(offset, buf.len() as u64, d.len() as u64)?;
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let mut d = self.lock();
+        check_range(offset, buf.len() as u64, d.len() as u64)?;
+        d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), BlockError> {
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.write_zeroes(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let mut d = self.lock();
+        check_range(offset, len, d.len() as u64)?;
+        d[offset as usize..(offset + len) as usize].fill(0);
+        Ok(())
+    }
+}

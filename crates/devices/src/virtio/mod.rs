@@ -1,0 +1,78 @@
+//! virtio devices over the virtio-mmio transport (virtio 1.2, section 4.2).
+
+pub mod block;
+pub mod mmio;
+
+use crate::IrqLine;
+use std::sync::atomic::{AtomicU32, Ordering};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u32 = 1;
+    pub const DRIVER: u32 = 2;
+    pub const DRIVER_OK: u32 = 4;
+    pub const FEATURES_OK: u32 = 8;
+    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const FAILED: u32 = 0x80;
+}
+
+/// The interrupt of one virtio-mmio device: InterruptStatus bits plus the line.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    line: IrqLine,
+}
+
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+impl Interrupt {
+    pub fn new(line: IrqLine) -> Self {
+        Interrupt {
+            status: AtomicU32::new(0),
+            line,
+        }
+    }
+    pub fn line(&self) -> &IrqLine {
+        &self.line
+    }
+    /// Set `bits` in InterruptStatus and raise the line.
+    pub fn trigger(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+        self.line.pulse();
+    }
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// What a virtio device provides to the transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    fn features(&self) -> u64;
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Start serving the queues (the driver set DRIVER_OK).
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        notify: Vec<EventFd>,
+        interrupt: std::sync::Arc<Interrupt>,
+        acked_features: u64,
+        needs_reset: std::sync::Arc<dyn Fn() + Send + Sync>,
+    ) -> std::io::Result<()>;
+    /// Stop serving; the transport then returns to its initial state.
+    fn reset(&mut self);
+}

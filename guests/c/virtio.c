@@ -1,0 +1,98 @@
+#include "virtio.h"
+
+u32 vmmio_read(u64 base, u32 off) { return mmio_read32(base + off); }
+void vmmio_write(u64 base, u32 off, u32 v) { mmio_write32(base + off, v); }
+
+#define barrier() __asm__ volatile("" ::: "memory")
+
+int vblk_scan(u64 *bases, int max) {
+    int n = 0;
+    for (int i = 0; i < 16 && n < max; i++) {
+        u64 b = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE;
+        if (vmmio_read(b, 0) == 0x74726976 && vmmio_read(b, 4) == 2 && vmmio_read(b, 8) == 2) bases[n++] = b;
+    }
+    return n;
+}
+
+int vblk_init(struct vblk *b, u64 base, u16 qsize, u8 *ring) {
+    b->base = base;
+    vmmio_write(base, 0x70, 0);
+    if (vmmio_read(base, 0x70) != 0) return -1;
+    vmmio_write(base, 0x70, 1);
+    vmmio_write(base, 0x70, 1 | 2);
+    vmmio_write(base, 0x14, 0);
+    u64 f = vmmio_read(base, 0x10);
+    vmmio_write(base, 0x14, 1);
+    f |= (u64)vmmio_read(base, 0x10) << 32;
+    b->features = f;
+    if (!(f >> 32 & 1)) return -2;                 /* VERSION_1 */
+    vmmio_write(base, 0x24, 0);
+    vmmio_write(base, 0x20, 0);                    /* no optional features */
+    vmmio_write(base, 0x24, 1);
+    vmmio_write(base, 0x20, 1);                    /* VERSION_1 */
+    vmmio_write(base, 0x70, 1 | 2 | 8);
+    if (!(vmmio_read(base, 0x70) & 8)) return -3;
+    vmmio_write(base, 0x30, 0);
+    if (vmmio_read(base, 0x44) != 0) return -4;
+    u32 max = vmmio_read(base, 0x34);
+    if (max == 0) return -5;
+    if (qsize > max) qsize = (u16)max;
+    b->qsize = qsize;
+    memset(ring, 0, 16384);
+    b->desc = (volatile struct vdesc *)ring;
+    b->avail = (volatile u16 *)(ring + 16 * qsize);
+    b->used = (volatile u16 *)(ring + 8192);
+    b->last_used = 0;
+    vmmio_write(base, 0x38, qsize);
+    vmmio_write(base, 0x80, (u32)(u64)b->desc);
+    vmmio_write(base, 0x84, (u32)((u64)b->desc >> 32));
+    vmmio_write(base, 0x90, (u32)(u64)b->avail);
+    vmmio_write(base, 0x94, (u32)((u64)b->avail >> 32));
+    vmmio_write(base, 0xa0, (u32)(u64)b->used);
+    vmmio_write(base, 0xa4, (u32)((u64)b->used >> 32));
+    vmmio_write(base, 0x44, 1);
+    vmmio_write(base, 0x70, 1 | 2 | 8 | 4);
+    b->capacity = vmmio_read(base, 0x100) | (u64)vmmio_read(base, 0x104) << 32;
+    return 0;
+}
+
+int vblk_submit(struct vblk *b, u16 head, u32 *used_len) {
+    u16 idx = b->avail[1];
+    b->avail[2 + idx % b->qsize] = head;
+    barrier();
+    b->avail[1] = (u16)(idx + 1);
+    barrier();
+    vmmio_write(b->base, 0x50, 0);
+    for (u64 spins = 0; b->used[1] == b->last_used; spins++) {
+        if (spins > 50000000UL) return -1;
+        if (spins % 1024 == 0 && (vmmio_read(b->base, 0x70) & 0x40)) return -2;   /* DEVICE_NEEDS_RESET */
+        cpu_relax();
+    }
+    barrier();
+    volatile u32 *elem = (volatile u32 *)(b->used + 2) + 2 * (b->last_used % b->qsize);
+    if (used_len) *used_len = elem[1];
+    b->last_used++;
+    vmmio_write(b->base, 0x64, vmmio_read(b->base, 0x60));   /* ack any interrupt */
+    return 0;
+}
+
+static struct { u32 type, reserved; u64 sector; } hdr __attribute__((aligned(16)));
+static volatile u8 status_byte;
+
+int vblk_request(struct vblk *b, u32 type, u64 sector, void *data, u32 len, int in, u32 *used_len) {
+    hdr.type = type;
+    hdr.reserved = 0;
+    hdr.sector = sector;
+    status_byte = 0xff;
+    int n = 0;
+    b->desc[n] = (struct vdesc){ (u64)&hdr, 16, VDESC_NEXT, 1 };
+    n++;
+    if (len) {
+        b->desc[n] = (struct vdesc){ (u64)data, len, VDESC_NEXT | (in ? VDESC_WRITE : 0), (u16)(n + 1) };
+        n++;
+    }
+    b->desc[n] = (struct vdesc){ (u64)&status_byte, 1, VDESC_WRITE, 0 };
+    int r = vblk_submit(b, 0, used_len);
+    if (r < 0) return r;
+    return status_byte;
+}

@@ -1,0 +1,43 @@
+/* A minimal polling virtio-mmio (version 2) block driver for Tier 1 tests. */
+#ifndef MOAT_GUEST_VIRTIO_H
+#define MOAT_GUEST_VIRTIO_H
+#include "lib.h"
+
+#define VIRTIO_MMIO_BASE 0xd0000000UL
+#define VIRTIO_MMIO_STRIDE 0x1000UL
+#define VBLK_T_IN 0
+#define VBLK_T_OUT 1
+#define VBLK_T_FLUSH 4
+#define VBLK_T_GET_ID 8
+#define VBLK_T_DISCARD 11
+#define VBLK_T_WRITE_ZEROES 13
+
+struct vdesc { u64 addr; u32 len; u16 flags; u16 next; } __attribute__((packed));
+#define VDESC_NEXT 1
+#define VDESC_WRITE 2
+
+struct vblk {
+    u64 base;
+    u16 qsize;
+    u16 last_used;
+    volatile struct vdesc *desc;
+    volatile u16 *avail;   /* flags, idx, ring[] */
+    volatile u16 *used;    /* flags, idx, then {u32 id, u32 len}[] */
+    u64 features;
+    u64 capacity;          /* sectors */
+};
+
+u32 vmmio_read(u64 base, u32 off);
+void vmmio_write(u64 base, u32 off, u32 v);
+/* Find virtio-blk devices; returns how many (bases in `bases`). */
+int vblk_scan(u64 *bases, int max);
+/* Initialise with `qsize` queue entries using ring memory `ring` (16 KiB, 4 KiB aligned).
+ * Returns 0, or a negative step number on failure. */
+int vblk_init(struct vblk *b, u64 base, u16 qsize, u8 *ring);
+/* One request: header, optional data (device-writable when `in`), status.
+ * Returns the status byte, or -1 if the device never answered. `used_len` gets the used length. */
+int vblk_request(struct vblk *b, u32 type, u64 sector, void *data, u32 len, int in, u32 *used_len);
+/* Submit a raw descriptor chain starting at `head` (caller filled b->desc);
+ * -1 on timeout, -2 when the device reports DEVICE_NEEDS_RESET. */
+int vblk_submit(struct vblk *b, u16 head, u32 *used_len);
+#endif
