@@ -5,7 +5,9 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 export PATH=/bin:/usr/bin
-for m in irqbypass kvm kvm-amd; do insmod /modules/$m.ko || echo "TIER2 setup insmod $m failed"; done
+for m in irqbypass kvm kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk; do
+    insmod /modules/$m.ko || echo "TIER2 setup insmod $m failed"
+done
 [ -c /dev/kvm ] || { echo "TIER2 setup no /dev/kvm"; poweroff -f; }
 echo "TIER2 setup ok"
 M=/moat/moat
@@ -44,6 +46,11 @@ for s in $(cat /scenarios); do
     case $s in
         boot-smp2)
             $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
+        blk)
+            sleep 1
+            $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=blk" -nographic -no-reboot \
+                -drive file=/dev/vda,format=raw,if=virtio,serial=moat-l2-data \
+                -drive file=/dev/vdb,format=raw,if=virtio,readonly=on ;;
         boot-acpi-off)
             $M -M microvm,acpi=off -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
         bench-moat)

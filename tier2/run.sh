@@ -47,14 +47,59 @@ mk_busybox_root() {
     done
 }
 pack() { (cd "$1" && find . | cpio -o -H newc --quiet | gzip -1) > "$2"; }
+# copy_bin ROOT BINARY DEST: a dynamically linked program and its libraries.
+copy_bin() {
+    mkdir -p "$1$(dirname "$3")"
+    cp -L "$2" "$1$3"
+    for lib in $(ldd "$2" | grep -o '/[^ ]*' | sort -u); do
+        mkdir -p "$1$(dirname "$lib")"
+        cp -L "$lib" "$1$lib"
+    done
+}
+# copy_mods ROOT MODULE...: kernel modules (paths under kernel/) into ROOT/modules.
+copy_mods() {
+    local root=$1; shift
+    mkdir -p "$root/modules"
+    for m in "$@"; do
+        f=$(ls "$MODS/$m"* | head -1)
+        case $f in
+            *.xz) xz -dc "$f" > "$root/modules/$(basename "${f%.xz}")" ;;
+            *.zst) zstd -qdc "$f" > "$root/modules/$(basename "${f%.zst}")" ;;
+            *) cp "$f" "$root/modules/" ;;
+        esac
+    done
+}
+VIRTIO_MODS="drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko"
 
 L2ROOT=$WORK/l2root
 mk_busybox_root "$L2ROOT"
+copy_mods "$L2ROOT" $VIRTIO_MODS drivers/virtio/virtio_mmio.ko drivers/block/virtio_blk.ko
+copy_bin "$L2ROOT" /usr/sbin/mke2fs /sbin/mke2fs
+cp /etc/mke2fs.conf "$L2ROOT/etc/"
 cat > "$L2ROOT/init" <<'L2INIT'
 #!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
 echo "L2: userspace reached"
+case " $(cat /proc/cmdline) " in
+*" moat.test=blk "*)
+    for m in virtio_ring virtio virtio_mmio virtio_blk; do insmod /modules/$m.ko || echo "L2: insmod $m failed"; done
+    sleep 1
+    echo "L2: disks $(ls /sys/block | grep vd | tr '\n' ' ')"
+    echo "L2: vdb ro $(cat /sys/block/vdb/ro) size $(cat /sys/block/vdb/size) serial $(cat /sys/block/vda/serial 2>/dev/null)"
+    mkdir -p /mnt/a /mnt/b
+    /sbin/mke2fs -t ext4 -q -F -L moatdata /dev/vda && echo "L2: mkfs ok"
+    mount -t ext4 /dev/vda /mnt/a && echo "L2: mount vda ok"
+    mount -t ext4 -o ro /dev/vdb /mnt/b && echo "L2: mount vdb ok"
+    echo "L2: host file says: $(cat /mnt/b/from-host.txt)"
+    echo "written by the L2 guest through moat's virtio-blk" > /mnt/a/from-guest.txt
+    cat /mnt/b/from-host.txt > /mnt/a/copy-of-host-file.txt
+    dd if=/dev/urandom of=/mnt/a/random.bin bs=64k count=64 2>/dev/null
+    echo "L2: random sha256 $(sha256sum /mnt/a/random.bin | cut -d' ' -f1)"
+    umount /mnt/a && umount /mnt/b && sync && echo "L2: unmounted"
+    ;;
+esac
 echo "L2: cpus online $(cat /sys/devices/system/cpu/online) count $(grep -c ^processor /proc/cpuinfo)"
 echo "L2: mem $(grep MemTotal /proc/meminfo | tr -s ' ')"
 echo "L2: cmdline $(cat /proc/cmdline)"
@@ -75,14 +120,9 @@ pack "$L2ROOT" "$WORK/l2-initrd.gz"
 L1ROOT=$WORK/l1root
 mk_busybox_root "$L1ROOT"
 mkdir -p "$L1ROOT/modules" "$L1ROOT/l2" "$L1ROOT/moat"
-for m in virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko; do
-    f=$(ls "$MODS/$m"* | head -1)
-    case $f in
-        *.xz) xz -dc "$f" > "$L1ROOT/modules/$(basename "${f%.xz}")" ;;
-        *.zst) zstd -qdc "$f" > "$L1ROOT/modules/$(basename "${f%.zst}")" ;;
-        *) cp "$f" "$L1ROOT/modules/" ;;
-    esac
-done
+copy_mods "$L1ROOT" virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko $VIRTIO_MODS \
+    drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko \
+    drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko
 cp "$MOAT" "$L1ROOT/moat/moat"
 for lib in $(ldd "$MOAT" | grep -o '/[^ ]*' | sort -u); do
     mkdir -p "$L1ROOT$(dirname "$lib")"
@@ -108,9 +148,22 @@ chmod +x "$L1ROOT/init"
 echo "${*:-boot-smp2}" > "$L1ROOT/scenarios"
 pack "$L1ROOT" "$WORK/l1-initrd.gz"
 
+# --- disks for the blk scenario: made on the host, checked on the host ------
+DATA=$WORK/blk-data.img
+HOSTFS=$WORK/blk-hostfs.img
+rm -f "$DATA" "$HOSTFS"
+truncate -s 64M "$DATA"
+mkdir -p "$WORK/hostfs"
+echo "hello from the host, via mkfs.ext4 -d" > "$WORK/hostfs/from-host.txt"
+mkfs.ext4 -q -F -d "$WORK/hostfs" "$HOSTFS" 16M
+
 # --- boot L1 under TCG with emulated SVM ------------------------------------
-exec timeout --kill-after=10 "${MOAT_TIER2_TIMEOUT:-900}" qemu-system-x86_64 \
+timeout --kill-after=10 "${MOAT_TIER2_TIMEOUT:-900}" qemu-system-x86_64 \
     -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm -smp 2 -m 2048 \
     -kernel "$VMLINUZ" -initrd "$WORK/l1-initrd.gz" \
     -append "console=ttyS0 quiet loglevel=3 panic=-1" \
+    -drive file="$DATA",format=raw,if=virtio -drive file="$HOSTFS",format=raw,if=virtio,readonly=on \
     -nographic -no-reboot -nodefaults -serial stdio 2>"$WORK/qemu-l1.log"
+rc=$?
+echo "TIER2 host data image $DATA"
+exit $rc

@@ -51,8 +51,9 @@ pub struct RawImage {
 }
 
 impl RawImage {
-    pub fn new(file: File, read_only: bool) -> io::Result<RawImage> {
-        let size = file.metadata()?.len();
+    /// A regular file or a host block device (whose size the metadata does not give).
+    pub fn new(mut file: File, read_only: bool) -> io::Result<RawImage> {
+        let size = io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
         Ok(RawImage {
             file,
             size,

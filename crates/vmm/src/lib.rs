@@ -175,10 +175,10 @@ impl Disk {
         let f = o
             .open(&d.file)
             .map_err(|e| format!("-drive file={}: {e}", d.file.display()))?;
-        let meta = f.metadata().map_err(|e| e.to_string())?;
-        if !meta.is_file() {
+        let kind = f.metadata().map_err(|e| e.to_string())?.file_type();
+        if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
             return Err(format!(
-                "-drive file={}: not a regular file",
+                "-drive file={}: not a regular file or block device",
                 d.file.display()
             ));
         }
