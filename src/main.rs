@@ -115,6 +115,89 @@ struct VmHandle {
     quit_requested: AtomicBool,
     /// Dies per socket (`query-cpus-fast` shows die-id when above 1).
     dies: u32,
+    /// The disks, as `query-block` names them.
+    drives: Vec<DriveInfo>,
+}
+
+/// A disk as the monitor reports it.
+struct DriveInfo {
+    name: String,
+    cfg: moat_cli::DriveConfig,
+    size: u64,
+    stats: Arc<moat_devices::virtio::block::BlockStats>,
+}
+
+impl DriveInfo {
+    /// QEMU's names: the drive id, else "virtioN" by position among id-less drives.
+    fn list(cfg: &VmConfig, disks: &[moat_vmm::Disk]) -> Vec<DriveInfo> {
+        let mut anon = 0;
+        cfg.drives
+            .iter()
+            .zip(disks)
+            .map(|(d, disk)| {
+                let name = d.id.clone().unwrap_or_else(|| {
+                    anon += 1;
+                    format!("virtio{}", anon - 1)
+                });
+                DriveInfo {
+                    name,
+                    cfg: d.clone(),
+                    size: disk.image.size(),
+                    stats: disk.stats.clone(),
+                }
+            })
+            .collect()
+    }
+
+    fn query_block(&self, index: usize) -> Value {
+        use moat_cli::CacheMode;
+        let file = self.cfg.file.display().to_string();
+        let actual = std::fs::metadata(&self.cfg.file)
+            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+            .unwrap_or(0);
+        json!({
+            "device": self.name,
+            "qdev": format!("/machine/peripheral-anon/device[{index}]"),
+            "locked": false,
+            "removable": false,
+            "type": "unknown",
+            "io-status": "ok",
+            "inserted": {
+                "file": file, "node-name": format!("#block{:03}", index * 2 + 1), "ro": self.cfg.read_only,
+                "drv": "raw", "encrypted": false, "detect_zeroes": "off", "backing_file_depth": 0,
+                "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
+                "cache": {
+                    "writeback": !matches!(self.cfg.cache, CacheMode::Writethrough | CacheMode::Directsync),
+                    "direct": matches!(self.cfg.cache, CacheMode::None | CacheMode::Directsync),
+                    "no-flush": matches!(self.cfg.cache, CacheMode::Unsafe),
+                },
+                "image": {"filename": file, "format": "raw", "virtual-size": self.size,
+                          "actual-size": actual, "dirty-flag": false},
+            }
+        })
+    }
+
+    fn query_blockstats(&self, index: usize) -> Value {
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.stats;
+        json!({
+            "device": self.name,
+            "node-name": format!("#block{:03}", index * 2 + 1),
+            "qdev": format!("/machine/peripheral-anon/device[{index}]"),
+            "stats": {
+                "rd_bytes": g(&s.rd_bytes), "wr_bytes": g(&s.wr_bytes), "unmap_bytes": 0,
+                "rd_operations": g(&s.rd_operations), "wr_operations": g(&s.wr_operations),
+                "flush_operations": g(&s.flush_operations), "unmap_operations": g(&s.unmap_operations),
+                "failed_rd_operations": g(&s.failed_rd_operations), "failed_wr_operations": g(&s.failed_wr_operations),
+                "failed_flush_operations": g(&s.failed_flush_operations), "failed_unmap_operations": 0,
+                "invalid_rd_operations": 0, "invalid_wr_operations": 0, "invalid_flush_operations": 0,
+                "invalid_unmap_operations": 0, "rd_merged": 0, "wr_merged": 0, "unmap_merged": 0,
+                "rd_total_time_ns": 0, "wr_total_time_ns": 0, "flush_total_time_ns": 0, "unmap_total_time_ns": 0,
+                "wr_highest_offset": 0, "account_invalid": true, "account_failed": true,
+                "timed_stats": []
+            }
+        })
+    }
 }
 
 impl VmHandle {
@@ -147,6 +230,31 @@ impl VmControl for VmHandle {
             VmCommand::QueryStatus => Control::Status,
             VmCommand::QueryCpusFast => Control::Cpus,
             VmCommand::Registers(cpu) => Control::Registers(cpu),
+            VmCommand::QueryBlock => {
+                return Ok(Value::Array(
+                    self.drives
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| d.query_block(i))
+                        .collect(),
+                ))
+            }
+            VmCommand::QueryBlockstats => {
+                return Ok(Value::Array(
+                    self.drives
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| d.query_blockstats(i))
+                        .collect(),
+                ))
+            }
+            VmCommand::Eject(dev) => {
+                return Err(if self.drives.iter().any(|d| d.name == dev) {
+                    QmpError::generic(format!("Device '{dev}' is not removable"))
+                } else {
+                    QmpError::device_not_found(format!("Device '{dev}' not found"))
+                })
+            }
         };
         match self.send(control)? {
             ControlReply::Done => {
@@ -362,6 +470,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
                 prelaunch: AtomicBool::new(cfg.start_paused),
                 quit_requested: AtomicBool::new(false),
                 dies: cfg.smp.dies,
+                drives: DriveInfo::list(&cfg, &images.disks),
             }),
             fds: Mutex::new(FdStore::default()),
         });

@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
         discard: if data[6] & 1 == 1 { Discard::Unmap } else { Discard::Ignore },
         interrupt: Arc::new(Interrupt::new(IrqLine::new().unwrap())),
         bounce: vec![0; 4096],
+        stats: Default::default(),
     };
     let _ = w.process_queue();
 });

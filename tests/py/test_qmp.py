@@ -378,3 +378,33 @@ def test_many_clients_and_disconnect_mid_command(moat):
     q = connect(m)
     assert q.cmd("query-status")["status"] == "running"
     q.close()
+
+
+def test_block_queries(moat, tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    m = moat(append="blk=1 blk_len=65536 action=count",
+             extra=["-drive", f"file={img},format=raw,if=none,id=disk0",
+                    "-device", "virtio-blk-device,drive=disk0"])
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 0, "the guest to read its disk")
+    blk = q.cmd("query-block")
+    assert len(blk) == 1
+    b = blk[0]
+    assert b["device"] == "disk0" and b["removable"] is False
+    assert b["qdev"] == "/machine/peripheral-anon/device[0]"
+    assert b["inserted"]["file"] == str(img) and b["inserted"]["ro"] is False
+    assert b["inserted"]["image"]["virtual-size"] == 1 << 20
+    assert b["inserted"]["image"]["format"] == "raw"
+    st = q.cmd("query-blockstats")[0]
+    assert st["device"] == "disk0"
+    assert st["stats"]["rd_operations"] >= 1
+    assert st["stats"]["rd_bytes"] >= 65536
+    assert st["stats"]["wr_operations"] == 0
+    with pytest.raises(ExecuteError) as e:
+        q.cmd("eject", device="disk0")
+    assert e.value.error_class == "GenericError" and "not removable" in e.value.error.error.desc
+    with pytest.raises(ExecuteError) as e:
+        q.cmd("eject", device="nope")
+    assert e.value.error_class == "DeviceNotFound"
+    q.close()

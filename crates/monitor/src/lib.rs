@@ -61,6 +61,10 @@ pub enum VmCommand {
     QueryCpusFast,
     /// HMP `info registers` for one vCPU (or all with `None`).
     Registers(Option<u32>),
+    QueryBlock,
+    QueryBlockstats,
+    /// `eject` of a device (by `device` or `id`).
+    Eject(String),
 }
 
 /// The VM as the monitor sees it.

@@ -138,6 +138,22 @@ pub const COMMANDS: &[CommandSpec] = &[
         args: &[],
     },
     CommandSpec {
+        name: "query-block",
+        args: &[],
+    },
+    CommandSpec {
+        name: "query-blockstats",
+        args: &[("query-nodes", Bool, false)],
+    },
+    CommandSpec {
+        name: "eject",
+        args: &[
+            ("device", Str, false),
+            ("id", Str, false),
+            ("force", Bool, false),
+        ],
+    },
+    CommandSpec {
         name: "migrate",
         args: &[
             ("uri", Str, true),
@@ -431,6 +447,12 @@ impl Session {
             "system_reset" => vm.execute(VmCommand::SystemReset),
             "system_powerdown" => vm.execute(VmCommand::SystemPowerdown),
             "quit" => vm.execute(VmCommand::Quit),
+            "query-block" => vm.execute(VmCommand::QueryBlock),
+            "query-blockstats" => vm.execute(VmCommand::QueryBlockstats),
+            "eject" => match s("device").or(s("id")) {
+                Some(d) => vm.execute(VmCommand::Eject(d.to_string())),
+                None => Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
+            },
             "human-monitor-command" => {
                 let line = s("command-line").unwrap_or_default();
                 let cpu = i("cpu-index").map(|c| c as u32);

@@ -160,6 +160,7 @@ pub struct Disk {
     pub image: Arc<dyn moat_block::DiskImage>,
     pub serial: String,
     pub discard: moat_devices::virtio::block::Discard,
+    pub stats: Arc<moat_devices::virtio::block::BlockStats>,
 }
 
 impl Disk {
@@ -190,6 +191,7 @@ impl Disk {
         Ok(Disk {
             image: Arc::new(image),
             serial: d.serial.clone().unwrap_or_default(),
+            stats: Arc::default(),
             discard: if d.discard_unmap {
                 moat_devices::virtio::block::Discard::Unmap
             } else {
@@ -367,7 +369,12 @@ impl Vm {
             Ged::new(ged_irq),
         );
         for (disk, &(base, irq)) in images.disks.iter().zip(&virtio) {
-            let dev = Block::new(disk.image.clone(), &disk.serial, disk.discard);
+            let dev = Block::new(
+                disk.image.clone(),
+                &disk.serial,
+                disk.discard,
+                disk.stats.clone(),
+            );
             let t = MmioTransport::new(Box::new(dev), mem.clone(), IrqLine::new()?)?;
             kvm("KVM_IRQFD (virtio)", vm.register_irqfd(&t.irq().0, irq))?;
             for (q, evt) in t.notify_fds().iter().enumerate() {

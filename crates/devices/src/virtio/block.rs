@@ -13,6 +13,7 @@ use super::{
 use moat_block::{BlockError, DiskImage};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use virtio_queue::desc::split::Descriptor;
@@ -48,6 +49,24 @@ pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
 pub const S_UNSUPP: u8 = 2;
 
+/// I/O counters of one drive (QMP `query-blockstats`); survive guest resets.
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    pub rd_bytes: AtomicU64,
+    pub wr_bytes: AtomicU64,
+    pub rd_operations: AtomicU64,
+    pub wr_operations: AtomicU64,
+    pub flush_operations: AtomicU64,
+    pub unmap_operations: AtomicU64,
+    pub failed_rd_operations: AtomicU64,
+    pub failed_wr_operations: AtomicU64,
+    pub failed_flush_operations: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
 /// How a drive handles `discard` requests (`-drive discard=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Discard {
@@ -58,6 +77,7 @@ pub enum Discard {
 /// The virtio-blk device model.
 pub struct Block {
     disk: Arc<dyn DiskImage>,
+    stats: Arc<BlockStats>,
     serial: [u8; 20],
     discard: Discard,
     worker: Option<(EventFd, JoinHandle<()>)>,
@@ -70,12 +90,18 @@ impl std::fmt::Debug for Block {
 }
 
 impl Block {
-    pub fn new(disk: Arc<dyn DiskImage>, serial: &str, discard: Discard) -> Self {
+    pub fn new(
+        disk: Arc<dyn DiskImage>,
+        serial: &str,
+        discard: Discard,
+        stats: Arc<BlockStats>,
+    ) -> Self {
         let mut s = [0u8; 20];
         let n = serial.len().min(20);
         s[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Block {
             disk,
+            stats,
             serial: s,
             discard,
             worker: None,
@@ -159,6 +185,7 @@ impl VirtioDevice for Block {
             discard: self.discard,
             interrupt,
             bounce: vec![0u8; BOUNCE],
+            stats: self.stats.clone(),
         };
         let h = std::thread::Builder::new()
             .name("virtio-blk".into())
@@ -190,6 +217,7 @@ pub struct Worker {
     pub discard: Discard,
     pub interrupt: Arc<Interrupt>,
     pub bounce: Vec<u8>,
+    pub stats: Arc<BlockStats>,
 }
 
 #[derive(Debug)]
@@ -295,11 +323,35 @@ impl Worker {
         let Ok(mut status_w) = writer.split_at(total - 1) else {
             return 0;
         };
+        let kind = {
+            let mut peek = reader.clone();
+            let mut t = [0u8; 4];
+            peek.read_exact(&mut t)
+                .map(|_| u32::from_le_bytes(t))
+                .unwrap_or(u32::MAX)
+        };
         let status = match self.execute(&mut reader, &mut writer) {
             Ok(()) => S_OK,
             Err(ReqError::Status(s)) => s,
             Err(ReqError::Malformed) => S_IOERR,
         };
+        let st = &self.stats;
+        match (kind, status == S_OK) {
+            (T_IN, true) => {
+                bump(&st.rd_operations, 1);
+                bump(&st.rd_bytes, writer.bytes_written() as u64);
+            }
+            (T_IN, false) => bump(&st.failed_rd_operations, 1),
+            (T_OUT, true) => {
+                bump(&st.wr_operations, 1);
+                bump(&st.wr_bytes, reader.bytes_read().saturating_sub(16) as u64);
+            }
+            (T_OUT, false) => bump(&st.failed_wr_operations, 1),
+            (T_FLUSH, true) => bump(&st.flush_operations, 1),
+            (T_FLUSH, false) => bump(&st.failed_flush_operations, 1),
+            (T_DISCARD, true) => bump(&st.unmap_operations, 1),
+            _ => {}
+        }
         if status_w.write_all(&[status]).is_err() {
             return 0;
         }
