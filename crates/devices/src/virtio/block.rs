@@ -358,6 +358,15 @@ impl Worker {
         (writer.bytes_written() + 1) as u32
     }
 
+    /// Data of a read or write: whole sectors, inside the image.
+    fn check_data(&self, offset: u64, len: u64) -> Result<(), ReqError> {
+        if !len.is_multiple_of(SECTOR) {
+            return Err(ReqError::Status(S_IOERR));
+        }
+        moat_block::check_range(offset, len, self.disk.size())?;
+        Ok(())
+    }
+
     fn execute(
         &mut self,
         reader: &mut Reader<'_>,
@@ -377,10 +386,7 @@ impl Worker {
         match kind {
             T_IN => {
                 let len = writer.available_bytes() as u64;
-                if !len.is_multiple_of(SECTOR) {
-                    return Err(ReqError::Status(S_IOERR));
-                }
-                moat_block::check_range(offset, len, self.disk.size())?;
+                self.check_data(offset, len)?;
                 let mut done = 0u64;
                 while done < len {
                     let n = (len - done).min(self.bounce.len() as u64) as usize;
@@ -395,10 +401,7 @@ impl Worker {
                     return Err(ReqError::Status(S_IOERR));
                 }
                 let len = reader.available_bytes() as u64;
-                if !len.is_multiple_of(SECTOR) {
-                    return Err(ReqError::Status(S_IOERR));
-                }
-                moat_block::check_range(offset, len, self.disk.size())?;
+                self.check_data(offset, len)?;
                 let mut done = 0u64;
                 while done < len {
                     let n = (len - done).min(self.bounce.len() as u64) as usize;
