@@ -434,6 +434,14 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         Some(k) => format!("-kernel {}", k.display()),
         None => "demo guest".into(),
     })?;
+    if let Some(p) = &cfg.process_name {
+        // PR_SET_NAME takes at most 15 bytes plus the NUL.
+        let mut name = [0u8; 16];
+        let n = p.len().min(15);
+        name[..n].copy_from_slice(&p.as_bytes()[..n]);
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+        unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+    }
     let _pidfile = match &cfg.pidfile {
         Some(p) => Some(PidFile::create(p)?),
         None => None,
@@ -528,9 +536,14 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Ok(Action::Version) => {
+            // The first line in QEMU's format, which management tools parse.
+            let (a, b, c) = moat_monitor::QEMU_VERSION;
             println!(
-                "moat version {} (QEMU-compatible command line and monitor)",
+                "QEMU emulator version {a}.{b}.{c} (moat {})",
                 env!("CARGO_PKG_VERSION")
+            );
+            println!(
+                "moat: a KVM virtual machine monitor that speaks QEMU's command line, QMP and HMP"
             );
             return ExitCode::SUCCESS;
         }

@@ -193,6 +193,8 @@ pub struct VmConfig {
     /// `-S`: create the VM but do not run the vCPUs.
     pub start_paused: bool,
     pub name: Option<String>,
+    /// `-name ...,process=`: the process name shown by ps.
+    pub process_name: Option<String>,
     pub pidfile: Option<PathBuf>,
     /// `-uuid`, in canonical lower-case form.
     pub uuid: Option<String>,
@@ -221,6 +223,7 @@ impl Default for VmConfig {
             no_reboot: false,
             start_paused: false,
             name: None,
+            process_name: None,
             pidfile: None,
             uuid: None,
             monitors: Vec::new(),
@@ -327,6 +330,7 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
                 if let Some(v) = kv.take("debug-threads") {
                     keyval::parse_bool(&opt, "debug-threads", &v)?;
                 }
+                cfg.process_name = kv.take("process");
                 kv.finish(&opt, arg)?;
             }
             "pidfile" => cfg.pidfile = Some(nonempty_path(&opt, arg)?),
@@ -591,6 +595,19 @@ fn parse_accel(opt: &str, arg: &str) -> Result<(), CliError> {
     // QEMU allows a ':'-separated fallback list (`kvm:tcg`); each must be acceptable.
     for a in accel.split(':') {
         check_accel(opt, arg, a)?;
+    }
+    // The in-kernel irqchip is the only one moat has.
+    match kv.take("kernel-irqchip").as_deref() {
+        None | Some("on") | Some("true") | Some("yes") => {}
+        Some(v) => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!(
+                    "kernel-irqchip={v} is not supported (moat always uses the in-kernel irqchip)"
+                ),
+            ))
+        }
     }
     kv.finish(opt, arg)
 }
@@ -1271,6 +1288,15 @@ mod tests {
     fn refusals_name_the_option() {
         assert!(err(&["-accel", "tcg"]).contains("no hardware isolation"));
         assert!(err(&["-accel", "kvm:tcg"]).contains("-accel"));
+        assert!(err(&["-accel", "kvm,kernel-irqchip=split"]).contains("kernel-irqchip=split"));
+        assert!(matches!(
+            parse_args(&["-accel", "kvm,kernel-irqchip=on"]),
+            Ok(Action::Run(_))
+        ));
+        assert_eq!(
+            cfg(&["-name", "vm,process=p1"]).process_name.as_deref(),
+            Some("p1")
+        );
         assert!(err(&["-machine", "pc"]).starts_with("-machine pc: unsupported machine"));
         assert!(err(&["-M", "microvm,acpi=maybe"]).contains("'acpi'"));
         assert!(err(&["-M", "microvm,foo=1"]).contains("'foo'"));
