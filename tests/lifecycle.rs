@@ -104,16 +104,17 @@ fn start_paused_runs_nothing_until_terminated() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // The pid file is created, then locked and written: wait for a whole line.
     let mut waited = Duration::ZERO;
-    while !pidfile.exists() && waited < HANG {
+    let pid: i32 = loop {
+        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        if text.ends_with('\n') {
+            break text.trim().parse().unwrap();
+        }
+        assert!(waited < HANG, "no pid file");
         std::thread::sleep(Duration::from_millis(20));
         waited += Duration::from_millis(20);
-    }
-    let pid: i32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    };
     assert_eq!(pid as u32, child.id());
     std::thread::sleep(Duration::from_millis(500));
     assert!(
