@@ -116,6 +116,8 @@ def test_stop_really_stops_the_guest(moat):
     q.cmd("stop")
     event(q, "STOP")
     assert q.cmd("query-status")["status"] == "paused"
+    # Output the guest wrote before the stop may still be on its way to the file.
+    time.sleep(0.3)
     frozen = m.count()
     time.sleep(1.0)
     assert m.count() == frozen, "the guest kept running while paused"
