@@ -3,12 +3,13 @@
 //! fails (a one-line error, exit 1).
 
 use anyhow::Context as _;
-use moat_cli::{Action, MatchFormat, MonitorMode, Object, SocketAddr, VmConfig, HELP};
+use moat_cli::{Action, Object, SocketAddr, VmConfig, HELP};
 use moat_monitor::authz::Authz;
 use moat_monitor::qmp::{FdStore, MonitorContext};
-use moat_monitor::server::{Endpoint, Mode, MonitorSpec, Monitors};
+use moat_monitor::server::{Endpoint, MonitorSpec, Monitors};
 use moat_monitor::tls::TlsServer;
 use moat_monitor::{QmpError, VmCommand, VmControl, VmInfo};
+use moat_sys::lock;
 use moat_vmm::{BootImages, Control, ControlReply, Lifecycle, Platform, Vm, VmEvent, VmExit};
 use serde_json::{json, Value};
 use std::io::Write as _;
@@ -203,11 +204,7 @@ impl DriveInfo {
 impl VmHandle {
     fn send(&self, cmd: Control) -> Result<ControlReply, QmpError> {
         let (reply, rx) = mpsc::channel();
-        let sent = self
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(VmEvent::Control { cmd, reply });
+        let sent = lock(&self.tx).send(VmEvent::Control { cmd, reply });
         if sent.is_err() {
             return Err(QmpError::generic("the VM is shutting down"));
         }
@@ -274,11 +271,12 @@ impl VmControl for VmHandle {
             ControlReply::Cpus(cpus) => Ok(Value::Array(
                 cpus.iter()
                     .map(|c| {
+                        let p = &c.position;
                         let mut props =
-                            json!({"core-id": c.core, "thread-id": c.thread, "socket-id": c.socket});
+                            json!({"core-id": p.core, "thread-id": p.thread, "socket-id": p.socket});
                         // QEMU reports die-id only on machines with several dies.
                         if self.dies > 1 {
-                            props["die-id"] = json!(c.die);
+                            props["die-id"] = json!(p.die);
                         }
                         json!({
                             "cpu-index": c.index,
@@ -298,14 +296,10 @@ impl VmControl for VmHandle {
     fn replied(&self) {
         if self.quit_requested.swap(false, Ordering::SeqCst) {
             let (reply, _) = mpsc::channel();
-            let _ = self
-                .tx
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(VmEvent::Control {
-                    cmd: Control::Quit,
-                    reply,
-                });
+            let _ = lock(&self.tx).send(VmEvent::Control {
+                cmd: Control::Quit,
+                reply,
+            });
         }
     }
 }
@@ -341,7 +335,6 @@ impl Lifecycle for Events {
 
 /// The authorization policy of the object `id` (the CLI checked it exists).
 fn authz_object(cfg: &VmConfig, id: &str) -> anyhow::Result<Authz> {
-    use moat_monitor::authz::{Format, Rule};
     match cfg.objects.iter().find(|o| o.id() == id) {
         Some(Object::AuthzSimple { identity, .. }) => Ok(Authz::Simple(identity.clone())),
         Some(Object::AuthzList {
@@ -350,17 +343,7 @@ fn authz_object(cfg: &VmConfig, id: &str) -> anyhow::Result<Authz> {
             ..
         }) => Ok(Authz::List {
             default_allow: *default_allow,
-            rules: rules
-                .iter()
-                .map(|r| Rule {
-                    pattern: r.pattern.clone(),
-                    allow: r.allow,
-                    format: match r.format {
-                        MatchFormat::Exact => Format::Exact,
-                        MatchFormat::Glob => Format::Glob,
-                    },
-                })
-                .collect(),
+            rules: rules.clone(),
         }),
         _ => anyhow::bail!("no authz object '{id}'"),
     }
@@ -393,10 +376,7 @@ fn monitor_specs(cfg: &VmConfig) -> anyhow::Result<Vec<MonitorSpec>> {
             };
             Ok(MonitorSpec {
                 endpoint,
-                mode: match m.mode {
-                    MonitorMode::Control => Mode::Control,
-                    MonitorMode::Readline => Mode::Readline,
-                },
+                mode: m.mode,
                 wait: m.socket.wait,
             })
         })
@@ -404,11 +384,18 @@ fn monitor_specs(cfg: &VmConfig) -> anyhow::Result<Vec<MonitorSpec>> {
 }
 
 fn run(cfg: VmConfig) -> anyhow::Result<()> {
+    let kernel = match &cfg.kernel {
+        Some(k) => read_image("-kernel", k, cfg.mem_size)?,
+        None => moat_guests::DEMO.to_vec(),
+    };
+    // Validate the kernel for this machine before opening anything else.
+    moat_boot::parse_kernel(&kernel, &moat_boot::layout::MemLayout::new(cfg.mem_size))
+        .with_context(|| match &cfg.kernel {
+            Some(k) => format!("-kernel {}", k.display()),
+            None => "demo guest".into(),
+        })?;
     let images = BootImages {
-        kernel: match &cfg.kernel {
-            Some(k) => read_image("-kernel", k, cfg.mem_size)?,
-            None => moat_guests::DEMO.to_vec(),
-        },
+        kernel,
         initrd: match &cfg.initrd {
             Some(i) => Some(read_image("-initrd", i, cfg.mem_size)?),
             None => None,
@@ -425,15 +412,6 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             .collect::<Result<_, _>>()
             .map_err(|e| anyhow::anyhow!(e))?,
     };
-    // Validate the kernel for this machine before opening anything else.
-    moat_boot::parse_kernel(
-        &images.kernel,
-        &moat_boot::layout::MemLayout::new(cfg.mem_size),
-    )
-    .with_context(|| match &cfg.kernel {
-        Some(k) => format!("-kernel {}", k.display()),
-        None => "demo guest".into(),
-    })?;
     if let Some(p) = &cfg.process_name {
         // PR_SET_NAME takes at most 15 bytes plus the NUL.
         let mut name = [0u8; 16];

@@ -7,6 +7,7 @@
 
 use crate::IrqLine;
 use moat_cli::SerialBackend;
+use moat_sys::lock;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -50,7 +51,7 @@ impl Write for OutQueue {
         if self.0.discard {
             return Ok(data.len());
         }
-        let mut q = self.0.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = lock(&self.0.buf);
         let room = OUT_QUEUE_MAX.saturating_sub(q.len());
         let n = room.min(data.len());
         q.extend(&data[..n]);
@@ -153,10 +154,6 @@ impl Drop for Console {
             unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Feed `src` to the UART until EOF, waiting while the receive FIFO is full.

@@ -1,19 +1,7 @@
 //! Authorization of TLS monitor clients by their certificate's
 //! distinguished name, as QEMU's `authz-simple` and `authz-list` objects do.
 
-/// How a rule compares identities (QEMU: `exact`, or `glob` with fnmatch).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Exact,
-    Glob,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rule {
-    pub pattern: String,
-    pub allow: bool,
-    pub format: Format,
-}
+pub use moat_cli::{AuthzRule as Rule, MatchFormat as Format};
 
 /// An authorization policy.
 #[derive(Debug, Clone, PartialEq, Eq)]

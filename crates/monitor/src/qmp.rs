@@ -3,6 +3,7 @@
 //! and replies with QEMU's error classes and texts.
 
 use crate::{hmp, QmpError, VmCommand, VmControl, VmInfo, QEMU_VERSION};
+use moat_sys::lock;
 use serde_json::{json, Map, Value};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
@@ -185,20 +186,19 @@ struct FdSet {
 pub const MAX_STORED_FDS: usize = 256;
 
 impl FdStore {
-    fn count(&self) -> usize {
-        self.named.len() + self.sets.iter().map(|s| s.fds.len()).sum::<usize>()
+    /// Refuse to hold more than [`MAX_STORED_FDS`] descriptors.
+    fn check_room(&self) -> Result<(), QmpError> {
+        let count = self.named.len() + self.sets.iter().map(|s| s.fds.len()).sum::<usize>();
+        if count >= MAX_STORED_FDS {
+            return Err(QmpError::generic("Too many file descriptors stored"));
+        }
+        Ok(())
     }
 
     /// Take a named descriptor (for a later consumer such as a device).
     pub fn take_named(&mut self, name: &str) -> Option<OwnedFd> {
         let i = self.named.iter().position(|(n, _)| n == name)?;
         Some(self.named.remove(i).1)
-    }
-
-    /// Duplicate the first descriptor of fd set `id` (for `/dev/fdset/N` paths).
-    pub fn dup_from_set(&self, id: i64) -> Option<OwnedFd> {
-        let set = self.sets.iter().find(|s| s.id == id)?;
-        set.fds.first().and_then(|(fd, _)| fd.try_clone().ok())
     }
 }
 
@@ -465,35 +465,27 @@ impl Session {
                         "Parameter 'fdname' must not start with a digit",
                     ));
                 }
-                let fd = self.received_fds.pop().ok_or_else(|| {
-                    QmpError::generic("No file descriptor supplied via SCM_RIGHTS")
-                })?;
-                let mut store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
+                let fd = self.received_fd()?;
+                let mut store = self.fds();
                 if let Some(slot) = store.named.iter_mut().find(|(n, _)| *n == name) {
                     slot.1 = fd; // replacing closes the old descriptor, as QEMU does
                 } else {
-                    if store.count() >= MAX_STORED_FDS {
-                        return Err(QmpError::generic("Too many file descriptors stored"));
-                    }
+                    store.check_room()?;
                     store.named.push((name, fd));
                 }
                 Ok(json!({}))
             }
             "closefd" => {
                 let name = s("fdname").unwrap_or_default();
-                let mut store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
+                let mut store = self.fds();
                 store.take_named(name).map(|_| json!({})).ok_or_else(|| {
                     QmpError::generic(format!("File descriptor named '{name}' not found"))
                 })
             }
             "add-fd" => {
-                let fd = self.received_fds.pop().ok_or_else(|| {
-                    QmpError::generic("No file descriptor supplied via SCM_RIGHTS")
-                })?;
-                let mut store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
-                if store.count() >= MAX_STORED_FDS {
-                    return Err(QmpError::generic("Too many file descriptors stored"));
-                }
+                let fd = self.received_fd()?;
+                let mut store = self.fds();
+                store.check_room()?;
                 let id = match i("fdset-id") {
                     Some(id) if id < 0 => {
                         return Err(QmpError::generic(
@@ -522,7 +514,7 @@ impl Session {
             "remove-fd" => {
                 let id = i("fdset-id").unwrap_or(-1);
                 let fd = i("fd");
-                let mut store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
+                let mut store = self.fds();
                 let missing = || match fd {
                     Some(fd) => QmpError::generic(format!(
                         "File descriptor named 'fdset-id:{id}, fd:{fd}' not found"
@@ -556,7 +548,7 @@ impl Session {
                 Ok(json!({}))
             }
             "query-fdsets" => {
-                let store = self.ctx.fds.lock().unwrap_or_else(|e| e.into_inner());
+                let store = self.fds();
                 Ok(Value::Array(
                     store
                         .sets
@@ -594,6 +586,17 @@ impl Session {
                 "The command {name} has not been found"
             ))),
         }
+    }
+
+    /// The descriptor the client passed with its message (SCM_RIGHTS).
+    fn received_fd(&mut self) -> Result<OwnedFd, QmpError> {
+        self.received_fds
+            .pop()
+            .ok_or_else(|| QmpError::generic("No file descriptor supplied via SCM_RIGHTS"))
+    }
+
+    fn fds(&self) -> std::sync::MutexGuard<'_, FdStore> {
+        lock(&self.ctx.fds)
     }
 
     /// The reply to the last command has been queued for the client.

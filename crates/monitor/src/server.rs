@@ -11,6 +11,7 @@ use crate::authz::Authz;
 use crate::hmp;
 use crate::qmp::{self, Frame, MonitorContext, Session};
 use crate::tls::TlsServer;
+use moat_sys::lock;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -29,14 +30,8 @@ pub const MAX_CLIENTS: usize = 8;
 /// Descriptors accepted with one message.
 const MAX_FDS_PER_MESSAGE: usize = 8;
 
-/// The protocol a monitor socket speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// QMP (`-qmp`, `-mon mode=control`).
-    Control,
-    /// HMP (`-monitor`, `-mon mode=readline`).
-    Readline,
-}
+/// The protocol a monitor socket speaks: QMP (`Control`) or HMP (`Readline`).
+pub use moat_cli::MonitorMode as Mode;
 
 /// Where a monitor listens.
 #[derive(Debug, Clone)]
@@ -113,10 +108,6 @@ impl Conn {
 pub enum ServerError {
     #[error("monitor socket {path}: {why}")]
     Socket { path: String, why: String },
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The bounded outbound queue of one client, drained by its writer thread.
@@ -444,9 +435,4 @@ fn serve_hmp(stream: &UnixStream, session: &mut Session, outbox: &Outbox) {
             return;
         }
     }
-}
-
-/// Count of live QMP clients, for tests and diagnostics.
-pub fn live_clients(m: &Monitors) -> usize {
-    lock(&m.clients).len()
 }

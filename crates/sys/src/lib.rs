@@ -4,6 +4,12 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
+/// Lock a mutex, carrying on if a panicking thread poisoned it (the data
+/// moat guards stays consistent across a panic: counters, queues, devices).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Bind a listening UNIX socket that only its owner can use (mode 0600 from
 /// the moment it exists), replacing a stale socket but never any other file.
 pub fn bind_unix_private(path: &Path) -> Result<UnixListener, String> {

@@ -7,15 +7,12 @@ use moat_devices::pm::AcpiPm;
 use moat_devices::rtc::Rtc;
 use moat_devices::serial::Uart;
 use moat_devices::virtio::mmio::{MmioTransport, MMIO_SIZE};
+use moat_sys::lock;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 /// How many distinct unclaimed ports/pages are logged before going quiet.
 const LOG_LIMIT: usize = 64;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 pub struct PlatformBus {
     pub uart: Arc<Mutex<Uart>>,

@@ -9,20 +9,17 @@ use crate::bus::PlatformBus;
 use crate::vcpu::{self, ExitAction};
 use crate::VmEvent;
 use kvm_ioctls::VcpuFd;
+use moat_sys::lock;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[derive(Debug, Default)]
@@ -150,13 +147,11 @@ impl VcpuSet {
             let _g = lock(&self.shared);
             self.cv.notify_all();
         }
-        let threads = std::mem::take(&mut *lock(&self.threads));
-        for h in threads {
-            while !h.is_finished() {
-                // SAFETY: as in kick_all: not joined yet, no-op handler.
-                unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
-                std::thread::sleep(Duration::from_millis(1));
-            }
+        while self.live() > 0 {
+            self.kick_all();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for h in std::mem::take(&mut *lock(&self.threads)) {
             let _ = h.join();
         }
     }

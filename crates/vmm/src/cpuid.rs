@@ -43,11 +43,28 @@ impl ApicShape {
 /// The APIC ID of vCPU `index` (QEMU's x86 topology encoding).
 pub fn apic_id(t: &Topology, index: u32) -> u32 {
     let s = ApicShape::of(t);
-    let thread = index % t.threads;
-    let core = (index / t.threads) % t.cores;
-    let die = (index / (t.threads * t.cores)) % t.dies;
-    let socket = index / (t.threads * t.cores * t.dies);
-    thread | (core << s.core_shift()) | (die << s.die_shift()) | (socket << s.pkg_shift())
+    let p = Position::of(t, index);
+    p.thread | (p.core << s.core_shift()) | (p.die << s.die_shift()) | (p.socket << s.pkg_shift())
+}
+
+/// Where vCPU `index` sits in the topology (threads vary fastest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub socket: u32,
+    pub die: u32,
+    pub core: u32,
+    pub thread: u32,
+}
+
+impl Position {
+    pub fn of(t: &Topology, index: u32) -> Self {
+        Position {
+            thread: index % t.threads,
+            core: (index / t.threads) % t.cores,
+            die: (index / (t.threads * t.cores)) % t.dies,
+            socket: index / (t.threads * t.cores * t.dies),
+        }
+    }
 }
 
 const LEVEL_SMT: u32 = 1;

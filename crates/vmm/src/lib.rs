@@ -29,6 +29,7 @@ use moat_devices::serial::Console;
 use moat_devices::virtio::block::Block;
 use moat_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use moat_devices::{IrqLine, RequestSink, VmRequest};
+use moat_sys::lock;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -92,10 +93,7 @@ pub enum Control {
 pub struct CpuInfo {
     pub index: u32,
     pub thread_id: i32,
-    pub socket: u32,
-    pub die: u32,
-    pub core: u32,
-    pub thread: u32,
+    pub position: cpuid::Position,
 }
 
 /// The answer to a [`Control`].
@@ -201,7 +199,8 @@ impl Disk {
     }
 }
 
-/// The kernel and initrd contents (read once; reused on every reset).
+/// What every boot of the VM starts from: kernel and initrd bytes (read
+/// once), the command line, and the opened disks.
 #[derive(Debug, Clone)]
 pub struct BootImages {
     pub kernel: Vec<u8>,
@@ -228,7 +227,6 @@ pub struct Vm {
     events: Sender<VmEvent>,
     topology: moat_cli::Topology,
     acpi: bool,
-    set: Option<Arc<VcpuSet>>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -330,21 +328,14 @@ impl Vm {
         let sink: RequestSink = {
             let tx = Mutex::new(events.clone());
             Arc::new(move |request| {
-                let _ = tx
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .send(VmEvent::Request {
-                        generation,
-                        request,
-                    });
+                let _ = lock(&tx).send(VmEvent::Request {
+                    generation,
+                    request,
+                });
             })
         };
         {
-            let mut uart = platform
-                .console
-                .uart()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut uart = lock(platform.console.uart());
             uart.reset()?;
             kvm(
                 "KVM_IRQFD (COM1)",
@@ -428,7 +419,6 @@ impl Vm {
             events,
             topology: *t,
             acpi: cfg.acpi,
-            set: None,
         })
     }
 
@@ -445,7 +435,6 @@ impl Vm {
         life: &dyn Lifecycle,
     ) -> Result<VmExit, VmError> {
         let set = VcpuSet::new(self.vcpus.len(), *paused);
-        self.set = Some(set.clone());
         set.spawn(
             std::mem::take(&mut self.vcpus),
             self.bus.clone(),
@@ -518,17 +507,9 @@ impl Vm {
             Control::Powerdown => {
                 life.powerdown();
                 if self.acpi {
-                    self.bus
-                        .ged
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .power_button();
+                    lock(&self.bus.ged).power_button();
                 } else {
-                    self.bus
-                        .i8042
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .ctrl_alt_del();
+                    lock(&self.bus.i8042).ctrl_alt_del();
                 }
                 (ControlReply::Done, None)
             }
@@ -549,10 +530,7 @@ impl Vm {
                     .map(|i| CpuInfo {
                         index: i,
                         thread_id: tids.get(i as usize).copied().unwrap_or(0),
-                        thread: i % t.threads,
-                        core: (i / t.threads) % t.cores,
-                        die: (i / (t.threads * t.cores)) % t.dies,
-                        socket: i / (t.threads * t.cores * t.dies),
+                        position: cpuid::Position::of(t, i),
                     })
                     .collect();
                 (ControlReply::Cpus(cpus), None)

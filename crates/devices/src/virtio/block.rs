@@ -16,7 +16,6 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -454,11 +453,6 @@ impl Worker {
             _ => Err(ReqError::Status(S_UNSUPP)),
         }
     }
-}
-
-/// For fuzzing: a descriptor as the guest would write it.
-pub fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> Descriptor {
-    Descriptor::new(addr, len, flags, next)
 }
 
 #[cfg(test)]
