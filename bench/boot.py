@@ -12,17 +12,9 @@ would count the Python interpreter's pages too. Prints medians and ratios.
 
 Not a test: nothing here asserts on time.
 """
-import argparse, glob, os, select, statistics, subprocess, sys, time
+import argparse, os, select, statistics, subprocess, sys, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def find_guest():
-    for out in sorted(glob.glob(f"{ROOT}/target/release/build/moat-guests-*/out")):
-        p = os.path.join(out, "bench-pvh.elf")
-        if os.path.exists(p):
-            return p
-    sys.exit("build first: cargo build --release")
+from common import ROOT, bench_guest
 
 
 def measure(argv):
@@ -58,7 +50,7 @@ def main():
     ap.add_argument("--moat", default=f"{ROOT}/target/release/moat")
     ap.add_argument("--guest", default=None)
     a = ap.parse_args()
-    guest = a.guest or find_guest()
+    guest = a.guest or bench_guest()
     if not os.path.exists("/usr/bin/time"):
         sys.exit("bench needs /usr/bin/time (apt-get install time)")
     common = ["-m", "128M", "-kernel", guest, "-no-reboot"]

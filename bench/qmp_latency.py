@@ -8,17 +8,9 @@ Both VMMs are started with -S (prelaunch), so no guest code competes.
 Prints the median and 99th percentile in microseconds and the ratio.
 Not a test: nothing here asserts on time.
 """
-import argparse, glob, json, os, socket, statistics, subprocess, sys, tempfile, time
+import argparse, json, os, socket, statistics, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def guest():
-    for out in sorted(glob.glob(f"{ROOT}/target/release/build/moat-guests-*/out")):
-        p = os.path.join(out, "bench-pvh.elf")
-        if os.path.exists(p):
-            return p
-    sys.exit("build first: cargo build --release")
+from common import ROOT, bench_guest
 
 
 def measure(argv, sock, rounds):
@@ -56,7 +48,7 @@ def main():
     ap.add_argument("--moat", default=f"{ROOT}/target/release/moat")
     a = ap.parse_args()
     d = tempfile.mkdtemp()
-    g = guest()
+    g = bench_guest()
     runs = {
         "moat": lambda s: [a.moat, "-S", "-nodefaults", "-kernel", g, "-qmp", f"unix:{s},server=on,wait=off"],
         "qemu": lambda s: ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities",
