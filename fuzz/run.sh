@@ -13,6 +13,17 @@ for out in ../target/*/build/moat-guests-*/out; do
     cp "$out"/test-pvh.elf "$out"/test-elf64.elf "$out"/demo.elf corpus/elf_loader/ 2>/dev/null || true
     cp "$out"/test-bzimage "$out"/test-bzimage32 corpus/bzimage_loader/ 2>/dev/null || true
 done
+# Seed qcow2 with small images of several shapes, when qemu-img is here.
+if command -v qemu-img >/dev/null; then
+    mkdir -p corpus/qcow2
+    tmp=$(mktemp -d)
+    head -c 65536 /dev/urandom > "$tmp/src"
+    for o in cluster_size=512 cluster_size=512,refcount_bits=1 cluster_size=1024,compat=0.10 cluster_size=512,refcount_bits=64; do
+        qemu-img convert -f raw -O qcow2 -o "$o" "$tmp/src" "corpus/qcow2/seed-$o" >/dev/null
+    done
+    qemu-img convert -c -f raw -O qcow2 -o cluster_size=512 "$tmp/src" corpus/qcow2/seed-compressed >/dev/null
+    rm -rf "$tmp"
+fi
 for t in $(cargo fuzz list); do
     echo "fuzz: $t for ${SECS}s"
     mkdir -p corpus/$t

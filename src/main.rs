@@ -151,11 +151,37 @@ impl DriveInfo {
     }
 
     fn query_block(&self, index: usize) -> Value {
-        use moat_cli::CacheMode;
-        let file = self.cfg.file.display().to_string();
-        let actual = std::fs::metadata(&self.cfg.file)
-            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-            .unwrap_or(0);
+        use moat_cli::{Backing, CacheMode};
+        let c = &self.cfg;
+        let top = moat_cli::ImageLayer {
+            file: c.file.clone(),
+            format: c.format,
+            backing: c.backing.clone(),
+            data_file: c.data_file.clone(),
+        };
+        let mut image = image_info(&top, Some(self.size));
+        let mut depth = 0;
+        let mut layer = &c.backing;
+        while let Backing::Layer(l) = layer {
+            depth += 1;
+            layer = &l.backing;
+        }
+        let file = c.file.display().to_string();
+        let mut inserted = json!({
+            "file": file, "node-name": format!("#block{:03}", index * 2 + 1), "ro": c.read_only,
+            "drv": c.format.name(), "encrypted": false, "detect_zeroes": "off", "backing_file_depth": depth,
+            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
+            "cache": {
+                "writeback": !matches!(c.cache, CacheMode::Writethrough | CacheMode::Directsync),
+                "direct": matches!(c.cache, CacheMode::None | CacheMode::Directsync),
+                "no-flush": matches!(c.cache, CacheMode::Unsafe),
+            },
+        });
+        if let Backing::Layer(l) = &c.backing {
+            inserted["backing_file"] = json!(l.file.display().to_string());
+        }
+        image["dirty-flag"] = json!(false);
+        inserted["image"] = image;
         json!({
             "device": self.name,
             "qdev": format!("/machine/peripheral-anon/device[{index}]"),
@@ -163,18 +189,7 @@ impl DriveInfo {
             "removable": false,
             "type": "unknown",
             "io-status": "ok",
-            "inserted": {
-                "file": file, "node-name": format!("#block{:03}", index * 2 + 1), "ro": self.cfg.read_only,
-                "drv": "raw", "encrypted": false, "detect_zeroes": "off", "backing_file_depth": 0,
-                "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
-                "cache": {
-                    "writeback": !matches!(self.cfg.cache, CacheMode::Writethrough | CacheMode::Directsync),
-                    "direct": matches!(self.cfg.cache, CacheMode::None | CacheMode::Directsync),
-                    "no-flush": matches!(self.cfg.cache, CacheMode::Unsafe),
-                },
-                "image": {"filename": file, "format": "raw", "virtual-size": self.size,
-                          "actual-size": actual, "dirty-flag": false},
-            }
+            "inserted": inserted,
         })
     }
 
@@ -199,6 +214,36 @@ impl DriveInfo {
             }
         })
     }
+}
+
+/// QEMU's ImageInfo for one layer and, nested, the layers below it.
+fn image_info(layer: &moat_cli::ImageLayer, size: Option<u64>) -> Value {
+    let meta = std::fs::metadata(&layer.file).ok();
+    let actual = meta
+        .as_ref()
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(m) * 512)
+        .unwrap_or(0);
+    let size = size
+        .or_else(|| match layer.format {
+            moat_cli::DriveFormat::Qcow2 => std::fs::File::open(&layer.file)
+                .ok()
+                .and_then(|f| moat_block::qcow2::virtual_size(&f)),
+            moat_cli::DriveFormat::Raw => meta.map(|m| m.len()),
+        })
+        .unwrap_or(0);
+    let mut v = json!({
+        "filename": layer.file.display().to_string(),
+        "format": layer.format.name(),
+        "virtual-size": size,
+        "actual-size": actual,
+    });
+    if let moat_cli::Backing::Layer(b) = &layer.backing {
+        v["backing-filename"] = json!(b.file.display().to_string());
+        v["full-backing-filename"] = json!(b.file.display().to_string());
+        v["backing-filename-format"] = json!(b.format.name());
+        v["backing-image"] = image_info(b, None);
+    }
+    v
 }
 
 impl VmHandle {
@@ -498,6 +543,13 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         }
         break Ok(());
     };
+    // As QEMU does at exit: write back image metadata (qcow2 L2 and
+    // refcount caches) and make written data durable, whatever the guest did.
+    for (d, c) in images.disks.iter().zip(&cfg.drives) {
+        if let Err(e) = d.image.flush() {
+            eprintln!("moat: flushing {} at exit: {e}", c.file.display());
+        }
+    }
     platform.console.flush(Duration::from_secs(2));
     if let Some(m) = &events.0 {
         m.flush(Duration::from_secs(1));

@@ -105,7 +105,7 @@ fn drive_errors_are_refused_at_startup() {
                 "-drive".into(),
                 format!("file={},format=qcow2", img.display()),
             ],
-            "qcow2",
+            "no qcow2 magic",
         ),
         (
             vec![

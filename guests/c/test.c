@@ -18,6 +18,8 @@
  *                    blk_write=1 (writes sectors 8..15 with a pattern, flushes),
  *                    blk_oob=1 (a read past the end fails); on the second:
  *                    blk_ro=1 (it is read-only: writes fail)
+ *   blk_storm=N      N pseudo-random 4 KiB writes (0: forever), see blk_checks;
+ *                    blk_noflush=1: never flush (moat must at exit)
  *   blk_hostile=1    attack the first device (loops, bad addresses, bad queue)
  *                    and check it still serves requests afterwards
  * It prints "cmdline: ..." and then PASS or FAIL lines. */
@@ -170,6 +172,32 @@ static void blk_checks(const char *cmdline) {
         memset(blkbuf, 0, 4096);
         r = vblk_request(&b, VBLK_T_IN, 8, blkbuf, 4096, 1, &used);
         CHECK(r == 0 && blkbuf[4095] == (u8)(4095 * 7 + 3), "read back after write failed");
+    }
+    if (cmdline_get(cmdline, "blk_storm", v, sizeof v)) {
+        /* N writes of 4 KiB at pseudo-random 4 KiB blocks k (xorshift32
+         * from 1), block k holding byte i = i*7 + k*13 + 1, a flush every 64
+         * writes; N=0 runs forever (for kill -9 tests). The host replays it. */
+        u64 n = parse_num(v), blocks = b.capacity / 8;
+        int flush = !cmdline_get(cmdline, "blk_noflush", v, sizeof v);
+        u32 x = 1;
+        for (u64 w = 0; n == 0 || w < n; w++) {
+            x ^= x << 13; x ^= x >> 17; x ^= x << 5;
+            u64 k = x % blocks;
+            for (u32 i = 0; i < 4096; i++) blkbuf[i] = (u8)(i * 7 + k * 13 + 1);
+            r = vblk_request(&b, VBLK_T_OUT, k * 8, blkbuf, 4096, 0, &used);
+            CHECK(r == 0, "storm write %lu: status %d", w, r);
+            if (r) break;
+            if (flush && w % 64 == 63) {
+                r = vblk_request(&b, VBLK_T_FLUSH, 0, 0, 0, 0, &used);
+                CHECK(r == 0, "storm flush: status %d", r);
+                if (w == 63) printf_serial("blk: storm running\n");
+            }
+        }
+        if (flush) {
+            r = vblk_request(&b, VBLK_T_FLUSH, 0, 0, 0, 0, &used);
+            CHECK(r == 0, "storm flush: status %d", r);
+        }
+        printf_serial("blk: storm done\n");
     }
     if (cmdline_get(cmdline, "blk_oob", v, sizeof v)) {
         r = vblk_request(&b, VBLK_T_IN, b.capacity, blkbuf, 512, 1, &used);

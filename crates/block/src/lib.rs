@@ -9,6 +9,16 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+pub mod qcow2;
+
+pub use qcow2::Qcow2Image;
+
+/// The size of a regular file or a host block device (whose metadata says 0).
+pub fn file_size(file: &File) -> io::Result<u64> {
+    let mut f = file;
+    io::Seek::seek(&mut f, io::SeekFrom::End(0))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
     #[error("access of {len} bytes at {offset} is beyond the end of the {size}-byte image")]
@@ -52,8 +62,8 @@ pub struct RawImage {
 
 impl RawImage {
     /// A regular file or a host block device (whose size the metadata does not give).
-    pub fn new(mut file: File, read_only: bool) -> io::Result<RawImage> {
-        let size = io::Seek::seek(&mut file, io::SeekFrom::End(0))?;
+    pub fn new(file: File, read_only: bool) -> io::Result<RawImage> {
+        let size = file_size(&file)?;
         Ok(RawImage {
             file,
             size,

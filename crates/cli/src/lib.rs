@@ -90,6 +90,137 @@ pub struct SocketChardev {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DriveFormat {
     Raw,
+    Qcow2,
+}
+
+impl DriveFormat {
+    /// QEMU's name for the format (`format=`, `backing.driver=`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DriveFormat::Raw => "raw",
+            DriveFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// Where a qcow2 layer's backing image comes from. moat never opens a
+/// backing file by a name found inside an image: the user names each layer
+/// with QEMU's dotted keys (`backing.driver=`, `backing.file.filename=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// Nothing was said: an image that names a backing file is refused.
+    Unnamed,
+    /// `backing=` (empty): use no backing image; unallocated clusters read as zeroes.
+    None,
+    /// The layer the user named.
+    Layer(Box<ImageLayer>),
+}
+
+/// One image in a chain: the drive's own image or a backing image below it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageLayer {
+    pub file: PathBuf,
+    pub format: DriveFormat,
+    pub backing: Backing,
+    /// `data-file.filename=`: a qcow2 image's external data file.
+    pub data_file: Option<PathBuf>,
+}
+
+/// `throttling.*`: I/O limits in QEMU's units (bytes or operations per second;
+/// `*_max` is the burst rate, allowed for `*_max_length` seconds). Zero means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThrottleLimits {
+    pub bps: u64,
+    pub bps_rd: u64,
+    pub bps_wr: u64,
+    pub iops: u64,
+    pub iops_rd: u64,
+    pub iops_wr: u64,
+    pub bps_max: u64,
+    pub bps_rd_max: u64,
+    pub bps_wr_max: u64,
+    pub iops_max: u64,
+    pub iops_rd_max: u64,
+    pub iops_wr_max: u64,
+    pub bps_max_length: u64,
+    pub bps_rd_max_length: u64,
+    pub bps_wr_max_length: u64,
+    pub iops_max_length: u64,
+    pub iops_rd_max_length: u64,
+    pub iops_wr_max_length: u64,
+    /// `iops-size`: larger requests count as several operations.
+    pub iops_size: u64,
+}
+
+/// The largest value QEMU accepts for a throttling limit.
+pub const THROTTLE_VALUE_MAX: u64 = 1_000_000_000_000_000;
+
+impl ThrottleLimits {
+    /// (average, burst, burst length) for each bucket, in QEMU's order:
+    /// bps total/read/write, iops total/read/write.
+    pub fn buckets(&self) -> [(u64, u64, u64); 6] {
+        [
+            (self.bps, self.bps_max, self.bps_max_length),
+            (self.bps_rd, self.bps_rd_max, self.bps_rd_max_length),
+            (self.bps_wr, self.bps_wr_max, self.bps_wr_max_length),
+            (self.iops, self.iops_max, self.iops_max_length),
+            (self.iops_rd, self.iops_rd_max, self.iops_rd_max_length),
+            (self.iops_wr, self.iops_wr_max, self.iops_wr_max_length),
+        ]
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.buckets().iter().any(|b| b.0 != 0)
+    }
+
+    /// QEMU's throttle_is_valid(), with its messages.
+    pub fn validate(&self) -> Result<(), String> {
+        let b = self.buckets();
+        if (b[0].0 != 0 && (b[1].0 != 0 || b[2].0 != 0))
+            || (b[3].0 != 0 && (b[4].0 != 0 || b[5].0 != 0))
+        {
+            return Err(
+                "bps/iops/max total values and read/write values cannot be used at the same time"
+                    .into(),
+            );
+        }
+        if (b[0].1 != 0 && (b[1].1 != 0 || b[2].1 != 0))
+            || (b[3].1 != 0 && (b[4].1 != 0 || b[5].1 != 0))
+        {
+            return Err(
+                "bps/iops/max total values and read/write values cannot be used at the same time"
+                    .into(),
+            );
+        }
+        if self.iops_size > THROTTLE_VALUE_MAX {
+            return Err(format!(
+                "iops size must be between 0 and {THROTTLE_VALUE_MAX}"
+            ));
+        }
+        for (avg, max, len) in b {
+            if avg > THROTTLE_VALUE_MAX || max > THROTTLE_VALUE_MAX {
+                return Err(format!(
+                    "bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]"
+                ));
+            }
+            if len == 0 {
+                return Err("the burst length cannot be 0".into());
+            }
+            if max != 0 && len > THROTTLE_VALUE_MAX / max {
+                return Err("burst length too high for this burst rate".into());
+            }
+            if len > 1 && max == 0 {
+                return Err("burst length set without burst rate".into());
+            }
+            if max != 0 && avg == 0 {
+                return Err("bps_max/iops_max require corresponding bps/iops values".into());
+            }
+            if max != 0 && max < avg {
+                return Err("bps_max/iops_max cannot be lower than bps/iops".into());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// `-drive cache=`: the host page cache and flush behaviour.
@@ -108,6 +239,10 @@ pub struct DriveConfig {
     pub id: Option<String>,
     pub file: PathBuf,
     pub format: DriveFormat,
+    /// The layers below a qcow2 image, as the user named them.
+    pub backing: Backing,
+    pub data_file: Option<PathBuf>,
+    pub throttle: ThrottleLimits,
     pub read_only: bool,
     pub cache: CacheMode,
     /// `discard=unmap` (true) or `ignore`.
@@ -757,12 +892,8 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
         Some(v) => keyval::parse_bool(opt, "readonly", &v)?,
         None => false,
     };
-    let format = match kv.take("format").as_deref() {
-        Some("raw") => DriveFormat::Raw,
-        Some("qcow2") => {
-            return Err(CliError::new(opt, arg, "format=qcow2 is not supported yet; convert with qemu-img convert -O raw"))
-        }
-        Some(f) => return Err(CliError::new(opt, arg, &format!("unsupported format '{f}' (moat reads raw)"))),
+    let format = match kv.take("format") {
+        Some(f) => parse_format(opt, arg, "format", &f)?,
         // Probing lets a guest that wrote an image header into its disk choose
         // how the host opens it next time: never for a writable drive.
         None if !read_only => {
@@ -817,25 +948,8 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
             return Err(CliError::new(opt, arg, "only media=disk is supported"));
         }
     }
-    if let Some(k) = [
-        "throttling.bps-total",
-        "throttling.bps-read",
-        "throttling.bps-write",
-        "throttling.iops-total",
-        "throttling.iops-read",
-        "throttling.iops-write",
-        "throttling.bps-total-max",
-        "throttling.iops-total-max",
-    ]
-    .iter()
-    .find(|k| kv.take(k).is_some())
-    {
-        return Err(CliError::new(
-            opt,
-            arg,
-            &format!("{k}: I/O throttling is not supported yet"),
-        ));
-    }
+    let (backing, data_file) = parse_layer_below(opt, arg, &mut kv, "", format, 0)?;
+    let throttle = parse_throttle(opt, arg, &mut kv)?;
     kv.finish(opt, arg)?;
     if !virtio && id.is_none() {
         return Err(CliError::new(
@@ -849,6 +963,9 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
             id,
             file: PathBuf::from(file),
             format,
+            backing,
+            data_file,
+            throttle,
             read_only,
             cache,
             discard_unmap,
@@ -856,6 +973,170 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
         },
         virtio,
     ))
+}
+
+/// The deepest backing chain moat opens (QEMU has no fixed limit; every
+/// layer here is named on the command line, so this only bounds typos).
+pub const MAX_BACKING_DEPTH: usize = 16;
+
+fn parse_format(opt: &str, arg: &str, key: &str, f: &str) -> Result<DriveFormat, CliError> {
+    match f {
+        "raw" => Ok(DriveFormat::Raw),
+        "qcow2" => Ok(DriveFormat::Qcow2),
+        f => Err(CliError::new(
+            opt,
+            arg,
+            &format!("{key}: unsupported format '{f}' (moat reads raw and qcow2)"),
+        )),
+    }
+}
+
+/// The dotted keys under `prefix` that name what lies below a layer:
+/// `backing=` (none), `backing.driver=`, `backing.file.filename=` (or
+/// `backing.file=`), `backing.file.driver=file`, recursively, and
+/// `data-file.filename=` (or `data-file=`), `data-file.driver=file`.
+fn parse_layer_below(
+    opt: &str,
+    arg: &str,
+    kv: &mut keyval::KeyVals,
+    prefix: &str,
+    format: DriveFormat,
+    depth: usize,
+) -> Result<(Backing, Option<PathBuf>), CliError> {
+    let file_node = |kv: &mut keyval::KeyVals, node: &str| -> Result<Option<String>, CliError> {
+        if let Some(d) = kv.take(&format!("{node}.driver")) {
+            if d != "file" && d != "host_device" {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!("{node}.driver: unsupported protocol '{d}' (moat opens local files)"),
+                ));
+            }
+        }
+        let name = kv
+            .take(&format!("{node}.filename"))
+            .or_else(|| kv.take(node));
+        match name {
+            Some(n) if n.is_empty() => Err(CliError::new(
+                opt,
+                arg,
+                &format!("{node}.filename: empty file name"),
+            )),
+            n => Ok(n),
+        }
+    };
+    let data_file = file_node(kv, &format!("{prefix}data-file"))?.map(PathBuf::from);
+    let b = format!("{prefix}backing");
+    let backing = match kv.take(&b).as_deref() {
+        Some("") | Some("null") => Backing::None,
+        Some(v) => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("{b}={v}: moat names backing images with {b}.driver= and {b}.file.filename= (or {b}= for none)"),
+            ))
+        }
+        None => {
+            let driver = kv.take(&format!("{b}.driver"));
+            let file = file_node(kv, &format!("{b}.file"))?;
+            match (driver, file) {
+                (None, None) => Backing::Unnamed,
+                (None, Some(_)) => {
+                    return Err(CliError::new(
+                        opt,
+                        arg,
+                        &format!("{b}.driver= is required (moat never probes image formats)"),
+                    ))
+                }
+                (Some(_), None) => {
+                    return Err(CliError::new(
+                        opt,
+                        arg,
+                        &format!("{b}.file.filename= is missing"),
+                    ))
+                }
+                (Some(d), Some(f)) => {
+                    if depth + 1 >= MAX_BACKING_DEPTH {
+                        return Err(CliError::new(
+                            opt,
+                            arg,
+                            &format!("backing chain deeper than {MAX_BACKING_DEPTH} images"),
+                        ));
+                    }
+                    let lf = parse_format(opt, arg, &format!("{b}.driver"), &d)?;
+                    let (below, df) =
+                        parse_layer_below(opt, arg, kv, &format!("{b}."), lf, depth + 1)?;
+                    Backing::Layer(Box::new(ImageLayer {
+                        file: PathBuf::from(f),
+                        format: lf,
+                        backing: below,
+                        data_file: df,
+                    }))
+                }
+            }
+        }
+    };
+    if format == DriveFormat::Raw && (backing != Backing::Unnamed || data_file.is_some()) {
+        return Err(CliError::new(
+            opt,
+            arg,
+            "a raw image has no backing file or data file",
+        ));
+    }
+    Ok((backing, data_file))
+}
+
+/// `throttling.*` keys (QEMU's -drive names) into limits, validated as QEMU does.
+fn parse_throttle(
+    opt: &str,
+    arg: &str,
+    kv: &mut keyval::KeyVals,
+) -> Result<ThrottleLimits, CliError> {
+    let mut t = ThrottleLimits {
+        bps_max_length: 1,
+        bps_rd_max_length: 1,
+        bps_wr_max_length: 1,
+        iops_max_length: 1,
+        iops_rd_max_length: 1,
+        iops_wr_max_length: 1,
+        ..Default::default()
+    };
+    let fields: [(&str, &mut u64); 19] = [
+        ("bps-total", &mut t.bps),
+        ("bps-read", &mut t.bps_rd),
+        ("bps-write", &mut t.bps_wr),
+        ("iops-total", &mut t.iops),
+        ("iops-read", &mut t.iops_rd),
+        ("iops-write", &mut t.iops_wr),
+        ("bps-total-max", &mut t.bps_max),
+        ("bps-read-max", &mut t.bps_rd_max),
+        ("bps-write-max", &mut t.bps_wr_max),
+        ("iops-total-max", &mut t.iops_max),
+        ("iops-read-max", &mut t.iops_rd_max),
+        ("iops-write-max", &mut t.iops_wr_max),
+        ("bps-total-max-length", &mut t.bps_max_length),
+        ("bps-read-max-length", &mut t.bps_rd_max_length),
+        ("bps-write-max-length", &mut t.bps_wr_max_length),
+        ("iops-total-max-length", &mut t.iops_max_length),
+        ("iops-read-max-length", &mut t.iops_rd_max_length),
+        ("iops-write-max-length", &mut t.iops_wr_max_length),
+        ("iops-size", &mut t.iops_size),
+    ];
+    for (name, field) in fields {
+        let key = format!("throttling.{name}");
+        if let Some(v) = kv.take(&key) {
+            *field = keyval::parse_u64(opt, &key, &v)?;
+        }
+    }
+    if let Some(g) = kv.take("throttling.group") {
+        return Err(CliError::new(
+            opt,
+            arg,
+            &format!("throttling.group={g}: throttle groups are not supported (each drive has its own limits)"),
+        ));
+    }
+    t.validate().map_err(|e| CliError::new(opt, arg, &e))?;
+    Ok(t)
 }
 
 fn parse_uuid(opt: &str, arg: &str) -> Result<String, CliError> {
@@ -1197,7 +1478,9 @@ With no -kernel, moat boots its built-in demo guest.
 -S                                  do not start the vCPUs
 -name NAME                          the VM's name
 -uuid UUID                          the VM's UUID
--drive file=F,format=raw[,if=virtio|none][,id=][,readonly=on][,cache=][,discard=unmap|ignore][,serial=]
+-drive file=F,format=raw|qcow2[,if=virtio|none][,id=][,readonly=on][,cache=][,discard=unmap|ignore][,serial=]
+       [,backing.driver=,backing.file.filename=[,backing.backing...]|,backing=][,data-file.filename=]
+       [,throttling.bps-total|bps-read|bps-write|iops-total|iops-read|iops-write[-max[-length]]=N][,throttling.iops-size=]
 -device virtio-blk-device,drive=ID[,serial=]   a virtio-blk disk for an if=none drive
 -qmp unix:PATH,server=on[,wait=off] a QMP monitor (socket created mode 0600)
 -monitor unix:PATH,server=on[,wait=off]   an HMP monitor
@@ -1428,6 +1711,61 @@ mod tests {
     }
 
     #[test]
+    fn backing_chains() {
+        let d = &cfg(&["-drive", "file=top.qcow2,format=qcow2,backing.driver=qcow2,backing.file.filename=mid.qcow2,backing.backing.driver=raw,backing.backing.file.filename=base.raw,data-file.driver=file,data-file.filename=top.data"]).drives[0];
+        assert_eq!(d.format, DriveFormat::Qcow2);
+        assert_eq!(
+            d.data_file.as_deref(),
+            Some(std::path::Path::new("top.data"))
+        );
+        let Backing::Layer(mid) = &d.backing else {
+            panic!("{:?}", d.backing)
+        };
+        assert_eq!(
+            (mid.file.to_str(), mid.format),
+            (Some("mid.qcow2"), DriveFormat::Qcow2)
+        );
+        let Backing::Layer(base) = &mid.backing else {
+            panic!("{:?}", mid.backing)
+        };
+        assert_eq!(
+            (base.file.to_str(), base.format, &base.backing),
+            (Some("base.raw"), DriveFormat::Raw, &Backing::Unnamed)
+        );
+        assert_eq!(
+            cfg(&["-drive", "file=t,format=qcow2,backing="]).drives[0].backing,
+            Backing::None
+        );
+        assert_eq!(
+            cfg(&["-drive", "file=t,format=qcow2"]).drives[0].backing,
+            Backing::Unnamed
+        );
+        for (bad, why) in [
+            ("format=qcow2,backing.file.filename=b", "backing.driver= is required"),
+            ("format=qcow2,backing.driver=qcow2", "filename= is missing"),
+            ("format=qcow2,backing.driver=vmdk,backing.file.filename=b", "unsupported format"),
+            ("format=qcow2,backing.driver=raw,backing.file.driver=nbd,backing.file.filename=b", "protocol"),
+            ("format=raw,backing.driver=raw,backing.file.filename=b", "raw image"),
+            ("format=qcow2,backing.driver=raw,backing.file.filename=b,backing.backing.driver=raw,backing.backing.file.filename=c", "raw image"),
+            ("format=qcow2,backing=node0", "backing.driver="),
+            ("format=qcow2,backing.backing.driver=raw", "backing.backing"),
+        ] {
+            let e = err(&["-drive", &format!("file=t,{bad}")]);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let deep: String = (1..=MAX_BACKING_DEPTH)
+            .map(|i| {
+                format!(
+                    ",{}driver=qcow2,{}file.filename=f{i}",
+                    "backing.".repeat(i),
+                    "backing.".repeat(i)
+                )
+            })
+            .collect();
+        assert!(err(&["-drive", &format!("file=t,format=qcow2{deep}")]).contains("deeper"));
+    }
+
+    #[test]
     fn drives() {
         let c = cfg(&[
             "-drive",
@@ -1446,10 +1784,36 @@ mod tests {
             cfg(&["-drive", "file=/a.img,readonly=on"]).drives[0].format,
             DriveFormat::Raw
         );
-        assert!(
-            err(&["-drive", "file=/a.img,format=raw,throttling.bps-total=5"])
-                .contains("throttling")
+        let t = cfg(&["-drive", "file=/a.img,format=raw,throttling.bps-total=5,throttling.iops-read=7,throttling.iops-read-max=9,throttling.iops-read-max-length=3"]).drives[0].throttle;
+        assert_eq!(
+            (
+                t.bps,
+                t.iops_rd,
+                t.iops_rd_max,
+                t.iops_rd_max_length,
+                t.bps_max_length
+            ),
+            (5, 7, 9, 3, 1)
         );
+        for (bad, why) in [
+            ("throttling.bps-total=5,throttling.bps-read=1", "same time"),
+            ("throttling.bps-total-max=5", "require"),
+            ("throttling.bps-total=5,throttling.bps-total-max=4", "lower"),
+            (
+                "throttling.bps-total=5,throttling.bps-total-max-length=2",
+                "without burst rate",
+            ),
+            (
+                "throttling.bps-total=5,throttling.bps-total-max-length=0",
+                "cannot be 0",
+            ),
+            ("throttling.bps-total=1000000000000001", "within"),
+            ("throttling.bps-total=-1", "bps-total"),
+            ("throttling.group=g", "group"),
+        ] {
+            let e = err(&["-drive", &format!("file=/a.img,format=raw,{bad}")]);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
         assert!(err(&["-device", "virtio-blk-device,drive=nope"]).contains("'nope'"));
         assert!(err(&["-device", "e1000"]).contains("unsupported device"));
         assert!(err(&[

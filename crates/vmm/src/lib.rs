@@ -162,32 +162,29 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Open `-drive file=` as the drive's options say.
+    /// Open `-drive file=` and the layers the user named below it.
     pub fn open(d: &moat_cli::DriveConfig) -> Result<Disk, String> {
-        use moat_cli::CacheMode;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut o = std::fs::OpenOptions::new();
-        o.read(true).write(!d.read_only);
-        if matches!(d.cache, CacheMode::Writethrough | CacheMode::Directsync) {
-            o.custom_flags(libc::O_DSYNC);
-        }
-        let f = o
-            .open(&d.file)
-            .map_err(|e| format!("-drive file={}: {e}", d.file.display()))?;
-        let kind = f.metadata().map_err(|e| e.to_string())?.file_type();
-        if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
-            return Err(format!(
-                "-drive file={}: not a regular file or block device",
-                d.file.display()
-            ));
-        }
-        let image = match d.format {
-            moat_cli::DriveFormat::Raw => {
-                moat_block::RawImage::new(f, d.read_only).map_err(|e| e.to_string())?
+        use moat_cli::DriveFormat;
+        let f = open_image_file(&d.file, !d.read_only, d.cache)?;
+        let name = d.file.display().to_string();
+        let image: Arc<dyn moat_block::DiskImage> = match d.format {
+            DriveFormat::Raw => Arc::new(
+                moat_block::RawImage::new(f, d.read_only).map_err(|e| format!("{name}: {e}"))?,
+            ),
+            DriveFormat::Qcow2 => {
+                let layer = moat_cli::ImageLayer {
+                    file: d.file.clone(),
+                    format: d.format,
+                    backing: d.backing.clone(),
+                    data_file: d.data_file.clone(),
+                };
+                let mut seen = Vec::new();
+                let access = open_layer(&layer, Some(f), !d.read_only, d.cache, &mut seen)?;
+                Arc::new(moat_block::Qcow2Image::new(access, d.read_only))
             }
         };
         Ok(Disk {
-            image: Arc::new(image),
+            image,
             serial: d.serial.clone().unwrap_or_default(),
             stats: Arc::default(),
             discard: if d.discard_unmap {
@@ -196,6 +193,86 @@ impl Disk {
                 moat_devices::virtio::block::Discard::Ignore
             },
         })
+    }
+}
+
+/// Open one image file as the drive's cache mode says; regular files and
+/// block devices only.
+fn open_image_file(
+    path: &std::path::Path,
+    writable: bool,
+    cache: moat_cli::CacheMode,
+) -> Result<std::fs::File, String> {
+    use moat_cli::CacheMode;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(writable);
+    if writable && matches!(cache, CacheMode::Writethrough | CacheMode::Directsync) {
+        o.custom_flags(libc::O_DSYNC);
+    }
+    let f = o
+        .open(path)
+        .map_err(|e| format!("-drive file={}: {e}", path.display()))?;
+    let kind = f.metadata().map_err(|e| e.to_string())?.file_type();
+    if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+        return Err(format!(
+            "-drive file={}: not a regular file or block device",
+            path.display()
+        ));
+    }
+    Ok(f)
+}
+
+/// Open a layer of a qcow2 chain and, recursively, the layers the user
+/// named below it (read-only). `seen` holds the (device, inode) of every
+/// file already in the chain: one file in two places is refused, as a
+/// writable top layer would otherwise write into its own backing image.
+fn open_layer(
+    layer: &moat_cli::ImageLayer,
+    file: Option<std::fs::File>,
+    writable: bool,
+    cache: moat_cli::CacheMode,
+    seen: &mut Vec<(u64, u64)>,
+) -> Result<moat_block::qcow2::Layer, String> {
+    use moat_block::qcow2::Below;
+    use moat_cli::{Backing, DriveFormat};
+    use std::os::unix::fs::MetadataExt;
+    let name = layer.file.display().to_string();
+    let mut note = |f: &std::fs::File, name: &str| -> Result<(), String> {
+        let m = f.metadata().map_err(|e| format!("{name}: {e}"))?;
+        if seen.contains(&(m.dev(), m.ino())) {
+            return Err(format!(
+                "{name}: the same file appears twice in one backing chain"
+            ));
+        }
+        seen.push((m.dev(), m.ino()));
+        Ok(())
+    };
+    let f = match file {
+        Some(f) => f,
+        None => open_image_file(&layer.file, writable, cache)?,
+    };
+    note(&f, &name)?;
+    match layer.format {
+        DriveFormat::Raw => {
+            moat_block::qcow2::open_raw_layer(f, writable).map_err(|e| format!("{name}: {e}"))
+        }
+        DriveFormat::Qcow2 => {
+            let data_file = match &layer.data_file {
+                Some(p) => {
+                    let df = open_image_file(p, writable, cache)?;
+                    note(&df, &p.display().to_string())?;
+                    Some(df)
+                }
+                None => None,
+            };
+            let below = match &layer.backing {
+                Backing::Unnamed => Below::Unnamed,
+                Backing::None => Below::None,
+                Backing::Layer(b) => Below::Layer(open_layer(b, None, false, cache, seen)?),
+            };
+            moat_block::qcow2::open_layer(&name, f, writable, below, data_file)
+        }
     }
 }
 

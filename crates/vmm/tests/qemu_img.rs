@@ -1,0 +1,409 @@
+//! Disk images as `qemu-img` makes and reads them, opened through moat's own
+//! `-drive` path (CLI -> Disk::open -> moat-block/imago): every image must
+//! read exactly as `qemu-img convert -O raw` reads it, hostile headers are
+//! refused with a message naming the problem, and after moat writes,
+//! `qemu-img check` finds no errors and `qemu-img compare` agrees.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use moat_cli::{parse_args, Action};
+use moat_vmm::Disk;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moat-qimg-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (apt install qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn qemu_io(image: &str, fmt: &str, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-f", fmt, "-c", cmd, image])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qemu-io {cmd}: {out:?}");
+}
+
+fn open(drive: &str) -> Result<Disk, String> {
+    match parse_args(&["-drive", drive]) {
+        Ok(Action::Run(cfg)) => Disk::open(&cfg.drives[0]),
+        Ok(_) => unreachable!(),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn read_all(disk: &Disk) -> Vec<u8> {
+    let size = disk.image.size();
+    let mut out = vec![0u8; size as usize];
+    // Odd-sized, unaligned pieces, as a guest's requests may be.
+    let mut off = 0usize;
+    let mut step = 3 * 4096 + 512;
+    while off < out.len() {
+        let n = step.min(out.len() - off);
+        disk.image
+            .read_at(&mut out[off..off + n], off as u64)
+            .unwrap();
+        off += n;
+        step = if step > 300_000 { 512 } else { step * 3 };
+    }
+    out
+}
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A raw source with data, zero runs and holes: what every image is made from.
+fn source(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let mut data = noise(6 << 20, 7);
+    data[(1 << 20)..(2 << 20)].fill(0);
+    // Compressible stretch, so -c really makes compressed clusters.
+    for (i, b) in data[(3 << 20)..(4 << 20)].iter_mut().enumerate() {
+        *b = (i / 100) as u8;
+    }
+    let p = dir.join("src.raw");
+    std::fs::write(&p, &data).unwrap();
+    (p, data)
+}
+
+#[test]
+fn images_made_by_qemu_img_read_as_qemu_img_reads_them() {
+    let dir = scratch("read");
+    let (src, data) = source(&dir);
+    let src = src.to_str().unwrap();
+    let cases: &[(&str, &[&str])] = &[
+        ("default", &[]),
+        ("c512", &["-o", "cluster_size=512"]),
+        ("c4k", &["-o", "cluster_size=4096"]),
+        ("c2m", &["-o", "cluster_size=2M"]),
+        ("v2", &["-o", "compat=0.10"]),
+        ("rc1", &["-o", "refcount_bits=1"]),
+        ("rc2", &["-o", "refcount_bits=2"]),
+        ("rc8", &["-o", "refcount_bits=8"]),
+        ("rc64", &["-o", "refcount_bits=64"]),
+        ("zlib", &["-c"]),
+        ("zlib512", &["-c", "-o", "cluster_size=512"]),
+        ("prealloc_meta", &["-o", "preallocation=metadata"]),
+        ("prealloc_falloc", &["-o", "preallocation=falloc"]),
+        ("prealloc_full", &["-o", "preallocation=full"]),
+        ("lazy", &["-o", "lazy_refcounts=on"]),
+    ];
+    for (name, opts) in cases {
+        let img = dir.join(format!("{name}.qcow2"));
+        let img = img.to_str().unwrap();
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+        args.extend_from_slice(opts);
+        args.extend_from_slice(&[src, img]);
+        qemu_img(&args);
+        let disk = open(&format!("file={img},format=qcow2,readonly=on"))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = read_all(&disk);
+        assert_eq!(got.len(), data.len(), "{name}: size");
+        assert!(got == data, "{name}: moat read other bytes than the source");
+        // And the oracle agrees on what the image holds.
+        let reference = dir.join(format!("{name}.ref"));
+        qemu_img(&["convert", "-O", "raw", img, reference.to_str().unwrap()]);
+        assert!(
+            std::fs::read(&reference).unwrap() == got,
+            "{name}: differs from qemu-img's reading"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn backing_chains_are_opened_only_as_named_on_the_command_line() {
+    let dir = scratch("chain");
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let base_data = noise(4 << 20, 3);
+    std::fs::write(p("base.raw"), &base_data).unwrap();
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        &p("base.raw"),
+        "-F",
+        "raw",
+        &p("mid.qcow2"),
+    ]);
+    qemu_io(&p("mid.qcow2"), "qcow2", "write -P 0x11 1M 64k");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        &p("mid.qcow2"),
+        "-F",
+        "qcow2",
+        &p("top.qcow2"),
+    ]);
+    qemu_io(&p("top.qcow2"), "qcow2", "write -P 0x22 1056k 8k");
+    qemu_io(&p("top.qcow2"), "qcow2", "write -z 0 4k");
+
+    // The image names mid.qcow2, but nobody named it here: refused, and the
+    // message says how to name it.
+    let e = open(&format!("file={},format=qcow2", p("top.qcow2"))).unwrap_err();
+    assert!(
+        e.contains("mid.qcow2") && e.contains("backing.driver=qcow2,backing.file.filename="),
+        "{e}"
+    );
+    // Naming only the middle layer: the middle image names base.raw in turn.
+    let e = open(&format!(
+        "file={},format=qcow2,backing.driver=qcow2,backing.file.filename={}",
+        p("top.qcow2"),
+        p("mid.qcow2")
+    ))
+    .unwrap_err();
+    assert!(e.contains("base.raw"), "{e}");
+
+    let chain = format!(
+        "file={},format=qcow2,backing.driver=qcow2,backing.file.filename={},backing.backing.driver=raw,backing.backing.file.filename={}",
+        p("top.qcow2"), p("mid.qcow2"), p("base.raw")
+    );
+    let got = read_all(&open(&format!("{chain},readonly=on")).unwrap());
+    qemu_img(&["convert", "-O", "raw", &p("top.qcow2"), &p("top.ref")]);
+    assert!(
+        got == std::fs::read(p("top.ref")).unwrap(),
+        "chain reads differ from qemu-img's"
+    );
+    assert_eq!(got[1 << 20], 0x11);
+    assert_eq!(got[1056 << 10], 0x22);
+    assert_eq!(&got[..4096], &[0u8; 4096][..]);
+    assert_eq!(got[4096], base_data[4096]);
+
+    // backing= cuts the chain: unallocated clusters read as zeroes.
+    let alone = read_all(
+        &open(&format!(
+            "file={},format=qcow2,backing=,readonly=on",
+            p("top.qcow2")
+        ))
+        .unwrap(),
+    );
+    assert_eq!(alone[1056 << 10], 0x22);
+    assert_eq!(alone[1 << 20], 0);
+
+    // One file twice in a chain is refused (a writable top would write into its own backing).
+    let e = open(&format!(
+        "file={},format=qcow2,backing.driver=qcow2,backing.file.filename={}",
+        p("top.qcow2"),
+        p("top.qcow2")
+    ))
+    .unwrap_err();
+    assert!(e.contains("twice"), "{e}");
+
+    // Writes go to the top only; qemu-img agrees with what moat wrote.
+    let disk = open(&chain).unwrap();
+    let block = noise(64 << 10, 9);
+    disk.image.write_at(&block, (2 << 20) + 512).unwrap();
+    disk.image.write_zeroes(3 << 20, 128 << 10).unwrap();
+    disk.image.flush().unwrap();
+    drop(disk);
+    let mut want = got.clone();
+    want[(2 << 20) + 512..(2 << 20) + 512 + block.len()].copy_from_slice(&block);
+    want[(3 << 20)..(3 << 20) + (128 << 10)].fill(0);
+    std::fs::write(p("want.raw"), &want).unwrap();
+    qemu_img(&["check", &p("top.qcow2")]);
+    qemu_img(&["check", &p("mid.qcow2")]);
+    qemu_img(&["compare", "-F", "raw", &p("top.qcow2"), &p("want.raw")]);
+    assert_eq!(
+        std::fs::read(p("base.raw")).unwrap(),
+        base_data,
+        "the base changed"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn external_data_files_must_be_named() {
+    let dir = scratch("datafile");
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", p("d.data")),
+        &p("d.qcow2"),
+        "2M",
+    ]);
+    qemu_io(&p("d.qcow2"), "qcow2", "write -P 0x33 0 64k");
+    let e = open(&format!("file={},format=qcow2", p("d.qcow2"))).unwrap_err();
+    assert!(
+        e.contains("d.data") && e.contains("data-file.filename="),
+        "{e}"
+    );
+    let disk = open(&format!(
+        "file={},format=qcow2,data-file.filename={}",
+        p("d.qcow2"),
+        p("d.data")
+    ))
+    .unwrap();
+    let got = read_all(&disk);
+    assert!(got[..65536].iter().all(|&b| b == 0x33) && got[65536] == 0);
+    disk.image.write_at(&[0x44; 4096], 1 << 20).unwrap();
+    disk.image.flush().unwrap();
+    drop(disk);
+    qemu_img(&["check", &p("d.qcow2")]);
+    let mut want = got;
+    want[1 << 20..(1 << 20) + 4096].fill(0x44);
+    std::fs::write(p("want.raw"), &want).unwrap();
+    qemu_img(&["compare", "-F", "raw", &p("d.qcow2"), &p("want.raw")]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn many_writes_leave_an_image_qemu_img_check_accepts() {
+    let dir = scratch("writes");
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    for (name, opts) in [
+        ("c512", "cluster_size=512,refcount_bits=1"),
+        ("c64k", "refcount_bits=16"),
+        ("c2m", "cluster_size=2M,refcount_bits=64"),
+    ] {
+        let img = p(&format!("{name}.qcow2"));
+        qemu_img(&["create", "-f", "qcow2", "-o", opts, &img, "16M"]);
+        let disk = open(&format!("file={img},format=qcow2,discard=unmap")).unwrap();
+        let mut want = vec![0u8; 16 << 20];
+        let mut x: u64 = 12345;
+        for i in 0..400u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let off = (x >> 20) % ((16 << 20) - 70_000);
+            let len = 512 + (x >> 50) as usize % 65536;
+            let buf = noise(len, i);
+            disk.image.write_at(&buf, off).unwrap();
+            want[off as usize..off as usize + len].copy_from_slice(&buf);
+            if i % 50 == 49 {
+                let (o, l) = ((x >> 24) % (15 << 20), 256 << 10);
+                disk.image.discard(o, l).unwrap();
+                disk.image.write_zeroes(o, l).unwrap();
+                want[o as usize..(o + l) as usize].fill(0);
+            }
+        }
+        assert!(read_all(&disk) == want, "{name}: read back differs");
+        disk.image.flush().unwrap();
+        drop(disk);
+        qemu_img(&["check", &img]);
+        std::fs::write(p("want.raw"), &want).unwrap();
+        qemu_img(&["compare", "-F", "raw", &img, &p("want.raw")]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Patch bytes of a valid image and expect a refusal naming the problem.
+#[test]
+fn hostile_headers_are_refused_with_a_reason() {
+    let dir = scratch("hostile");
+    let base = dir.join("base.qcow2");
+    qemu_img(&["create", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
+    qemu_io(base.to_str().unwrap(), "qcow2", "write -P 1 0 64k");
+    let good = std::fs::read(&base).unwrap();
+    let be32 = |v: u32| v.to_be_bytes().to_vec();
+    let be64 = |v: u64| v.to_be_bytes().to_vec();
+    let l1 = u64::from_be_bytes(good[40..48].try_into().unwrap());
+    let cases: Vec<(&str, usize, Vec<u8>, &str)> = vec![
+        ("magic", 0, be32(0x1234_5678), "magic"),
+        ("version", 4, be32(4), "version 4"),
+        ("cluster_bits_big", 20, be32(31), "cluster_bits 31"),
+        ("cluster_bits_small", 20, be32(8), "cluster_bits 8"),
+        ("encrypted", 32, be32(1), "encrypted"),
+        ("l1_huge", 36, be32(0x7fff_ffff), "too large"),
+        ("l1_small", 36, be32(0), "too small"),
+        ("size_huge", 24, be64(1 << 62), "too small"),
+        ("l1_outside", 40, be64(1 << 40), "outside"),
+        ("l1_unaligned", 40, be64(l1 + 8), "aligned"),
+        ("l1_on_header", 40, be64(0), "overlaps"),
+        ("reftable_on_header", 48, be64(0), "overlaps"),
+        ("reftable_outside", 48, be64(1 << 40), "outside"),
+        ("reftable_huge", 56, be32(0x7fff_ffff), "too large"),
+        ("snapshots", 60, be32(0xffff_ffff), "snapshots"),
+        ("refcount_order", 96, be32(7), "refcount_order"),
+        ("header_length", 100, be32(0xffff_fff8), "header_length"),
+        ("dirty", 72, be64(1), "qemu-img check -r all"),
+        ("corrupt", 72, be64(2), "corrupt"),
+        ("zstd", 72, be64(8), "zstd"),
+        ("extended_l2", 72, be64(16), "extended L2"),
+        ("unknown_feature", 72, be64(1 << 40), "unknown incompatible"),
+        (
+            "backing_name_outside",
+            8,
+            be64(65530),
+            "outside the first cluster",
+        ),
+        (
+            "l2_outside",
+            l1 as usize,
+            be64(0x8000_0000_0000_0000 | (1 << 40)),
+            "L2 table 0",
+        ),
+        (
+            "l2_on_l1",
+            l1 as usize,
+            be64(0x8000_0000_0000_0000 | l1),
+            "overlaps the L1 table",
+        ),
+        ("truncated", usize::MAX, vec![], "shorter"),
+    ];
+    for (name, at, bytes, want) in cases {
+        let mut img = good.clone();
+        if at == usize::MAX {
+            img.truncate(40);
+        } else {
+            img[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+        if name == "backing_name_outside" {
+            img[16..20].copy_from_slice(&be32(100));
+        }
+        let path = dir.join(format!("{name}.qcow2"));
+        std::fs::write(&path, &img).unwrap();
+        for ro in ["on", "off"] {
+            let e = open(&format!(
+                "file={},format=qcow2,readonly={ro}",
+                path.display()
+            ))
+            .err()
+            .unwrap_or_else(|| panic!("{name}: accepted"));
+            assert!(e.contains(want), "{name}: {e}");
+        }
+    }
+    // A backing file name pointing at a host file is never opened.
+    let mut img = good.clone();
+    let name = b"/etc/shadow";
+    img[8..16].copy_from_slice(&be64(0x1000));
+    img[16..20].copy_from_slice(&be32(name.len() as u32));
+    img[0x1000..0x1000 + name.len()].copy_from_slice(name);
+    let path = dir.join("backing.qcow2");
+    std::fs::write(&path, &img).unwrap();
+    let e = open(&format!("file={},format=qcow2", path.display())).unwrap_err();
+    assert!(
+        e.contains("/etc/shadow") && e.contains("never opens"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
