@@ -125,7 +125,7 @@ struct DriveInfo {
     name: String,
     cfg: moat_cli::DriveConfig,
     size: u64,
-    stats: Arc<moat_devices::virtio::block::BlockStats>,
+    link: moat_devices::virtio::block::DriveLink,
 }
 
 impl DriveInfo {
@@ -144,7 +144,7 @@ impl DriveInfo {
                     name,
                     cfg: d.clone(),
                     size: disk.image.size(),
-                    stats: disk.stats.clone(),
+                    link: disk.link.clone(),
                 }
             })
             .collect()
@@ -170,7 +170,7 @@ impl DriveInfo {
         let mut inserted = json!({
             "file": file, "node-name": format!("#block{:03}", index * 2 + 1), "ro": c.read_only,
             "drv": c.format.name(), "encrypted": false, "detect_zeroes": "off", "backing_file_depth": depth,
-            "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0, "write_threshold": 0,
+            "write_threshold": 0,
             "cache": {
                 "writeback": !matches!(c.cache, CacheMode::Writethrough | CacheMode::Directsync),
                 "direct": matches!(c.cache, CacheMode::None | CacheMode::Directsync),
@@ -179,6 +179,39 @@ impl DriveInfo {
         });
         if let Backing::Layer(l) = &c.backing {
             inserted["backing_file"] = json!(l.file.display().to_string());
+        }
+        // QEMU's fields: the averages always, bursts and the group only
+        // while throttling is on, each burst field only when set.
+        let t = self.link.throttle.limits();
+        for (k, v) in [
+            ("bps", t.bps),
+            ("bps_rd", t.bps_rd),
+            ("bps_wr", t.bps_wr),
+            ("iops", t.iops),
+            ("iops_rd", t.iops_rd),
+            ("iops_wr", t.iops_wr),
+        ] {
+            inserted[k] = json!(v);
+        }
+        if t.enabled() {
+            let bursts = [
+                ("bps_max", t.bps_max, t.bps_max_length),
+                ("bps_rd_max", t.bps_rd_max, t.bps_rd_max_length),
+                ("bps_wr_max", t.bps_wr_max, t.bps_wr_max_length),
+                ("iops_max", t.iops_max, t.iops_max_length),
+                ("iops_rd_max", t.iops_rd_max, t.iops_rd_max_length),
+                ("iops_wr_max", t.iops_wr_max, t.iops_wr_max_length),
+            ];
+            for (k, max, len) in bursts {
+                if max != 0 {
+                    inserted[k] = json!(max);
+                    inserted[format!("{k}_length")] = json!(len);
+                }
+            }
+            if t.iops_size != 0 {
+                inserted["iops_size"] = json!(t.iops_size);
+            }
+            inserted["group"] = json!(self.name);
         }
         image["dirty-flag"] = json!(false);
         inserted["image"] = image;
@@ -195,7 +228,7 @@ impl DriveInfo {
 
     fn query_blockstats(&self, index: usize) -> Value {
         let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        let s = &self.stats;
+        let s = &self.link.stats;
         json!({
             "device": self.name,
             "node-name": format!("#block{:03}", index * 2 + 1),
@@ -289,6 +322,15 @@ impl VmControl for VmHandle {
                         .map(|(i, d)| d.query_blockstats(i))
                         .collect(),
                 ))
+            }
+            VmCommand::BlockSetIoThrottle(dev, limits) => {
+                let Some(d) = self.drives.iter().find(|d| d.name == dev) else {
+                    return Err(QmpError::device_not_found(format!(
+                        "Device '{dev}' not found"
+                    )));
+                };
+                d.link.throttle.set(limits);
+                return Ok(json!({}));
             }
             VmCommand::Eject(dev) => {
                 return Err(if self.drives.iter().any(|d| d.name == dev) {
@@ -507,6 +549,37 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         });
         Some(Monitors::start(&specs, ctx)?)
     });
+    if let Some(m) = &events.0 {
+        for (i, (d, info)) in images
+            .disks
+            .iter()
+            .zip(DriveInfo::list(&cfg, &images.disks))
+            .enumerate()
+        {
+            let (m, device) = (m.clone(), info.name);
+            let node = format!("#block{:03}", i * 2 + 1);
+            // A guest can cause errors at will: at most ten events a second
+            // per drive, so it cannot flood the monitor clients (stricter
+            // than QEMU, which does not limit BLOCK_IO_ERROR).
+            let last = Mutex::new(None::<std::time::Instant>);
+            let _ = d.link.errors.set(Box::new(move |e| {
+                let now = std::time::Instant::now();
+                let mut last = lock(&last);
+                if last.is_some_and(|t| now.duration_since(t) < Duration::from_millis(100)) {
+                    return;
+                }
+                *last = Some(now);
+                m.emit(
+                    "BLOCK_IO_ERROR",
+                    Some(json!({
+                        "device": device, "node-name": node,
+                        "operation": if e.write { "write" } else { "read" },
+                        "action": "report", "nospace": e.nospace, "reason": e.reason,
+                    })),
+                );
+            }));
+        }
+    }
     let mut generation = 0;
     let mut paused = cfg.start_paused;
     let outcome = loop {

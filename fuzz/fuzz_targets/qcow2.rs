@@ -33,11 +33,12 @@ fuzz_target!(|data: &[u8]| {
         }
         if writable && size >= 4096 {
             let pat = [0x5au8; 4096];
+            // A hostile image may map data onto its own metadata, so what
+            // reads back is not checked: only that nothing panics, hangs or
+            // allocates without bound (the damage stays inside the image).
             if img.write_at(&pat, size / 3 & !511).is_ok() {
                 let mut back = [0u8; 4096];
-                if img.read_at(&mut back, size / 3 & !511).is_ok() {
-                    assert_eq!(back, pat, "a successful write did not read back");
-                }
+                let _ = img.read_at(&mut back, size / 3 & !511);
             }
             let _ = img.write_zeroes(0, 4096.min(size));
             let _ = img.discard(0, 4096.min(size));

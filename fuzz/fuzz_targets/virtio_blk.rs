@@ -39,7 +39,8 @@ fuzz_target!(|data: &[u8]| {
         discard: if data[6] & 1 == 1 { Discard::Unmap } else { Discard::Ignore },
         interrupt: Arc::new(Interrupt::new(IrqLine::new().unwrap())),
         bounce: vec![0; 4096],
-        stats: Default::default(),
+        link: DriveLink::new(Default::default()),
+        kill: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
     };
     let _ = w.process_queue();
 });

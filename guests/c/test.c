@@ -20,6 +20,8 @@
  *                    blk_ro=1 (it is read-only: writes fail)
  *   blk_storm=N      N pseudo-random 4 KiB writes (0: forever), see blk_checks;
  *                    blk_noflush=1: never flush (moat must at exit)
+ *   blk_bench=MODE   endless I/O for bench/io.py (blk_bs=SIZE); virtio_base=,
+ *                    virtio_stride= move the virtio-mmio scan (QEMU microvm)
  *   blk_hostile=1    attack the first device (loops, bad addresses, bad queue)
  *                    and check it still serves requests afterwards
  * It prints "cmdline: ..." and then PASS or FAIL lines. */
@@ -79,6 +81,7 @@ static void start_aps(const u32 *ids, int n) {
 
 static u8 rings[2][16384] __attribute__((aligned(4096)));
 static u8 blkbuf[65536] __attribute__((aligned(4096)));
+static u8 bigbuf[1 << 20] __attribute__((aligned(4096)));
 
 static u32 fnv1a(const u8 *p, u64 n);
 
@@ -134,6 +137,8 @@ static void blk_hostile(u64 base) {
 static void blk_checks(const char *cmdline) {
     char v[64];
     u64 bases[16];
+    if (cmdline_get(cmdline, "virtio_base", v, sizeof v)) virtio_mmio_base = parse_num(v);
+    if (cmdline_get(cmdline, "virtio_stride", v, sizeof v)) virtio_mmio_stride = parse_num(v);
     int n = vblk_scan(bases, 16);
     printf_serial("blk: %d devices\n", n);
     if (cmdline_get(cmdline, "blk", v, sizeof v)) CHECK(n == (int)parse_num(v), "found %d virtio-blk devices, expected %s", n, v);
@@ -173,6 +178,23 @@ static void blk_checks(const char *cmdline) {
         r = vblk_request(&b, VBLK_T_IN, 8, blkbuf, 4096, 1, &used);
         CHECK(r == 0 && blkbuf[4095] == (u8)(4095 * 7 + 3), "read back after write failed");
     }
+    if (cmdline_get(cmdline, "blk_bench", v, sizeof v)) {
+        /* I/O without end for bench/io.py: seqread|seqwrite|randread|randwrite
+         * in blk_bs-byte requests (default 4096), one at a time. */
+        char bs[24];
+        u64 size = cmdline_get(cmdline, "blk_bs", bs, sizeof bs) ? parse_num(bs) : 4096;
+        int write = v[3] == 'w' || v[4] == 'w', rnd = v[0] == 'r' && v[1] == 'a';
+        u64 units = b.capacity * 512 / size, i = 0;
+        u32 x = 1;
+        CHECK(size >= 512 && size <= sizeof bigbuf && units > 0, "bad blk_bs");
+        printf_serial("blk: bench running\n");
+        for (;;) {
+            u64 unit = i++ % units;
+            if (rnd) { x ^= x << 13; x ^= x >> 17; x ^= x << 5; unit = x % units; }
+            r = vblk_request(&b, write ? VBLK_T_OUT : VBLK_T_IN, unit * size / 512, bigbuf, (u32)size, !write, &used);
+            if (r != 0) { CHECK(0, "bench request: status %d", r); break; }
+        }
+    }
     if (cmdline_get(cmdline, "blk_storm", v, sizeof v)) {
         /* N writes of 4 KiB at pseudo-random 4 KiB blocks k (xorshift32
          * from 1), block k holding byte i = i*7 + k*13 + 1, a flush every 64
@@ -190,8 +212,8 @@ static void blk_checks(const char *cmdline) {
             if (flush && w % 64 == 63) {
                 r = vblk_request(&b, VBLK_T_FLUSH, 0, 0, 0, 0, &used);
                 CHECK(r == 0, "storm flush: status %d", r);
-                if (w == 63) printf_serial("blk: storm running\n");
             }
+            if (w == 63) printf_serial("blk: storm running\n");
         }
         if (flush) {
             r = vblk_request(&b, VBLK_T_FLUSH, 0, 0, 0, 0, &used);

@@ -5,6 +5,8 @@
 
 #define VIRTIO_MMIO_BASE 0xd0000000UL
 #define VIRTIO_MMIO_STRIDE 0x1000UL
+/* Where vblk_scan looks (QEMU microvm: 0xfeb00000, stride 0x200). */
+extern u64 virtio_mmio_base, virtio_mmio_stride;
 #define VBLK_T_IN 0
 #define VBLK_T_OUT 1
 #define VBLK_T_FLUSH 4

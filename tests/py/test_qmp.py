@@ -3,6 +3,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import time
 
 import pytest
@@ -406,3 +407,89 @@ def test_block_queries(moat, tmp_path):
         q.cmd("eject", device="nope")
     assert e.value.error_class == "DeviceNotFound"
     q.close()
+
+
+def test_block_set_io_throttle(moat, tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * (4 << 20))
+    # The guest writes 4 KiB blocks without end; the drive starts held to
+    # two write operations a second.
+    m = moat(append="blk=1 blk_storm=300 blk_noflush=1 action=count",
+             extra=["-drive", f"file={img},format=raw,if=none,id=disk0,throttling.iops-write=2",
+                    "-device", "virtio-blk-device,drive=disk0"])
+    q = connect(m)
+    ins = q.cmd("query-block")[0]["inserted"]
+    assert (ins["iops_wr"], ins["bps"], ins["group"]) == (2, 0, "disk0")
+    assert "iops_wr_max" not in ins
+
+    def writes():
+        return q.cmd("query-blockstats")[0]["stats"]["wr_operations"]
+
+    # Held: over a measured interval no more than the rate (plus the
+    # initial bucket) gets through. A slow host only lowers the count.
+    t0, w0 = time.monotonic(), writes()
+    time.sleep(1.5)
+    t1, w1 = time.monotonic(), writes()
+    assert w1 - w0 <= 2 * (t1 - t0) + 2, (w0, w1, t1 - t0)
+    assert "storm done" not in m.console()
+
+    q.cmd("block_set_io_throttle", device="disk0", bps=0, bps_rd=0, bps_wr=0, iops=0, iops_rd=0,
+          iops_wr=100, iops_wr_max=200, iops_wr_max_length=3, iops_size=8192)
+    ins = q.cmd("query-block")[0]["inserted"]
+    assert (ins["iops_wr"], ins["iops_wr_max"], ins["iops_wr_max_length"], ins["iops_size"]) == (100, 200, 3, 8192)
+    assert "bps_max" not in ins
+
+    for bad, msg in [
+        (dict(bps=10, bps_rd=5), "cannot be used at the same time"),
+        (dict(bps_max=10), "require corresponding"),
+        (dict(bps=10, bps_max=5), "cannot be lower"),
+        (dict(bps=10, bps_max_length=2), "burst length set without burst rate"),
+        (dict(iops_size=512), "iops size requires an iops value"),
+        (dict(bps=-1), "must be within"),
+    ]:
+        args = dict(device="disk0", bps=0, bps_rd=0, bps_wr=0, iops=0, iops_rd=0, iops_wr=0)
+        args.update(bad)
+        with pytest.raises(ExecuteError) as e:
+            q.cmd("block_set_io_throttle", **args)
+        assert e.value.error_class == "GenericError" and msg in e.value.error.error.desc, bad
+    with pytest.raises(ExecuteError) as e:
+        q.cmd("block_set_io_throttle", device="nope", bps=0, bps_rd=0, bps_wr=0, iops=0, iops_rd=0, iops_wr=0)
+    assert e.value.error_class == "DeviceNotFound"
+    with pytest.raises(ExecuteError) as e:
+        q.cmd("block_set_io_throttle", device="disk0", bps=0)
+    assert "Parameter 'bps_rd' is missing" in e.value.error.error.desc
+
+    # All zero lifts the limits: the storm runs to its end.
+    q.cmd("block_set_io_throttle", device="disk0", bps=0, bps_rd=0, bps_wr=0, iops=0, iops_rd=0, iops_wr=0)
+    ins = q.cmd("query-block")[0]["inserted"]
+    assert ins["iops_wr"] == 0 and "group" not in ins
+    m.wait_for(lambda: "storm done" in m.console(), "the storm to finish")
+    assert writes() >= 300
+    q.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
+def test_block_io_error_event(moat, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        img = mnt / "disk.img"
+        with open(img, "wb") as f:
+            f.truncate(64 << 20)  # sparse: the guest's writes fill the tmpfs
+        m = moat(append="blk=1 blk_storm=2000 action=count",
+                 extra=["-drive", f"file={img},format=raw,if=none,id=disk0",
+                        "-device", "virtio-blk-device,drive=disk0"])
+        q = connect(m)
+        ev = event(q, "BLOCK_IO_ERROR")
+        assert ev["data"] == {"device": "disk0", "node-name": "#block001", "operation": "write",
+                              "action": "report", "nospace": True,
+                              "reason": "No space left on device"}, ev
+        # The guest got an I/O error status, and keeps running.
+        m.wait_for(lambda: "storm write" in m.console() and m.count() > 0, "the guest to go on")
+        assert q.cmd("query-status")["status"] == "running"
+        assert q.cmd("query-blockstats")[0]["stats"]["failed_wr_operations"] >= 1
+        q.close()
+        m.kill()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)

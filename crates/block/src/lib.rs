@@ -10,6 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 pub mod qcow2;
+pub mod throttle;
 
 pub use qcow2::Qcow2Image;
 

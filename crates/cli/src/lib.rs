@@ -192,10 +192,8 @@ impl ThrottleLimits {
                     .into(),
             );
         }
-        if self.iops_size > THROTTLE_VALUE_MAX {
-            return Err(format!(
-                "iops size must be between 0 and {THROTTLE_VALUE_MAX}"
-            ));
+        if self.iops_size != 0 && b[3].0 == 0 && b[4].0 == 0 && b[5].0 == 0 {
+            return Err("iops size requires an iops value to be set".into());
         }
         for (avg, max, len) in b {
             if avg > THROTTLE_VALUE_MAX || max > THROTTLE_VALUE_MAX {

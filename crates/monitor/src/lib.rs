@@ -65,6 +65,8 @@ pub enum VmCommand {
     QueryBlockstats,
     /// `eject` of a device (by `device` or `id`).
     Eject(String),
+    /// `block_set_io_throttle`: new limits for a drive (all zero: none).
+    BlockSetIoThrottle(String, moat_cli::ThrottleLimits),
 }
 
 /// The VM as the monitor sees it.

@@ -155,6 +155,33 @@ pub const COMMANDS: &[CommandSpec] = &[
         ],
     },
     CommandSpec {
+        name: "block_set_io_throttle",
+        args: &[
+            ("device", Str, false),
+            ("id", Str, false),
+            ("bps", Int, true),
+            ("bps_rd", Int, true),
+            ("bps_wr", Int, true),
+            ("iops", Int, true),
+            ("iops_rd", Int, true),
+            ("iops_wr", Int, true),
+            ("bps_max", Int, false),
+            ("bps_rd_max", Int, false),
+            ("bps_wr_max", Int, false),
+            ("iops_max", Int, false),
+            ("iops_rd_max", Int, false),
+            ("iops_wr_max", Int, false),
+            ("bps_max_length", Int, false),
+            ("bps_rd_max_length", Int, false),
+            ("bps_wr_max_length", Int, false),
+            ("iops_max_length", Int, false),
+            ("iops_rd_max_length", Int, false),
+            ("iops_wr_max_length", Int, false),
+            ("iops_size", Int, false),
+            ("group", Str, false),
+        ],
+    },
+    CommandSpec {
         name: "migrate",
         args: &[
             ("uri", Str, true),
@@ -167,7 +194,14 @@ pub const COMMANDS: &[CommandSpec] = &[
 ];
 
 /// Events moat emits.
-pub const EVENTS: &[&str] = &["STOP", "RESUME", "RESET", "POWERDOWN", "SHUTDOWN"];
+pub const EVENTS: &[&str] = &[
+    "STOP",
+    "RESUME",
+    "RESET",
+    "POWERDOWN",
+    "SHUTDOWN",
+    "BLOCK_IO_ERROR",
+];
 
 /// File descriptors handed in over the monitor (`getfd`, `add-fd`).
 #[derive(Debug, Default)]
@@ -453,6 +487,13 @@ impl Session {
                 Some(d) => vm.execute(VmCommand::Eject(d.to_string())),
                 None => Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
             },
+            "block_set_io_throttle" => {
+                let device = match (s("device"), s("id")) {
+                    (Some(d), None) | (None, Some(d)) => d.to_string(),
+                    _ => return Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
+                };
+                vm.execute(VmCommand::BlockSetIoThrottle(device, throttle_args(args)?))
+            }
             "human-monitor-command" => {
                 let line = s("command-line").unwrap_or_default();
                 let cpu = i("cpu-index").map(|c| c as u32);
@@ -618,6 +659,45 @@ impl Session {
         check_args(spec, &args)?;
         self.run(name, &args)
     }
+}
+
+/// `block_set_io_throttle`'s arguments as limits, checked as QEMU checks them.
+fn throttle_args(args: &Map<String, Value>) -> Result<moat_cli::ThrottleLimits, QmpError> {
+    let mut t = moat_cli::ThrottleLimits::default();
+    let fields: [(&str, &mut u64, u64); 19] = [
+        ("bps", &mut t.bps, 0),
+        ("bps_rd", &mut t.bps_rd, 0),
+        ("bps_wr", &mut t.bps_wr, 0),
+        ("iops", &mut t.iops, 0),
+        ("iops_rd", &mut t.iops_rd, 0),
+        ("iops_wr", &mut t.iops_wr, 0),
+        ("bps_max", &mut t.bps_max, 0),
+        ("bps_rd_max", &mut t.bps_rd_max, 0),
+        ("bps_wr_max", &mut t.bps_wr_max, 0),
+        ("iops_max", &mut t.iops_max, 0),
+        ("iops_rd_max", &mut t.iops_rd_max, 0),
+        ("iops_wr_max", &mut t.iops_wr_max, 0),
+        ("bps_max_length", &mut t.bps_max_length, 1),
+        ("bps_rd_max_length", &mut t.bps_rd_max_length, 1),
+        ("bps_wr_max_length", &mut t.bps_wr_max_length, 1),
+        ("iops_max_length", &mut t.iops_max_length, 1),
+        ("iops_rd_max_length", &mut t.iops_rd_max_length, 1),
+        ("iops_wr_max_length", &mut t.iops_wr_max_length, 1),
+        ("iops_size", &mut t.iops_size, 0),
+    ];
+    for (name, field, default) in fields {
+        *field = match args.get(name).and_then(Value::as_i64) {
+            None => default,
+            Some(v) => u64::try_from(v).map_err(|_| {
+                QmpError::generic(format!(
+                    "bps/iops/max values must be within [0, {}]",
+                    moat_cli::THROTTLE_VALUE_MAX
+                ))
+            })?,
+        };
+    }
+    t.validate().map_err(QmpError::generic)?;
+    Ok(t)
 }
 
 fn check_args(spec: &CommandSpec, args: &Map<String, Value>) -> Result<(), QmpError> {

@@ -158,7 +158,8 @@ pub struct Disk {
     pub image: Arc<dyn moat_block::DiskImage>,
     pub serial: String,
     pub discard: moat_devices::virtio::block::Discard,
-    pub stats: Arc<moat_devices::virtio::block::BlockStats>,
+    /// Stats, throttle and error sink, shared with the monitor.
+    pub link: moat_devices::virtio::block::DriveLink,
 }
 
 impl Disk {
@@ -186,7 +187,7 @@ impl Disk {
         Ok(Disk {
             image,
             serial: d.serial.clone().unwrap_or_default(),
-            stats: Arc::default(),
+            link: moat_devices::virtio::block::DriveLink::new(d.throttle),
             discard: if d.discard_unmap {
                 moat_devices::virtio::block::Discard::Unmap
             } else {
@@ -441,7 +442,7 @@ impl Vm {
                 disk.image.clone(),
                 &disk.serial,
                 disk.discard,
-                disk.stats.clone(),
+                disk.link.clone(),
             );
             let t = MmioTransport::new(Box::new(dev), mem.clone(), IrqLine::new()?)?;
             kvm("KVM_IRQFD (virtio)", vm.register_irqfd(&t.irq().0, irq))?;

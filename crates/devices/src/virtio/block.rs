@@ -10,6 +10,7 @@
 use super::{
     Interrupt, VirtioDevice, INT_VRING, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
+use moat_block::throttle::Throttle;
 use moat_block::{BlockError, DiskImage};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -66,6 +67,46 @@ fn bump(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
 
+/// A host I/O error under a guest request (QMP's `BLOCK_IO_ERROR`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoErrorReport {
+    pub write: bool,
+    /// ENOSPC: the host ran out of space.
+    pub nospace: bool,
+    /// strerror() text, as QEMU reports it.
+    pub reason: String,
+}
+
+/// Where a drive's I/O errors go; set once the monitor exists.
+pub type ErrorSink = Arc<std::sync::OnceLock<Box<dyn Fn(IoErrorReport) + Send + Sync>>>;
+
+/// What a drive's device shares with the rest of moat, across guest resets.
+#[derive(Clone)]
+pub struct DriveLink {
+    pub stats: Arc<BlockStats>,
+    pub throttle: Arc<Throttle>,
+    pub errors: ErrorSink,
+}
+
+impl std::fmt::Debug for DriveLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriveLink")
+            .field("stats", &self.stats)
+            .field("throttle", &self.throttle)
+            .finish()
+    }
+}
+
+impl DriveLink {
+    pub fn new(limits: moat_block::throttle::ThrottleLimits) -> DriveLink {
+        DriveLink {
+            stats: Arc::default(),
+            throttle: Arc::new(Throttle::new(limits)),
+            errors: Arc::default(),
+        }
+    }
+}
+
 /// How a drive handles `discard` requests (`-drive discard=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Discard {
@@ -76,7 +117,7 @@ pub enum Discard {
 /// The virtio-blk device model.
 pub struct Block {
     disk: Arc<dyn DiskImage>,
-    stats: Arc<BlockStats>,
+    link: DriveLink,
     serial: [u8; 20],
     discard: Discard,
     worker: Option<(EventFd, JoinHandle<()>)>,
@@ -89,18 +130,13 @@ impl std::fmt::Debug for Block {
 }
 
 impl Block {
-    pub fn new(
-        disk: Arc<dyn DiskImage>,
-        serial: &str,
-        discard: Discard,
-        stats: Arc<BlockStats>,
-    ) -> Self {
+    pub fn new(disk: Arc<dyn DiskImage>, serial: &str, discard: Discard, link: DriveLink) -> Self {
         let mut s = [0u8; 20];
         let n = serial.len().min(20);
         s[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Block {
             disk,
-            stats,
+            link,
             serial: s,
             discard,
             worker: None,
@@ -184,11 +220,12 @@ impl VirtioDevice for Block {
             discard: self.discard,
             interrupt,
             bounce: vec![0u8; BOUNCE],
-            stats: self.stats.clone(),
+            link: self.link.clone(),
+            kill: kill2,
         };
         let h = std::thread::Builder::new()
             .name("virtio-blk".into())
-            .spawn(move || worker.run(&notify, &kill2, &*needs_reset))?;
+            .spawn(move || worker.run(&notify, &*needs_reset))?;
         self.worker = Some((kill, h));
         Ok(())
     }
@@ -216,7 +253,9 @@ pub struct Worker {
     pub discard: Discard,
     pub interrupt: Arc<Interrupt>,
     pub bounce: Vec<u8>,
-    pub stats: Arc<BlockStats>,
+    pub link: DriveLink,
+    /// Written when the device resets: a throttled request stops waiting.
+    pub kill: EventFd,
 }
 
 #[derive(Debug)]
@@ -239,7 +278,36 @@ impl From<std::io::Error> for ReqError {
     }
 }
 
+/// A host I/O error of the image (not a guest mistake such as a sector
+/// out of range or a write to a read-only drive): reported to the monitor.
+fn host_error(write: bool, e: BlockError, errors: &ErrorSink) -> ReqError {
+    if let BlockError::Io(io) = &e {
+        if let Some(sink) = errors.get() {
+            let errno = io.raw_os_error();
+            let reason = match errno {
+                // SAFETY: strerror returns a pointer to a static or
+                // thread-local NUL-terminated string, copied at once.
+                Some(n) => unsafe { std::ffi::CStr::from_ptr(libc::strerror(n)) }
+                    .to_string_lossy()
+                    .into_owned(),
+                None => io.to_string(),
+            };
+            sink(IoErrorReport {
+                write,
+                nospace: errno == Some(libc::ENOSPC),
+                reason,
+            });
+        }
+    }
+    ReqError::from(e)
+}
+
 fn wait(fds: &[&EventFd]) -> Vec<bool> {
+    wait_for(fds, -1)
+}
+
+/// poll() the eventfds for up to `timeout_ms` (-1: forever); which are ready.
+fn wait_for(fds: &[&EventFd], timeout_ms: i32) -> Vec<bool> {
     let mut p: Vec<libc::pollfd> = fds
         .iter()
         .map(|e| libc::pollfd {
@@ -250,7 +318,7 @@ fn wait(fds: &[&EventFd]) -> Vec<bool> {
         .collect();
     loop {
         // SAFETY: `p` is a valid array of pollfd for the call's duration.
-        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, -1) };
+        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
         if r >= 0 {
             return p.iter().map(|x| x.revents != 0).collect();
         }
@@ -261,9 +329,10 @@ fn wait(fds: &[&EventFd]) -> Vec<bool> {
 }
 
 impl Worker {
-    fn run(&mut self, notify: &EventFd, kill: &EventFd, needs_reset: &(dyn Fn() + Send + Sync)) {
+    fn run(&mut self, notify: &EventFd, needs_reset: &(dyn Fn() + Send + Sync)) {
+        let kill = self.kill.try_clone().expect("dup of the kill eventfd");
         loop {
-            let ready = wait(&[notify, kill]);
+            let ready = wait(&[notify, &kill]);
             if ready[1] {
                 return;
             }
@@ -274,7 +343,7 @@ impl Worker {
                     "virtio-blk: the driver broke the queue protocol ({e:?}); device needs reset"
                 );
                 needs_reset();
-                let _ = wait(&[kill]);
+                let _ = wait(&[&kill]);
                 return;
             }
         }
@@ -289,7 +358,9 @@ impl Worker {
             while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
                 served = true;
                 let head = chain.head_index();
-                let len = self.request(&mem, chain);
+                let Some(len) = self.request(&mem, chain) else {
+                    return Ok(()); // the device is resetting
+                };
                 self.queue.add_used(&mem, head, len)?;
             }
             if !self.queue.enable_notification(&mem)? {
@@ -307,20 +378,41 @@ impl Worker {
         Ok(())
     }
 
-    /// Execute one request; returns the bytes written to the guest.
-    fn request(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    /// Wait until the throttle lets a request of `bytes` start; false if
+    /// the device was reset meanwhile.
+    fn throttle(&self, write: bool, bytes: u64) -> bool {
+        while let Some(d) = self
+            .link
+            .throttle
+            .admit(write, bytes, std::time::Instant::now())
+        {
+            let ms = d.as_millis().clamp(1, 1000) as i32;
+            if wait_for(&[&self.kill], ms)[0] {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Execute one request; returns the bytes written to the guest, or
+    /// `None` when the device reset while the request waited for the throttle.
+    fn request(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Option<u32> {
         let (Ok(mut reader), Ok(mut writer)) = (
             Reader::<()>::new(mem, chain.clone()),
             Writer::<()>::new(mem, chain.clone()),
         ) else {
-            return 0;
+            return Some(0);
         };
         let total = writer.available_bytes();
         if total == 0 {
-            return 0; // nowhere to put the status
+            return Some(0); // nowhere to put the status
         }
         let Ok(mut status_w) = writer.split_at(total - 1) else {
-            return 0;
+            return Some(0);
         };
         let kind = {
             let mut peek = reader.clone();
@@ -329,12 +421,20 @@ impl Worker {
                 .map(|_| u32::from_le_bytes(t))
                 .unwrap_or(u32::MAX)
         };
+        let admitted = match kind {
+            T_IN => self.throttle(false, writer.available_bytes() as u64),
+            T_OUT => self.throttle(true, reader.available_bytes().saturating_sub(16) as u64),
+            _ => true,
+        };
+        if !admitted {
+            return None;
+        }
         let status = match self.execute(&mut reader, &mut writer) {
             Ok(()) => S_OK,
             Err(ReqError::Status(s)) => s,
             Err(ReqError::Malformed) => S_IOERR,
         };
-        let st = &self.stats;
+        let st = &self.link.stats;
         match (kind, status == S_OK) {
             (T_IN, true) => {
                 bump(&st.rd_operations, 1);
@@ -352,9 +452,9 @@ impl Worker {
             _ => {}
         }
         if status_w.write_all(&[status]).is_err() {
-            return 0;
+            return Some(0);
         }
-        (writer.bytes_written() + 1) as u32
+        Some((writer.bytes_written() + 1) as u32)
     }
 
     /// Data of a read or write: whole sectors, inside the image.
@@ -389,7 +489,9 @@ impl Worker {
                 let mut done = 0u64;
                 while done < len {
                     let n = (len - done).min(self.bounce.len() as u64) as usize;
-                    self.disk.read_at(&mut self.bounce[..n], offset + done)?;
+                    self.disk
+                        .read_at(&mut self.bounce[..n], offset + done)
+                        .map_err(|e| host_error(false, e, &self.link.errors))?;
                     writer.write_all(&self.bounce[..n])?;
                     done += n as u64;
                 }
@@ -405,12 +507,17 @@ impl Worker {
                 while done < len {
                     let n = (len - done).min(self.bounce.len() as u64) as usize;
                     reader.read_exact(&mut self.bounce[..n])?;
-                    self.disk.write_at(&self.bounce[..n], offset + done)?;
+                    self.disk
+                        .write_at(&self.bounce[..n], offset + done)
+                        .map_err(|e| host_error(true, e, &self.link.errors))?;
                     done += n as u64;
                 }
                 Ok(())
             }
-            T_FLUSH => Ok(self.disk.flush()?),
+            T_FLUSH => Ok(self
+                .disk
+                .flush()
+                .map_err(|e| host_error(true, e, &self.link.errors))?),
             T_GET_ID => {
                 let n = writer.available_bytes().min(20);
                 writer.write_all(&self.serial[..n])?;
@@ -442,11 +549,14 @@ impl Worker {
                         return Err(ReqError::Status(S_UNSUPP));
                     }
                     moat_block::check_range(start, num, self.disk.size())?;
-                    if kind == T_WRITE_ZEROES {
-                        self.disk.write_zeroes(start, num)?;
+                    let r = if kind == T_WRITE_ZEROES {
+                        self.disk.write_zeroes(start, num)
                     } else if self.discard == Discard::Unmap {
-                        self.disk.discard(start, num)?;
-                    }
+                        self.disk.discard(start, num)
+                    } else {
+                        Ok(())
+                    };
+                    r.map_err(|e| host_error(true, e, &self.link.errors))?;
                 }
                 Ok(())
             }
@@ -477,7 +587,8 @@ mod tests {
             discard: Discard::Unmap,
             interrupt: Arc::new(Interrupt::new(IrqLine::new().unwrap())),
             bounce: vec![0; 4096],
-            stats: Arc::default(),
+            link: DriveLink::new(Default::default()),
+            kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         }
     }
 

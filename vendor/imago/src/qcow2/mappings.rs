@@ -332,6 +332,11 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         l2_table.set_cluster(l2_allocation.cluster());
         l2_table.write(self.metadata.as_ref()).await?;
 
+        // moat patch: the new L2 table's refcount must be on disk before the
+        // L1 entry that points at it (QEMU's l2_allocate() flushes its
+        // refcount cache here too); otherwise a process killed now leaves
+        // an L2 table with refcount 0, which qemu-img check calls corruption.
+        self.caches.flush_rb().await?;
         l1_locked.enter_l2_table(l1_index, &l2_table, Some(l2_allocation))?;
         l1_locked
             .write_entry(self.metadata.as_ref(), l1_index)
@@ -366,6 +371,9 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         new_l1.set_cluster(l1_allocation.cluster());
         new_l1.write(self.metadata.as_ref()).await?;
 
+        // moat patch: refcounts of the new L1 table on disk before the
+        // header points at it (see ensure_l2()).
+        self.caches.flush_rb().await?;
         self.header.set_l1_table(&new_l1, Some(l1_allocation))?;
         self.header
             .write_l1_table_pointer(self.metadata.as_ref())
