@@ -72,8 +72,8 @@ fn debian_linux_under_moat() {
 }
 
 /// Linux finds both virtio-blk disks through ACPI, makes an ext4 file system
-/// on one and reads a file from the other; the host checks the result with
-/// e2fsck and debugfs.
+/// on the qcow2 one and reads a file from the raw one; the host checks the
+/// result with qemu-img check, e2fsck and debugfs.
 fn virtio_blk_with_ext4(r: &HashMap<String, String>) {
     let b = &r["blk"];
     assert!(b.contains("L2: disks vda vdb"), "{b}");
@@ -91,8 +91,15 @@ fn virtio_blk_with_ext4(r: &HashMap<String, String>) {
     );
     assert!(b.contains("L2: unmounted") && b.contains("EXIT 0 "), "{b}");
     let sha = after(b, "L2: random sha256 ").trim().to_string();
-    let img = after(&r[""], "TIER2 host data image ").trim().to_string();
-    assert!(!img.is_empty(), "no data image path");
+    let qcow2 = after(&r[""], "TIER2 host data image ").trim().to_string();
+    assert!(!qcow2.is_empty(), "no data image path");
+    // The guest wrote through moat's qcow2: qemu-img judges the image, then
+    // the file system inside it is checked from qemu-img's reading of it.
+    let (ok, log) = run("qemu-img", &["check", &qcow2]);
+    assert!(ok, "qemu-img check {qcow2}:\n{log}");
+    let img = format!("{qcow2}.raw");
+    let (ok, log) = run("qemu-img", &["convert", "-O", "raw", &qcow2, &img]);
+    assert!(ok, "qemu-img convert {qcow2}:\n{log}");
     let (ok, log) = run("e2fsck", &["-fn", &img]);
     assert!(ok, "e2fsck -fn {img}:\n{log}");
     let (_, text) = run("debugfs", &["-R", "cat /from-guest.txt", &img]);
@@ -112,6 +119,7 @@ fn virtio_blk_with_ext4(r: &HashMap<String, String>) {
         "random.bin differs"
     );
     let _ = std::fs::remove_file(&dump);
+    let _ = std::fs::remove_file(&img);
 }
 
 fn boots_to_userspace_with_two_cpus_and_acpi_poweroff(r: &HashMap<String, String>) {

@@ -49,7 +49,7 @@ for s in $(cat /scenarios); do
         blk)
             sleep 1
             $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=blk" -nographic -no-reboot \
-                -drive file=/dev/vda,format=raw,if=virtio,serial=moat-l2-data \
+                -drive file=/dev/vda,format=qcow2,if=virtio,serial=moat-l2-data \
                 -drive file=/dev/vdb,format=raw,if=virtio,readonly=on ;;
         boot-acpi-off)
             $M -M microvm,acpi=off -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;

@@ -172,15 +172,7 @@ mod tests {
     use super::*;
 
     fn limits(f: impl FnOnce(&mut ThrottleLimits)) -> ThrottleLimits {
-        let mut l = ThrottleLimits {
-            bps_max_length: 1,
-            bps_rd_max_length: 1,
-            bps_wr_max_length: 1,
-            iops_max_length: 1,
-            iops_rd_max_length: 1,
-            iops_wr_max_length: 1,
-            ..Default::default()
-        };
+        let mut l = ThrottleLimits::default();
         f(&mut l);
         l.validate().unwrap();
         l

@@ -128,7 +128,7 @@ pub struct ImageLayer {
 
 /// `throttling.*`: I/O limits in QEMU's units (bytes or operations per second;
 /// `*_max` is the burst rate, allowed for `*_max_length` seconds). Zero means no limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ThrottleLimits {
     pub bps: u64,
     pub bps_rd: u64,
@@ -150,6 +150,33 @@ pub struct ThrottleLimits {
     pub iops_wr_max_length: u64,
     /// `iops-size`: larger requests count as several operations.
     pub iops_size: u64,
+}
+
+impl Default for ThrottleLimits {
+    /// No limits; burst lengths of one second, as QEMU's throttle_config_init().
+    fn default() -> Self {
+        ThrottleLimits {
+            bps: 0,
+            bps_rd: 0,
+            bps_wr: 0,
+            iops: 0,
+            iops_rd: 0,
+            iops_wr: 0,
+            bps_max: 0,
+            bps_rd_max: 0,
+            bps_wr_max: 0,
+            iops_max: 0,
+            iops_rd_max: 0,
+            iops_wr_max: 0,
+            bps_max_length: 1,
+            bps_rd_max_length: 1,
+            bps_wr_max_length: 1,
+            iops_max_length: 1,
+            iops_rd_max_length: 1,
+            iops_wr_max_length: 1,
+            iops_size: 0,
+        }
+    }
 }
 
 /// The largest value QEMU accepts for a throttling limit.
@@ -1090,15 +1117,7 @@ fn parse_throttle(
     arg: &str,
     kv: &mut keyval::KeyVals,
 ) -> Result<ThrottleLimits, CliError> {
-    let mut t = ThrottleLimits {
-        bps_max_length: 1,
-        bps_rd_max_length: 1,
-        bps_wr_max_length: 1,
-        iops_max_length: 1,
-        iops_rd_max_length: 1,
-        iops_wr_max_length: 1,
-        ..Default::default()
-    };
+    let mut t = ThrottleLimits::default();
     let fields: [(&str, &mut u64); 19] = [
         ("bps-total", &mut t.bps),
         ("bps-read", &mut t.bps_rd),
