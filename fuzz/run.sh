@@ -22,6 +22,7 @@ if command -v qemu-img >/dev/null; then
         qemu-img convert -f raw -O qcow2 -o "$o" "$tmp/src" "corpus/qcow2/seed-$o" >/dev/null
     done
     qemu-img convert -c -f raw -O qcow2 -o cluster_size=512 "$tmp/src" corpus/qcow2/seed-compressed >/dev/null
+    qemu-img convert -c -f raw -O qcow2 -o cluster_size=512,compression_type=zstd "$tmp/src" corpus/qcow2/seed-zstd >/dev/null
     rm -rf "$tmp"
 fi
 for t in $(cargo fuzz list); do

@@ -481,6 +481,14 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             Some(k) => format!("-kernel {}", k.display()),
             None => "demo guest".into(),
         })?;
+    // -add-fd: inherited descriptors, checked and duplicated as QEMU does.
+    let mut fds = FdStore::default();
+    for a in &cfg.add_fds {
+        let fd = moat_sys::fdset::take_inherited(a.fd)
+            .map_err(|e| anyhow::anyhow!("-add-fd fd={},set={}: {e}", a.fd, a.set))?;
+        fds.add(Some(a.set), fd, a.opaque.clone())
+            .map_err(|e| anyhow::anyhow!("-add-fd: {e}"))?;
+    }
     let images = BootImages {
         kernel,
         initrd: match &cfg.initrd {
@@ -495,7 +503,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         disks: cfg
             .drives
             .iter()
-            .map(moat_vmm::Disk::open)
+            .map(|d| moat_vmm::Disk::open(d, &fds))
             .collect::<Result<_, _>>()
             .map_err(|e| anyhow::anyhow!(e))?,
     };
@@ -545,7 +553,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
                 dies: cfg.smp.dies,
                 drives: DriveInfo::list(&cfg, &images.disks),
             }),
-            fds: Mutex::new(FdStore::default()),
+            fds: Mutex::new(fds),
         });
         Some(Monitors::start(&specs, ctx)?)
     });

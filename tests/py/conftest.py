@@ -12,7 +12,8 @@ GUEST = os.environ["MOAT_TEST_PVH"]
 
 
 class Moat:
-    def __init__(self, tmp_path, append="action=count", extra=(), qmp=True, hmp=False, paused=False):
+    def __init__(self, tmp_path, append="action=count", extra=(), qmp=True, hmp=False, paused=False,
+                 pass_fds=()):
         self.dir = tmp_path
         self.qmp_path = str(tmp_path / "qmp.sock")
         self.hmp_path = str(tmp_path / "hmp.sock")
@@ -27,7 +28,7 @@ class Moat:
             args.append("-S")
         args += list(extra)
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, pass_fds=pass_fds)
         for path in ([self.qmp_path] if qmp else []) + ([self.hmp_path] if hmp else []):
             self.wait_for(lambda: os.path.exists(path), f"socket {path}")
 

@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+from conftest import GUEST, MOAT
 from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -493,3 +494,54 @@ def test_block_io_error_event(moat, tmp_path):
         m.kill()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def fnv1a(data):
+    h = 2166136261
+    for b in data:
+        h = ((h ^ b) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def test_drives_from_fd_sets(moat, tmp_path):
+    """-add-fd + file=/dev/fdset/N: moat uses the descriptors it was handed;
+    the files are unlinked before it starts, so no path could reach them."""
+    data = bytes((i * 37 + 11) & 0xFF for i in range(1 << 20))
+    rw_path, ro_path = tmp_path / "rw.img", tmp_path / "ro.img"
+    rw_path.write_bytes(data)
+    ro_path.write_bytes(data[::-1])
+    rw = os.open(rw_path, os.O_RDWR)
+    ro = os.open(ro_path, os.O_RDONLY)
+    os.unlink(rw_path)
+    os.unlink(ro_path)
+    m = moat(append=f"blk=2 blk_len=65536 blk_sum={fnv1a(data[:65536]):#x} blk_write=1 blk_ro=1 action=count",
+             extra=["-add-fd", f"fd={rw},set=1,opaque=rw-disk", "-add-fd", f"fd={ro},set=2",
+                    "-drive", "file=/dev/fdset/1,format=raw,if=virtio",
+                    "-drive", "file=/dev/fdset/2,format=raw,if=virtio,readonly=on"],
+             pass_fds=(rw, ro))
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 0, "the guest's disk checks")
+    assert "FAIL" not in m.console(), m.console()
+    sets = q.cmd("query-fdsets")
+    assert [s["fdset-id"] for s in sets] == [1, 2]
+    assert sets[0]["fds"][0]["opaque"] == "rw-disk" and "opaque" not in sets[1]["fds"][0]
+    assert q.cmd("query-block")[0]["inserted"]["file"] == "/dev/fdset/1"
+    # The guest's write (sectors 8..15) reached the unlinked file.
+    got = os.pread(rw, 4096, 4096)
+    assert got == bytes((i * 7 + 3) & 0xFF for i in range(4096))
+    q.close()
+    m.kill()
+    # A read-write drive from a set that only has a read-only descriptor,
+    # a missing set, and a close-on-exec (moat-internal) fd are refused.
+    for extra, want in [
+        (["-add-fd", f"fd={ro},set=2", "-drive", "file=/dev/fdset/2,format=raw"], "Permission denied"),
+        (["-drive", "file=/dev/fdset/7,format=raw"], "No such file"),
+    ]:
+        p = subprocess.run([MOAT, "-kernel", GUEST] + extra, pass_fds=(ro,),
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and want in p.stderr, (extra, p.stderr)
+    p = subprocess.run([MOAT, "-kernel", GUEST, "-add-fd", f"fd={ro},set=1"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "not valid or already in use" in p.stderr, p.stderr
+    os.close(rw)
+    os.close(ro)

@@ -23,8 +23,13 @@
 //! - Clear refusals for what neither does: the dirty bit (lazy refcounts
 //!   left inconsistent: QEMU repairs on open, moat asks for `qemu-img check
 //!   -r all`), the corrupt bit (QEMU refuses read-write too; moat also
-//!   refuses read-only, because imago does), zstd compression and extended
-//!   L2 entries (not in imago 0.2), encryption.
+//!   refuses read-only, because imago does), extended L2 entries (not in
+//!   imago 0.2), encryption.
+//!
+//! Three gaps of imago 0.2.6 are mended in its vendored copy
+//! (vendor/imago/MOAT-PATCHES.md): an unbounded recursion on hostile
+//! refcount structures, the write order of refcounts before L1 entries, and
+//! zstd-compressed clusters (read).
 //!
 //! Writes through imago never set the dirty bit (no lazy refcounts), and it
 //! orders refcount updates before the L2 entries that use them, so a killed
@@ -183,11 +188,24 @@ pub fn check(file: &File, file_len: u64) -> Result<Header, String> {
             "the corrupt bit is set; check it with `qemu-img check` and repair with -r all",
         ));
     }
-    if incompat & INCOMPAT_COMPRESSION != 0 {
-        return Err(bad(
-            "zstd compression is not supported; recompress with `qemu-img convert -O qcow2 -c -o compression_type=zlib`",
-        ));
+    // compression_type (byte 104, when the header has it): 0 zlib, 1 zstd;
+    // the incompatible bit is set exactly when it is not zlib (QEMU's rule).
+    let compression = if header_len > 104 {
+        read_exact(file, 104, 1)?[0]
+    } else {
+        0
+    };
+    match (compression, incompat & INCOMPAT_COMPRESSION != 0) {
+        (0, false) | (1, true) => {}
+        (0, true) => {
+            return Err(bad(
+                "the compression type bit is set but the compression type is zlib",
+            ))
+        }
+        (1, false) => return Err(bad("zstd compression without the compression type bit")),
+        (t, _) => return Err(bad(format!("unknown compression type {t}"))),
     }
+    incompat &= !INCOMPAT_COMPRESSION;
     if incompat & INCOMPAT_EXTL2 != 0 {
         return Err(bad(
             "extended L2 entries (subclusters) are not supported; convert with `qemu-img convert -O qcow2 -o extended_l2=off`",
@@ -367,6 +385,9 @@ pub struct Qcow2Image {
     inner: RwLock<FormatAccess<imago::file::File>>,
     size: u64,
     read_only: bool,
+    /// cache=unsafe: a flush writes imago's metadata caches back to the
+    /// file but does not wait for the disk.
+    no_sync: bool,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -463,7 +484,14 @@ impl Qcow2Image {
             size: access.size(),
             inner: RwLock::new(access),
             read_only,
+            no_sync: false,
         }
+    }
+
+    /// cache=unsafe (QEMU's cache.no-flush).
+    pub fn with_no_sync(mut self) -> Qcow2Image {
+        self.no_sync = true;
+        self
     }
 
     fn shared(&self) -> std::sync::RwLockReadGuard<'_, FormatAccess<imago::file::File>> {
@@ -503,7 +531,9 @@ impl DiskImage for Qcow2Image {
         if !self.read_only {
             let q = self.shared();
             q.flush()?;
-            q.sync()?;
+            if !self.no_sync {
+                q.sync()?;
+            }
         }
         Ok(())
     }

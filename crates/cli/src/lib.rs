@@ -86,6 +86,14 @@ pub struct SocketChardev {
     pub tls_authz: Option<String>,
 }
 
+/// `-add-fd`: descriptor `fd` (inherited from the parent) goes into fd set `set`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddFd {
+    pub fd: i64,
+    pub set: i64,
+    pub opaque: Option<String>,
+}
+
 /// Image formats moat reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DriveFormat {
@@ -352,10 +360,14 @@ pub struct VmConfig {
     pub no_reboot: bool,
     /// `-S`: create the VM but do not run the vCPUs.
     pub start_paused: bool,
+    /// `-sandbox on|off`: the seccomp allow-list (on unless `-sandbox off`).
+    pub sandbox: bool,
     pub name: Option<String>,
     /// `-name ...,process=`: the process name shown by ps.
     pub process_name: Option<String>,
     pub pidfile: Option<PathBuf>,
+    /// `-add-fd`: inherited descriptors to put in fd sets (`/dev/fdset/N`).
+    pub add_fds: Vec<AddFd>,
     /// `-uuid`, in canonical lower-case form.
     pub uuid: Option<String>,
     pub monitors: Vec<MonitorConfig>,
@@ -385,6 +397,8 @@ impl Default for VmConfig {
             name: None,
             process_name: None,
             pidfile: None,
+            add_fds: Vec::new(),
+            sandbox: true,
             uuid: None,
             monitors: Vec::new(),
             objects: Vec::new(),
@@ -397,6 +411,7 @@ impl Default for VmConfig {
 const WITH_ARG: &[&str] = &[
     "M", "machine", "accel", "cpu", "m", "smp", "kernel", "initrd", "append", "serial", "display",
     "name", "pidfile", "uuid", "qmp", "monitor", "chardev", "mon", "object", "drive", "device",
+    "add-fd", "sandbox",
 ];
 /// Options without an argument.
 const FLAGS: &[&str] = &[
@@ -495,6 +510,8 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
             }
             "pidfile" => cfg.pidfile = Some(nonempty_path(&opt, arg)?),
             "uuid" => cfg.uuid = Some(parse_uuid(&opt, arg)?),
+            "add-fd" => cfg.add_fds.push(parse_add_fd(&opt, arg)?),
+            "sandbox" => cfg.sandbox = parse_sandbox(&opt, arg)?,
             "drive" => {
                 let (d, virtio) = parse_drive(&opt, arg)?;
                 if let Some(id) = &d.id {
@@ -1156,6 +1173,73 @@ fn parse_throttle(
     Ok(t)
 }
 
+/// `-sandbox on|off[,obsolete=deny][,elevateprivileges=deny][,spawn=deny][,resourcecontrol=deny]`.
+/// moat's filter denies all four of QEMU's groups whatever is asked, so
+/// `allow` (or `children`) is refused rather than silently not done.
+fn parse_sandbox(opt: &str, arg: &str) -> Result<bool, CliError> {
+    let mut kv = keyval::parse(opt, arg, Some("enable"))?;
+    let on = match kv.take("enable") {
+        Some(v) => keyval::parse_bool(opt, "enable", &v)?,
+        None => return Err(CliError::new(opt, arg, "Parameter 'enable' is missing")),
+    };
+    for key in ["obsolete", "elevateprivileges", "spawn", "resourcecontrol"] {
+        match kv.take(key).as_deref() {
+            None | Some("deny") => {}
+            Some(v @ ("allow" | "children")) => {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!("{key}={v}: moat's sandbox always denies {key} (only deny is supported)"),
+                ))
+            }
+            Some(v) => {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!("invalid argument for {key}: '{v}'"),
+                ))
+            }
+        }
+    }
+    kv.finish(opt, arg)?;
+    Ok(on)
+}
+
+/// `-add-fd fd=N,set=S[,opaque=STR]`, with QEMU's messages.
+fn parse_add_fd(opt: &str, arg: &str) -> Result<AddFd, CliError> {
+    let mut kv = keyval::parse(opt, arg, None)?;
+    let num = |kv: &mut keyval::KeyVals, key: &str, missing: &str| -> Result<i64, CliError> {
+        match kv.take(key) {
+            None => Err(CliError::new(opt, arg, missing)),
+            Some(v) => v
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| CliError::new(opt, arg, missing)),
+        }
+    };
+    let fd = num(
+        &mut kv,
+        "fd",
+        "fd option is required and must be non-negative",
+    )?;
+    if fd <= 2 {
+        return Err(CliError::new(
+            opt,
+            arg,
+            "fd cannot be a standard I/O stream",
+        ));
+    }
+    let set = num(
+        &mut kv,
+        "set",
+        "set option is required and must be non-negative",
+    )?;
+    let opaque = kv.take("opaque");
+    kv.finish(opt, arg)?;
+    Ok(AddFd { fd, set, opaque })
+}
+
 fn parse_uuid(opt: &str, arg: &str) -> Result<String, CliError> {
     let ok = arg.len() == 36
         && arg.char_indices().all(|(i, c)| match i {
@@ -1499,6 +1583,8 @@ With no -kernel, moat boots its built-in demo guest.
        [,backing.driver=,backing.file.filename=[,backing.backing...]|,backing=][,data-file.filename=]
        [,throttling.bps-total|bps-read|bps-write|iops-total|iops-read|iops-write[-max[-length]]=N][,throttling.iops-size=]
 -device virtio-blk-device,drive=ID[,serial=]   a virtio-blk disk for an if=none drive
+-add-fd fd=N,set=S[,opaque=]   put inherited descriptor N in fd set S (use as /dev/fdset/S)
+-sandbox on|off[,obsolete=deny,...]  the seccomp sandbox (on by default)
 -qmp unix:PATH,server=on[,wait=off] a QMP monitor (socket created mode 0600)
 -monitor unix:PATH,server=on[,wait=off]   an HMP monitor
 -chardev socket,id=ID,path=PATH,server=on[,wait=off]  with  -mon chardev=ID[,mode=control|readline]
@@ -1725,6 +1811,46 @@ mod tests {
             err(&["-object", r#"{"qom-type":"authz-list","id":"x","bogus":1}"#])
                 .contains("'bogus'")
         );
+    }
+
+    #[test]
+    fn sandbox() {
+        assert!(cfg(&[]).sandbox);
+        assert!(!cfg(&["-sandbox", "off"]).sandbox);
+        assert!(cfg(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]).sandbox);
+        assert!(err(&["-sandbox", "on,spawn=allow"]).contains("only deny"));
+        assert!(err(&["-sandbox", "on,elevateprivileges=children"]).contains("only deny"));
+        assert!(err(&["-sandbox", "on,spawn=maybe"]).contains("invalid argument"));
+        assert!(err(&["-sandbox", "maybe"]).contains("enable"));
+    }
+
+    #[test]
+    fn add_fd() {
+        let c = cfg(&[
+            "-add-fd",
+            "fd=5,set=2,opaque=rw:/img",
+            "-add-fd",
+            "fd=6,set=2",
+        ]);
+        assert_eq!(
+            c.add_fds[0],
+            AddFd {
+                fd: 5,
+                set: 2,
+                opaque: Some("rw:/img".into())
+            }
+        );
+        assert_eq!(c.add_fds[1].opaque, None);
+        for (bad, why) in [
+            ("set=1", "fd option is required"),
+            ("fd=-1,set=1", "fd option is required"),
+            ("fd=2,set=1", "standard I/O"),
+            ("fd=5", "set option is required"),
+            ("fd=5,set=x", "set option is required"),
+            ("fd=5,set=1,bogus=1", "bogus"),
+        ] {
+            assert!(err(&["-add-fd", bad]).contains(why), "{bad}");
+        }
     }
 
     #[test]

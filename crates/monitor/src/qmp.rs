@@ -203,38 +203,7 @@ pub const EVENTS: &[&str] = &[
     "BLOCK_IO_ERROR",
 ];
 
-/// File descriptors handed in over the monitor (`getfd`, `add-fd`).
-#[derive(Debug, Default)]
-pub struct FdStore {
-    named: Vec<(String, OwnedFd)>,
-    sets: Vec<FdSet>,
-}
-
-#[derive(Debug)]
-struct FdSet {
-    id: i64,
-    fds: Vec<(OwnedFd, Option<String>)>,
-}
-
-/// At most this many descriptors are kept, so a client cannot exhaust moat's.
-pub const MAX_STORED_FDS: usize = 256;
-
-impl FdStore {
-    /// Refuse to hold more than [`MAX_STORED_FDS`] descriptors.
-    fn check_room(&self) -> Result<(), QmpError> {
-        let count = self.named.len() + self.sets.iter().map(|s| s.fds.len()).sum::<usize>();
-        if count >= MAX_STORED_FDS {
-            return Err(QmpError::generic("Too many file descriptors stored"));
-        }
-        Ok(())
-    }
-
-    /// Take a named descriptor (for a later consumer such as a device).
-    pub fn take_named(&mut self, name: &str) -> Option<OwnedFd> {
-        let i = self.named.iter().position(|(n, _)| n == name)?;
-        Some(self.named.remove(i).1)
-    }
-}
+pub use moat_sys::fdset::{FdStore, MAX_STORED_FDS};
 
 /// Shared by every session of one monitor process.
 pub struct MonitorContext {
@@ -507,13 +476,8 @@ impl Session {
                     ));
                 }
                 let fd = self.received_fd()?;
-                let mut store = self.fds();
-                if let Some(slot) = store.named.iter_mut().find(|(n, _)| *n == name) {
-                    slot.1 = fd; // replacing closes the old descriptor, as QEMU does
-                } else {
-                    store.check_room()?;
-                    store.named.push((name, fd));
-                }
+                // Replacing a name closes the old descriptor, as QEMU does.
+                self.fds().put_named(name, fd).map_err(QmpError::generic)?;
                 Ok(json!({}))
             }
             "closefd" => {
@@ -524,75 +488,37 @@ impl Session {
                 })
             }
             "add-fd" => {
+                let id = i("fdset-id");
+                if id.is_some_and(|id| id < 0) {
+                    return Err(QmpError::generic(
+                        "Parameter 'fdset-id' expects a non-negative value",
+                    ));
+                }
                 let fd = self.received_fd()?;
-                let mut store = self.fds();
-                store.check_room()?;
-                let id = match i("fdset-id") {
-                    Some(id) if id < 0 => {
-                        return Err(QmpError::generic(
-                            "Parameter 'fdset-id' expects a non-negative value",
-                        ))
-                    }
-                    Some(id) => id,
-                    None => (0..)
-                        .find(|n| !store.sets.iter().any(|s| s.id == *n))
-                        .unwrap_or(0),
-                };
                 let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
                 let opaque = s("opaque").map(str::to_string);
-                match store.sets.iter_mut().find(|s| s.id == id) {
-                    Some(set) => set.fds.push((fd, opaque)),
-                    None => {
-                        store.sets.push(FdSet {
-                            id,
-                            fds: vec![(fd, opaque)],
-                        });
-                        store.sets.sort_by_key(|s| s.id);
-                    }
-                }
+                let id = self.fds().add(id, fd, opaque).map_err(QmpError::generic)?;
                 Ok(json!({"fdset-id": id, "fd": raw}))
             }
             "remove-fd" => {
                 let id = i("fdset-id").unwrap_or(-1);
                 let fd = i("fd");
-                let mut store = self.fds();
-                let missing = || match fd {
-                    Some(fd) => QmpError::generic(format!(
-                        "File descriptor named 'fdset-id:{id}, fd:{fd}' not found"
-                    )),
-                    None => QmpError::generic(format!(
-                        "File descriptor named 'fdset-id:{id}' not found"
-                    )),
-                };
-                let pos = store
-                    .sets
-                    .iter()
-                    .position(|s| s.id == id)
-                    .ok_or_else(missing)?;
-                match fd {
-                    None => {
-                        store.sets.remove(pos);
-                    }
-                    Some(fd) => {
-                        let set = &mut store.sets[pos];
-                        let before = set.fds.len();
-                        set.fds
-                            .retain(|(f, _)| i64::from(std::os::fd::AsRawFd::as_raw_fd(f)) != fd);
-                        if set.fds.len() == before {
-                            return Err(missing());
+                if self.fds().remove(id, fd) {
+                    Ok(json!({}))
+                } else {
+                    Err(QmpError::generic(match fd {
+                        Some(fd) => {
+                            format!("File descriptor named 'fdset-id:{id}, fd:{fd}' not found")
                         }
-                        if set.fds.is_empty() {
-                            store.sets.remove(pos);
-                        }
-                    }
+                        None => format!("File descriptor named 'fdset-id:{id}' not found"),
+                    }))
                 }
-                Ok(json!({}))
             }
             "query-fdsets" => {
                 let store = self.fds();
                 Ok(Value::Array(
                     store
-                        .sets
+                        .sets()
                         .iter()
                         .map(|s| {
                             let fds: Vec<Value> = s

@@ -1,5 +1,7 @@
 //! Small host-OS helpers shared by moat's crates.
 
+pub mod fdset;
+
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;

@@ -152,6 +152,8 @@ impl Platform {
     }
 }
 
+pub use moat_sys::fdset::FdStore;
+
 /// An opened disk, shared by every boot of the VM.
 #[derive(Debug, Clone)]
 pub struct Disk {
@@ -163,15 +165,24 @@ pub struct Disk {
 }
 
 impl Disk {
-    /// Open `-drive file=` and the layers the user named below it.
-    pub fn open(d: &moat_cli::DriveConfig) -> Result<Disk, String> {
+    /// Open `-drive file=` and the layers the user named below it; a
+    /// `/dev/fdset/N` path takes a descriptor from `fds`.
+    pub fn open(d: &moat_cli::DriveConfig, fds: &FdStore) -> Result<Disk, String> {
         use moat_cli::DriveFormat;
-        let f = open_image_file(&d.file, !d.read_only, d.cache)?;
+        let f = open_image_file(&d.file, !d.read_only, d.cache, fds)?;
         let name = d.file.display().to_string();
         let image: Arc<dyn moat_block::DiskImage> = match d.format {
-            DriveFormat::Raw => Arc::new(
-                moat_block::RawImage::new(f, d.read_only).map_err(|e| format!("{name}: {e}"))?,
-            ),
+            DriveFormat::Raw => {
+                let mut raw = moat_block::RawImage::new(f, d.read_only)
+                    .map_err(|e| format!("{name}: {e}"))?;
+                if d.cache == moat_cli::CacheMode::Unsafe {
+                    raw = raw.with_no_sync();
+                }
+                match open_direct(&d.file, !d.read_only, d.cache)? {
+                    Some(direct) => Arc::new(raw.with_direct(direct)),
+                    None => Arc::new(raw),
+                }
+            }
             DriveFormat::Qcow2 => {
                 let layer = moat_cli::ImageLayer {
                     file: d.file.clone(),
@@ -180,8 +191,13 @@ impl Disk {
                     data_file: d.data_file.clone(),
                 };
                 let mut seen = Vec::new();
-                let access = open_layer(&layer, Some(f), !d.read_only, d.cache, &mut seen)?;
-                Arc::new(moat_block::Qcow2Image::new(access, d.read_only))
+                let access = open_layer(&layer, Some(f), !d.read_only, d.cache, fds, &mut seen)?;
+                let q = moat_block::Qcow2Image::new(access, d.read_only);
+                Arc::new(if d.cache == moat_cli::CacheMode::Unsafe {
+                    q.with_no_sync()
+                } else {
+                    q
+                })
             }
         };
         Ok(Disk {
@@ -197,23 +213,35 @@ impl Disk {
     }
 }
 
-/// Open one image file as the drive's cache mode says; regular files and
-/// block devices only.
+/// Open one image file as the drive's cache mode says (an fd set's
+/// descriptor keeps the flags it was opened with); regular files and block
+/// devices only.
 fn open_image_file(
     path: &std::path::Path,
     writable: bool,
     cache: moat_cli::CacheMode,
+    fds: &FdStore,
 ) -> Result<std::fs::File, String> {
     use moat_cli::CacheMode;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut o = std::fs::OpenOptions::new();
-    o.read(true).write(writable);
-    if writable && matches!(cache, CacheMode::Writethrough | CacheMode::Directsync) {
-        o.custom_flags(libc::O_DSYNC);
+    let f = match fds.open_fdset(path, writable) {
+        Some(r) => r,
+        None => {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).write(writable);
+            if writable && matches!(cache, CacheMode::Writethrough | CacheMode::Directsync) {
+                o.custom_flags(libc::O_DSYNC);
+            }
+            o.open(path)
+        }
     }
-    let f = o
-        .open(path)
-        .map_err(|e| format!("-drive file={}: {e}", path.display()))?;
+    .map_err(|e| {
+        format!(
+            "-drive file={}: Could not open '{}': {e}",
+            path.display(),
+            path.display()
+        )
+    })?;
     let kind = f.metadata().map_err(|e| e.to_string())?.file_type();
     if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
         return Err(format!(
@@ -222,6 +250,41 @@ fn open_image_file(
         ));
     }
     Ok(f)
+}
+
+/// cache=none|directsync on a path: the image again with O_DIRECT (as
+/// QEMU, an error where the file system cannot do it, e.g. older tmpfs).
+/// A descriptor from an fd set keeps the flags its owner gave it.
+fn open_direct(
+    path: &std::path::Path,
+    writable: bool,
+    cache: moat_cli::CacheMode,
+) -> Result<Option<std::fs::File>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if !matches!(
+        cache,
+        moat_cli::CacheMode::None | moat_cli::CacheMode::Directsync
+    ) || path.starts_with("/dev/fdset")
+    {
+        return Ok(None);
+    }
+    let mut flags = libc::O_DIRECT;
+    if writable && cache == moat_cli::CacheMode::Directsync {
+        flags |= libc::O_DSYNC;
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(flags)
+        .open(path)
+        .map(Some)
+        .map_err(|e| {
+            format!(
+                "-drive file={},cache=none: Could not open '{}' with O_DIRECT: {e}",
+                path.display(),
+                path.display()
+            )
+        })
 }
 
 /// Open a layer of a qcow2 chain and, recursively, the layers the user
@@ -233,6 +296,7 @@ fn open_layer(
     file: Option<std::fs::File>,
     writable: bool,
     cache: moat_cli::CacheMode,
+    fds: &FdStore,
     seen: &mut Vec<(u64, u64)>,
 ) -> Result<moat_block::qcow2::Layer, String> {
     use moat_block::qcow2::Below;
@@ -251,7 +315,7 @@ fn open_layer(
     };
     let f = match file {
         Some(f) => f,
-        None => open_image_file(&layer.file, writable, cache)?,
+        None => open_image_file(&layer.file, writable, cache, fds)?,
     };
     note(&f, &name)?;
     match layer.format {
@@ -261,7 +325,7 @@ fn open_layer(
         DriveFormat::Qcow2 => {
             let data_file = match &layer.data_file {
                 Some(p) => {
-                    let df = open_image_file(p, writable, cache)?;
+                    let df = open_image_file(p, writable, cache, fds)?;
                     note(&df, &p.display().to_string())?;
                     Some(df)
                 }
@@ -270,7 +334,7 @@ fn open_layer(
             let below = match &layer.backing {
                 Backing::Unnamed => Below::Unnamed,
                 Backing::None => Below::None,
-                Backing::Layer(b) => Below::Layer(open_layer(b, None, false, cache, seen)?),
+                Backing::Layer(b) => Below::Layer(open_layer(b, None, false, cache, fds, seen)?),
             };
             moat_block::qcow2::open_layer(&name, f, writable, below, data_file)
         }

@@ -40,7 +40,7 @@ fn qemu_io(image: &str, fmt: &str, cmd: &str) {
 
 fn open(drive: &str) -> Result<Disk, String> {
     match parse_args(&["-drive", drive]) {
-        Ok(Action::Run(cfg)) => Disk::open(&cfg.drives[0]),
+        Ok(Action::Run(cfg)) => Disk::open(&cfg.drives[0], &Default::default()),
         Ok(_) => unreachable!(),
         Err(e) => Err(e.to_string()),
     }
@@ -105,6 +105,15 @@ fn images_made_by_qemu_img_read_as_qemu_img_reads_them() {
         ("rc64", &["-o", "refcount_bits=64"]),
         ("zlib", &["-c"]),
         ("zlib512", &["-c", "-o", "cluster_size=512"]),
+        ("zstd", &["-c", "-o", "compression_type=zstd"]),
+        (
+            "zstd2m",
+            &["-c", "-o", "compression_type=zstd,cluster_size=2M"],
+        ),
+        (
+            "zstd512",
+            &["-c", "-o", "compression_type=zstd,cluster_size=512"],
+        ),
         ("prealloc_meta", &["-o", "preallocation=metadata"]),
         ("prealloc_falloc", &["-o", "preallocation=falloc"]),
         ("prealloc_full", &["-o", "preallocation=full"]),
@@ -129,6 +138,20 @@ fn images_made_by_qemu_img_read_as_qemu_img_reads_them() {
             std::fs::read(&reference).unwrap() == got,
             "{name}: differs from qemu-img's reading"
         );
+        // Overwrite part of a (possibly compressed) cluster: moat must copy
+        // the rest of the cluster, and qemu-img must agree afterwards.
+        drop(disk);
+        let disk = open(&format!("file={img},format=qcow2")).unwrap();
+        let patch = noise(5000, 11);
+        let at = (3 << 20) + 1536;
+        disk.image.write_at(&patch, at).unwrap();
+        disk.image.flush().unwrap();
+        drop(disk);
+        let mut want = data.clone();
+        want[at as usize..at as usize + patch.len()].copy_from_slice(&patch);
+        std::fs::write(&reference, &want).unwrap();
+        qemu_img(&["check", img]);
+        qemu_img(&["compare", "-F", "raw", img, reference.to_str().unwrap()]);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -347,7 +370,19 @@ fn hostile_headers_are_refused_with_a_reason() {
         ("header_length", 100, be32(0xffff_fff8), "header_length"),
         ("dirty", 72, be64(1), "qemu-img check -r all"),
         ("corrupt", 72, be64(2), "corrupt"),
-        ("zstd", 72, be64(8), "zstd"),
+        ("zstd_bit_but_zlib", 72, be64(8), "compression type is zlib"),
+        (
+            "zstd_without_bit",
+            104,
+            vec![1],
+            "without the compression type bit",
+        ),
+        (
+            "compression_type_7",
+            104,
+            vec![7],
+            "unknown compression type 7",
+        ),
         ("extended_l2", 72, be64(16), "extended L2"),
         ("unknown_feature", 72, be64(1 << 40), "unknown incompatible"),
         (

@@ -219,7 +219,8 @@ impl VirtioDevice for Block {
             serial: self.serial,
             discard: self.discard,
             interrupt,
-            bounce: vec![0u8; BOUNCE],
+            // Room to start the buffer on a 4 KiB boundary (O_DIRECT, cache=none).
+            bounce: vec![0u8; BOUNCE + 4096],
             link: self.link.clone(),
             kill: kill2,
         };
@@ -300,6 +301,18 @@ fn host_error(write: bool, e: BlockError, errors: &ErrorSink) -> ReqError {
         }
     }
     ReqError::from(e)
+}
+
+/// The part of `buf` that starts on a 4 KiB boundary (all of it when the
+/// buffer is too small to align), so O_DIRECT images can use it as is.
+fn aligned(buf: &mut [u8]) -> &mut [u8] {
+    let off = buf.as_ptr().align_offset(4096);
+    if buf.len() > off + 4096 {
+        let usable = (buf.len() - off) & !4095;
+        &mut buf[off..off + usable]
+    } else {
+        buf
+    }
 }
 
 fn wait(fds: &[&EventFd]) -> Vec<bool> {
@@ -487,12 +500,13 @@ impl Worker {
                 let len = writer.available_bytes() as u64;
                 self.check_data(offset, len)?;
                 let mut done = 0u64;
+                let bounce = aligned(&mut self.bounce);
                 while done < len {
-                    let n = (len - done).min(self.bounce.len() as u64) as usize;
+                    let n = (len - done).min(bounce.len() as u64) as usize;
                     self.disk
-                        .read_at(&mut self.bounce[..n], offset + done)
+                        .read_at(&mut bounce[..n], offset + done)
                         .map_err(|e| host_error(false, e, &self.link.errors))?;
-                    writer.write_all(&self.bounce[..n])?;
+                    writer.write_all(&bounce[..n])?;
                     done += n as u64;
                 }
                 Ok(())
@@ -504,11 +518,12 @@ impl Worker {
                 let len = reader.available_bytes() as u64;
                 self.check_data(offset, len)?;
                 let mut done = 0u64;
+                let bounce = aligned(&mut self.bounce);
                 while done < len {
-                    let n = (len - done).min(self.bounce.len() as u64) as usize;
-                    reader.read_exact(&mut self.bounce[..n])?;
+                    let n = (len - done).min(bounce.len() as u64) as usize;
+                    reader.read_exact(&mut bounce[..n])?;
                     self.disk
-                        .write_at(&self.bounce[..n], offset + done)
+                        .write_at(&bounce[..n], offset + done)
                         .map_err(|e| host_error(true, e, &self.link.errors))?;
                     done += n as u64;
                 }
@@ -624,7 +639,7 @@ mod tests {
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x6000)).unwrap(), S_OK);
         assert_eq!(mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 1); // used idx
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x3008)).unwrap(), 513); // used len
-        assert_eq!(w.stats.rd_bytes.load(Ordering::Relaxed), 512);
+        assert_eq!(w.link.stats.rd_bytes.load(Ordering::Relaxed), 512);
     }
 
     #[test]

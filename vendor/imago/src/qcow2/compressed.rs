@@ -62,7 +62,15 @@ impl<'a> CompressedClusterReadGuard<'a> {
     ///
     /// Read the compressed data from `storage` (which must be the image’s data file) and
     /// decompress it into `buf` (which must have a length of exactly one cluster).
-    pub async fn read_compressed<S: Storage>(&self, storage: &S, buf: &mut [u8]) -> io::Result<()> {
+    ///
+    /// moat patch: `zstd` selects zstd instead of zlib (deflate) decompression, as the
+    /// header's compression_type field says.
+    pub async fn read_compressed<S: Storage>(
+        &self,
+        storage: &S,
+        buf: &mut [u8],
+        zstd: bool,
+    ) -> io::Result<()> {
         debug_assert!(buf.len() == 1 << self.cluster_bits);
 
         // Must fit (really shouldn’t be compressed if this exceeds the cluster size anyway)
@@ -71,6 +79,24 @@ impl<'a> CompressedClusterReadGuard<'a> {
         storage
             .read(&mut compressed_buf, self.host_offset.0)
             .await?;
+
+        if zstd {
+            // One zstd frame; `length` may include padding past its end,
+            // and the frame must produce at least one cluster.
+            let mut input = compressed_buf.as_ref().into_slice();
+            let mut dec = ruzstd::decoding::StreamingDecoder::new(&mut input).map_err(|e| {
+                io::Error::other(format!(
+                    "Failed to decompress cluster (host offset {}+{length}): {e}",
+                    self.host_offset.0
+                ))
+            })?;
+            return std::io::Read::read_exact(&mut dec, buf).map_err(|e| {
+                io::Error::other(format!(
+                    "Failed to decompress cluster (host offset {}+{length}): {e}",
+                    self.host_offset.0
+                ))
+            });
+        }
 
         let mut dec_ox = DecompressorOxide::new();
         let (status, _read, written) =

@@ -303,7 +303,7 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
 
         let mut buf = IoBuffer::new(self.header.cluster_size(), to.mem_align())?;
         compressed_guard
-            .read_compressed(to, buf.as_mut().into_slice())
+            .read_compressed(to, buf.as_mut().into_slice(), self.header.zstd())
             .await?;
 
         let to_offset = to_cluster.offset(self.header.cluster_bits());

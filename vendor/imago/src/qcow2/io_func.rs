@@ -62,7 +62,7 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
             };
 
             compressed_guard
-                .read_compressed(self.storage(), slice.into_slice())
+                .read_compressed(self.storage(), slice.into_slice(), self.header.zstd())
                 .await?;
             drop(compressed_guard);
 

@@ -506,6 +506,26 @@ impl Header {
         }
 
         let mut incompatible_features = v3header_base.incompatible_features;
+
+        // moat patch: compression type (header byte 104), zlib (0) or zstd (1), with
+        // QEMU's rule that the incompatible bit is set exactly when it is not zlib.
+        let compression_type = unknown_header_fields.first().copied().unwrap_or(0);
+        let compression_bit = incompatible_features & IncompatibleFeatures::CompressionType as u64;
+        match (compression_type, compression_bit != 0) {
+            (0, false) | (1, true) => {}
+            (0, true) => {
+                return Err(invalid_data(
+                    "Compression type incompatible feature bit must not be set",
+                ))
+            }
+            (1, false) => {
+                return Err(invalid_data(
+                    "Compression type incompatible feature bit must be set",
+                ))
+            }
+            (t, _) => return Err(invalid_data(format!("Unknown compression type {t}"))),
+        }
+        incompatible_features &= !(IncompatibleFeatures::CompressionType as u64);
         let autoclear_features = v3header_base.autoclear_features;
 
         let external_data_file =
@@ -792,7 +812,12 @@ impl Header {
     }
 
     /// log2 of the cluster size.
-    pub fn cluster_bits(&self) -> u32 {
+    /// moat patch: compressed clusters are zstd (compression_type 1), not zlib.
+    pub fn zstd(&self) -> bool {
+        self.v3.incompatible_features & IncompatibleFeatures::CompressionType as u64 != 0
+    }
+
+        pub fn cluster_bits(&self) -> u32 {
         self.v2.cluster_bits
     }
 
