@@ -588,6 +588,20 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             }));
         }
     }
+    // Everything is open: confine the process before the guest runs.
+    if cfg.sandbox {
+        let log_only = std::env::var_os("MOAT_SECCOMP_LOG").is_some_and(|v| v == "1");
+        let violation = if log_only {
+            moat_sandbox::Violation::Log
+        } else {
+            moat_sandbox::Violation::Kill
+        };
+        moat_sandbox::enter(violation).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
+    } else {
+        eprintln!(
+            "moat: warning: -sandbox off: no seccomp filter; a guest that escapes into moat can make any system call"
+        );
+    }
     let mut generation = 0;
     let mut paused = cfg.start_paused;
     let outcome = loop {

@@ -1189,7 +1189,9 @@ fn parse_sandbox(opt: &str, arg: &str) -> Result<bool, CliError> {
                 return Err(CliError::new(
                     opt,
                     arg,
-                    &format!("{key}={v}: moat's sandbox always denies {key} (only deny is supported)"),
+                    &format!(
+                        "{key}={v}: moat's sandbox always denies {key} (only deny is supported)"
+                    ),
                 ))
             }
             Some(v) => {
@@ -1817,7 +1819,13 @@ mod tests {
     fn sandbox() {
         assert!(cfg(&[]).sandbox);
         assert!(!cfg(&["-sandbox", "off"]).sandbox);
-        assert!(cfg(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]).sandbox);
+        assert!(
+            cfg(&[
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ])
+            .sandbox
+        );
         assert!(err(&["-sandbox", "on,spawn=allow"]).contains("only deny"));
         assert!(err(&["-sandbox", "on,elevateprivileges=children"]).contains("only deny"));
         assert!(err(&["-sandbox", "on,spawn=maybe"]).contains("invalid argument"));

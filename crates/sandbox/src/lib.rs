@@ -1,0 +1,372 @@
+//! Confinement of a running moat (`-sandbox on`, the default).
+//!
+//! After setup has opened everything (kernel, images, sockets, /dev/kvm) and
+//! before the first guest instruction, [`enter`] makes the process
+//! non-dumpable, sets `no_new_privs`, and installs one seccomp allow-list on
+//! every thread at once (`SECCOMP_FILTER_FLAG_TSYNC`); threads made later
+//! inherit it. A syscall outside the list kills the whole process
+//! (`SECCOMP_RET_KILL_PROCESS`), which the kernel logs as an audit event
+//! (type=1326) naming the syscall.
+//!
+//! The list is the union of what moat's thread roles do at run time, each
+//! syscall with its reason, in [`rules`]; argument filters narrow the risky
+//! ones: `ioctl` only for KVM (type 0xAE) and the terminal, `socket` only
+//! AF_UNIX, `clone` only for threads (`clone3`, whose flags a filter cannot
+//! see, answers ENOSYS so the C library falls back to `clone`). Not in the
+//! list, so fatal: `execve`, `fork`, `ptrace`, `mount`, `open_by_handle_at`,
+//! `bpf`, `kexec_load`, `setuid` and every other privilege change, ...
+//! Per-role narrowing (vCPU threads without `openat`, and so on) comes on
+//! top of this later.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+
+/// `ioctl` request types moat issues after setup.
+const KVMIO: u64 = 0xAE;
+
+/// Each allowed syscall with the reason moat needs it while the guest runs.
+fn allowed() -> Vec<(i64, &'static str)> {
+    vec![
+        (libc::SYS_read, "eventfds, sockets, the console"),
+        (
+            libc::SYS_write,
+            "eventfds, sockets, the console, serial files",
+        ),
+        (libc::SYS_readv, "sockets and files (std)"),
+        (libc::SYS_writev, "sockets and files (std)"),
+        (libc::SYS_pread64, "disk images"),
+        (libc::SYS_pwrite64, "disk images"),
+        (libc::SYS_preadv, "disk images (imago)"),
+        (libc::SYS_pwritev, "disk images (imago)"),
+        (libc::SYS_lseek, "image sizes"),
+        (libc::SYS_fsync, "guest flush"),
+        (libc::SYS_fdatasync, "guest flush"),
+        (libc::SYS_fallocate, "discard and write-zeroes"),
+        (libc::SYS_ftruncate, "qcow2 images growing"),
+        (libc::SYS_fstat, "file sizes"),
+        (libc::SYS_newfstatat, "file sizes (std)"),
+        (libc::SYS_statx, "file sizes (std)"),
+        (
+            libc::SYS_openat,
+            "/dev/kvm on reset, /proc/self (std); Landlock limits paths",
+        ),
+        (libc::SYS_close, "descriptors"),
+        (libc::SYS_fcntl, "descriptor flags, fd-set duplicates"),
+        (libc::SYS_dup, "descriptors"),
+        (libc::SYS_unlink, "the pid file at exit"),
+        (libc::SYS_flock, "the pid file"),
+        (libc::SYS_poll, "I/O threads and monitor"),
+        (libc::SYS_ppoll, "I/O threads and monitor"),
+        (libc::SYS_epoll_create1, "event loops"),
+        (libc::SYS_epoll_ctl, "event loops"),
+        (libc::SYS_epoll_wait, "event loops"),
+        (libc::SYS_epoll_pwait, "event loops"),
+        (libc::SYS_eventfd2, "device notification"),
+        (libc::SYS_pipe2, "signal delivery (signal-hook)"),
+        (libc::SYS_accept4, "monitor clients"),
+        (libc::SYS_recvfrom, "monitor clients"),
+        (libc::SYS_sendto, "monitor clients"),
+        (
+            libc::SYS_recvmsg,
+            "monitor clients passing descriptors (getfd, add-fd)",
+        ),
+        (libc::SYS_sendmsg, "monitor clients"),
+        (libc::SYS_shutdown, "monitor clients"),
+        (libc::SYS_getsockname, "monitor sockets"),
+        (libc::SYS_getpeername, "monitor sockets"),
+        (libc::SYS_getsockopt, "monitor sockets"),
+        (libc::SYS_setsockopt, "monitor sockets"),
+        (
+            libc::SYS_mmap,
+            "memory (allocator, vCPU run areas, guest RAM on reset)",
+        ),
+        (libc::SYS_munmap, "memory"),
+        (libc::SYS_mremap, "memory"),
+        (libc::SYS_mprotect, "memory (thread stacks)"),
+        (libc::SYS_madvise, "memory"),
+        (libc::SYS_brk, "memory"),
+        (libc::SYS_futex, "locks"),
+        (libc::SYS_set_robust_list, "new threads"),
+        (libc::SYS_rseq, "new threads"),
+        (libc::SYS_sched_getaffinity, "new threads (std)"),
+        (libc::SYS_sched_yield, "spinning locks"),
+        (libc::SYS_gettid, "thread ids (query-cpus-fast)"),
+        (libc::SYS_getpid, "signals to own threads"),
+        (libc::SYS_tgkill, "kicking vCPU threads out of KVM_RUN"),
+        (libc::SYS_rt_sigaction, "signal handlers"),
+        (libc::SYS_rt_sigprocmask, "signal masks"),
+        (libc::SYS_rt_sigreturn, "signal handlers"),
+        (libc::SYS_sigaltstack, "new threads (std)"),
+        (libc::SYS_clock_gettime, "time (when not in the vDSO)"),
+        (libc::SYS_clock_nanosleep, "sleeps"),
+        (libc::SYS_nanosleep, "sleeps"),
+        (libc::SYS_getrandom, "hash maps, TLS"),
+        (libc::SYS_prctl, "thread names"),
+        (libc::SYS_exit, "thread exit"),
+        (libc::SYS_exit_group, "process exit"),
+    ]
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, v: u64) -> SeccompCondition {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, v).expect("valid condition")
+}
+
+/// The filter's rules: syscall number -> conditions (empty: any arguments).
+pub fn rules() -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut m: BTreeMap<i64, Vec<SeccompRule>> =
+        allowed().into_iter().map(|(n, _)| (n, vec![])).collect();
+    let rule = |c: Vec<SeccompCondition>| SeccompRule::new(c).expect("valid rule");
+    // ioctl: KVM's (type 0xAE: vCPU run, registers, irqfd, ioeventfd, VM
+    // rebuild on reset) and the terminal's (raw mode, window size).
+    let mut ioctl = vec![rule(vec![cond(
+        1,
+        SeccompCmpOp::MaskedEq(0xff00),
+        KVMIO << 8,
+    )])];
+    for req in [
+        libc::TCGETS,
+        libc::TCSETS,
+        libc::TCSETSW,
+        libc::TCSETSF,
+        libc::TIOCGWINSZ,
+        libc::FIONBIO,
+    ] {
+        ioctl.push(rule(vec![cond(1, SeccompCmpOp::Eq, req)]));
+    }
+    m.insert(libc::SYS_ioctl, ioctl);
+    // socket/socketpair: UNIX domain only (monitor, the console).
+    for s in [libc::SYS_socket, libc::SYS_socketpair] {
+        m.insert(
+            s,
+            vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])],
+        );
+    }
+    // clone: threads only (CLONE_THREAD set), never a new process.
+    let thread = libc::CLONE_THREAD as u64;
+    m.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(0, SeccompCmpOp::MaskedEq(thread), thread)])],
+    );
+    m
+}
+
+/// How a syscall outside the list is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// Kill the process (the default).
+    Kill,
+    /// Allow and log (MOAT_SECCOMP_LOG=1, for finding what a new feature needs).
+    Log,
+}
+
+/// The compiled allow-list.
+pub fn filter(on_violation: Violation) -> Result<BpfProgram, String> {
+    let mismatch = match on_violation {
+        Violation::Kill => SeccompAction::KillProcess,
+        Violation::Log => SeccompAction::Log,
+    };
+    let mut rules = rules();
+    // clone3 hides its flags in memory a filter cannot read: ENOSYS makes
+    // the C library use clone(), which the rule above checks.
+    let f = SeccompFilter::new(
+        std::mem::take(&mut rules),
+        mismatch,
+        SeccompAction::Allow,
+        std::env::consts::ARCH
+            .try_into()
+            .map_err(|e| format!("{e:?}"))?,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut prog: BpfProgram = f
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    prepend_clone3_enosys(&mut prog);
+    Ok(prog)
+}
+
+/// Insert, right after seccompiler's architecture check, "if nr == clone3
+/// return ERRNO(ENOSYS)".
+fn prepend_clone3_enosys(prog: &mut BpfProgram) {
+    use seccompiler::sock_filter;
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JEQ_K: u16 = 0x15;
+    const BPF_RET_K: u16 = 0x06;
+    let ins = [
+        sock_filter {
+            code: BPF_LD_W_ABS,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }, // seccomp_data.nr
+        sock_filter {
+            code: BPF_JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_clone3 as u32,
+        },
+        sock_filter {
+            code: BPF_RET_K,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        },
+    ];
+    // seccompiler starts with: load arch, jeq arch (skip 1), ret kill.
+    let at = 3.min(prog.len());
+    prog.splice(at..at, ins);
+}
+
+/// Make the process non-dumpable (no core dumps of guest memory, no
+/// ptrace by same-uid processes) and unable to gain privileges.
+pub fn harden() -> Result<(), String> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "PR_SET_DUMPABLE: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(format!(
+            "PR_SET_NO_NEW_PRIVS: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Harden the process and install the allow-list on every thread.
+pub fn enter(on_violation: Violation) -> Result<(), String> {
+    harden()?;
+    let prog = filter(on_violation)?;
+    seccompiler::apply_filter_all_threads(&prog).map_err(|e| format!("seccomp: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run `body` in a forked child under the filter; how did the child end?
+    /// (Forking a threaded test process is fine: the child only makes raw
+    /// system calls and `_exit`s.)
+    fn in_child(body: fn() -> i32) -> (Option<i32>, Option<i32>) {
+        let prog = filter(Violation::Kill).unwrap();
+        // SAFETY: the child only calls async-signal-safe functions.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: prctl with integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            if seccompiler::apply_filter(&prog).is_err() {
+                // SAFETY: ending the child.
+                unsafe { libc::_exit(90) };
+            }
+            let code = body();
+            // SAFETY: ending the child.
+            unsafe { libc::_exit(code) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        if libc::WIFSIGNALED(status) {
+            (None, Some(libc::WTERMSIG(status)))
+        } else {
+            (Some(libc::WEXITSTATUS(status)), None)
+        }
+    }
+
+    #[test]
+    fn listed_syscalls_pass() {
+        let r = in_child(|| {
+            // SAFETY: plain system calls with valid or harmless arguments.
+            unsafe {
+                libc::getpid();
+                libc::gettid();
+                let fd = libc::eventfd(0, libc::EFD_CLOEXEC);
+                let one = 1u64;
+                libc::write(fd, &one as *const u64 as *const _, 8);
+                libc::close(fd);
+                let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                libc::close(s);
+                // A KVM ioctl number on a non-KVM descriptor: allowed by the
+                // filter, refused by the kernel (ENOTTY), not fatal.
+                libc::ioctl(0, 0xAE00);
+                // clone3 answers ENOSYS (so threads fall back to clone).
+                if libc::syscall(libc::SYS_clone3, 0usize, 0usize) != -1
+                    || *libc::__errno_location() != libc::ENOSYS
+                {
+                    return 3;
+                }
+            }
+            0
+        });
+        assert_eq!(r, (Some(0), None));
+    }
+
+    #[test]
+    fn unlisted_syscalls_kill_the_process() {
+        let cases: [(&str, fn() -> i32); 7] = [
+            ("execve", || {
+                let path = c"/bin/true";
+                let argv = [path.as_ptr(), std::ptr::null()];
+                // SAFETY: valid NUL-terminated strings and arrays.
+                unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
+                0
+            }),
+            // SAFETY (all below): raw system calls; the filter stops them first.
+            ("fork", || unsafe {
+                libc::syscall(libc::SYS_fork) as i32 * 0
+            }),
+            ("clone without CLONE_THREAD", || unsafe {
+                libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) as i32 * 0
+            }),
+            ("ptrace", || unsafe {
+                libc::syscall(libc::SYS_ptrace, 0, 0, 0, 0) as i32 * 0
+            }),
+            ("mount", || unsafe {
+                libc::syscall(libc::SYS_mount, 0, 0, 0, 0, 0) as i32 * 0
+            }),
+            ("socket AF_INET", || unsafe {
+                libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) * 0
+            }),
+            ("ioctl of another type", || unsafe {
+                libc::ioctl(0, 0x5401_u64 + 0x100) * 0
+            }),
+        ];
+        for (name, body) in cases {
+            assert_eq!(in_child(body), (None, Some(libc::SIGSYS)), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_listed_syscall_has_a_reason() {
+        for (nr, why) in allowed() {
+            assert!(why.len() > 3, "syscall {nr}");
+        }
+        // Nothing that changes privileges or spawns programs.
+        let r = rules();
+        for nr in [
+            libc::SYS_execve,
+            libc::SYS_execveat,
+            libc::SYS_fork,
+            libc::SYS_vfork,
+            libc::SYS_ptrace,
+            libc::SYS_setuid,
+            libc::SYS_setgid,
+            libc::SYS_mount,
+            libc::SYS_open_by_handle_at,
+            libc::SYS_bpf,
+            libc::SYS_kexec_load,
+            libc::SYS_init_module,
+            libc::SYS_unshare,
+            libc::SYS_setns,
+        ] {
+            assert!(!r.contains_key(&nr), "{nr} is allowed");
+        }
+    }
+}
