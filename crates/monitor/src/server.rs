@@ -297,14 +297,22 @@ impl Monitors {
     }
 
     /// Wait (at most `timeout`) until every client has been sent what is queued for it.
+    /// At exit: then the clients' sockets are closed, and TLS clients get
+    /// what their relay threads still hold, before moat exits.
     pub fn flush(&self, timeout: std::time::Duration) {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
             if lock(&self.clients).iter().all(|c| c.outbox.drained()) {
-                return;
+                break;
             }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
+        // Closing an outbox ends its writer thread, which shuts the socket
+        // down; a TLS relay then forwards the rest, says close_notify and ends.
+        for c in lock(&self.clients).iter() {
+            c.outbox.close();
+        }
+        crate::tls::wait_relays(deadline);
     }
 
     fn serve(&self, stream: UnixStream, mode: Mode, ctx: Arc<MonitorContext>) {

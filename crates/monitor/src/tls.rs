@@ -92,10 +92,13 @@ impl TlsServer {
         tcp.set_read_timeout(None).map_err(|e| e.to_string())?;
         tcp.set_write_timeout(None).map_err(|e| e.to_string())?;
         let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-        std::thread::Builder::new()
+        let h = std::thread::Builder::new()
             .name("monitor-tls".into())
             .spawn(move || relay(conn, tcp, theirs))
             .map_err(|e| e.to_string())?;
+        let mut relays = moat_sys::lock(&RELAYS);
+        relays.retain(|h| !h.is_finished());
+        relays.push(h);
         Ok(ours)
     }
 }
@@ -137,6 +140,21 @@ fn escape(v: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// The relay threads of TLS clients, so that moat's exit can wait for them.
+static RELAYS: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Wait (until `deadline`) for every TLS relay to have forwarded what its
+/// client was sent and closed the connection.
+pub fn wait_relays(deadline: std::time::Instant) {
+    while std::time::Instant::now() < deadline {
+        if moat_sys::lock(&RELAYS).iter().all(|h| h.is_finished()) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// Move bytes between the TLS connection and the local socket until either closes.
