@@ -107,6 +107,53 @@ impl Drop for PidFile {
     }
 }
 
+/// What moat may still open once the guest runs (Landlock): /dev/kvm for a
+/// reset's new VM, the images as their drives allow (backing layers
+/// read-only; fd-set descriptors need no path), and removing the pid file.
+fn fs_policy(cfg: &VmConfig) -> moat_sandbox::landlock::FsPolicy {
+    let mut p = moat_sandbox::landlock::FsPolicy {
+        devices: vec!["/dev/kvm".into()],
+        ..Default::default()
+    };
+    let path_ok = |f: &std::path::Path| !f.starts_with("/dev/fdset");
+    for d in &cfg.drives {
+        if path_ok(&d.file) {
+            if d.read_only {
+                p.read.push(d.file.clone());
+            } else {
+                p.read_write.push(d.file.clone());
+            }
+        }
+        if let Some(df) = d.data_file.as_ref().filter(|f| path_ok(f)) {
+            if d.read_only {
+                p.read.push(df.clone());
+            } else {
+                p.read_write.push(df.clone());
+            }
+        }
+        let mut layer = &d.backing;
+        while let moat_cli::Backing::Layer(l) = layer {
+            p.read.extend(
+                [Some(&l.file), l.data_file.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .filter(|f| path_ok(f))
+                    .cloned(),
+            );
+            layer = &l.backing;
+        }
+    }
+    if let Some(dir) = cfg
+        .pidfile
+        .as_ref()
+        .and_then(|f| std::fs::canonicalize(f).ok())
+        .and_then(|f| f.parent().map(|d| d.to_path_buf()))
+    {
+        p.remove_in.push(dir);
+    }
+    p
+}
+
 /// The monitor's handle on the VM: commands travel to the control loop.
 struct VmHandle {
     tx: Mutex<mpsc::Sender<VmEvent>>,
@@ -529,13 +576,11 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGHUP,
         ])?;
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                for s in signals.forever() {
-                    let _ = tx.send(VmEvent::Signal(s));
-                }
-            })?;
+        moat_sys::gate::spawn_gated("signals", move || {
+            for s in signals.forever() {
+                let _ = tx.send(VmEvent::Signal(s));
+            }
+        })?;
     }
     let specs = monitor_specs(&cfg)?;
     let events = Events(if specs.is_empty() {
@@ -590,6 +635,24 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
     }
     // Everything is open: confine the process before the guest runs.
     if cfg.sandbox {
+        use moat_sandbox::landlock;
+        moat_sandbox::harden().map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
+        let rules = Arc::new(
+            landlock::ruleset(&fs_policy(&cfg)).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?,
+        );
+        let status =
+            landlock::restrict_thread(&rules).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
+        log::info!("{}", landlock::describe(&status));
+        if cfg.landlock_required && status.ruleset == ::landlock::RulesetStatus::NotEnforced {
+            anyhow::bail!(
+                "-sandbox on,landlock=required: {}",
+                landlock::describe(&status)
+            );
+        }
+        // The threads setup started confine themselves the same way.
+        moat_sys::gate::open(Some(Arc::new(move || {
+            landlock::restrict_thread(&rules).map(|_| ())
+        })));
         let log_only = std::env::var_os("MOAT_SECCOMP_LOG").is_some_and(|v| v == "1");
         let violation = if log_only {
             moat_sandbox::Violation::Log
@@ -598,6 +661,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         };
         moat_sandbox::enter(violation).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
     } else {
+        moat_sys::gate::open(None);
         eprintln!(
             "moat: warning: -sandbox off: no seccomp filter; a guest that escapes into moat can make any system call"
         );

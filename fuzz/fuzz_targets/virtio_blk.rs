@@ -3,7 +3,7 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use moat_block::MemImage;
-use moat_devices::virtio::block::{Discard, Worker};
+use moat_devices::virtio::block::{Discard, DriveLink, Worker};
 use moat_devices::virtio::Interrupt;
 use moat_devices::IrqLine;
 use std::sync::Arc;

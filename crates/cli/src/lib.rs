@@ -360,8 +360,10 @@ pub struct VmConfig {
     pub no_reboot: bool,
     /// `-S`: create the VM but do not run the vCPUs.
     pub start_paused: bool,
-    /// `-sandbox on|off`: the seccomp allow-list (on unless `-sandbox off`).
+    /// `-sandbox on|off`: the seccomp allow-list and Landlock (on unless `-sandbox off`).
     pub sandbox: bool,
+    /// `-sandbox on,landlock=required`: refuse to run where Landlock is missing.
+    pub landlock_required: bool,
     pub name: Option<String>,
     /// `-name ...,process=`: the process name shown by ps.
     pub process_name: Option<String>,
@@ -399,6 +401,7 @@ impl Default for VmConfig {
             pidfile: None,
             add_fds: Vec::new(),
             sandbox: true,
+            landlock_required: false,
             uuid: None,
             monitors: Vec::new(),
             objects: Vec::new(),
@@ -511,7 +514,7 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
             "pidfile" => cfg.pidfile = Some(nonempty_path(&opt, arg)?),
             "uuid" => cfg.uuid = Some(parse_uuid(&opt, arg)?),
             "add-fd" => cfg.add_fds.push(parse_add_fd(&opt, arg)?),
-            "sandbox" => cfg.sandbox = parse_sandbox(&opt, arg)?,
+            "sandbox" => (cfg.sandbox, cfg.landlock_required) = parse_sandbox(&opt, arg)?,
             "drive" => {
                 let (d, virtio) = parse_drive(&opt, arg)?;
                 if let Some(id) = &d.id {
@@ -1176,7 +1179,7 @@ fn parse_throttle(
 /// `-sandbox on|off[,obsolete=deny][,elevateprivileges=deny][,spawn=deny][,resourcecontrol=deny]`.
 /// moat's filter denies all four of QEMU's groups whatever is asked, so
 /// `allow` (or `children`) is refused rather than silently not done.
-fn parse_sandbox(opt: &str, arg: &str) -> Result<bool, CliError> {
+fn parse_sandbox(opt: &str, arg: &str) -> Result<(bool, bool), CliError> {
     let mut kv = keyval::parse(opt, arg, Some("enable"))?;
     let on = match kv.take("enable") {
         Some(v) => keyval::parse_bool(opt, "enable", &v)?,
@@ -1203,8 +1206,19 @@ fn parse_sandbox(opt: &str, arg: &str) -> Result<bool, CliError> {
             }
         }
     }
+    let landlock_required = match kv.take("landlock").as_deref() {
+        None | Some("best-effort") => false,
+        Some("required") => true,
+        Some(v) => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("invalid argument for landlock: '{v}' (required or best-effort)"),
+            ))
+        }
+    };
     kv.finish(opt, arg)?;
-    Ok(on)
+    Ok((on, landlock_required))
 }
 
 /// `-add-fd fd=N,set=S[,opaque=STR]`, with QEMU's messages.
@@ -1586,7 +1600,7 @@ With no -kernel, moat boots its built-in demo guest.
        [,throttling.bps-total|bps-read|bps-write|iops-total|iops-read|iops-write[-max[-length]]=N][,throttling.iops-size=]
 -device virtio-blk-device,drive=ID[,serial=]   a virtio-blk disk for an if=none drive
 -add-fd fd=N,set=S[,opaque=]   put inherited descriptor N in fd set S (use as /dev/fdset/S)
--sandbox on|off[,obsolete=deny,...]  the seccomp sandbox (on by default)
+-sandbox on|off[,obsolete=deny,...][,landlock=required]  seccomp + Landlock (on by default)
 -qmp unix:PATH,server=on[,wait=off] a QMP monitor (socket created mode 0600)
 -monitor unix:PATH,server=on[,wait=off]   an HMP monitor
 -chardev socket,id=ID,path=PATH,server=on[,wait=off]  with  -mon chardev=ID[,mode=control|readline]
@@ -1830,6 +1844,9 @@ mod tests {
         assert!(err(&["-sandbox", "on,elevateprivileges=children"]).contains("only deny"));
         assert!(err(&["-sandbox", "on,spawn=maybe"]).contains("invalid argument"));
         assert!(err(&["-sandbox", "maybe"]).contains("enable"));
+        assert!(cfg(&["-sandbox", "on,landlock=required"]).landlock_required);
+        assert!(!cfg(&[]).landlock_required);
+        assert!(err(&["-sandbox", "on,landlock=maybe"]).contains("landlock"));
     }
 
     #[test]

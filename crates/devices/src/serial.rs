@@ -201,17 +201,15 @@ fn take(shared: &OutShared, wait: Duration) -> Vec<u8> {
 }
 
 fn spawn_writer(shared: Arc<OutShared>, mut sink: impl FnMut(&[u8]) + Send + 'static) {
-    std::thread::Builder::new()
-        .name("serial-out".into())
-        .spawn(move || loop {
-            let bytes = take(&shared, Duration::from_millis(100));
-            if !bytes.is_empty() {
-                sink(&bytes);
-            }
-            shared.busy.store(false, Ordering::SeqCst);
-        })
-        .map(|_| ())
-        .unwrap_or_else(|e| log::error!("serial: cannot start output thread: {e}"));
+    moat_sys::gate::spawn_gated("serial-out", move || loop {
+        let bytes = take(&shared, Duration::from_millis(100));
+        if !bytes.is_empty() {
+            sink(&bytes);
+        }
+        shared.busy.store(false, Ordering::SeqCst);
+    })
+    .map(|_| ())
+    .unwrap_or_else(|e| log::error!("serial: cannot start output thread: {e}"));
 }
 
 impl Console {
@@ -235,9 +233,7 @@ impl Console {
                     let _ = o.flush();
                 });
                 let u = uart.clone();
-                std::thread::Builder::new()
-                    .name("serial-in".into())
-                    .spawn(move || pump_input(std::io::stdin(), u))?;
+                moat_sys::gate::spawn_gated("serial-in", move || pump_input(std::io::stdin(), u))?;
             }
             Some(SerialBackend::File(p)) => {
                 let mut f = std::fs::OpenOptions::new()
@@ -266,9 +262,8 @@ impl Console {
                     move |s: UnixStream| {
                         if let Ok(r) = s.try_clone() {
                             let u = uart.clone();
-                            let _ = std::thread::Builder::new()
-                                .name("serial-in".into())
-                                .spawn(move || pump_input(r, u));
+                            let _ =
+                                moat_sys::gate::spawn_gated("serial-in", move || pump_input(r, u));
                         }
                         *lock(&client) = Some(s);
                     }
@@ -281,13 +276,11 @@ impl Console {
                     let (s, _) = listener.accept()?;
                     attach(s);
                 }
-                std::thread::Builder::new()
-                    .name("serial-accept".into())
-                    .spawn(move || {
-                        for s in listener.incoming().flatten() {
-                            attach(s);
-                        }
-                    })?;
+                moat_sys::gate::spawn_gated("serial-accept", move || {
+                    for s in listener.incoming().flatten() {
+                        attach(s);
+                    }
+                })?;
                 spawn_writer(shared, move |b| {
                     let mut c = lock(&client);
                     if let Some(s) = c.as_mut() {
@@ -346,6 +339,8 @@ mod tests {
 
     #[test]
     fn uart_output_reaches_file_backend() {
+        // No sandbox in unit tests: let the console's threads run.
+        moat_sys::gate::open(None);
         let dir = std::env::temp_dir().join(format!("moat-serial-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("out");

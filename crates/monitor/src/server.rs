@@ -223,10 +223,10 @@ impl Monitors {
             let mon2 = mon.clone();
             let ctx = ctx.clone();
             let mode = spec.mode;
-            std::thread::Builder::new()
-                .name("monitor-accept".into())
-                .spawn(move || mon2.accept_loop(listener, first, mode, ctx))
-                .map_err(|e| err(e.to_string()))?;
+            moat_sys::gate::spawn_gated("monitor-accept", move || {
+                mon2.accept_loop(listener, first, mode, ctx)
+            })
+            .map_err(|e| err(e.to_string()))?;
         }
         Ok(mon)
     }

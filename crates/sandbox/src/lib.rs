@@ -20,6 +20,8 @@
 
 use std::collections::BTreeMap;
 
+pub mod landlock;
+
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule,

@@ -1,6 +1,7 @@
 //! Small host-OS helpers shared by moat's crates.
 
 pub mod fdset;
+pub mod gate;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
