@@ -107,12 +107,11 @@ impl Drop for PidFile {
     }
 }
 
-/// What moat may still open once the guest runs (Landlock): /dev/kvm for a
-/// reset's new VM, the images as their drives allow (backing layers
-/// read-only; fd-set descriptors need no path), and removing the pid file.
+/// What moat may still open once the guest runs (Landlock): the images as
+/// their drives allow (backing layers read-only; fd-set descriptors need no
+/// path), and removing the pid file. /dev/kvm stays open from startup.
 fn fs_policy(cfg: &VmConfig) -> moat_sandbox::landlock::FsPolicy {
     let mut p = moat_sandbox::landlock::FsPolicy {
-        devices: vec!["/dev/kvm".into()],
         ..Default::default()
     };
     let path_ok = |f: &std::path::Path| !f.starts_with("/dev/fdset");
@@ -528,6 +527,15 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             Some(k) => format!("-kernel {}", k.display()),
             None => "demo guest".into(),
         })?;
+    // -run-with user=NAME: looked up now, while /etc is still reachable.
+    let run_as = match &cfg.run_as {
+        None => None,
+        Some(moat_cli::RunAs::Ids(u, g)) => Some((*u, *g)),
+        Some(moat_cli::RunAs::User(name)) => Some(
+            moat_sandbox::privs::lookup_user(name)
+                .map_err(|e| anyhow::anyhow!("-run-with: {e}"))?,
+        ),
+    };
     // -add-fd: inherited descriptors, checked and duplicated as QEMU does.
     let mut fds = FdStore::default();
     for a in &cfg.add_fds {
@@ -536,6 +544,9 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         fds.add(Some(a.set), fd, a.opaque.clone())
             .map_err(|e| anyhow::anyhow!("-add-fd: {e}"))?;
     }
+    // Nothing else inherited stays open (QEMU keeps them; a guest that
+    // escapes must not find the parent's pipes or sockets).
+    moat_sys::fdset::close_inherited().map_err(|e| anyhow::anyhow!(e))?;
     let images = BootImages {
         kernel,
         initrd: match &cfg.initrd {
@@ -634,12 +645,25 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         }
     }
     // Everything is open: confine the process before the guest runs.
-    if cfg.sandbox {
+    // The Landlock rules hold the paths open, so they are made before chroot.
+    let rules = match cfg.sandbox {
+        true => Some(Arc::new(
+            moat_sandbox::landlock::ruleset(&fs_policy(&cfg))
+                .map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?,
+        )),
+        false => None,
+    };
+    if let Some(dir) = &cfg.chroot {
+        moat_sandbox::privs::enter_chroot(dir)
+            .map_err(|e| anyhow::anyhow!("-run-with chroot: {e}"))?;
+    }
+    if let Some((uid, gid)) = run_as {
+        moat_sandbox::privs::drop_to(uid, gid)
+            .map_err(|e| anyhow::anyhow!("-run-with user: {e}"))?;
+    }
+    if let Some(rules) = rules {
         use moat_sandbox::landlock;
         moat_sandbox::harden().map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
-        let rules = Arc::new(
-            landlock::ruleset(&fs_policy(&cfg)).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?,
-        );
         let status =
             landlock::restrict_thread(&rules).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
         log::info!("{}", landlock::describe(&status));

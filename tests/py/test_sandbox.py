@@ -2,6 +2,8 @@
 import glob
 import os
 
+import pytest
+
 
 from test_qmp import connect
 
@@ -41,3 +43,61 @@ def test_sandbox_off_warns_and_filters_nothing(moat):
     q.cmd("quit")
     m.wait_exit()
     assert b"-sandbox off" in m.proc.stderr.read()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop from")
+def test_run_with_user_drops_everything(moat, tmp_path):
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * (1 << 20))
+    m = moat(append="blk=1 blk_len=4096 blk_write=1 action=count",
+             extra=["-drive", f"file={img},format=raw,if=virtio", "-run-with", "user=65534:65534"])
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 0, "the guest to run")
+    # A reset builds a new VM from the /dev/kvm descriptor kept from startup.
+    q.cmd("system_reset")
+    m.wait_for(lambda: m.console().count("boot: pvh") >= 2, "the second boot")
+    m.wait_for(lambda: m.console().count("blk: 1 devices") >= 2, "the disk after reset")
+    assert "FAIL" not in m.console()
+    for path in glob.glob(f"/proc/{m.proc.pid}/task/*/status"):
+        f = dict(line.split(":", 1) for line in open(path).read().splitlines() if ":" in line)
+        assert f["Uid"].split() == ["65534"] * 4, f["Uid"]
+        assert f["Gid"].split() == ["65534"] * 4, f["Gid"]
+        assert f["Groups"].strip() == ""
+        assert int(f["CapEff"], 16) == 0 and int(f["CapPrm"], 16) == 0, f
+        assert f["Seccomp"].strip() == "2" and f["NoNewPrivs"].strip() == "1"
+    q.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+def test_run_with_chroot(moat, tmp_path):
+    root = tmp_path / "empty-root"
+    root.mkdir()
+    m = moat(extra=["-run-with", f"user=65534:65534,chroot={root}"])
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 0, "the guest to run")
+    assert os.readlink(f"/proc/{m.proc.pid}/root") == str(root)
+    assert q.cmd("query-status")["status"] == "running"
+    q.close()
+
+
+def test_bad_run_with_is_refused(tmp_path):
+    import subprocess
+    from conftest import GUEST, MOAT
+    for args, want in [(["-run-with", "user=no-such-user-here"], "not found"),
+                       (["-run-with", "user=0:0"], "uid 0")]:
+        p = subprocess.run([MOAT, "-kernel", GUEST] + args, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and want in p.stderr, (args, p.stderr)
+
+
+def test_inherited_descriptors_are_closed(moat):
+    r, w = os.pipe()
+    os.set_inheritable(r, True)
+    pipe = os.readlink(f"/proc/self/fd/{r}")
+    m = moat(pass_fds=(r,))
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 0, "the guest to run")
+    held = [os.readlink(p) for p in glob.glob(f"/proc/{m.proc.pid}/fd/*")]
+    assert pipe not in held, held
+    q.close()
+    os.close(r)
+    os.close(w)

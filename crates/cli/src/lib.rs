@@ -94,6 +94,13 @@ pub struct AddFd {
     pub opaque: Option<String>,
 }
 
+/// `-run-with user=`: a user name (its uid and primary gid) or `UID:GID`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunAs {
+    User(String),
+    Ids(u32, u32),
+}
+
 /// Image formats moat reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DriveFormat {
@@ -364,6 +371,10 @@ pub struct VmConfig {
     pub sandbox: bool,
     /// `-sandbox on,landlock=required`: refuse to run where Landlock is missing.
     pub landlock_required: bool,
+    /// `-run-with user=` (or `-runas`): who moat becomes once set up.
+    pub run_as: Option<RunAs>,
+    /// `-run-with chroot=` (or `-chroot`): the root moat moves into once set up.
+    pub chroot: Option<PathBuf>,
     pub name: Option<String>,
     /// `-name ...,process=`: the process name shown by ps.
     pub process_name: Option<String>,
@@ -402,6 +413,8 @@ impl Default for VmConfig {
             add_fds: Vec::new(),
             sandbox: true,
             landlock_required: false,
+            run_as: None,
+            chroot: None,
             uuid: None,
             monitors: Vec::new(),
             objects: Vec::new(),
@@ -414,7 +427,7 @@ impl Default for VmConfig {
 const WITH_ARG: &[&str] = &[
     "M", "machine", "accel", "cpu", "m", "smp", "kernel", "initrd", "append", "serial", "display",
     "name", "pidfile", "uuid", "qmp", "monitor", "chardev", "mon", "object", "drive", "device",
-    "add-fd", "sandbox",
+    "add-fd", "sandbox", "run-with", "runas", "chroot",
 ];
 /// Options without an argument.
 const FLAGS: &[&str] = &[
@@ -514,6 +527,21 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
             "pidfile" => cfg.pidfile = Some(nonempty_path(&opt, arg)?),
             "uuid" => cfg.uuid = Some(parse_uuid(&opt, arg)?),
             "add-fd" => cfg.add_fds.push(parse_add_fd(&opt, arg)?),
+            "runas" => cfg.run_as = Some(parse_run_as(&opt, arg, arg)?),
+            "chroot" => cfg.chroot = Some(nonempty_path(&opt, arg)?),
+            "run-with" => {
+                let mut kv = keyval::parse(&opt, arg, None)?;
+                if let Some(u) = kv.take("user") {
+                    cfg.run_as = Some(parse_run_as(&opt, arg, &u)?);
+                }
+                if let Some(c) = kv.take("chroot") {
+                    cfg.chroot = Some(nonempty_path(&opt, &c)?);
+                }
+                if let Some(v) = kv.take("async-teardown") {
+                    keyval::parse_bool(&opt, "async-teardown", &v)?;
+                }
+                kv.finish(&opt, arg)?;
+            }
             "sandbox" => (cfg.sandbox, cfg.landlock_required) = parse_sandbox(&opt, arg)?,
             "drive" => {
                 let (d, virtio) = parse_drive(&opt, arg)?;
@@ -1221,6 +1249,24 @@ fn parse_sandbox(opt: &str, arg: &str) -> Result<(bool, bool), CliError> {
     Ok((on, landlock_required))
 }
 
+/// `user=USER|UID:GID`: a name is looked up when moat starts.
+fn parse_run_as(opt: &str, arg: &str, v: &str) -> Result<RunAs, CliError> {
+    if v.is_empty() {
+        return Err(CliError::new(opt, arg, "user name is empty"));
+    }
+    if let Some((u, g)) = v.split_once(':') {
+        return match (u.parse::<u32>(), g.parse::<u32>()) {
+            (Ok(u), Ok(g)) => Ok(RunAs::Ids(u, g)),
+            _ => Err(CliError::new(
+                opt,
+                arg,
+                &format!("invalid user '{v}' (UID:GID must be numbers)"),
+            )),
+        };
+    }
+    Ok(RunAs::User(v.to_string()))
+}
+
 /// `-add-fd fd=N,set=S[,opaque=STR]`, with QEMU's messages.
 fn parse_add_fd(opt: &str, arg: &str) -> Result<AddFd, CliError> {
     let mut kv = keyval::parse(opt, arg, None)?;
@@ -1601,6 +1647,7 @@ With no -kernel, moat boots its built-in demo guest.
 -device virtio-blk-device,drive=ID[,serial=]   a virtio-blk disk for an if=none drive
 -add-fd fd=N,set=S[,opaque=]   put inherited descriptor N in fd set S (use as /dev/fdset/S)
 -sandbox on|off[,obsolete=deny,...][,landlock=required]  seccomp + Landlock (on by default)
+-run-with user=USER|UID:GID[,chroot=DIR]   drop to that user (and root) once set up
 -qmp unix:PATH,server=on[,wait=off] a QMP monitor (socket created mode 0600)
 -monitor unix:PATH,server=on[,wait=off]   an HMP monitor
 -chardev socket,id=ID,path=PATH,server=on[,wait=off]  with  -mon chardev=ID[,mode=control|readline]
@@ -1847,6 +1894,30 @@ mod tests {
         assert!(cfg(&["-sandbox", "on,landlock=required"]).landlock_required);
         assert!(!cfg(&[]).landlock_required);
         assert!(err(&["-sandbox", "on,landlock=maybe"]).contains("landlock"));
+    }
+
+    #[test]
+    fn run_with() {
+        let c = cfg(&["-run-with", "user=nobody,chroot=/var/empty"]);
+        assert_eq!(c.run_as, Some(RunAs::User("nobody".into())));
+        assert_eq!(
+            c.chroot.as_deref(),
+            Some(std::path::Path::new("/var/empty"))
+        );
+        assert_eq!(
+            cfg(&["-run-with", "user=1000:100"]).run_as,
+            Some(RunAs::Ids(1000, 100))
+        );
+        assert_eq!(
+            cfg(&["-runas", "kvm"]).run_as,
+            Some(RunAs::User("kvm".into()))
+        );
+        assert_eq!(
+            cfg(&["-chroot", "/x"]).chroot.as_deref(),
+            Some(std::path::Path::new("/x"))
+        );
+        assert!(err(&["-run-with", "user=1000:x"]).contains("numbers"));
+        assert!(err(&["-run-with", "bogus=1"]).contains("bogus"));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! Everything moat needs was opened during setup (kernel and initrd are in
 //! memory, images and sockets are open descriptors), so the ruleset is
-//! small: `/dev/kvm` read-write with ioctl (a guest reset builds a new KVM VM), each
-//! image file read-only or read-write as its drive is (descriptors from fd
+//! small: each image file read-only or read-write as its drive is
+//! (`/dev/kvm` stays open from startup; descriptors from fd
 //! sets need no path), and removing files in the pid file's directory (the
 //! pid file goes at exit, as QEMU's does). Every other file access that
 //! Landlock can control is denied, with the best ABI the kernel offers.

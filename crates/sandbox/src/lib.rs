@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 
 pub mod landlock;
+pub mod privs;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -238,6 +239,26 @@ pub fn harden() -> Result<(), String> {
             "PR_SET_NO_NEW_PRIVS: {}",
             std::io::Error::last_os_error()
         ));
+    }
+    // No core files; at most 4096 descriptors (moat needs a few dozen:
+    // images, sockets, eventfds, up to 256 passed in, monitor clients).
+    for (res, max) in [(libc::RLIMIT_CORE, 0), (libc::RLIMIT_NOFILE, 4096)] {
+        let mut cur = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: get/setrlimit with a valid rlimit struct.
+        unsafe {
+            if libc::getrlimit(res, &mut cur) == 0 {
+                let lim = libc::rlimit {
+                    rlim_cur: cur.rlim_cur.min(max),
+                    rlim_max: cur.rlim_max.min(max),
+                };
+                if libc::setrlimit(res, &lim) != 0 {
+                    return Err(format!("setrlimit: {}", std::io::Error::last_os_error()));
+                }
+            }
+        }
     }
     Ok(())
 }

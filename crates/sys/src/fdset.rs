@@ -153,6 +153,29 @@ pub fn dup_cloexec(fd: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(d) })
 }
 
+/// Close every inherited descriptor from 3 up that moat was not handed:
+/// the ones without close-on-exec (moat opens everything close-on-exec, so
+/// call this after [`take_inherited`] has made its own copies).
+pub fn close_inherited() -> Result<usize, String> {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map_err(|e| format!("/proc/self/fd: {e}"))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    let mut closed = 0;
+    for fd in fds {
+        // SAFETY: F_GETFD only reads flags; the read_dir handle is closed by now.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+            // SAFETY: an inherited descriptor nobody in moat owns.
+            unsafe { libc::close(fd) };
+            closed += 1;
+        }
+    }
+    Ok(closed)
+}
+
 /// Take an inherited descriptor for `-add-fd fd=N`, as QEMU checks it: not
 /// stdin/out/err, open, and not close-on-exec (a descriptor moat made
 /// itself always is, so this cannot grab one of moat's own).

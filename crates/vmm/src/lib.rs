@@ -139,6 +139,9 @@ pub enum VmEvent {
 pub struct Platform {
     pub console: Console,
     pub rtc: Arc<Mutex<Rtc>>,
+    /// /dev/kvm, opened once at startup: every boot's VM comes from it, so
+    /// moat never opens /dev/kvm again (after a privilege drop it could not).
+    pub kvm: Kvm,
 }
 
 impl Platform {
@@ -146,6 +149,7 @@ impl Platform {
         let console = Console::start(cfg.serial.as_ref(), IrqLine::new()?)
             .map_err(|e| VmError::Io(std::io::Error::other(e.to_string())))?;
         Ok(Platform {
+            kvm: Kvm::new().map_err(VmError::KvmOpen)?,
             console,
             rtc: Arc::new(Mutex::new(Rtc::new())),
         })
@@ -423,7 +427,7 @@ impl Vm {
         generation: u64,
         events: Sender<VmEvent>,
     ) -> Result<Vm, VmError> {
-        let kvm_sys = Kvm::new().map_err(VmError::KvmOpen)?;
+        let kvm_sys = &platform.kvm;
         let vm = kvm("KVM_CREATE_VM", kvm_sys.create_vm())?;
         kvm(
             "KVM_SET_IDENTITY_MAP_ADDR",
