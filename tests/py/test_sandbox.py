@@ -16,17 +16,22 @@ def statuses(pid):
     return out
 
 
-def test_every_thread_is_filtered(moat, tmp_path):
+def run_and_reset(moat, tmp_path, append, extra):
+    """A guest with a disk that runs, is reset over QMP (a new VM: vCPU
+    threads, KVM fds, guest RAM) and finds its disk again."""
     img = tmp_path / "d.img"
     img.write_bytes(b"\0" * (1 << 20))
-    m = moat(append="blk=1 blk_len=4096 action=count",
-             extra=["-drive", f"file={img},format=raw,if=virtio", "-smp", "2"])
+    m = moat(append=append, extra=["-drive", f"file={img},format=raw,if=virtio"] + extra)
     q = connect(m)
     m.wait_for(lambda: m.count() > 0, "the guest to run")
-    # A reset rebuilds the VM (new vCPU threads, KVM fds, guest RAM) under the filter.
     q.cmd("system_reset")
     m.wait_for(lambda: m.console().count("boot: pvh") >= 2, "the second boot")
     m.wait_for(lambda: m.console().count("blk: 1 devices") >= 2, "the disk after reset")
+    return m, q
+
+
+def test_every_thread_is_filtered(moat, tmp_path):
+    m, q = run_and_reset(moat, tmp_path, "blk=1 blk_len=4096 action=count", ["-smp", "2"])
     st = statuses(m.proc.pid)
     assert len(st) >= 5, st  # main, vCPUs, serial, block I/O, monitor, signals
     assert all(v == ("2", "1") for v in st.values()), st
@@ -47,16 +52,9 @@ def test_sandbox_off_warns_and_filters_nothing(moat):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop from")
 def test_run_with_user_drops_everything(moat, tmp_path):
-    img = tmp_path / "d.img"
-    img.write_bytes(b"\0" * (1 << 20))
-    m = moat(append="blk=1 blk_len=4096 blk_write=1 action=count",
-             extra=["-drive", f"file={img},format=raw,if=virtio", "-run-with", "user=65534:65534"])
-    q = connect(m)
-    m.wait_for(lambda: m.count() > 0, "the guest to run")
-    # A reset builds a new VM from the /dev/kvm descriptor kept from startup.
-    q.cmd("system_reset")
-    m.wait_for(lambda: m.console().count("boot: pvh") >= 2, "the second boot")
-    m.wait_for(lambda: m.console().count("blk: 1 devices") >= 2, "the disk after reset")
+    # The reset's new VM comes from the /dev/kvm descriptor kept from startup.
+    m, q = run_and_reset(moat, tmp_path, "blk=1 blk_len=4096 blk_write=1 action=count",
+                         ["-run-with", "user=65534:65534"])
     assert "FAIL" not in m.console()
     for path in glob.glob(f"/proc/{m.proc.pid}/task/*/status"):
         f = dict(line.split(":", 1) for line in open(path).read().splitlines() if ":" in line)
