@@ -114,7 +114,7 @@ fn fs_policy(cfg: &VmConfig) -> moat_sandbox::landlock::FsPolicy {
     let mut p = moat_sandbox::landlock::FsPolicy {
         ..Default::default()
     };
-    let path_ok = |f: &std::path::Path| !f.starts_with("/dev/fdset");
+    let path_ok = |f: &std::path::Path| !moat_sys::fdset::is_fdset_path(f);
     for d in &cfg.drives {
         if path_ok(&d.file) {
             if d.read_only {
@@ -199,13 +199,7 @@ impl DriveInfo {
     fn query_block(&self, index: usize) -> Value {
         use moat_cli::{Backing, CacheMode};
         let c = &self.cfg;
-        let top = moat_cli::ImageLayer {
-            file: c.file.clone(),
-            format: c.format,
-            backing: c.backing.clone(),
-            data_file: c.data_file.clone(),
-        };
-        let mut image = image_info(&top, Some(self.size));
+        let mut image = image_info(&c.layer(), Some(self.size));
         let mut depth = 0;
         let mut layer = &c.backing;
         while let Backing::Layer(l) = layer {
@@ -214,7 +208,7 @@ impl DriveInfo {
         }
         let file = c.file.display().to_string();
         let mut inserted = json!({
-            "file": file, "node-name": format!("#block{:03}", index * 2 + 1), "ro": c.read_only,
+            "file": file, "node-name": node_name(index), "ro": c.read_only,
             "drv": c.format.name(), "encrypted": false, "detect_zeroes": "off", "backing_file_depth": depth,
             "write_threshold": 0,
             "cache": {
@@ -277,7 +271,7 @@ impl DriveInfo {
         let s = &self.link.stats;
         json!({
             "device": self.name,
-            "node-name": format!("#block{:03}", index * 2 + 1),
+            "node-name": node_name(index),
             "qdev": format!("/machine/peripheral-anon/device[{index}]"),
             "stats": {
                 "rd_bytes": g(&s.rd_bytes), "wr_bytes": g(&s.wr_bytes), "unmap_bytes": 0,
@@ -293,6 +287,11 @@ impl DriveInfo {
             }
         })
     }
+}
+
+/// QEMU's automatic block node name of the `index`th drive.
+fn node_name(index: usize) -> String {
+    format!("#block{:03}", index * 2 + 1)
 }
 
 /// QEMU's ImageInfo for one layer and, nested, the layers below it.
@@ -594,6 +593,8 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         })?;
     }
     let specs = monitor_specs(&cfg)?;
+    let drives = DriveInfo::list(&cfg, &images.disks);
+    let drive_names: Vec<String> = drives.iter().map(|d| d.name.clone()).collect();
     let events = Events(if specs.is_empty() {
         None
     } else {
@@ -607,21 +608,15 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
                 prelaunch: AtomicBool::new(cfg.start_paused),
                 quit_requested: AtomicBool::new(false),
                 dies: cfg.smp.dies,
-                drives: DriveInfo::list(&cfg, &images.disks),
+                drives,
             }),
             fds: Mutex::new(fds),
         });
         Some(Monitors::start(&specs, ctx)?)
     });
     if let Some(m) = &events.0 {
-        for (i, (d, info)) in images
-            .disks
-            .iter()
-            .zip(DriveInfo::list(&cfg, &images.disks))
-            .enumerate()
-        {
-            let (m, device) = (m.clone(), info.name);
-            let node = format!("#block{:03}", i * 2 + 1);
+        for (i, (d, device)) in images.disks.iter().zip(drive_names).enumerate() {
+            let (m, node) = (m.clone(), node_name(i));
             // A guest can cause errors at will: at most ten events a second
             // per drive, so it cannot flood the monitor clients (stricter
             // than QEMU, which does not limit BLOCK_IO_ERROR).
@@ -683,7 +678,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         } else {
             moat_sandbox::Violation::Kill
         };
-        moat_sandbox::enter(violation).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
+        moat_sandbox::install_filter(violation).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
     } else {
         moat_sys::gate::open(None);
         eprintln!(

@@ -53,6 +53,15 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
     }
 }
 
+/// A write (or discard) of `[offset, offset+len)`: allowed on a writable
+/// image of `size` bytes, inside it.
+pub fn check_write(read_only: bool, offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
+    if read_only {
+        return Err(BlockError::ReadOnly);
+    }
+    check_range(offset, len, size)
+}
+
 /// A raw image: the file's bytes are the disk's bytes.
 #[derive(Debug)]
 pub struct RawImage {
@@ -140,10 +149,7 @@ impl DiskImage for RawImage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_write(self.read_only, offset, buf.len() as u64, self.size)?;
         self.pick(buf.as_ptr(), buf.len(), offset)
             .write_all_at(buf, offset)?;
         Ok(())
@@ -157,10 +163,7 @@ impl DiskImage for RawImage {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        check_range(offset, len, self.size)?;
+        check_write(self.read_only, offset, len, self.size)?;
         // Best effort, as for QEMU's discard=unmap: a file system without
         // hole punching simply keeps the data.
         let _ = self.fallocate(
@@ -172,10 +175,7 @@ impl DiskImage for RawImage {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        check_range(offset, len, self.size)?;
+        check_write(self.read_only, offset, len, self.size)?;
         if self
             .fallocate(
                 libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
@@ -277,11 +277,8 @@ impl DiskImage for MemImage {
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
         let mut d = self.lock();
-        check_range(offset, buf.len() as u64, d.len() as u64)?;
+        check_write(self.read_only, offset, buf.len() as u64, d.len() as u64)?;
         d[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
         Ok(())
     }
@@ -292,11 +289,8 @@ impl DiskImage for MemImage {
         self.write_zeroes(offset, len)
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
         let mut d = self.lock();
-        check_range(offset, len, d.len() as u64)?;
+        check_write(self.read_only, offset, len, d.len() as u64)?;
         d[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
     }

@@ -43,7 +43,7 @@ use std::sync::RwLock;
 use imago::storage::StorageOpenOptions;
 use imago::{DenyImplicitOpenGate, FormatAccess, FormatDriverBuilder};
 
-use crate::{check_range, BlockError, DiskImage};
+use crate::{check_range, check_write, BlockError, DiskImage};
 
 const MAGIC: u32 = 0x5146_49fb;
 const MIN_CLUSTER_BITS: u32 = 9;
@@ -497,13 +497,6 @@ impl Qcow2Image {
     fn shared(&self) -> std::sync::RwLockReadGuard<'_, FormatAccess<imago::file::File>> {
         self.inner.read().unwrap_or_else(|p| p.into_inner())
     }
-
-    fn writable(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        if self.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        check_range(offset, len, self.size)
-    }
 }
 
 impl DiskImage for Qcow2Image {
@@ -522,7 +515,7 @@ impl DiskImage for Qcow2Image {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
-        self.writable(offset, buf.len() as u64)?;
+        check_write(self.read_only, offset, buf.len() as u64, self.size)?;
         self.shared().write(buf, offset)?;
         Ok(())
     }
@@ -539,14 +532,14 @@ impl DiskImage for Qcow2Image {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.writable(offset, len)?;
+        check_write(self.read_only, offset, len, self.size)?;
         let mut q = self.inner.write().unwrap_or_else(|p| p.into_inner());
         q.discard_to_any(offset, len)?;
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.writable(offset, len)?;
+        check_write(self.read_only, offset, len, self.size)?;
         self.shared().write_zeroes(offset, len)?;
         Ok(())
     }

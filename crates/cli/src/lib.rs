@@ -211,6 +211,56 @@ impl ThrottleLimits {
         ]
     }
 
+    /// Every field with its `-drive throttling.` key and its QMP
+    /// `block_set_io_throttle` argument name.
+    pub fn fields_mut(&mut self) -> [(&'static str, &'static str, &mut u64); 19] {
+        [
+            ("bps-total", "bps", &mut self.bps),
+            ("bps-read", "bps_rd", &mut self.bps_rd),
+            ("bps-write", "bps_wr", &mut self.bps_wr),
+            ("iops-total", "iops", &mut self.iops),
+            ("iops-read", "iops_rd", &mut self.iops_rd),
+            ("iops-write", "iops_wr", &mut self.iops_wr),
+            ("bps-total-max", "bps_max", &mut self.bps_max),
+            ("bps-read-max", "bps_rd_max", &mut self.bps_rd_max),
+            ("bps-write-max", "bps_wr_max", &mut self.bps_wr_max),
+            ("iops-total-max", "iops_max", &mut self.iops_max),
+            ("iops-read-max", "iops_rd_max", &mut self.iops_rd_max),
+            ("iops-write-max", "iops_wr_max", &mut self.iops_wr_max),
+            (
+                "bps-total-max-length",
+                "bps_max_length",
+                &mut self.bps_max_length,
+            ),
+            (
+                "bps-read-max-length",
+                "bps_rd_max_length",
+                &mut self.bps_rd_max_length,
+            ),
+            (
+                "bps-write-max-length",
+                "bps_wr_max_length",
+                &mut self.bps_wr_max_length,
+            ),
+            (
+                "iops-total-max-length",
+                "iops_max_length",
+                &mut self.iops_max_length,
+            ),
+            (
+                "iops-read-max-length",
+                "iops_rd_max_length",
+                &mut self.iops_rd_max_length,
+            ),
+            (
+                "iops-write-max-length",
+                "iops_wr_max_length",
+                &mut self.iops_wr_max_length,
+            ),
+            ("iops-size", "iops_size", &mut self.iops_size),
+        ]
+    }
+
     pub fn enabled(&self) -> bool {
         self.buckets().iter().any(|b| b.0 != 0)
     }
@@ -288,6 +338,18 @@ pub struct DriveConfig {
     /// `discard=unmap` (true) or `ignore`.
     pub discard_unmap: bool,
     pub serial: Option<String>,
+}
+
+impl DriveConfig {
+    /// The drive's image as the top layer of its chain.
+    pub fn layer(&self) -> ImageLayer {
+        ImageLayer {
+            file: self.file.clone(),
+            format: self.format,
+            backing: self.backing.clone(),
+            data_file: self.data_file.clone(),
+        }
+    }
 }
 
 /// How an authorization rule compares identities.
@@ -1166,28 +1228,7 @@ fn parse_throttle(
     kv: &mut keyval::KeyVals,
 ) -> Result<ThrottleLimits, CliError> {
     let mut t = ThrottleLimits::default();
-    let fields: [(&str, &mut u64); 19] = [
-        ("bps-total", &mut t.bps),
-        ("bps-read", &mut t.bps_rd),
-        ("bps-write", &mut t.bps_wr),
-        ("iops-total", &mut t.iops),
-        ("iops-read", &mut t.iops_rd),
-        ("iops-write", &mut t.iops_wr),
-        ("bps-total-max", &mut t.bps_max),
-        ("bps-read-max", &mut t.bps_rd_max),
-        ("bps-write-max", &mut t.bps_wr_max),
-        ("iops-total-max", &mut t.iops_max),
-        ("iops-read-max", &mut t.iops_rd_max),
-        ("iops-write-max", &mut t.iops_wr_max),
-        ("bps-total-max-length", &mut t.bps_max_length),
-        ("bps-read-max-length", &mut t.bps_rd_max_length),
-        ("bps-write-max-length", &mut t.bps_wr_max_length),
-        ("iops-total-max-length", &mut t.iops_max_length),
-        ("iops-read-max-length", &mut t.iops_rd_max_length),
-        ("iops-write-max-length", &mut t.iops_wr_max_length),
-        ("iops-size", &mut t.iops_size),
-    ];
-    for (name, field) in fields {
+    for (name, _, field) in t.fields_mut() {
         let key = format!("throttling.{name}");
         if let Some(v) = kv.take(&key) {
             *field = keyval::parse_u64(opt, &key, &v)?;

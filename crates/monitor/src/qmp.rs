@@ -589,38 +589,17 @@ impl Session {
 
 /// `block_set_io_throttle`'s arguments as limits, checked as QEMU checks them.
 fn throttle_args(args: &Map<String, Value>) -> Result<moat_cli::ThrottleLimits, QmpError> {
+    // Absent optional arguments keep the defaults (no limit, 1 s bursts).
     let mut t = moat_cli::ThrottleLimits::default();
-    let fields: [(&str, &mut u64, u64); 19] = [
-        ("bps", &mut t.bps, 0),
-        ("bps_rd", &mut t.bps_rd, 0),
-        ("bps_wr", &mut t.bps_wr, 0),
-        ("iops", &mut t.iops, 0),
-        ("iops_rd", &mut t.iops_rd, 0),
-        ("iops_wr", &mut t.iops_wr, 0),
-        ("bps_max", &mut t.bps_max, 0),
-        ("bps_rd_max", &mut t.bps_rd_max, 0),
-        ("bps_wr_max", &mut t.bps_wr_max, 0),
-        ("iops_max", &mut t.iops_max, 0),
-        ("iops_rd_max", &mut t.iops_rd_max, 0),
-        ("iops_wr_max", &mut t.iops_wr_max, 0),
-        ("bps_max_length", &mut t.bps_max_length, 1),
-        ("bps_rd_max_length", &mut t.bps_rd_max_length, 1),
-        ("bps_wr_max_length", &mut t.bps_wr_max_length, 1),
-        ("iops_max_length", &mut t.iops_max_length, 1),
-        ("iops_rd_max_length", &mut t.iops_rd_max_length, 1),
-        ("iops_wr_max_length", &mut t.iops_wr_max_length, 1),
-        ("iops_size", &mut t.iops_size, 0),
-    ];
-    for (name, field, default) in fields {
-        *field = match args.get(name).and_then(Value::as_i64) {
-            None => default,
-            Some(v) => u64::try_from(v).map_err(|_| {
+    for (_, name, field) in t.fields_mut() {
+        if let Some(v) = args.get(name).and_then(Value::as_i64) {
+            *field = u64::try_from(v).map_err(|_| {
                 QmpError::generic(format!(
                     "bps/iops/max values must be within [0, {}]",
                     moat_cli::THROTTLE_VALUE_MAX
                 ))
-            })?,
-        };
+            })?;
+        }
     }
     t.validate().map_err(QmpError::generic)?;
     Ok(t)

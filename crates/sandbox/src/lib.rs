@@ -1,9 +1,9 @@
 //! Confinement of a running moat (`-sandbox on`, the default).
 //!
 //! After setup has opened everything (kernel, images, sockets, /dev/kvm) and
-//! before the first guest instruction, [`enter`] makes the process
-//! non-dumpable, sets `no_new_privs`, and installs one seccomp allow-list on
-//! every thread at once (`SECCOMP_FILTER_FLAG_TSYNC`); threads made later
+//! before the first guest instruction, [`harden`] makes the process
+//! non-dumpable and sets `no_new_privs` and rlimits, and [`install_filter`]
+//! installs one seccomp allow-list on every thread at once (`SECCOMP_FILTER_FLAG_TSYNC`); threads made later
 //! inherit it. A syscall outside the list kills the whole process
 //! (`SECCOMP_RET_KILL_PROCESS`), which the kernel logs as an audit event
 //! (type=1326) naming the syscall.
@@ -263,9 +263,9 @@ pub fn harden() -> Result<(), String> {
     Ok(())
 }
 
-/// Harden the process and install the allow-list on every thread.
-pub fn enter(on_violation: Violation) -> Result<(), String> {
-    harden()?;
+/// Install the allow-list on every thread ([`harden`] first: seccomp
+/// needs no_new_privs).
+pub fn install_filter(on_violation: Violation) -> Result<(), String> {
     let prog = filter(on_violation)?;
     seccompiler::apply_filter_all_threads(&prog).map_err(|e| format!("seccomp: {e}"))
 }

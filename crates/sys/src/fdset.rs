@@ -18,6 +18,11 @@ pub const MAX_STORED_FDS: usize = 256;
 
 const FDSET_PREFIX: &str = "/dev/fdset/";
 
+/// Is `path` a `/dev/fdset/N` name (a descriptor, not a file to open)?
+pub fn is_fdset_path(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| p.starts_with(FDSET_PREFIX))
+}
+
 #[derive(Debug)]
 pub struct FdSet {
     pub id: i64,

@@ -188,14 +188,9 @@ impl Disk {
                 }
             }
             DriveFormat::Qcow2 => {
-                let layer = moat_cli::ImageLayer {
-                    file: d.file.clone(),
-                    format: d.format,
-                    backing: d.backing.clone(),
-                    data_file: d.data_file.clone(),
-                };
                 let mut seen = Vec::new();
-                let access = open_layer(&layer, Some(f), !d.read_only, d.cache, fds, &mut seen)?;
+                let access =
+                    open_layer(&d.layer(), Some(f), !d.read_only, d.cache, fds, &mut seen)?;
                 let q = moat_block::Qcow2Image::new(access, d.read_only);
                 Arc::new(if d.cache == moat_cli::CacheMode::Unsafe {
                     q.with_no_sync()
@@ -268,7 +263,7 @@ fn open_direct(
     if !matches!(
         cache,
         moat_cli::CacheMode::None | moat_cli::CacheMode::Directsync
-    ) || path.starts_with("/dev/fdset")
+    ) || moat_sys::fdset::is_fdset_path(path)
     {
         return Ok(None);
     }

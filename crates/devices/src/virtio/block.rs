@@ -343,9 +343,8 @@ fn wait_for(fds: &[&EventFd], timeout_ms: i32) -> Vec<bool> {
 
 impl Worker {
     fn run(&mut self, notify: &EventFd, needs_reset: &(dyn Fn() + Send + Sync)) {
-        let kill = self.kill.try_clone().expect("dup of the kill eventfd");
         loop {
-            let ready = wait(&[notify, &kill]);
+            let ready = wait(&[notify, &self.kill]);
             if ready[1] {
                 return;
             }
@@ -356,7 +355,7 @@ impl Worker {
                     "virtio-blk: the driver broke the queue protocol ({e:?}); device needs reset"
                 );
                 needs_reset();
-                let _ = wait(&[&kill]);
+                let _ = wait(&[&self.kill]);
                 return;
             }
         }
