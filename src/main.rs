@@ -153,6 +153,34 @@ fn fs_policy(cfg: &VmConfig) -> moat_sandbox::landlock::FsPolicy {
     p
 }
 
+/// The environment switch that lets moat run as root without a privilege
+/// drop. For development only: a guest that escapes then owns the host.
+const ALLOW_ROOT_ENV: &str = "MOAT_DANGEROUSLY_ALLOW_ROOT";
+
+/// A privileged moat must drop its privileges once set up (`-run-with
+/// user=`) or be started unprivileged (by moat-jail): a guest that escapes
+/// into moat must not find root there. Stricter than QEMU, which runs as
+/// root when asked.
+fn refuse_privileged(drops: bool) -> anyhow::Result<()> {
+    let Some(why) = moat_sandbox::privs::privileged() else {
+        return Ok(());
+    };
+    if drops {
+        return Ok(());
+    }
+    if std::env::var_os(ALLOW_ROOT_ENV).is_some_and(|v| v == "1") {
+        eprintln!(
+            "moat: warning: {why} with no privilege drop ({ALLOW_ROOT_ENV}=1): a guest that escapes into moat owns this host"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to start: {why}. A guest that escapes into moat would have these privileges. \
+         Add -run-with user=USER (moat opens the VM's files first, then becomes USER), \
+         or start moat through moat-jail; {ALLOW_ROOT_ENV}=1 overrides this, for development only"
+    )
+}
+
 /// The monitor's handle on the VM: commands travel to the control loop.
 struct VmHandle {
     tx: Mutex<mpsc::Sender<VmEvent>>,
@@ -535,6 +563,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("-run-with: {e}"))?,
         ),
     };
+    refuse_privileged(run_as.is_some())?;
     // -add-fd: inherited descriptors, checked and duplicated as QEMU does.
     let mut fds = FdStore::default();
     for a in &cfg.add_fds {

@@ -88,7 +88,7 @@ fn start_paused_runs_nothing_until_terminated() {
     let dir = scratch("paused");
     let pidfile = dir.join("pid");
     let out = dir.join("serial");
-    let mut child = Command::new(MOAT)
+    let mut child = moat_command()
         .args([
             "-S",
             "-kernel",
@@ -142,7 +142,7 @@ fn start_paused_runs_nothing_until_terminated() {
 fn a_stuck_stdout_does_not_stall_the_guest() {
     // stdout is a pipe nobody reads: the guest's 5000 lines overflow it, yet
     // the guest still reaches power-off and moat exits.
-    let mut child = Command::new(MOAT)
+    let mut child = moat_command()
         .args(["-kernel", TEST_PVH, "-append", "spam=5000 action=poweroff"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

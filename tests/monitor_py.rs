@@ -41,6 +41,8 @@ fn qmp_and_hmp_with_the_qemu_qmp_client() {
         .args(["-q", "-p", "no:cacheprovider", "tests/py"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("MOAT_BIN", env!("CARGO_BIN_EXE_moat"))
+        // The tests run as root; test_sandbox.py covers the refusal and the drop.
+        .env("MOAT_DANGEROUSLY_ALLOW_ROOT", "1")
         .env("MOAT_TEST_PVH", moat_guests::TEST_PVH)
         .output()
         .expect("running pytest");

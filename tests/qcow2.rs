@@ -166,7 +166,7 @@ fn kill_9_in_a_write_storm(flushes: bool) {
         s(&img),
         &size.to_string(),
     ]);
-    let mut child = Command::new(MOAT)
+    let mut child = moat_command()
         .args([
             "-kernel",
             TEST_PVH,

@@ -57,7 +57,7 @@ fn null_and_none_discard_the_console() {
 fn unix_socket_backend_waits_for_and_serves_a_client() {
     let dir = scratch("serial-unix");
     let sock = dir.join("console.sock");
-    let mut child = Command::new(MOAT)
+    let mut child = moat_command()
         .args(["-kernel", TEST_PVH, "-append", "action=poweroff", "-serial"])
         .arg(format!("unix:{},server=on,wait=on", sock.display()))
         .stdin(Stdio::null())

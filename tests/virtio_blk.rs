@@ -158,7 +158,7 @@ fn cache_none_uses_o_direct() {
     assert_eq!(after[8192..], data[8192..]);
 
     // Which descriptors point at the image, and with what flags.
-    let mut child = std::process::Command::new(MOAT)
+    let mut child = moat_command()
         .args(["-kernel", TEST_PVH, "-S", "-drive", &drive])
         .stdout(std::process::Stdio::null())
         .spawn()

@@ -10,7 +10,8 @@ for m in irqbypass kvm kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_p
 done
 [ -c /dev/kvm ] || { echo "TIER2 setup no /dev/kvm"; poweroff -f; }
 echo "TIER2 setup ok"
-M=/moat/moat
+# As a management tool would run it as root: dropping to nobody once set up.
+M="/moat/moat -run-with user=65534:65534"
 L2="-kernel /l2/vmlinuz -initrd /l2/initrd.gz"
 CMD="console=ttyS0 quiet loglevel=3 panic=-1"
 now() { cut -d' ' -f1 /proc/uptime; }

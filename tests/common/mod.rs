@@ -25,9 +25,17 @@ impl Run {
     }
 }
 
+/// The moat binary, allowed to run as root without `-run-with user=` (the
+/// tests run as root; the privilege drop has tests of its own).
+pub fn moat_command() -> Command {
+    let mut c = Command::new(MOAT);
+    c.env("MOAT_DANGEROUSLY_ALLOW_ROOT", "1");
+    c
+}
+
 /// Run moat with `args`, with stdin closed, killing it if it hangs.
 pub fn moat(args: &[&str]) -> Run {
-    let mut child = Command::new(MOAT)
+    let mut child = moat_command()
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

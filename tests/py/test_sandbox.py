@@ -99,3 +99,30 @@ def test_inherited_descriptors_are_closed(moat):
     q.close()
     os.close(r)
     os.close(w)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is for root")
+def test_root_without_a_drop_is_refused(tmp_path):
+    import subprocess
+    from conftest import GUEST, MOAT
+    env = {k: v for k, v in os.environ.items() if k != "MOAT_DANGEROUSLY_ALLOW_ROOT"}
+    sock = tmp_path / "qmp.sock"
+    argv = [MOAT, "-kernel", GUEST, "-append", "action=count", "-serial", "null",
+            "-qmp", f"unix:{sock},server=on,wait=off"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 1, p
+    assert "refusing to start: running as root" in p.stderr, p.stderr
+    assert "-run-with user=" in p.stderr and "moat-jail" in p.stderr, p.stderr
+    assert not sock.exists()  # refused before opening anything
+    # The development switch lets it run, and says how dangerous that is.
+    p = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True,
+                         env=dict(env, MOAT_DANGEROUSLY_ALLOW_ROOT="1"))
+    try:
+        import time
+        end = time.monotonic() + 60
+        while not sock.exists() and p.poll() is None and time.monotonic() < end:
+            time.sleep(0.01)
+        assert sock.exists()
+    finally:
+        p.kill()
+    assert "owns this host" in p.communicate()[1]

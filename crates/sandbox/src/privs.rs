@@ -60,3 +60,36 @@ pub fn drop_to(uid: u32, gid: u32) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Why this process counts as privileged (any of its uids is 0, or it holds
+/// effective capabilities), or None.
+pub fn privileged() -> Option<String> {
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: getresuid writes three uids into the locals passed.
+    unsafe { libc::getresuid(&mut r, &mut e, &mut s) };
+    if r == 0 || e == 0 || s == 0 {
+        return Some(format!(
+            "running as root (uid {r}, euid {e}, saved uid {s})"
+        ));
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    (cap_eff != 0).then(|| format!("running with capabilities (CapEff {cap_eff:016x})"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn root_counts_as_privileged() {
+        // SAFETY: geteuid has no arguments.
+        let root = unsafe { libc::geteuid() } == 0;
+        let p = super::privileged();
+        if root {
+            assert!(p.unwrap().contains("root"));
+        }
+    }
+}
