@@ -1,0 +1,397 @@
+//! moat-jail as root: a real VM started through it, inspected from the
+//! host (namespaces, root contents, cgroup, credentials), and bad input
+//! refused with nothing left behind.
+
+mod common;
+
+use common::*;
+use moat_guests::TEST_PVH;
+use std::collections::BTreeSet;
+use std::io::Read as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const JAIL: &str = env!("CARGO_BIN_EXE_moat-jail");
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no arguments.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Wait for `cond` (a hang guard only).
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < HANG, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn field(pid: u32, task: &str, name: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{task}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Every path in the jailed root, as moat sees it (without /proc).
+fn tree(root: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+    for e in std::fs::read_dir(root.join(dir.strip_prefix("/").unwrap())).unwrap() {
+        let e = e.unwrap();
+        let p = dir.join(e.file_name());
+        if p == Path::new("/proc") {
+            continue;
+        }
+        out.insert(p.display().to_string());
+        if e.file_type().unwrap().is_dir() {
+            tree(root, &p, out);
+        }
+    }
+}
+
+/// All cgroup directories named `id` under the cgroup mounts.
+fn cgroups_named(id: &str) -> Vec<PathBuf> {
+    let mut found = vec![];
+    let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                if e.file_name() == id {
+                    found.push(e.path());
+                }
+                if d.components().count() < 9 {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_jailed_vm_has_only_what_it_was_given() {
+    if !is_root() {
+        eprintln!("skipped: moat-jail needs root");
+        return;
+    }
+    let dir = scratch("jail");
+    let base = dir.join("base");
+    std::fs::create_dir(&base).unwrap();
+    // The disk sits where the VM's user cannot go: it reaches moat as a descriptor.
+    let private = dir.join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let disk = private.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    // A directory for the monitor socket, owned by the VM's user.
+    let run = dir.join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
+    let id = format!("t{}", std::process::id());
+    let args = [
+        "--id",
+        &id,
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--exec-file",
+        MOAT,
+        "--chroot-base-dir",
+        base.to_str().unwrap(),
+        "--ro",
+        &format!("{TEST_PVH}:/guest.elf"),
+        "--rw",
+        &format!("{}:/run", run.display()),
+        "--add-fd",
+        &format!("7:{}", disk.display()),
+        "--cpu-quota-us",
+        "50000",
+        "--cpu-period-us",
+        "100000",
+        "--memory-max",
+        "1G",
+        "--pids-max",
+        "64",
+        "--",
+        "-kernel",
+        "/guest.elf",
+        "-append",
+        "blk=1 blk_len=4096 blk_write=1 action=count",
+        "-smp",
+        "2",
+        "-drive",
+        "file=/dev/fdset/7,format=raw,if=virtio",
+        "-qmp",
+        "unix:/run/qmp.sock,server=on,wait=off",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ];
+    let mut jailer = Command::new(JAIL)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = jailer.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    let mut console = String::new();
+    wait_for("the guest to count", || {
+        while let Ok(s) = rx.try_recv() {
+            console.push_str(&s);
+        }
+        if let Ok(Some(st)) = jailer.try_wait() {
+            let mut e = String::new();
+            jailer
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut e)
+                .unwrap();
+            panic!("moat-jail exited {st}: {e}\n{console}");
+        }
+        console.contains("count 3")
+    });
+    assert!(!console.contains("FAIL"), "{console}");
+    assert!(console.contains("blk: 1 devices"), "{console}");
+    // moat is the jailer's only child.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", jailer.id())).unwrap();
+    let pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap()
+            .trim(),
+        "moat"
+    );
+    // Its own namespaces, except the network (not asked for).
+    for ns in ["mnt", "pid", "ipc", "uts", "cgroup"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace is the host's");
+    }
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
+        std::fs::read_link("/proc/self/ns/net").unwrap()
+    );
+    // Its root: moat, its libraries, two device nodes, the guest, the socket dir.
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    let mut seen = BTreeSet::new();
+    tree(&root, Path::new("/"), &mut seen);
+    let mut want: BTreeSet<String> = [
+        "/moat",
+        "/dev",
+        "/dev/kvm",
+        "/dev/urandom",
+        "/guest.elf",
+        "/run",
+        "/run/qmp.sock",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for lib in moat_jail::libraries(Path::new(MOAT)).unwrap() {
+        let mut p = lib.as_path();
+        while p != Path::new("/") {
+            want.insert(p.display().to_string());
+            p = p.parent().unwrap();
+        }
+    }
+    assert_eq!(seen, want);
+    // The root is read-only; /dev/kvm belongs to the VM's user only.
+    let kvm = std::fs::metadata(root.join("dev/kvm")).unwrap();
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&kvm),
+            kvm.permissions().mode() & 0o777
+        ),
+        (65534, 0o600)
+    );
+    assert!(std::fs::write(root.join("new-file"), b"x").is_err());
+    // No way to the host's disk by path: the private directory is not there.
+    assert!(!root.join(private.strip_prefix("/").unwrap()).exists());
+    // Credentials of every thread.
+    let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(tasks.len() >= 4, "{tasks:?}");
+    for t in &tasks {
+        assert_eq!(field(pid, t, "Uid"), "65534\t65534\t65534\t65534");
+        assert_eq!(field(pid, t, "Gid"), "65534\t65534\t65534\t65534");
+        assert_eq!(field(pid, t, "Groups"), "");
+        for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(field(pid, t, cap), "0000000000000000", "{cap}");
+        }
+        assert_eq!(field(pid, t, "NoNewPrivs"), "1");
+        assert_eq!(field(pid, t, "Seccomp"), "2");
+    }
+    // Its cgroup holds it, with the limits given.
+    let groups = cgroups_named(&id);
+    assert!(!groups.is_empty());
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let v2 = groups.iter().any(|g| g.join("cgroup.controllers").exists());
+    let (quota, mem, pids) = if v2 {
+        let g = &groups[0];
+        (
+            std::fs::read_to_string(g.join("cpu.max")).unwrap(),
+            std::fs::read_to_string(g.join("memory.max")).unwrap(),
+            std::fs::read_to_string(g.join("pids.max")).unwrap(),
+        )
+    } else {
+        let find = |f: &str| {
+            groups
+                .iter()
+                .find_map(|g| std::fs::read_to_string(g.join(f)).ok())
+                .unwrap_or_else(|| panic!("no {f} in {groups:?}"))
+        };
+        (
+            format!(
+                "{} {}",
+                find("cpu.cfs_quota_us").trim(),
+                find("cpu.cfs_period_us").trim()
+            ),
+            find("memory.limit_in_bytes"),
+            find("pids.max"),
+        )
+    };
+    assert_eq!(quota.trim(), "50000 100000");
+    assert_eq!(mem.trim(), (1u64 << 30).to_string());
+    assert_eq!(pids.trim(), "64");
+    for g in &groups {
+        let procs = std::fs::read_to_string(g.join("cgroup.procs")).unwrap();
+        assert!(
+            procs.split_whitespace().any(|p| p == pid.to_string()),
+            "{} does not hold moat ({cg})",
+            g.display()
+        );
+    }
+    // The monitor in the jail is reachable through the shared directory.
+    let mut s = std::os::unix::net::UnixStream::connect(run.join("qmp.sock")).unwrap();
+    let mut greeting = [0u8; 64];
+    let n = s.read(&mut greeting).unwrap();
+    assert!(String::from_utf8_lossy(&greeting[..n]).contains("QMP"));
+    drop(s);
+    // SIGTERM to the jailer reaches moat, which shuts down; then everything goes.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
+    let status = jailer.wait().unwrap();
+    let mut err = String::new();
+    jailer
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("terminating on signal 15"), "{err}");
+    assert!(!base.join(&id).exists(), "the per-VM root was left behind");
+    assert_eq!(cgroups_named(&id), Vec::<PathBuf>::new());
+    // The guest's write went through the passed descriptor.
+    let data = std::fs::read(&disk).unwrap();
+    assert_eq!(data[8 * 512 + 1], 7 + 3);
+}
+
+#[test]
+fn bad_input_is_refused_and_leaves_nothing() {
+    if !is_root() {
+        eprintln!("skipped: moat-jail needs root");
+        return;
+    }
+    let dir = scratch("jail-bad");
+    let base = dir.join("base");
+    std::fs::create_dir(&base).unwrap();
+    let file = dir.join("kernel");
+    std::fs::write(&file, b"x").unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink("/etc/shadow", &link).unwrap();
+    let taken = "taken";
+    std::fs::create_dir(base.join(taken)).unwrap();
+    let f = file.display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--id".into(), "../up".into()], "--id"),
+        (vec!["--id".into(), "a;b".into()], "--id"),
+        (vec!["--id".into(), "x".repeat(65)], "--id"),
+        (vec!["--uid".into(), "0".into()], "root"),
+        (vec!["--gid".into(), "0".into()], "root"),
+        (
+            vec!["--ro".into(), format!("{}/../kernel", dir.display())],
+            "'..'",
+        ),
+        (vec!["--ro".into(), format!("{f}:/a/../../etc")], "'..'"),
+        (vec!["--ro".into(), link.display().to_string()], "symlink"),
+        (
+            vec!["--add-fd".into(), format!("1:{}", link.display())],
+            "symlink",
+        ),
+        (
+            vec!["--ro".into(), format!("{}/missing", dir.display())],
+            "No such file",
+        ),
+        (
+            vec!["--exec-file".into(), format!("{}/missing", dir.display())],
+            "No such file",
+        ),
+        (vec!["--exec-file".into(), f.clone()], "not a 64-bit ELF"),
+        (
+            vec!["--id".into(), taken.into()],
+            "moat-jail did not make it",
+        ),
+        (
+            vec!["--ro".into(), format!("{f}:/dev/kvm")],
+            "moat-jail's own",
+        ),
+        (vec!["--memory-max".into(), "lots".into()], "integer"),
+    ];
+    for (extra, want) in cases {
+        let mut args: Vec<String> = [
+            "--id",
+            "vm",
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--exec-file",
+            MOAT,
+            "--chroot-base-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(base.display().to_string());
+        args.extend(extra.iter().cloned());
+        args.push("--".into());
+        let out = Command::new(JAIL).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(
+            err.starts_with("moat-jail: ") && err.contains(want),
+            "{extra:?}: {err}"
+        );
+        // Nothing made, and the existing root left as it was.
+        let left: Vec<_> = std::fs::read_dir(&base)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [taken], "{extra:?}");
+        assert_eq!(cgroups_named("vm"), Vec::<PathBuf>::new(), "{extra:?}");
+    }
+}
