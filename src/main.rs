@@ -161,18 +161,19 @@ const ALLOW_ROOT_ENV: &str = "MOAT_DANGEROUSLY_ALLOW_ROOT";
 /// user=`) or be started unprivileged (by moat-jail): a guest that escapes
 /// into moat must not find root there. Stricter than QEMU, which runs as
 /// root when asked.
-fn refuse_privileged(drops: bool) -> anyhow::Result<()> {
+/// With the development switch, the warning to print once the VM is set
+/// up (so that a setup error stays a one-line message).
+fn refuse_privileged(drops: bool) -> anyhow::Result<Option<String>> {
     let Some(why) = moat_sandbox::privs::privileged() else {
-        return Ok(());
+        return Ok(None);
     };
     if drops {
-        return Ok(());
+        return Ok(None);
     }
     if std::env::var_os(ALLOW_ROOT_ENV).is_some_and(|v| v == "1") {
-        eprintln!(
+        return Ok(Some(format!(
             "moat: warning: {why} with no privilege drop ({ALLOW_ROOT_ENV}=1): a guest that escapes into moat owns this host"
-        );
-        return Ok(());
+        )));
     }
     anyhow::bail!(
         "refusing to start: {why}. A guest that escapes into moat would have these privileges. \
@@ -563,7 +564,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("-run-with: {e}"))?,
         ),
     };
-    refuse_privileged(run_as.is_some())?;
+    let root_warning = refuse_privileged(run_as.is_some())?;
     // -add-fd: inherited descriptors, checked and duplicated as QEMU does.
     let mut fds = FdStore::default();
     for a in &cfg.add_fds {
@@ -615,7 +616,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             signal_hook::consts::SIGTERM,
             signal_hook::consts::SIGHUP,
         ])?;
-        moat_sys::gate::spawn_gated("signals", move || {
+        moat_sys::gate::spawn_gated("signals", moat_sys::role::Role::Io, move || {
             for s in signals.forever() {
                 let _ = tx.send(VmEvent::Signal(s));
             }
@@ -708,17 +709,27 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             moat_sandbox::Violation::Kill
         };
         moat_sandbox::install_filter(violation).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
+        // Each thread role then narrows that list for its own threads.
+        let roles = moat_sandbox::RoleFilters::new(violation)
+            .map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
+        moat_sys::role::set_hook(Box::new(move |role| roles.apply(role)));
+        moat_sys::gate::release();
     } else {
         moat_sys::gate::open(None);
+        moat_sys::gate::release();
         eprintln!(
             "moat: warning: -sandbox off: no seccomp filter; a guest that escapes into moat can make any system call"
         );
     }
+    let mut root_warning = root_warning;
     let mut generation = 0;
     let mut paused = cfg.start_paused;
     let outcome = loop {
         generation += 1;
         let mut vm = Vm::build(&cfg, &images, &platform, generation, tx.clone())?;
+        if let Some(w) = root_warning.take() {
+            eprintln!("{w}");
+        }
         let exit = vm.run(&rx, &mut paused, &events);
         match exit {
             Ok(VmExit::GuestReset) if !cfg.no_reboot => {

@@ -30,11 +30,25 @@ def run_and_reset(moat, tmp_path, append, extra):
     return m, q
 
 
+def filter_counts(pid):
+    """Thread name -> how many seccomp filters it runs under."""
+    out = {}
+    for path in glob.glob(f"/proc/{pid}/task/*/status"):
+        fields = dict(line.split(":", 1) for line in open(path).read().splitlines() if ":" in line)
+        out.setdefault(fields["Name"].strip(), set()).add(int(fields["Seccomp_filters"]))
+    return out
+
+
 def test_every_thread_is_filtered(moat, tmp_path):
     m, q = run_and_reset(moat, tmp_path, "blk=1 blk_len=4096 action=count", ["-smp", "2"])
     st = statuses(m.proc.pid)
     assert len(st) >= 5, st  # main, vCPUs, serial, block I/O, monitor, signals
     assert all(v == ("2", "1") for v in st.values()), st
+    # The process-wide filter everywhere, and each role's own on top (the
+    # threads of the VM made by the reset too).
+    counts = filter_counts(m.proc.pid)
+    for name in ["vcpu0", "vcpu1", "virtio-blk", "monitor-accept", "signals"]:
+        assert counts.get(name) == {2}, (name, counts)
     assert q.cmd("query-status")["status"] == "running"
     q.close()
 

@@ -201,7 +201,7 @@ fn take(shared: &OutShared, wait: Duration) -> Vec<u8> {
 }
 
 fn spawn_writer(shared: Arc<OutShared>, mut sink: impl FnMut(&[u8]) + Send + 'static) {
-    moat_sys::gate::spawn_gated("serial-out", move || loop {
+    moat_sys::gate::spawn_gated("serial-out", moat_sys::role::Role::Io, move || loop {
         let bytes = take(&shared, Duration::from_millis(100));
         if !bytes.is_empty() {
             sink(&bytes);
@@ -233,7 +233,9 @@ impl Console {
                     let _ = o.flush();
                 });
                 let u = uart.clone();
-                moat_sys::gate::spawn_gated("serial-in", move || pump_input(std::io::stdin(), u))?;
+                moat_sys::gate::spawn_gated("serial-in", moat_sys::role::Role::Io, move || {
+                    pump_input(std::io::stdin(), u)
+                })?;
             }
             Some(SerialBackend::File(p)) => {
                 let mut f = std::fs::OpenOptions::new()
@@ -262,8 +264,11 @@ impl Console {
                     move |s: UnixStream| {
                         if let Ok(r) = s.try_clone() {
                             let u = uart.clone();
-                            let _ =
-                                moat_sys::gate::spawn_gated("serial-in", move || pump_input(r, u));
+                            let _ = moat_sys::gate::spawn_gated(
+                                "serial-in",
+                                moat_sys::role::Role::Io,
+                                move || pump_input(r, u),
+                            );
                         }
                         *lock(&client) = Some(s);
                     }
@@ -276,11 +281,15 @@ impl Console {
                     let (s, _) = listener.accept()?;
                     attach(s);
                 }
-                moat_sys::gate::spawn_gated("serial-accept", move || {
-                    for s in listener.incoming().flatten() {
-                        attach(s);
-                    }
-                })?;
+                moat_sys::gate::spawn_gated(
+                    "serial-accept",
+                    moat_sys::role::Role::Io,
+                    move || {
+                        for s in listener.incoming().flatten() {
+                            attach(s);
+                        }
+                    },
+                )?;
                 spawn_writer(shared, move |b| {
                     let mut c = lock(&client);
                     if let Some(s) = c.as_mut() {
@@ -341,6 +350,7 @@ mod tests {
     fn uart_output_reaches_file_backend() {
         // No sandbox in unit tests: let the console's threads run.
         moat_sys::gate::open(None);
+        moat_sys::gate::release();
         let dir = std::env::temp_dir().join(format!("moat-serial-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("out");

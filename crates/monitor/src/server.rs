@@ -223,9 +223,11 @@ impl Monitors {
             let mon2 = mon.clone();
             let ctx = ctx.clone();
             let mode = spec.mode;
-            moat_sys::gate::spawn_gated("monitor-accept", move || {
-                mon2.accept_loop(listener, first, mode, ctx)
-            })
+            moat_sys::gate::spawn_gated(
+                "monitor-accept",
+                moat_sys::role::Role::Monitor,
+                move || mon2.accept_loop(listener, first, mode, ctx),
+            )
             .map_err(|e| err(e.to_string()))?;
         }
         Ok(mon)

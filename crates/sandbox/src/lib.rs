@@ -20,16 +20,17 @@
 
 use std::collections::BTreeMap;
 
+mod kvm;
 pub mod landlock;
 pub mod privs;
+mod roles;
+
+pub use roles::{role_rules, RoleFilters};
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule,
 };
-
-/// `ioctl` request types moat issues after setup.
-const KVMIO: u64 = 0xAE;
 
 /// Each allowed syscall with the reason moat needs it while the guest runs.
 fn allowed() -> Vec<(i64, &'static str)> {
@@ -123,13 +124,12 @@ pub fn rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut m: BTreeMap<i64, Vec<SeccompRule>> =
         allowed().into_iter().map(|(n, _)| (n, vec![])).collect();
     let rule = |c: Vec<SeccompCondition>| SeccompRule::new(c).expect("valid rule");
-    // ioctl: KVM's (type 0xAE: vCPU run, registers, irqfd, ioeventfd, VM
-    // rebuild on reset) and the terminal's (raw mode, window size).
-    let mut ioctl = vec![rule(vec![cond(
-        1,
-        SeccompCmpOp::MaskedEq(0xff00),
-        KVMIO << 8,
-    )])];
+    // ioctl: KVM's, by exact number (vCPU run and registers, a new VM on
+    // reset), and the terminal's (raw mode, window size).
+    let mut ioctl: Vec<SeccompRule> = kvm::all()
+        .into_iter()
+        .map(|(req, _)| rule(vec![cond(1, SeccompCmpOp::Eq, req)]))
+        .collect();
     for req in [
         libc::TCGETS,
         libc::TCSETS,
@@ -148,6 +148,16 @@ pub fn rules() -> BTreeMap<i64, Vec<SeccompRule>> {
             vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])],
         );
     }
+    // seccomp: a thread stacking its role's filter on itself (no flags:
+    // not TSYNC, not a user-notification listener). A filter only ever
+    // takes calls away.
+    m.insert(
+        libc::SYS_seccomp,
+        vec![rule(vec![
+            cond(0, SeccompCmpOp::Eq, libc::SECCOMP_SET_MODE_FILTER as u64),
+            cond(1, SeccompCmpOp::Eq, 0),
+        ])],
+    );
     // clone: threads only (CLONE_THREAD set), never a new process.
     let thread = libc::CLONE_THREAD as u64;
     m.insert(
@@ -270,37 +280,46 @@ pub fn install_filter(on_violation: Violation) -> Result<(), String> {
     seccompiler::apply_filter_all_threads(&prog).map_err(|e| format!("seccomp: {e}"))
 }
 
+/// Run `body` in a forked child under `filters` (stacked in order); how
+/// did the child end: (exit code, or killing signal)? (Forking a threaded
+/// test process is fine: the child only makes raw system calls and `_exit`s.)
+#[cfg(test)]
+pub(crate) fn in_child_under(
+    filters: &[BpfProgram],
+    body: fn() -> i32,
+) -> (Option<i32>, Option<i32>) {
+    // SAFETY: the child only calls async-signal-safe functions.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        for prog in filters {
+            if seccompiler::apply_filter(prog).is_err() {
+                // SAFETY: ending the child.
+                unsafe { libc::_exit(90) };
+            }
+        }
+        let code = body();
+        // SAFETY: ending the child.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (Some(libc::WEXITSTATUS(status)), None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Run `body` in a forked child under the filter; how did the child end?
-    /// (Forking a threaded test process is fine: the child only makes raw
-    /// system calls and `_exit`s.)
     fn in_child(body: fn() -> i32) -> (Option<i32>, Option<i32>) {
-        let prog = filter(Violation::Kill).unwrap();
-        // SAFETY: the child only calls async-signal-safe functions.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            // SAFETY: prctl with integer arguments only.
-            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-            if seccompiler::apply_filter(&prog).is_err() {
-                // SAFETY: ending the child.
-                unsafe { libc::_exit(90) };
-            }
-            let code = body();
-            // SAFETY: ending the child.
-            unsafe { libc::_exit(code) };
-        }
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        if libc::WIFSIGNALED(status) {
-            (None, Some(libc::WTERMSIG(status)))
-        } else {
-            (Some(libc::WEXITSTATUS(status)), None)
-        }
+        in_child_under(&[filter(Violation::Kill).unwrap()], body)
     }
 
     #[test]
@@ -316,9 +335,9 @@ mod tests {
                 libc::close(fd);
                 let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
                 libc::close(s);
-                // A KVM ioctl number on a non-KVM descriptor: allowed by the
-                // filter, refused by the kernel (ENOTTY), not fatal.
-                libc::ioctl(0, 0xAE00);
+                // KVM_RUN on a non-KVM descriptor: allowed by the filter,
+                // refused by the kernel (ENOTTY), not fatal.
+                libc::ioctl(0, 0xAE80);
                 // clone3 answers ENOSYS (so threads fall back to clone).
                 if libc::syscall(libc::SYS_clone3, 0usize, 0usize) != -1
                     || *libc::__errno_location() != libc::ENOSYS
@@ -334,7 +353,7 @@ mod tests {
     #[test]
     fn unlisted_syscalls_kill_the_process() {
         type Case = (&'static str, fn() -> i32);
-        let cases: [Case; 7] = [
+        let cases: [Case; 8] = [
             ("execve", || {
                 let path = c"/bin/true";
                 let argv = [path.as_ptr(), std::ptr::null()];
@@ -363,6 +382,13 @@ mod tests {
                 libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
                 0
             }),
+            (
+                "a KVM ioctl moat does not make (KVM_GET_DIRTY_LOG)",
+                || unsafe {
+                    libc::ioctl(0, 0x4010_AE42_u64);
+                    0
+                },
+            ),
             ("ioctl of another type", || unsafe {
                 libc::ioctl(0, 0x5401_u64 + 0x100);
                 0

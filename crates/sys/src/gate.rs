@@ -6,9 +6,12 @@
 //! (console, signals, monitor listeners), before it knows everything it
 //! will open; each of them is started with [`spawn_gated`], blocks until
 //! [`open`] publishes the confinement, applies it to itself, and only then
-//! runs. [`open`] returns once every gated thread is confined, so the
-//! seccomp filter installed next cannot catch one half-way.
+//! waits again. [`open`] returns once every gated thread is confined, so the
+//! seccomp filter installed next (with TSYNC, which needs every thread's
+//! filters to be the caller's) cannot catch one half-way; [`release`] then
+//! lets them stack their role's filter and run.
 
+use crate::role::Role;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -38,7 +41,11 @@ fn state() -> std::sync::MutexGuard<'static, State> {
 /// Start a thread that waits for the sandbox and confines itself first.
 /// Once the sandbox is complete this is a plain spawn: the caller is
 /// confined, and its new thread inherits that.
-pub fn spawn_gated<F, T>(name: &str, f: F) -> std::io::Result<JoinHandle<T>>
+///
+/// A thread started during setup takes on `role` (see [`crate::role`]) once
+/// the whole sandbox is in place ([`release`]); one started later is made
+/// by an already confined thread and keeps its parent's role.
+pub fn spawn_gated<F, T>(name: &str, role: Role, f: F) -> std::io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
@@ -66,8 +73,14 @@ where
                 std::process::abort();
             }
         }
-        state().pending -= 1;
+        let mut s = state();
+        s.pending -= 1;
         CHANGED.notify_all();
+        while !s.done {
+            s = CHANGED.wait(s).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(s);
+        crate::role::enter(role);
         f()
     });
     if spawned.is_err() {
@@ -76,8 +89,8 @@ where
     spawned
 }
 
-/// Let the gated threads run, each after `confine` (None: unconfined, for
-/// `-sandbox off`); returns when all of them have confined themselves.
+/// Let the gated threads apply `confine` (None: unconfined, for `-sandbox
+/// off`); returns when all of them have. They wait on for [`release`].
 pub fn open(confine: Option<Confine>) {
     let mut s = state();
     s.confine = confine;
@@ -86,5 +99,12 @@ pub fn open(confine: Option<Confine>) {
     while s.pending > 0 {
         s = CHANGED.wait(s).unwrap_or_else(|e| e.into_inner());
     }
+}
+
+/// The sandbox is complete (the process-wide seccomp filter installed, the
+/// role hook set): the gated threads take on their roles and run.
+pub fn release() {
+    let mut s = state();
     s.done = true;
+    CHANGED.notify_all();
 }

@@ -2,6 +2,7 @@
 
 pub mod fdset;
 pub mod gate;
+pub mod role;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;

@@ -223,6 +223,7 @@ impl VcpuSet {
         tx: &Sender<VmEvent>,
         generation: u64,
     ) {
+        moat_sys::role::enter(moat_sys::role::Role::Vcpu);
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         self.thread_ids[i].store(tid, Ordering::SeqCst);

@@ -506,7 +506,7 @@ impl Vm {
                 &disk.serial,
                 disk.discard,
                 disk.link.clone(),
-            );
+            )?;
             let t = MmioTransport::new(Box::new(dev), mem.clone(), IrqLine::new()?)?;
             kvm("KVM_IRQFD (virtio)", vm.register_irqfd(&t.irq().0, irq))?;
             for (q, evt) in t.notify_fds().iter().enumerate() {

@@ -114,13 +114,63 @@ pub enum Discard {
     Ignore,
 }
 
+/// One activation of the device, handed to its I/O thread.
+struct Activation {
+    worker: Worker,
+    notify: EventFd,
+    needs_reset: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// The device's I/O thread: started with the device (by the thread that
+/// builds the VM, not by a vCPU, so vCPU threads never create threads),
+/// it serves one activation after another until the device is dropped.
+struct IoThread {
+    start: Option<std::sync::mpsc::Sender<Activation>>,
+    stopped: std::sync::mpsc::Receiver<()>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl IoThread {
+    fn spawn() -> std::io::Result<IoThread> {
+        let (start, activations) = std::sync::mpsc::channel::<Activation>();
+        let (done, stopped) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("virtio-blk".into())
+            .spawn(move || {
+                moat_sys::role::enter(moat_sys::role::Role::BlockIo);
+                for mut a in activations {
+                    a.worker.run(&a.notify, &*a.needs_reset);
+                    // Guest memory and the queue go before the reset completes.
+                    drop(a);
+                    let _ = done.send(());
+                }
+            })?;
+        Ok(IoThread {
+            start: Some(start),
+            stopped,
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        self.start = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// The virtio-blk device model.
 pub struct Block {
     disk: Arc<dyn DiskImage>,
     link: DriveLink,
     serial: [u8; 20],
     discard: Discard,
-    worker: Option<(EventFd, JoinHandle<()>)>,
+    io: IoThread,
+    /// Set while active: written to stop the worker.
+    kill: Option<EventFd>,
 }
 
 impl std::fmt::Debug for Block {
@@ -130,17 +180,23 @@ impl std::fmt::Debug for Block {
 }
 
 impl Block {
-    pub fn new(disk: Arc<dyn DiskImage>, serial: &str, discard: Discard, link: DriveLink) -> Self {
+    pub fn new(
+        disk: Arc<dyn DiskImage>,
+        serial: &str,
+        discard: Discard,
+        link: DriveLink,
+    ) -> std::io::Result<Self> {
         let mut s = [0u8; 20];
         let n = serial.len().min(20);
         s[..n].copy_from_slice(&serial.as_bytes()[..n]);
-        Block {
+        Ok(Block {
             disk,
             link,
             serial: s,
             discard,
-            worker: None,
-        }
+            io: IoThread::spawn()?,
+            kill: None,
+        })
     }
 
     fn config(&self) -> [u8; 60] {
@@ -212,7 +268,7 @@ impl VirtioDevice for Block {
         };
         let kill = EventFd::new(libc::EFD_NONBLOCK)?;
         let kill2 = kill.try_clone()?;
-        let mut worker = Worker {
+        let worker = Worker {
             mem,
             queue,
             disk: self.disk.clone(),
@@ -224,17 +280,26 @@ impl VirtioDevice for Block {
             link: self.link.clone(),
             kill: kill2,
         };
-        let h = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || worker.run(&notify, &*needs_reset))?;
-        self.worker = Some((kill, h));
+        let activation = Activation {
+            worker,
+            notify,
+            needs_reset,
+        };
+        let sent = match &self.io.start {
+            Some(s) => s.send(activation).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(std::io::Error::other("virtio-blk: the I/O thread is gone"));
+        }
+        self.kill = Some(kill);
         Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some((kill, h)) = self.worker.take() {
+        if let Some(kill) = self.kill.take() {
             let _ = kill.write(1);
-            let _ = h.join();
+            let _ = self.io.stopped.recv();
         }
     }
 }

@@ -1,0 +1,325 @@
+//! Per-role seccomp filters, stacked on the process-wide list ([`crate::rules`])
+//! by each thread when it starts (see `moat_sys::role`): a thread can then
+//! make only the calls both lists allow. Each list is the role's whole
+//! need, with the reason; what every thread needs is in [`any_thread`].
+
+use crate::{cond, Violation};
+use moat_sys::role::Role;
+use seccompiler::{BpfProgram, SeccompAction, SeccompCmpOp, SeccompFilter, SeccompRule};
+use std::collections::BTreeMap;
+
+/// What any moat thread may do: memory, locks, signals, logging, ending.
+fn any_thread() -> Vec<(i64, &'static str)> {
+    vec![
+        (libc::SYS_read, "eventfds and pipes"),
+        (
+            libc::SYS_write,
+            "eventfds, the log on stderr, signal handlers' pipe",
+        ),
+        (libc::SYS_close, "descriptors it owns"),
+        (libc::SYS_futex, "locks and channels"),
+        (libc::SYS_mmap, "the allocator"),
+        (libc::SYS_munmap, "the allocator"),
+        (libc::SYS_mremap, "the allocator"),
+        (libc::SYS_mprotect, "the allocator's arenas"),
+        (libc::SYS_madvise, "the allocator"),
+        (libc::SYS_brk, "the allocator"),
+        (
+            libc::SYS_rt_sigreturn,
+            "signal handlers (vCPU kick, signal-hook)",
+        ),
+        (libc::SYS_rt_sigprocmask, "abort, thread exit"),
+        (libc::SYS_sigaltstack, "thread exit (std)"),
+        (libc::SYS_sched_yield, "spinning locks"),
+        (libc::SYS_clock_gettime, "time (when not in the vDSO)"),
+        (libc::SYS_clock_nanosleep, "sleeps"),
+        (libc::SYS_nanosleep, "sleeps"),
+        (libc::SYS_getrandom, "hash maps"),
+        (libc::SYS_getpid, "abort"),
+        (libc::SYS_gettid, "abort, thread ids"),
+        (libc::SYS_tgkill, "abort"),
+        (libc::SYS_madvise, "thread exit (stack)"),
+        (libc::SYS_exit, "thread exit"),
+        (libc::SYS_exit_group, "process exit"),
+    ]
+}
+
+/// Making threads (std::thread): `clone` is checked by the process-wide list.
+fn threads() -> Vec<(i64, &'static str)> {
+    vec![
+        (
+            libc::SYS_clone,
+            "new threads (CLONE_THREAD only, checked globally)",
+        ),
+        (libc::SYS_clone3, "answered ENOSYS globally"),
+        (libc::SYS_set_robust_list, "new threads"),
+        (libc::SYS_rseq, "new threads"),
+        (libc::SYS_sched_getaffinity, "new threads (std)"),
+        (libc::SYS_prctl, "thread names"),
+    ]
+}
+
+/// The role's own calls beyond [`any_thread`].
+fn role_allowed(role: Role) -> Vec<(i64, &'static str)> {
+    match role {
+        Role::Vcpu => vec![
+            (
+                libc::SYS_eventfd2,
+                "virtio activation: the I/O thread's stop event",
+            ),
+            (libc::SYS_fcntl, "virtio activation: duplicating an eventfd"),
+        ],
+        Role::BlockIo => vec![
+            (libc::SYS_pread64, "image reads"),
+            (libc::SYS_pwrite64, "image writes"),
+            (libc::SYS_preadv, "image reads (imago)"),
+            (libc::SYS_pwritev, "image writes (imago)"),
+            (libc::SYS_fsync, "guest flush"),
+            (libc::SYS_fdatasync, "guest flush"),
+            (libc::SYS_fallocate, "discard and write-zeroes"),
+            (libc::SYS_ftruncate, "qcow2 images growing"),
+            (libc::SYS_lseek, "image sizes"),
+            (libc::SYS_fstat, "image sizes"),
+            (libc::SYS_newfstatat, "image sizes (std)"),
+            (libc::SYS_statx, "image sizes (std)"),
+            (
+                libc::SYS_poll,
+                "waiting for the queue notification or a stop",
+            ),
+            (
+                libc::SYS_ppoll,
+                "waiting for the queue notification or a stop",
+            ),
+        ],
+        Role::Monitor => {
+            let mut v = threads();
+            v.extend([
+                (libc::SYS_accept4, "clients"),
+                (libc::SYS_recvfrom, "client bytes"),
+                (libc::SYS_sendto, "replies and events"),
+                (
+                    libc::SYS_recvmsg,
+                    "descriptors passed by clients (getfd, add-fd)",
+                ),
+                (libc::SYS_sendmsg, "replies"),
+                (libc::SYS_readv, "client bytes (std)"),
+                (libc::SYS_writev, "replies (std)"),
+                (
+                    libc::SYS_socketpair,
+                    "TLS relays (AF_UNIX only, checked globally)",
+                ),
+                (libc::SYS_shutdown, "closing clients"),
+                (libc::SYS_getsockname, "sockets"),
+                (libc::SYS_getpeername, "sockets"),
+                (libc::SYS_getsockopt, "sockets"),
+                (libc::SYS_setsockopt, "sockets"),
+                (libc::SYS_poll, "client I/O"),
+                (libc::SYS_ppoll, "client I/O"),
+                (libc::SYS_fcntl, "descriptor flags, fd sets"),
+                (libc::SYS_dup, "fd sets"),
+                (
+                    libc::SYS_openat,
+                    "query-block reads image headers (Landlock limits paths)",
+                ),
+                (libc::SYS_fstat, "query-block image sizes"),
+                (libc::SYS_newfstatat, "query-block image sizes"),
+                (libc::SYS_statx, "query-block image sizes"),
+                (libc::SYS_lseek, "query-block image headers"),
+                (libc::SYS_pread64, "query-block image headers"),
+            ]);
+            v
+        }
+        Role::Io => {
+            let mut v = threads();
+            v.extend([
+                (libc::SYS_accept4, "serial unix socket clients"),
+                (libc::SYS_poll, "console input"),
+                (libc::SYS_ppoll, "console input"),
+                (libc::SYS_fcntl, "descriptor flags"),
+                (libc::SYS_recvfrom, "serial socket input"),
+                (libc::SYS_sendto, "serial socket output"),
+                (libc::SYS_shutdown, "serial socket clients"),
+                (libc::SYS_readv, "console input (std)"),
+                (libc::SYS_writev, "console output (std)"),
+            ]);
+            v
+        }
+    }
+}
+
+/// The ioctl requests a role makes (the vCPU's KVM calls by exact number).
+fn ioctls(role: Role) -> Vec<(u64, &'static str)> {
+    match role {
+        Role::Vcpu => crate::kvm::vcpu(),
+        Role::Monitor | Role::Io | Role::BlockIo => vec![],
+    }
+}
+
+/// One role's rules: syscall -> conditions (empty: any arguments).
+pub fn role_rules(role: Role) -> BTreeMap<i64, Vec<SeccompRule>> {
+    let mut m: BTreeMap<i64, Vec<SeccompRule>> = any_thread()
+        .into_iter()
+        .chain(role_allowed(role))
+        .map(|(n, _)| (n, vec![]))
+        .collect();
+    let rule = |c| SeccompRule::new(c).expect("valid rule");
+    let ioctl: Vec<SeccompRule> = ioctls(role)
+        .into_iter()
+        .map(|(req, _)| rule(vec![cond(1, SeccompCmpOp::Eq, req)]))
+        .collect();
+    if !ioctl.is_empty() {
+        m.insert(libc::SYS_ioctl, ioctl);
+    }
+    m
+}
+
+fn compile(role: Role, on_violation: Violation) -> Result<BpfProgram, String> {
+    let mismatch = match on_violation {
+        Violation::Kill => SeccompAction::KillProcess,
+        Violation::Log => SeccompAction::Log,
+    };
+    let f = SeccompFilter::new(
+        role_rules(role),
+        mismatch,
+        SeccompAction::Allow,
+        std::env::consts::ARCH
+            .try_into()
+            .map_err(|e| format!("{e:?}"))?,
+    )
+    .map_err(|e| e.to_string())?;
+    f.try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// The compiled filter of every role, made once.
+pub struct RoleFilters {
+    vcpu: BpfProgram,
+    block_io: BpfProgram,
+    monitor: BpfProgram,
+    io: BpfProgram,
+}
+
+impl RoleFilters {
+    pub fn new(on_violation: Violation) -> Result<RoleFilters, String> {
+        Ok(RoleFilters {
+            vcpu: compile(Role::Vcpu, on_violation)?,
+            block_io: compile(Role::BlockIo, on_violation)?,
+            monitor: compile(Role::Monitor, on_violation)?,
+            io: compile(Role::Io, on_violation)?,
+        })
+    }
+
+    /// Stack `role`'s filter on the calling thread.
+    pub fn apply(&self, role: Role) -> Result<(), String> {
+        let prog = match role {
+            Role::Vcpu => &self.vcpu,
+            Role::BlockIo => &self.block_io,
+            Role::Monitor => &self.monitor,
+            Role::Io => &self.io,
+        };
+        seccompiler::apply_filter(prog).map_err(|e| format!("seccomp ({role:?}): {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::in_child_under;
+
+    /// The process-wide filter, then the role's: as a thread of that role runs.
+    fn under(role: Role, body: fn() -> i32) -> End {
+        let global = crate::filter(Violation::Kill).unwrap();
+        in_child_under(&[global, compile(role, Violation::Kill).unwrap()], body)
+    }
+
+    /// How the child ended: (exit code, or the signal that killed it).
+    type End = (Option<i32>, Option<i32>);
+    const KILLED: End = (None, Some(libc::SIGSYS));
+    const PASSED: End = (Some(0), None);
+    /// A role, what is tried, the attempt, and how it must end.
+    type Case = (Role, &'static str, fn() -> i32, End);
+
+    // SAFETY (all bodies below): raw system calls with harmless arguments;
+    // the filters decide before the kernel looks at the arguments.
+    fn openat() -> i32 {
+        unsafe { libc::open(c"/".as_ptr(), libc::O_RDONLY) };
+        0
+    }
+    fn pread() -> i32 {
+        let mut b = [0u8; 1];
+        unsafe { libc::pread(-1, b.as_mut_ptr().cast(), 1, 0) };
+        0
+    }
+    fn unix_socket() -> i32 {
+        unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        0
+    }
+    fn kvm_run() -> i32 {
+        unsafe { libc::ioctl(-1, crate::kvm::KVM_RUN()) };
+        0
+    }
+    fn kvm_create_vm() -> i32 {
+        unsafe { libc::ioctl(-1, crate::kvm::KVM_CREATE_VM()) };
+        0
+    }
+    fn accept() -> i32 {
+        unsafe { libc::accept4(-1, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+        0
+    }
+    fn eventfd_round_trip() -> i32 {
+        unsafe {
+            let fd = libc::eventfd(0, libc::EFD_CLOEXEC);
+            let one = 1u64;
+            libc::write(fd, (&one as *const u64).cast(), 8);
+            let mut v = 0u64;
+            libc::read(fd, (&mut v as *mut u64).cast(), 8);
+            libc::close(fd);
+            if v == 1 {
+                0
+            } else {
+                3
+            }
+        }
+    }
+
+    #[test]
+    fn each_role_gets_only_its_own_calls() {
+        let cases: [Case; 16] = [
+            (Role::Vcpu, "KVM_RUN", kvm_run, PASSED),
+            (Role::Vcpu, "eventfds", eventfd_round_trip, PASSED),
+            (Role::Vcpu, "KVM_CREATE_VM", kvm_create_vm, KILLED),
+            (Role::Vcpu, "openat", openat, KILLED),
+            (Role::Vcpu, "pread", pread, KILLED),
+            (Role::Vcpu, "socket", unix_socket, KILLED),
+            (Role::BlockIo, "pread", pread, PASSED),
+            (Role::BlockIo, "KVM_RUN", kvm_run, KILLED),
+            (Role::BlockIo, "openat", openat, KILLED),
+            (Role::BlockIo, "accept", accept, KILLED),
+            (Role::Monitor, "accept", accept, PASSED),
+            (Role::Monitor, "openat", openat, PASSED),
+            (Role::Monitor, "KVM_RUN", kvm_run, KILLED),
+            (Role::Monitor, "socket", unix_socket, KILLED),
+            (Role::Io, "accept", accept, PASSED),
+            (Role::Io, "KVM_RUN", kvm_run, KILLED),
+        ];
+        for (role, what, body, want) in cases {
+            assert_eq!(under(role, body), want, "{role:?}: {what}");
+        }
+    }
+
+    #[test]
+    fn every_role_list_is_within_the_process_list() {
+        // A role's list narrows the process-wide one: anything it names
+        // beyond that would be dead (and misleading) text.
+        let global = crate::rules();
+        for role in [Role::Vcpu, Role::BlockIo, Role::Monitor, Role::Io] {
+            for (nr, why) in any_thread().into_iter().chain(role_allowed(role)) {
+                assert!(
+                    global.contains_key(&nr) || nr == libc::SYS_clone3,
+                    "{role:?}: {nr} ({why})"
+                );
+                assert!(why.len() > 3);
+            }
+        }
+    }
+}
