@@ -6,6 +6,7 @@
  *   initrd_len=N initrd_sum=X   the initrd's size and FNV-1a 32 checksum
  *   rtc=YYYYMMDD[,YYYYMMDD]     the CMOS date (either)
  *   spam=N           print N filler lines (serial back-pressure tests)
+ *   pio_loop=N       N writes to port 0x80, a vCPU exit each (bench/sandbox.py)
  *   action=poweroff|reset|triple|reboot-once|mmio-exec|count|wait-powerdown|wait-cad|halt
  *                    what to do at the end (count: print a counter forever;
  *                    wait-powerdown: poll the ACPI GED for the power button;
@@ -306,6 +307,9 @@ void guest_main(u64 info, u32 kind) {
     }
 
     blk_checks(bi.cmdline);
+
+    if (cmdline_get(bi.cmdline, "pio_loop", v, sizeof v))   /* N port writes: N exits */
+        for (u64 i = 0, n = parse_num(v); i < n; i++) outb(0x80, 0);
 
     if (cmdline_get(bi.cmdline, "spam", v, sizeof v))
         for (u64 i = 0, n = parse_num(v); i < n; i++)
