@@ -193,6 +193,62 @@ struct VmHandle {
     dies: u32,
     /// The disks, as `query-block` names them.
     drives: Vec<DriveInfo>,
+    /// Block nodes made by `blockdev-add` (microvm has no hotplug, so no
+    /// device uses them; QEMU's microvm is the same).
+    nodes: Mutex<Vec<MonitorNode>>,
+}
+
+/// A node made by `blockdev-add`.
+struct MonitorNode {
+    name: String,
+    driver: String,
+    cfg: moat_cli::DriveConfig,
+    disk: moat_vmm::Disk,
+}
+
+/// At most this many `blockdev-add` nodes (each holds descriptors and caches).
+const MAX_MONITOR_NODES: usize = 64;
+
+/// A moat open error as QEMU words it for the monitor: without the
+/// command-line option in front or Rust's "(os error N)".
+fn monitor_message(e: &str) -> String {
+    let e = match e.strip_prefix("-drive file=") {
+        Some(rest) => rest.split_once(": ").map_or(rest, |(_, m)| m),
+        None => e,
+    };
+    match e.rfind(" (os error ") {
+        Some(i) if e.ends_with(')') => e[..i].to_string(),
+        _ => e.to_string(),
+    }
+}
+
+/// QEMU's BlockDeviceInfo for a node (query-block's `inserted`,
+/// query-named-block-nodes' entries), without throttling fields.
+fn block_device_info(c: &moat_cli::DriveConfig, node: &str, drv: &str, size: u64) -> Value {
+    use moat_cli::{Backing, CacheMode};
+    let mut depth = 0;
+    let mut layer = &c.backing;
+    while let Backing::Layer(l) = layer {
+        depth += 1;
+        layer = &l.backing;
+    }
+    let mut info = json!({
+        "file": c.file.display().to_string(), "node-name": node, "ro": c.read_only,
+        "drv": drv, "encrypted": false, "detect_zeroes": "off", "backing_file_depth": depth,
+        "write_threshold": 0,
+        "cache": {
+            "writeback": !matches!(c.cache, CacheMode::Writethrough | CacheMode::Directsync),
+            "direct": matches!(c.cache, CacheMode::None | CacheMode::Directsync),
+            "no-flush": matches!(c.cache, CacheMode::Unsafe),
+        },
+    });
+    if let Backing::Layer(l) = &c.backing {
+        info["backing_file"] = json!(l.file.display().to_string());
+    }
+    let mut image = image_info(&c.layer(), Some(size));
+    image["dirty-flag"] = json!(false);
+    info["image"] = image;
+    info
 }
 
 /// A disk as the monitor reports it.
@@ -226,29 +282,8 @@ impl DriveInfo {
     }
 
     fn query_block(&self, index: usize) -> Value {
-        use moat_cli::{Backing, CacheMode};
         let c = &self.cfg;
-        let mut image = image_info(&c.layer(), Some(self.size));
-        let mut depth = 0;
-        let mut layer = &c.backing;
-        while let Backing::Layer(l) = layer {
-            depth += 1;
-            layer = &l.backing;
-        }
-        let file = c.file.display().to_string();
-        let mut inserted = json!({
-            "file": file, "node-name": node_name(index), "ro": c.read_only,
-            "drv": c.format.name(), "encrypted": false, "detect_zeroes": "off", "backing_file_depth": depth,
-            "write_threshold": 0,
-            "cache": {
-                "writeback": !matches!(c.cache, CacheMode::Writethrough | CacheMode::Directsync),
-                "direct": matches!(c.cache, CacheMode::None | CacheMode::Directsync),
-                "no-flush": matches!(c.cache, CacheMode::Unsafe),
-            },
-        });
-        if let Backing::Layer(l) = &c.backing {
-            inserted["backing_file"] = json!(l.file.display().to_string());
-        }
+        let mut inserted = block_device_info(c, &node_name(index), c.format.name(), self.size);
         // QEMU's fields: the averages always, bursts and the group only
         // while throttling is on, each burst field only when set.
         let t = self.link.throttle.limits();
@@ -282,8 +317,6 @@ impl DriveInfo {
             }
             inserted["group"] = json!(self.name);
         }
-        image["dirty-flag"] = json!(false);
-        inserted["image"] = image;
         json!({
             "device": self.name,
             "qdev": format!("/machine/peripheral-anon/device[{index}]"),
@@ -406,6 +439,45 @@ impl VmControl for VmHandle {
                 d.link.throttle.set(limits);
                 return Ok(json!({}));
             }
+            VmCommand::QueryNamedBlockNodes => {
+                let throttle_off = |mut v: Value| {
+                    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+                        v[k] = json!(0);
+                    }
+                    v
+                };
+                let mut out: Vec<Value> = self
+                    .drives
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| d.query_block(i)["inserted"].clone())
+                    .collect();
+                out.extend(lock(&self.nodes).iter().map(|n| {
+                    throttle_off(block_device_info(
+                        &n.cfg,
+                        &n.name,
+                        &n.driver,
+                        n.disk.image.size(),
+                    ))
+                }));
+                return Ok(Value::Array(out));
+            }
+            VmCommand::BlockdevDel(name) => {
+                if (0..self.drives.len()).any(|i| node_name(i) == name) {
+                    return Err(QmpError::generic(format!("Node {name} is in use")));
+                }
+                let mut nodes = lock(&self.nodes);
+                let Some(i) = nodes.iter().position(|n| n.name == name) else {
+                    return Err(QmpError::generic(format!(
+                        "Failed to find node with node-name='{name}'"
+                    )));
+                };
+                let n = nodes.remove(i);
+                if let Err(e) = n.disk.image.flush() {
+                    log::warn!("blockdev-del {name}: flushing: {e}");
+                }
+                return Ok(json!({}));
+            }
             VmCommand::Eject(dev) => {
                 return Err(if self.drives.iter().any(|d| d.name == dev) {
                     QmpError::generic(format!("Device '{dev}' is not removable"))
@@ -452,6 +524,42 @@ impl VmControl for VmHandle {
             ControlReply::Text(t) => Ok(Value::String(t)),
             ControlReply::Error(e) => Err(QmpError::generic(e)),
         }
+    }
+
+    fn blockdev_add(
+        &self,
+        node: String,
+        driver: String,
+        drive: moat_cli::DriveConfig,
+        fds: &FdStore,
+    ) -> Result<Value, QmpError> {
+        let mut nodes = lock(&self.nodes);
+        if self.drives.iter().any(|d| d.name == node) {
+            return Err(QmpError::generic(format!(
+                "node-name={node} is conflicting with a device id"
+            )));
+        }
+        if nodes.iter().any(|n| n.name == node) {
+            return Err(QmpError::generic(format!(
+                "Duplicate nodes with node-name='{node}'"
+            )));
+        }
+        if nodes.len() >= MAX_MONITOR_NODES {
+            return Err(QmpError::generic(format!(
+                "moat keeps at most {MAX_MONITOR_NODES} nodes made by blockdev-add"
+            )));
+        }
+        // With the sandbox on, Landlock refuses paths the VM was not
+        // configured with: hand files in with add-fd and /dev/fdset/N.
+        let disk = moat_vmm::Disk::open(&drive, fds)
+            .map_err(|e| QmpError::generic(monitor_message(&e)))?;
+        nodes.push(MonitorNode {
+            name: node,
+            driver,
+            cfg: drive,
+            disk,
+        });
+        Ok(json!({}))
     }
 
     fn replied(&self) {
@@ -625,6 +733,14 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
     let specs = monitor_specs(&cfg)?;
     let drives = DriveInfo::list(&cfg, &images.disks);
     let drive_names: Vec<String> = drives.iter().map(|d| d.name.clone()).collect();
+    let handle = Arc::new(VmHandle {
+        tx: Mutex::new(tx.clone()),
+        prelaunch: AtomicBool::new(cfg.start_paused),
+        quit_requested: AtomicBool::new(false),
+        dies: cfg.smp.dies,
+        drives,
+        nodes: Mutex::new(Vec::new()),
+    });
     let events = Events(if specs.is_empty() {
         None
     } else {
@@ -633,13 +749,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
                 name: cfg.name.clone(),
                 uuid: cfg.uuid.clone(),
             },
-            vm: Arc::new(VmHandle {
-                tx: Mutex::new(tx.clone()),
-                prelaunch: AtomicBool::new(cfg.start_paused),
-                quit_requested: AtomicBool::new(false),
-                dies: cfg.smp.dies,
-                drives,
-            }),
+            vm: handle.clone(),
             fds: Mutex::new(fds),
         });
         Some(Monitors::start(&specs, ctx)?)
@@ -766,6 +876,11 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
     for (d, c) in images.disks.iter().zip(&cfg.drives) {
         if let Err(e) = d.image.flush() {
             eprintln!("moat: flushing {} at exit: {e}", c.file.display());
+        }
+    }
+    for n in lock(&handle.nodes).iter() {
+        if let Err(e) = n.disk.image.flush() {
+            eprintln!("moat: flushing block node {} at exit: {e}", n.name);
         }
     }
     platform.console.flush(Duration::from_secs(2));

@@ -545,3 +545,69 @@ def test_drives_from_fd_sets(moat, tmp_path):
     assert p.returncode == 1 and "not valid or already in use" in p.stderr, p.stderr
     os.close(rw)
     os.close(ro)
+
+
+def qmp_error(q, cmd, **args):
+    with pytest.raises(ExecuteError) as e:
+        q.cmd(cmd, **args)
+    return e.value.error.error.desc
+
+
+def test_blockdev_add_and_del(moat, tmp_path):
+    """blockdev-add opens a node (microvm has no hotplug, so no device uses
+    it, as with QEMU's microvm); query-named-block-nodes lists it with the
+    -drive nodes; blockdev-del closes it. Errors as QEMU words them."""
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    extra = tmp_path / "extra.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(extra), "4M"], check=True)
+    based = tmp_path / "based.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(disk),
+                    str(based)], check=True)
+    m = moat(extra=["-drive", f"file={disk},format=raw,if=virtio", "-sandbox", "off"])
+    q = connect(m)
+    q.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "extra0", "read-only": True,
+                             "file": {"driver": "file", "filename": str(extra)}})
+    q.cmd("blockdev-add", **{"driver": "file", "node-name": "plain", "filename": str(disk)})
+    nodes = {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}
+    assert nodes["extra0"]["drv"] == "qcow2" and nodes["extra0"]["ro"] is True
+    assert nodes["extra0"]["image"]["virtual-size"] == 4 << 20
+    assert nodes["extra0"]["file"] == str(extra)
+    assert nodes["plain"]["drv"] == "file" and nodes["plain"]["ro"] is False
+    assert "#block001" in nodes  # the -drive's node
+    for args, want in [
+        ({"driver": "raw", "node-name": "extra0", "file": {"driver": "file", "filename": str(disk)}},
+         "Duplicate nodes with node-name='extra0'"),
+        ({"driver": "raw", "file": {"driver": "file", "filename": str(disk)}},
+         "'node-name' must be specified for the root node"),
+        ({"driver": "raw", "node-name": "1bad", "file": {"driver": "file", "filename": str(disk)}},
+         "Invalid node-name: '1bad'"),
+        ({"driver": "raw", "node-name": "n", "file": {"driver": "file", "filename": str(tmp_path / "nope")}},
+         f"Could not open '{tmp_path / 'nope'}': No such file or directory"),
+        ({"driver": "vmdk", "node-name": "n", "file": {"driver": "file", "filename": str(disk)}},
+         "Parameter 'driver' does not accept value 'vmdk'"),
+        ({"driver": "raw", "node-name": "n", "file": {"driver": "file", "filename": str(disk), "x": 1}},
+         "Parameter 'file.x' is unexpected"),
+        # moat opens nothing an image names by itself: the backing is named, or null.
+        ({"driver": "qcow2", "node-name": "n", "file": {"driver": "file", "filename": str(based)}},
+         "backing"),
+    ]:
+        assert want in qmp_error(q, "blockdev-add", **args), args
+    q.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "based", "read-only": True, "backing": None,
+                             "file": {"driver": "file", "filename": str(based)}})
+    q.cmd("blockdev-add", **{"driver": "qcow2", "node-name": "chain", "read-only": True,
+                             "file": {"driver": "file", "filename": str(based)},
+                             "backing": {"driver": "raw", "file": {"driver": "file", "filename": str(disk)}}})
+    assert {n["node-name"]: n for n in q.cmd("query-named-block-nodes")}["chain"]["backing_file_depth"] == 1
+    assert qmp_error(q, "blockdev-del", **{"node-name": "#block001"}) == "Node #block001 is in use"
+    assert qmp_error(q, "blockdev-del", **{"node-name": "zzz"}) == "Failed to find node with node-name='zzz'"
+    q.cmd("blockdev-del", **{"node-name": "extra0"})
+    assert "extra0" not in {n["node-name"] for n in q.cmd("query-named-block-nodes")}
+    held = [os.readlink(p) for p in glob_fds(m.proc.pid)]
+    assert str(extra) not in held  # closed
+    q.close()
+
+
+def glob_fds(pid):
+    import glob
+    return glob.glob(f"/proc/{pid}/fd/*")

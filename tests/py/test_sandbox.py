@@ -140,3 +140,36 @@ def test_root_without_a_drop_is_refused(tmp_path):
     finally:
         p.kill()
     assert "owns this host" in p.communicate()[1]
+
+
+def test_landlock_limits_what_the_monitor_can_open(moat, tmp_path):
+    """With the sandbox on, a monitor request for a file the VM was not
+    configured with is refused by the kernel (Landlock), while the
+    configured image and a descriptor handed in over the socket still work."""
+    from test_qmp import qmp_error
+    disk = tmp_path / "d.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\0" * 4096)
+    os.chmod(other, 0o666)  # not a permission problem: only Landlock stands in the way
+    m = moat(extra=["-drive", f"file={disk},format=raw,if=virtio"])
+    q = connect(m)
+    want = f"Could not open '{other}': Permission denied"
+    assert qmp_error(q, "blockdev-add", **{"driver": "raw", "node-name": "n1",
+                                           "file": {"driver": "file", "filename": str(other)}}) == want
+    assert qmp_error(q, "blockdev-add", **{"driver": "raw", "node-name": "n1",
+                                           "file": {"driver": "file", "filename": "/etc/passwd"}}) \
+        == "Could not open '/etc/passwd': Permission denied"
+    # The configured image is on the list.
+    q.cmd("blockdev-add", **{"driver": "raw", "node-name": "n1", "read-only": True,
+                             "file": {"driver": "file", "filename": str(disk)}})
+    # The unlisted file, handed in as a descriptor, works: no path needed.
+    f = open(other, "rb")
+    q.send_fd_scm(f.fileno())
+    q.cmd("add-fd", **{"fdset-id": 7})
+    q.cmd("blockdev-add", **{"driver": "raw", "node-name": "n2", "read-only": True,
+                             "file": {"driver": "file", "filename": "/dev/fdset/7"}})
+    nodes = {n["node-name"] for n in q.cmd("query-named-block-nodes")}
+    assert {"n1", "n2"} <= nodes
+    f.close()
+    q.close()

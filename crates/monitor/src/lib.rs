@@ -67,12 +67,28 @@ pub enum VmCommand {
     Eject(String),
     /// `block_set_io_throttle`: new limits for a drive (all zero: none).
     BlockSetIoThrottle(String, moat_cli::ThrottleLimits),
+    /// `blockdev-del` of a node made by `blockdev-add`.
+    BlockdevDel(String),
+    QueryNamedBlockNodes,
 }
 
 /// The VM as the monitor sees it.
 pub trait VmControl: Send + Sync {
     /// Execute `cmd` and return its QMP `return` value.
     fn execute(&self, cmd: VmCommand) -> Result<Value, QmpError>;
+
+    /// `blockdev-add`: open `drive` (paths or `/dev/fdset/N` from `fds`)
+    /// as the block node `node` (its top `driver` as the client named it).
+    fn blockdev_add(
+        &self,
+        node: String,
+        driver: String,
+        drive: moat_cli::DriveConfig,
+        fds: &moat_sys::fdset::FdStore,
+    ) -> Result<Value, QmpError> {
+        let _ = (node, driver, drive, fds);
+        Err(QmpError::generic("blockdev-add is not available"))
+    }
 
     /// Called once a reply has been queued for its client (so that `quit`
     /// can end moat only after its own reply is on its way).

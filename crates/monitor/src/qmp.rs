@@ -18,6 +18,8 @@ pub enum ArgType {
     Int,
     Bool,
     StrList,
+    /// Any JSON value (nested options such as blockdev-add's `file`).
+    Any,
 }
 
 impl ArgType {
@@ -27,6 +29,7 @@ impl ArgType {
             ArgType::Int => "int",
             ArgType::Bool => "bool",
             ArgType::StrList => "[str]",
+            ArgType::Any => "any",
         }
     }
     fn json_name(self) -> &'static str {
@@ -35,6 +38,7 @@ impl ArgType {
             ArgType::Int => "integer",
             ArgType::Bool => "boolean",
             ArgType::StrList => "array",
+            ArgType::Any => "value",
         }
     }
     fn matches(self, v: &Value) -> bool {
@@ -43,6 +47,7 @@ impl ArgType {
             ArgType::Int => v.is_i64() || v.is_u64(),
             ArgType::Bool => v.is_boolean(),
             ArgType::StrList => v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
+            ArgType::Any => true,
         }
     }
 }
@@ -180,6 +185,33 @@ pub const COMMANDS: &[CommandSpec] = &[
             ("iops_size", Int, false),
             ("group", Str, false),
         ],
+    },
+    CommandSpec {
+        name: "blockdev-add",
+        args: &[
+            ("driver", Str, true),
+            ("node-name", Str, false),
+            ("read-only", Bool, false),
+            ("auto-read-only", Bool, false),
+            ("force-share", Bool, false),
+            ("discard", Str, false),
+            ("cache", Any, false),
+            ("detect-zeroes", Str, false),
+            ("filename", Str, false),
+            ("aio", Str, false),
+            ("locking", Str, false),
+            ("file", Any, false),
+            ("backing", Any, false),
+            ("data-file", Any, false),
+        ],
+    },
+    CommandSpec {
+        name: "blockdev-del",
+        args: &[("node-name", Str, true)],
+    },
+    CommandSpec {
+        name: "query-named-block-nodes",
+        args: &[("flat", Bool, false)],
     },
     CommandSpec {
         name: "migrate",
@@ -463,6 +495,16 @@ impl Session {
                 };
                 vm.execute(VmCommand::BlockSetIoThrottle(device, throttle_args(args)?))
             }
+            "blockdev-add" => {
+                let (node, drive) = blockdev_args(args)?;
+                let driver = s("driver").unwrap_or_default().to_string();
+                let fds = lock(&self.ctx.fds);
+                vm.blockdev_add(node, driver, drive, &fds)
+            }
+            "blockdev-del" => vm.execute(VmCommand::BlockdevDel(
+                s("node-name").unwrap_or_default().to_string(),
+            )),
+            "query-named-block-nodes" => vm.execute(VmCommand::QueryNamedBlockNodes),
             "human-monitor-command" => {
                 let line = s("command-line").unwrap_or_default();
                 let cpu = i("cpu-index").map(|c| c as u32);
@@ -603,6 +645,214 @@ fn throttle_args(args: &Map<String, Value>) -> Result<moat_cli::ThrottleLimits, 
     }
     t.validate().map_err(QmpError::generic)?;
     Ok(t)
+}
+
+/// QEMU's rule for node names (id_wellformed, shorter than 32 bytes).
+fn check_node_name(n: &str) -> Result<(), QmpError> {
+    let mut b = n.bytes();
+    let wellformed = b.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'));
+    if !wellformed {
+        return Err(QmpError::generic(format!("Invalid node-name: '{n}'")));
+    }
+    if n.len() >= 32 {
+        return Err(QmpError::generic("Node name too long"));
+    }
+    Ok(())
+}
+
+/// Nested blockdev options (`file`, `backing`, `data-file`): only the keys
+/// in `allowed` may appear.
+fn nested<'a>(
+    what: &str,
+    v: &'a Value,
+    allowed: &[&str],
+) -> Result<&'a Map<String, Value>, QmpError> {
+    let m = match v {
+        Value::Object(m) => m,
+        Value::String(r) => return Err(QmpError::generic(format!(
+            "{what}: references to other nodes ('{r}') are not supported; give the options inline"
+        ))),
+        _ => {
+            return Err(QmpError::generic(format!(
+                "Invalid parameter type for '{what}', expected: object"
+            )))
+        }
+    };
+    if let Some(k) = m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(QmpError::generic(format!(
+            "Parameter '{what}.{k}' is unexpected"
+        )));
+    }
+    Ok(m)
+}
+
+/// The file a protocol node (`driver: file` or `host_device`) opens.
+fn protocol_file(what: &str, m: &Map<String, Value>) -> Result<std::path::PathBuf, QmpError> {
+    match m.get("driver").and_then(Value::as_str) {
+        Some("file" | "host_device") => {}
+        Some(d) => {
+            return Err(QmpError::generic(format!(
+                "Parameter '{what}driver' does not accept value '{d}'"
+            )))
+        }
+        None => {
+            return Err(QmpError::generic(format!(
+                "Parameter '{what}driver' is missing"
+            )))
+        }
+    }
+    match m.get("filename") {
+        Some(Value::String(f)) if !f.is_empty() => Ok(f.into()),
+        Some(_) => Err(QmpError::generic(format!(
+            "Invalid parameter type for '{what}filename', expected: string"
+        ))),
+        None => Err(QmpError::generic(format!(
+            "Parameter '{what}filename' is missing"
+        ))),
+    }
+}
+
+const FILE_KEYS: &[&str] = &["driver", "filename", "aio", "locking"];
+
+/// One format layer (raw or qcow2 over a file node), as -drive's keys give it.
+fn blockdev_layer(prefix: &str, m: &Map<String, Value>) -> Result<moat_cli::ImageLayer, QmpError> {
+    use moat_cli::{Backing, DriveFormat, ImageLayer};
+    let driver = m.get("driver").and_then(Value::as_str).unwrap_or_default();
+    let format = match driver {
+        "file" | "host_device" => {
+            return Ok(ImageLayer {
+                file: protocol_file(prefix, m)?,
+                format: DriveFormat::Raw,
+                backing: Backing::None,
+                data_file: None,
+            })
+        }
+        "raw" => DriveFormat::Raw,
+        "qcow2" => DriveFormat::Qcow2,
+        "" => {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}driver' is missing"
+            )))
+        }
+        d => {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}driver' does not accept value '{d}'"
+            )))
+        }
+    };
+    for k in ["filename", "aio", "locking"] {
+        if m.contains_key(k) {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}{k}' is unexpected"
+            )));
+        }
+    }
+    let Some(file) = m.get("file") else {
+        return Err(QmpError::generic(format!(
+            "Parameter '{prefix}file' is missing"
+        )));
+    };
+    let file_prefix = format!("{prefix}file.");
+    let file = protocol_file(
+        &file_prefix,
+        nested(&format!("{prefix}file"), file, FILE_KEYS)?,
+    )?;
+    let qcow2_only = |k: &str| -> Result<(), QmpError> {
+        if format != DriveFormat::Qcow2 && m.contains_key(k) {
+            return Err(QmpError::generic(format!(
+                "Parameter '{prefix}{k}' is unexpected"
+            )));
+        }
+        Ok(())
+    };
+    qcow2_only("backing")?;
+    qcow2_only("data-file")?;
+    let backing = match m.get("backing") {
+        None => Backing::Unnamed,
+        Some(Value::Null) => Backing::None,
+        Some(v) => {
+            let p = format!("{prefix}backing.");
+            let l = nested(
+                &format!("{prefix}backing"),
+                v,
+                &["driver", "file", "backing", "data-file", "read-only"],
+            )?;
+            Backing::Layer(Box::new(blockdev_layer(&p, l)?))
+        }
+    };
+    let data_file = match m.get("data-file") {
+        None => None,
+        Some(v) => Some(protocol_file(
+            &format!("{prefix}data-file."),
+            nested(&format!("{prefix}data-file"), v, FILE_KEYS)?,
+        )?),
+    };
+    Ok(ImageLayer {
+        file,
+        format,
+        backing,
+        data_file,
+    })
+}
+
+/// `blockdev-add`'s arguments as a drive moat can open (the schema check
+/// has run): a raw or qcow2 node over a file node, or a file node alone.
+pub fn blockdev_args(
+    args: &Map<String, Value>,
+) -> Result<(String, moat_cli::DriveConfig), QmpError> {
+    use moat_cli::CacheMode;
+    let node = args
+        .get("node-name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| QmpError::generic("'node-name' must be specified for the root node"))?;
+    check_node_name(node)?;
+    let layer = blockdev_layer("", args)?;
+    let cache = match args.get("cache") {
+        None => CacheMode::Writeback,
+        Some(v) => {
+            let c = nested("cache", v, &["direct", "no-flush"])?;
+            let flag = |k: &str| -> Result<bool, QmpError> {
+                match c.get(k) {
+                    None => Ok(false),
+                    Some(Value::Bool(b)) => Ok(*b),
+                    Some(_) => Err(QmpError::generic(format!(
+                        "Invalid parameter type for 'cache.{k}', expected: boolean"
+                    ))),
+                }
+            };
+            match (flag("direct")?, flag("no-flush")?) {
+                (false, false) => CacheMode::Writeback,
+                (false, true) => CacheMode::Unsafe,
+                (true, _) => CacheMode::None,
+            }
+        }
+    };
+    let discard_unmap = match args.get("discard").and_then(Value::as_str) {
+        None | Some("ignore" | "off") => false,
+        Some("unmap" | "on") => true,
+        Some(d) => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'discard' does not accept value '{d}'"
+            )))
+        }
+    };
+    let drive = moat_cli::DriveConfig {
+        id: None,
+        file: layer.file,
+        format: layer.format,
+        backing: layer.backing,
+        data_file: layer.data_file,
+        throttle: Default::default(),
+        read_only: args
+            .get("read-only")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        cache,
+        discard_unmap,
+        serial: None,
+    };
+    Ok((node.to_string(), drive))
 }
 
 fn check_args(spec: &CommandSpec, args: &Map<String, Value>) -> Result<(), QmpError> {
