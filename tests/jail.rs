@@ -360,7 +360,20 @@ fn bad_input_is_refused_and_leaves_nothing() {
             "moat-jail's own",
         ),
         (vec!["--memory-max".into(), "lots".into()], "integer"),
+        (vec!["--cpu-quota-us".into(), "-5".into()], "integer"),
+        (vec!["--pids-max".into(), "0".into()], "at least one"),
+        (
+            vec!["--netns".into(), "/no/such/netns".into()],
+            "No such file",
+        ),
     ];
+    let mut cases = cases;
+    if !Path::new("/sys/module/apparmor/parameters/enabled").exists() {
+        cases.push((
+            vec!["--apparmor-profile".into(), "moat-jailed".into()],
+            "AppArmor is not enabled",
+        ));
+    }
     for (extra, want) in cases {
         let mut args: Vec<String> = [
             "--id",

@@ -10,6 +10,7 @@ fn run_tier2(scenarios: &[&str]) -> HashMap<String, String> {
     let out = Command::new("bash")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tier2/run.sh"))
         .arg(env!("CARGO_BIN_EXE_moat"))
+        .env("MOAT_JAIL", env!("CARGO_BIN_EXE_moat-jail"))
         .args(scenarios)
         .output()
         .expect("running tier2/run.sh");
@@ -66,9 +67,55 @@ fn run(cmd: &str, args: &[&str]) -> (bool, String) {
 /// One boot of the nested host serves every scenario (it is the slow part).
 #[test]
 fn debian_linux_under_moat() {
-    let r = run_tier2(&["boot-smp2", "boot-acpi-off", "blk"]);
+    let r = run_tier2(&["boot-smp2", "boot-acpi-off", "blk", "jail"]);
     boots_to_userspace_with_two_cpus_and_acpi_poweroff(&r);
     virtio_blk_with_ext4(&r);
+    jailed_on_cgroup_v2_with_apparmor(&r);
+}
+
+/// moat-jail on a host with cgroup v2 and AppArmor (L1): the L2 kernel
+/// boots under a jailed moat whose cgroup, AppArmor profile, namespaces,
+/// credentials and root L1 inspects from outside; nothing is left after.
+fn jailed_on_cgroup_v2_with_apparmor(r: &HashMap<String, String>) {
+    let j = &r["jail"];
+    assert!(j.contains("TIER2 jail profile loaded"), "{j}");
+    assert!(j.contains("TIER2 jail comm moat"), "{j}");
+    assert!(j.contains("TIER2 jail cgroup 0::/moat/tier2"), "{j}");
+    assert!(j.contains("TIER2 jail cpu.max 150000 100000"), "{j}");
+    assert!(j.contains("TIER2 jail memory.max 1073741824"), "{j}");
+    assert!(j.contains("TIER2 jail pids.max 64"), "{j}");
+    assert!(
+        j.contains("TIER2 jail apparmor moat-jailed (enforce)"),
+        "{j}"
+    );
+    for ns in ["mnt", "pid", "ipc", "uts", "cgroup"] {
+        assert!(
+            j.contains(&format!("TIER2 jail own ns {ns}\n")),
+            "{ns}: {j}"
+        );
+    }
+    let status = after(j, "TIER2 jail Uid:");
+    assert!(status.starts_with(" 65534 65534 65534 65534"), "{j}");
+    assert!(status.contains("CapEff: 0000000000000000"), "{j}");
+    assert!(
+        status.contains("NoNewPrivs: 1") && status.contains("Seccomp: 2"),
+        "{j}"
+    );
+    let root: std::collections::BTreeSet<&str> =
+        after(j, "TIER2 jail root ").split_whitespace().collect();
+    for want in ["moat", "dev", "proc", "vmlinuz", "initrd.gz", "lib"] {
+        assert!(
+            root.contains(want),
+            "{want} missing from the jail root: {root:?}"
+        );
+    }
+    for not in ["etc", "l2", "srv", "sys", "tmp", "init", "modules"] {
+        assert!(!root.contains(not), "{not} in the jail root: {root:?}");
+    }
+    assert!(j.contains("L2: userspace reached"), "{j}");
+    assert!(j.contains("L2: cpus online 0-1 count 2"), "{j}");
+    assert!(j.contains("TIER2 jail moat-jail exit 0"), "{j}");
+    assert!(j.contains("TIER2 jail left [] []"), "{j}");
 }
 
 /// Linux finds both virtio-blk disks through ACPI, makes an ext4 file system

@@ -54,6 +54,44 @@ for s in $(cat /scenarios); do
                 -drive file=/dev/vdb,format=raw,if=virtio,readonly=on ;;
         boot-acpi-off)
             $M -M microvm,acpi=off -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
+        jail)
+            # moat-jail on a cgroup v2 host with AppArmor: the L2 kernel runs
+            # under moat, jailed, while L1 looks at it from outside.
+            mount -t cgroup2 none /sys/fs/cgroup
+            mount -t securityfs none /sys/kernel/security
+            /sbin/apparmor_parser -r /moat/apparmor-moat-jailed && echo "TIER2 jail profile loaded"
+            mkdir -p /srv/jail
+            /moat/moat-jail --id tier2 --uid 65534 --gid 65534 --exec-file /moat/moat \
+                --chroot-base-dir /srv/jail --ro /l2/vmlinuz:/vmlinuz --ro /l2/initrd.gz:/initrd.gz \
+                --apparmor-profile moat-jailed --cpu-quota-us 150000 --memory-max 1G --pids-max 64 -- \
+                -M microvm -m 256M -smp 2 -kernel /vmlinuz -initrd /initrd.gz \
+                -append "$CMD moat.test=linger" -nographic -no-reboot > /tmp/jail.out 2>&1 &
+            jpid=$!
+            pid=""
+            for _ in $(seq 500); do
+                pid=$(cat /proc/$jpid/task/$jpid/children 2>/dev/null | cut -d' ' -f1)
+                [ -n "$pid" ] && grep -q "moat" /proc/$pid/comm 2>/dev/null && break
+                usleep 20000
+            done
+            sleep 3
+            echo "TIER2 jail comm $(cat /proc/$pid/comm)"
+            echo "TIER2 jail cgroup $(cat /proc/$pid/cgroup)"
+            echo "TIER2 jail cpu.max $(cat /sys/fs/cgroup/moat/tier2/cpu.max)"
+            echo "TIER2 jail memory.max $(cat /sys/fs/cgroup/moat/tier2/memory.max)"
+            echo "TIER2 jail pids.max $(cat /sys/fs/cgroup/moat/tier2/pids.max)"
+            echo "TIER2 jail apparmor $(cat /proc/$pid/attr/current)"
+            for ns in mnt pid ipc uts cgroup; do
+                t=$(readlink /proc/$pid/ns/$ns)
+                [ -n "$t" ] && [ "$t" != "$(readlink /proc/self/ns/$ns)" ] && echo "TIER2 jail own ns $ns"
+            done
+            echo "TIER2 jail $(grep -E '^(Uid|CapEff|NoNewPrivs|Seccomp):' /proc/$pid/status | tr -s '\t\n' '  ')"
+            echo "TIER2 jail root $(cd /proc/$pid/root && ls -a | tr '\n' ' ')"
+            wait $jpid
+            jrc=$?
+            cat /tmp/jail.out
+            echo "TIER2 jail moat-jail exit $jrc"
+            echo "TIER2 jail left [$(ls /srv/jail)] [$(ls /sys/fs/cgroup/moat 2>/dev/null | grep tier2)]"
+            ;;
         bench-moat)
             bench moat $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
         bench-qemu)

@@ -22,6 +22,8 @@ need qemu-system-x86_64 qemu-system-x86
 need busybox busybox-static
 need cpio cpio
 need apt-get apt
+need apparmor_parser apparmor
+MOAT_JAIL=$(readlink -f "${MOAT_JAIL:-$(dirname "$MOAT")/moat-jail}")
 
 # --- the Debian cloud kernel (used as both L1 and L2) -----------------------
 KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
@@ -42,7 +44,7 @@ mk_busybox_root() {
     local root=$1
     rm -rf "$root" && mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,lib,lib64}
     cp "$(command -v busybox)" "$root/bin/busybox"
-    for a in sh mount umount cat echo grep wc ls insmod poweroff reboot sleep usleep mkdir mkfifo kill date dmesg tr cut head tail seq; do
+    for a in sh mount umount cat echo grep wc ls insmod poweroff reboot sleep usleep mkdir mkfifo kill date dmesg tr cut head tail seq readlink; do
         ln -sf busybox "$root/bin/$a"
     done
 }
@@ -99,6 +101,10 @@ case " $(cat /proc/cmdline) " in
     echo "L2: random sha256 $(sha256sum /mnt/a/random.bin | cut -d' ' -f1)"
     umount /mnt/a && umount /mnt/b && sync && echo "L2: unmounted"
     ;;
+*" moat.test=linger "*)
+    # Stay up a while, so L1 can look at the jailed moat from outside.
+    sleep 8
+    ;;
 esac
 echo "L2: cpus online $(cat /sys/devices/system/cpu/online) count $(grep -c ^processor /proc/cpuinfo)"
 echo "L2: mem $(grep MemTotal /proc/meminfo | tr -s ' ')"
@@ -124,6 +130,12 @@ copy_mods "$L1ROOT" virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-a
     drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko \
     drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko
 cp "$MOAT" "$L1ROOT/moat/moat"
+# moat-jail, and AppArmor's parser with moat's profile (the jail scenario).
+cp "$MOAT_JAIL" "$L1ROOT/moat/moat-jail"
+copy_bin "$L1ROOT" "$(command -v apparmor_parser)" /sbin/apparmor_parser
+mkdir -p "$L1ROOT/etc/apparmor.d/abi"
+cp /etc/apparmor.d/abi/3.0 "$L1ROOT/etc/apparmor.d/abi/"
+cp "$HERE/../contrib/apparmor/moat-jailed" "$L1ROOT/moat/apparmor-moat-jailed"
 for lib in $(ldd "$MOAT" | grep -o '/[^ ]*' | sort -u); do
     mkdir -p "$L1ROOT$(dirname "$lib")"
     cp -L "$lib" "$L1ROOT$lib"

@@ -20,6 +20,8 @@ Removes the cgroup and the root when moat ends; exits with moat's status.
   --rw SRC[:DEST]         the same, writable (a directory for sockets, a disk image)
   --add-fd SET:PATH[:ro]  open PATH here (read-write unless :ro) and hand it to moat
                           as -add-fd fd=N,set=SET (use file=/dev/fdset/SET)
+  --apparmor-profile NAME moat runs confined by this (loaded) AppArmor profile,
+                          e.g. contrib/apparmor/moat-jailed
   --netns PATH            join this network namespace (e.g. /var/run/netns/NAME)
   --new-netns             a new, empty network namespace
   --cgroup-version 1|2|auto   (default auto: v2 where its controllers are enabled)
@@ -93,6 +95,7 @@ pub struct JailConfig {
     pub netns: Netns,
     pub cgroup_version: CgroupVersion,
     pub parent_cgroup: String,
+    pub apparmor_profile: Option<String>,
     pub limits: Limits,
     pub moat_args: Vec<String>,
 }
@@ -278,6 +281,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut netns = Netns::Host;
     let mut cgroup_version = CgroupVersion::Auto;
     let mut parent_cgroup = "moat".to_string();
+    let mut apparmor_profile = None;
     let mut limits = Limits::default();
     let mut moat_args = vec![];
     let mut it = args.iter();
@@ -312,6 +316,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "--netns",
             "--cgroup-version",
             "--parent-cgroup",
+            "--apparmor-profile",
             "--cpu-quota-us",
             "--cpu-period-us",
             "--cpu-weight",
@@ -395,6 +400,13 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 check_name(opt, &v)?;
                 parent_cgroup = v;
             }
+            "--apparmor-profile" => {
+                let ok = (1..=255).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic());
+                if !ok || v.starts_with(':') {
+                    return Err(format!("{opt} '{}': not a profile name", v.escape_debug()));
+                }
+                apparmor_profile = Some(v);
+            }
             "--cpu-quota-us" => {
                 let n = num(opt, &v)?;
                 if n < 1000 {
@@ -441,6 +453,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
         netns,
         cgroup_version,
         parent_cgroup,
+        apparmor_profile,
         limits,
         moat_args,
     };

@@ -10,8 +10,10 @@
 //! fills it with only moat, its shared libraries, `/dev/kvm` and
 //! `/dev/urandom` (device nodes made for the VM's uid, not the host's
 //! nodes re-permissioned), `/proc` of its PID namespace and the files given
-//! with `--ro`/`--rw`, `pivot_root`s into it, detaches the old root, makes
-//! the root read-only, drops to the VM's uid/gid (no groups, no
+//! with `--ro`/`--rw`, `pivot_root`s into it (or, on a host running from
+//! its initramfs, which cannot be pivoted away from, moves it over `/` and
+//! chroots, as switch_root does), detaches the old root, makes the root
+//! read-only, optionally switches to an AppArmor profile at exec, drops to the VM's uid/gid (no groups, no
 //! capabilities, empty bounding set, no_new_privs) and execs moat with the
 //! passed descriptors as `-add-fd` and every other descriptor closed.
 //! The jailer stays as the child's parent: it forwards SIGTERM/SIGINT/SIGHUP,
@@ -177,6 +179,8 @@ struct ChildPlan {
     /// Device nodes to make: (path in root, rdev, mode, owned by the VM user)
     nodes: Vec<(PathBuf, libc::dev_t, u32, bool)>,
     passed: Vec<OwnedFd>,
+    /// The AppArmor profile moat is to run under (change_onexec).
+    apparmor: Option<String>,
     argv: Vec<CString>,
     envp: Vec<CString>,
 }
@@ -310,14 +314,25 @@ fn child_setup(plan: ChildPlan) -> Result<std::convert::Infallible, String> {
         let old = inside(Path::new("/.old"));
         make_target(&old, true)?;
         let old_c = cstr(&old)?;
-        if libc::syscall(libc::SYS_pivot_root, plan.root.as_ptr(), old_c.as_ptr()) != 0 {
+        if libc::syscall(libc::SYS_pivot_root, plan.root.as_ptr(), old_c.as_ptr()) == 0 {
+            check("chdir /", libc::chdir(c"/".as_ptr()))?;
+            check(
+                "detaching the old root",
+                libc::umount2(c"/.old".as_ptr(), libc::MNT_DETACH),
+            )?;
+        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // The host runs from its initramfs (rootfs), which cannot be
+            // pivoted away from: move the new root over / and chroot into
+            // it, as switch_root does. The old root is then covered in this
+            // mount namespace, and moat will have no capability to chroot
+            // back out.
+            check("chdir", libc::chdir(plan.root.as_ptr()))?;
+            mount(Some(&plan.root), &cstr("/")?, None, libc::MS_MOVE, None)?;
+            check("chroot", libc::chroot(c".".as_ptr()))?;
+            check("chdir /", libc::chdir(c"/".as_ptr()))?;
+        } else {
             return Err(os_err("pivot_root"));
         }
-        check("chdir /", libc::chdir(c"/".as_ptr()))?;
-        check(
-            "detaching the old root",
-            libc::umount2(c"/.old".as_ptr(), libc::MNT_DETACH),
-        )?;
         check("rmdir /.old", libc::rmdir(c"/.old".as_ptr()))?;
         mount(
             None,
@@ -349,6 +364,19 @@ fn child_setup(plan: ChildPlan) -> Result<std::convert::Infallible, String> {
         ) != 0
         {
             return Err(os_err("close_range"));
+        }
+        // AppArmor: the profile takes over at exec (this is the jail's /proc).
+        if let Some(profile) = &plan.apparmor {
+            let cmd = format!("exec {profile}");
+            let written = ["/proc/self/attr/apparmor/exec", "/proc/self/attr/exec"]
+                .iter()
+                .any(|p| std::fs::write(p, &cmd).is_ok());
+            if !written {
+                return Err(format!(
+                    "--apparmor-profile {profile}: {} (is the profile loaded?)",
+                    std::io::Error::last_os_error()
+                ));
+            }
         }
         // No capability can come back: empty bounding set, then the uid change
         // clears the rest; no_new_privs for exec.
@@ -392,6 +420,15 @@ pub fn run(cfg: &JailConfig) -> Result<i32, String> {
     // SAFETY: geteuid has no arguments.
     if unsafe { libc::geteuid() } != 0 {
         return Err("must be started as root (it makes namespaces, mounts and cgroups)".into());
+    }
+    if let Some(p) = &cfg.apparmor_profile {
+        let enabled = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+            .is_ok_and(|v| v.trim() == "Y");
+        if !enabled {
+            return Err(format!(
+                "--apparmor-profile {p}: AppArmor is not enabled on this host"
+            ));
+        }
     }
     let libs = libraries(&cfg.exec_file)?;
     let kvm = char_dev("/dev/kvm")?;
@@ -459,6 +496,7 @@ pub fn run(cfg: &JailConfig) -> Result<i32, String> {
                 (PathBuf::from("/dev/urandom"), urandom, 0o666, false),
             ],
             passed,
+            apparmor: cfg.apparmor_profile.clone(),
             argv: std::iter::once("moat".to_string())
                 .chain(moat_args)
                 .map(cstr)

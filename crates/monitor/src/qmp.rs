@@ -670,9 +670,11 @@ fn nested<'a>(
 ) -> Result<&'a Map<String, Value>, QmpError> {
     let m = match v {
         Value::Object(m) => m,
-        Value::String(r) => return Err(QmpError::generic(format!(
+        Value::String(r) => {
+            return Err(QmpError::generic(format!(
             "{what}: references to other nodes ('{r}') are not supported; give the options inline"
-        ))),
+        )))
+        }
         _ => {
             return Err(QmpError::generic(format!(
                 "Invalid parameter type for '{what}', expected: object"
