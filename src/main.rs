@@ -107,6 +107,56 @@ impl Drop for PidFile {
     }
 }
 
+/// The UNIX sockets moat listens on (monitors, the serial port).
+fn socket_paths(cfg: &VmConfig) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = cfg
+        .monitors
+        .iter()
+        .filter_map(|m| match &m.socket.addr {
+            SocketAddr::Unix(p) => Some(p.clone()),
+            SocketAddr::Tcp { .. } => None,
+        })
+        .collect();
+    if let Some(moat_cli::SerialBackend::UnixServer { path, .. }) = &cfg.serial {
+        v.push(path.clone());
+    }
+    v
+}
+
+/// The socket files moat made, removed at exit as QEMU removes them: only
+/// while the path is still the socket moat bound (same device and inode).
+struct SocketFiles(Vec<(PathBuf, u64, u64)>);
+
+impl SocketFiles {
+    fn note(paths: Vec<PathBuf>) -> SocketFiles {
+        use std::os::unix::fs::MetadataExt;
+        SocketFiles(
+            paths
+                .into_iter()
+                .filter_map(|p| {
+                    let m = std::fs::symlink_metadata(&p).ok()?;
+                    Some((p, m.dev(), m.ino()))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        for (p, dev, ino) in &self.0 {
+            let same = std::fs::symlink_metadata(p)
+                .is_ok_and(|m| m.file_type().is_socket() && m.dev() == *dev && m.ino() == *ino);
+            if same {
+                // After -run-with user= the directory may no longer be
+                // writable for moat; QEMU leaves the file then too.
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}
+
 /// What moat may still open once the guest runs (Landlock): the images as
 /// their drives allow (backing layers read-only; fd-set descriptors need no
 /// path), and removing the pid file. /dev/kvm stays open from startup.
@@ -142,13 +192,16 @@ fn fs_policy(cfg: &VmConfig) -> moat_sandbox::landlock::FsPolicy {
             layer = &l.backing;
         }
     }
-    if let Some(dir) = cfg
-        .pidfile
-        .as_ref()
-        .and_then(|f| std::fs::canonicalize(f).ok())
-        .and_then(|f| f.parent().map(|d| d.to_path_buf()))
-    {
-        p.remove_in.push(dir);
+    // Removing the pid file and the sockets at exit.
+    for f in cfg.pidfile.iter().cloned().chain(socket_paths(cfg)) {
+        if let Some(dir) = std::fs::canonicalize(&f)
+            .ok()
+            .and_then(|f| f.parent().map(|d| d.to_path_buf()))
+        {
+            if !p.remove_in.contains(&dir) {
+                p.remove_in.push(dir);
+            }
+        }
     }
     p
 }
@@ -754,6 +807,8 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         });
         Some(Monitors::start(&specs, ctx)?)
     });
+    // Removed when run() returns, as QEMU removes them at exit.
+    let _sockets = SocketFiles::note(socket_paths(&cfg));
     if let Some(m) = &events.0 {
         for (i, (d, device)) in images.disks.iter().zip(drive_names).enumerate() {
             let (m, node) = (m.clone(), node_name(i));

@@ -611,3 +611,14 @@ def test_blockdev_add_and_del(moat, tmp_path):
 def glob_fds(pid):
     import glob
     return glob.glob(f"/proc/{pid}/fd/*")
+
+
+def test_sockets_are_removed_at_exit(moat, tmp_path):
+    """As QEMU does: the monitor's socket file goes when moat exits (with
+    the sandbox on, Landlock lets moat remove files in that directory)."""
+    m = moat(hmp=True)
+    q = connect(m)
+    assert os.path.exists(m.qmp_path) and os.path.exists(m.hmp_path)
+    q.cmd("quit")
+    assert m.wait_exit() == 0
+    assert not os.path.exists(m.qmp_path) and not os.path.exists(m.hmp_path)
