@@ -53,10 +53,15 @@ fn log_init() {
     log::set_max_level(level);
 }
 
-/// Read a guest image, refusing anything that could not fit in guest RAM.
-fn read_image(opt: &str, path: &Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+/// Read a guest image (a path, or /dev/fdset/N from -add-fd), refusing
+/// anything that could not fit in guest RAM.
+fn read_image(opt: &str, path: &Path, limit: u64, fds: &FdStore) -> anyhow::Result<Vec<u8>> {
     let ctx = || format!("{opt} {}", path.display());
-    let f = std::fs::File::open(path).with_context(ctx)?;
+    let f = match fds.open_fdset(path, false) {
+        Some(f) => f,
+        None => std::fs::File::open(path),
+    }
+    .with_context(ctx)?;
     let len = f.metadata().with_context(ctx)?.len();
     if len > limit {
         anyhow::bail!(
@@ -114,7 +119,7 @@ fn socket_paths(cfg: &VmConfig) -> Vec<PathBuf> {
         .iter()
         .filter_map(|m| match &m.socket.addr {
             SocketAddr::Unix(p) => Some(p.clone()),
-            SocketAddr::Tcp { .. } => None,
+            SocketAddr::Tcp { .. } | SocketAddr::Fd(_) => None,
         })
         .collect();
     if let Some(moat_cli::SerialBackend::UnixServer { path, .. }) = &cfg.serial {
@@ -671,12 +676,19 @@ fn authz_object(cfg: &VmConfig, id: &str) -> anyhow::Result<Authz> {
     }
 }
 
-fn monitor_specs(cfg: &VmConfig) -> anyhow::Result<Vec<MonitorSpec>> {
+fn monitor_specs(
+    cfg: &VmConfig,
+    socket_fds: &mut std::collections::HashMap<i32, std::os::unix::net::UnixListener>,
+) -> anyhow::Result<Vec<MonitorSpec>> {
     cfg.monitors
         .iter()
         .map(|m| {
             let endpoint = match &m.socket.addr {
                 SocketAddr::Unix(path) => Endpoint::Unix(path.clone()),
+                SocketAddr::Fd(n) => match socket_fds.remove(n) {
+                    Some(l) => Endpoint::UnixFd(*n, Arc::new(l)),
+                    None => anyhow::bail!("-chardev socket,fd={n}: used by two monitors"),
+                },
                 SocketAddr::Tcp { host, port } => {
                     let creds = m.socket.tls_creds.as_deref().unwrap_or_default();
                     let Some(Object::TlsCredsX509 { dir, .. }) =
@@ -706,16 +718,6 @@ fn monitor_specs(cfg: &VmConfig) -> anyhow::Result<Vec<MonitorSpec>> {
 }
 
 fn run(cfg: VmConfig) -> anyhow::Result<()> {
-    let kernel = match &cfg.kernel {
-        Some(k) => read_image("-kernel", k, cfg.mem_size)?,
-        None => moat_guests::DEMO.to_vec(),
-    };
-    // Validate the kernel for this machine before opening anything else.
-    moat_boot::parse_kernel(&kernel, &moat_boot::layout::MemLayout::new(cfg.mem_size))
-        .with_context(|| match &cfg.kernel {
-            Some(k) => format!("-kernel {}", k.display()),
-            None => "demo guest".into(),
-        })?;
     // -run-with user=NAME: looked up now, while /etc is still reachable.
     let run_as = match &cfg.run_as {
         None => None,
@@ -734,13 +736,36 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         fds.add(Some(a.set), fd, a.opaque.clone())
             .map_err(|e| anyhow::anyhow!("-add-fd: {e}"))?;
     }
+    let kernel = match &cfg.kernel {
+        Some(k) => read_image("-kernel", k, cfg.mem_size, &fds)?,
+        None => moat_guests::DEMO.to_vec(),
+    };
+    // Validate the kernel for this machine before opening anything else.
+    moat_boot::parse_kernel(&kernel, &moat_boot::layout::MemLayout::new(cfg.mem_size))
+        .with_context(|| match &cfg.kernel {
+            Some(k) => format!("-kernel {}", k.display()),
+            None => "demo guest".into(),
+        })?;
+    // -chardev socket,fd=N: inherited listening sockets (libvirt's way).
+    let mut socket_fds = std::collections::HashMap::new();
+    for m in &cfg.monitors {
+        if let SocketAddr::Fd(n) = m.socket.addr {
+            if socket_fds.contains_key(&n) {
+                continue;
+            }
+            let l = moat_sys::fdset::take_inherited(n.into())
+                .and_then(moat_sys::listening_unix)
+                .map_err(|e| anyhow::anyhow!("-chardev socket,fd={n}: {e}"))?;
+            socket_fds.insert(n, l);
+        }
+    }
     // Nothing else inherited stays open (QEMU keeps them; a guest that
     // escapes must not find the parent's pipes or sockets).
     moat_sys::fdset::close_inherited().map_err(|e| anyhow::anyhow!(e))?;
     let images = BootImages {
         kernel,
         initrd: match &cfg.initrd {
-            Some(i) => Some(read_image("-initrd", i, cfg.mem_size)?),
+            Some(i) => Some(read_image("-initrd", i, cfg.mem_size, &fds)?),
             None => None,
         },
         cmdline: if cfg.kernel.is_some() {
@@ -783,7 +808,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             }
         })?;
     }
-    let specs = monitor_specs(&cfg)?;
+    let specs = monitor_specs(&cfg, &mut socket_fds)?;
     let drives = DriveInfo::list(&cfg, &images.disks);
     let drive_names: Vec<String> = drives.iter().map(|d| d.name.clone()).collect();
     let handle = Arc::new(VmHandle {

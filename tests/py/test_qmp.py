@@ -622,3 +622,55 @@ def test_sockets_are_removed_at_exit(moat, tmp_path):
     q.cmd("quit")
     assert m.wait_exit() == 0
     assert not os.path.exists(m.qmp_path) and not os.path.exists(m.hmp_path)
+
+
+def test_monitor_on_an_inherited_socket(moat, tmp_path):
+    """-chardev socket,fd=N (how libvirt hands QEMU its monitor): a listening
+    UNIX socket made by the parent; moat never needs the path. A descriptor
+    that is not one is refused."""
+    path = str(tmp_path / "passed.sock")
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(path)
+    lsock.listen(1)
+    fd = lsock.fileno()
+    m = moat(qmp=False, pass_fds=(fd,),
+             extra=["-chardev", f"socket,id=mon0,fd={fd},server=on,wait=off",
+                    "-mon", "chardev=mon0,mode=control"])
+    lsock.close()
+    q = QEMUMonitorProtocol(path)
+    q.connect(negotiate=True)
+    q.settimeout(30)
+    assert q.cmd("query-status")["status"] == "running"
+    q.cmd("quit")
+    q.close()
+    assert m.wait_exit() == 0
+    assert os.path.exists(path)  # the caller's socket file: moat leaves it
+    f = open(tmp_path / "plain", "w")
+    for extra, pass_fds, want in [
+        ([f"socket,id=mon0,fd={f.fileno()},server=on"], (f.fileno(),), "not a socket"),
+        (["socket,id=mon0,fd=77,server=on"], (), "not valid"),
+        (["socket,id=mon0,fd=x,server=on"], (), "expected the number"),
+    ]:
+        p = subprocess.run([MOAT, "-kernel", GUEST, "-chardev"] + extra + ["-mon", "chardev=mon0"],
+                           capture_output=True, text=True, timeout=60, pass_fds=pass_fds)
+        assert p.returncode == 1 and want in p.stderr, (extra, p.stderr)
+    f.close()
+
+
+def test_kernel_from_an_fd_set(tmp_path):
+    """-kernel and -initrd accept /dev/fdset/N too: the guest boots from a
+    descriptor of a file moat is never told the path of."""
+    k = open(GUEST, "rb")
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"moat" * 1000)
+    i = open(initrd, "rb")
+    serial = tmp_path / "serial.log"
+    p = subprocess.run([MOAT, "-add-fd", f"fd={k.fileno()},set=1", "-add-fd", f"fd={i.fileno()},set=2",
+                        "-kernel", "/dev/fdset/1", "-initrd", "/dev/fdset/2",
+                        "-append", "initrd_len=4000 action=poweroff", "-serial", f"file:{serial}"],
+                       capture_output=True, text=True, timeout=60, pass_fds=(k.fileno(), i.fileno()))
+    assert p.returncode == 0, p.stderr
+    out = serial.read_text()
+    assert "RESULT: PASS" in out and "FAIL" not in out, out
+    k.close()
+    i.close()

@@ -71,7 +71,12 @@ pub enum SerialBackend {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SocketAddr {
     Unix(PathBuf),
-    Tcp { host: String, port: u16 },
+    Tcp {
+        host: String,
+        port: u16,
+    },
+    /// An inherited, already listening UNIX socket (`fd=N`, as libvirt passes them).
+    Fd(i32),
 }
 
 /// A listening socket chardev (`-chardev socket,...` or legacy `unix:`/`tcp:`).
@@ -1384,7 +1389,7 @@ fn socket_options(
             "only listening sockets are supported (add server=on)",
         ));
     }
-    if matches!(addr, SocketAddr::Unix(_)) && (tls_creds.is_some() || tls_authz.is_some()) {
+    if !matches!(addr, SocketAddr::Tcp { .. }) && (tls_creds.is_some() || tls_authz.is_some()) {
         return Err(CliError::new(opt, arg, "TLS is only for TCP sockets"));
     }
     Ok(SocketChardev {
@@ -1465,17 +1470,32 @@ fn parse_chardev(opt: &str, arg: &str) -> Result<(String, SocketChardev), CliErr
         .take("id")
         .filter(|i| !i.is_empty())
         .ok_or_else(|| CliError::new(opt, arg, "Parameter 'id' is missing"))?;
-    let addr = match (kv.take("path"), kv.take("host"), kv.take("port")) {
-        (Some(p), None, None) if !p.is_empty() => SocketAddr::Unix(PathBuf::from(p)),
-        (None, host, Some(port)) => SocketAddr::Tcp {
+    let addr = match (
+        kv.take("path"),
+        kv.take("host"),
+        kv.take("port"),
+        kv.take("fd"),
+    ) {
+        (Some(p), None, None, None) if !p.is_empty() => SocketAddr::Unix(PathBuf::from(p)),
+        (None, host, Some(port), None) => SocketAddr::Tcp {
             host: host.unwrap_or_else(|| "0.0.0.0".into()),
             port: parse_port(opt, arg, &port)?,
+        },
+        (None, None, None, Some(fd)) => match fd.parse::<i32>() {
+            Ok(n) if n >= 0 => SocketAddr::Fd(n),
+            _ => {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!("fd={fd}: expected the number of an inherited descriptor"),
+                ))
+            }
         },
         _ => {
             return Err(CliError::new(
                 opt,
                 arg,
-                "give either path= or port= (with host=)",
+                "give one of path=, port= (with host=), or fd=",
             ))
         }
     };
@@ -1855,6 +1875,19 @@ mod tests {
             })
         );
         assert!(err(&["-serial", "null", "-serial", "stdio"]).contains("once"));
+    }
+
+    #[test]
+    fn monitor_on_a_passed_socket() {
+        let c = cfg(&[
+            "-chardev",
+            "socket,id=m0,fd=7,server=on,wait=off",
+            "-mon",
+            "chardev=m0",
+        ]);
+        assert_eq!(c.monitors[0].socket.addr, SocketAddr::Fd(7));
+        assert!(err(&["-chardev", "socket,id=m0,fd=7,path=/x,server=on"]).contains("one of"));
+        assert!(err(&["-chardev", "socket,id=m0,fd=-1,server=on"]).contains("inherited"));
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub use moat_cli::MonitorMode as Mode;
 #[derive(Debug, Clone)]
 pub enum Endpoint {
     Unix(PathBuf),
+    /// A listening UNIX socket handed in by descriptor (its number, for messages).
+    UnixFd(i32, Arc<std::os::unix::net::UnixListener>),
     /// TCP, always with TLS and client authorization.
     Tcp {
         host: String,
@@ -50,6 +52,7 @@ impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Unix(p) => write!(f, "unix:{}", p.display()),
+            Endpoint::UnixFd(n, _) => write!(f, "fd={n}"),
             Endpoint::Tcp { host, port, .. } => write!(f, "tcp:{host}:{port}"),
         }
     }
@@ -199,6 +202,9 @@ impl Monitors {
             let listener = match &spec.endpoint {
                 Endpoint::Unix(path) => {
                     Listener::Unix(moat_sys::bind_unix_private(path).map_err(err)?)
+                }
+                Endpoint::UnixFd(_, l) => {
+                    Listener::Unix(l.try_clone().map_err(|e| err(e.to_string()))?)
                 }
                 Endpoint::Tcp {
                     host,

@@ -56,3 +56,33 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// An inherited descriptor that must be a listening UNIX stream socket
+/// (`-chardev socket,fd=N,server=on`), as a listener.
+pub fn listening_unix(fd: std::os::fd::OwnedFd) -> Result<UnixListener, String> {
+    use std::os::fd::AsRawFd;
+    let opt = |name: libc::c_int| -> Option<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes one int into `v`, `len` says its size.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0).then_some(v)
+    };
+    match (
+        opt(libc::SO_DOMAIN),
+        opt(libc::SO_TYPE),
+        opt(libc::SO_ACCEPTCONN),
+    ) {
+        (Some(libc::AF_UNIX), Some(libc::SOCK_STREAM), Some(1)) => Ok(UnixListener::from(fd)),
+        (None, _, _) => Err("not a socket".into()),
+        _ => Err("not a listening UNIX stream socket (bind and listen it first)".into()),
+    }
+}
