@@ -35,28 +35,6 @@ pub fn bind_unix_private(path: &Path) -> Result<UnixListener, String> {
     Ok(l)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn private_and_never_clobbers_files() {
-        let dir = std::env::temp_dir().join(format!("moat-sys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("file");
-        std::fs::write(&f, b"keep").unwrap();
-        assert!(bind_unix_private(&f).unwrap_err().contains("not a socket"));
-        assert_eq!(std::fs::read(&f).unwrap(), b"keep");
-        let s = dir.join("sock");
-        let l = bind_unix_private(&s).unwrap();
-        let mode = std::fs::metadata(&s).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        drop(l);
-        bind_unix_private(&s).unwrap(); // a stale socket is replaced
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
 /// An inherited descriptor that must be a listening UNIX stream socket
 /// (`-chardev socket,fd=N,server=on`), as a listener.
 pub fn listening_unix(fd: std::os::fd::OwnedFd) -> Result<UnixListener, String> {
@@ -84,5 +62,27 @@ pub fn listening_unix(fd: std::os::fd::OwnedFd) -> Result<UnixListener, String> 
         (Some(libc::AF_UNIX), Some(libc::SOCK_STREAM), Some(1)) => Ok(UnixListener::from(fd)),
         (None, _, _) => Err("not a socket".into()),
         _ => Err("not a listening UNIX stream socket (bind and listen it first)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn private_and_never_clobbers_files() {
+        let dir = std::env::temp_dir().join(format!("moat-sys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("file");
+        std::fs::write(&f, b"keep").unwrap();
+        assert!(bind_unix_private(&f).unwrap_err().contains("not a socket"));
+        assert_eq!(std::fs::read(&f).unwrap(), b"keep");
+        let s = dir.join("sock");
+        let l = bind_unix_private(&s).unwrap();
+        let mode = std::fs::metadata(&s).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(l);
+        bind_unix_private(&s).unwrap(); // a stale socket is replaced
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
