@@ -32,87 +32,16 @@ use seccompiler::{
     SeccompRule,
 };
 
-/// Each allowed syscall with the reason moat needs it while the guest runs.
+/// The process-wide list: what any thread of any role may call, once the
+/// guest runs. It is the union of the per-role lists in [`roles`] (the
+/// main thread's included), so each call and its reason is written once,
+/// in the role that needs it.
 fn allowed() -> Vec<(i64, &'static str)> {
-    vec![
-        (libc::SYS_read, "eventfds, sockets, the console"),
-        (
-            libc::SYS_write,
-            "eventfds, sockets, the console, serial files",
-        ),
-        (libc::SYS_readv, "sockets and files (std)"),
-        (libc::SYS_writev, "sockets and files (std)"),
-        (libc::SYS_pread64, "disk images"),
-        (libc::SYS_pwrite64, "disk images"),
-        (libc::SYS_preadv, "disk images (imago)"),
-        (libc::SYS_pwritev, "disk images (imago)"),
-        (libc::SYS_lseek, "image sizes"),
-        (libc::SYS_fsync, "guest flush"),
-        (libc::SYS_fdatasync, "guest flush"),
-        (libc::SYS_fallocate, "discard and write-zeroes"),
-        (libc::SYS_ftruncate, "qcow2 images growing"),
-        (libc::SYS_fstat, "file sizes"),
-        (libc::SYS_newfstatat, "file sizes (std)"),
-        (libc::SYS_statx, "file sizes (std)"),
-        (
-            libc::SYS_openat,
-            "/dev/kvm on reset, /proc/self (std); Landlock limits paths",
-        ),
-        (libc::SYS_close, "descriptors"),
-        (libc::SYS_fcntl, "descriptor flags, fd-set duplicates"),
-        (libc::SYS_dup, "descriptors"),
-        (libc::SYS_unlink, "the pid file at exit"),
-        (libc::SYS_flock, "the pid file"),
-        (libc::SYS_poll, "I/O threads and monitor"),
-        (libc::SYS_ppoll, "I/O threads and monitor"),
-        (libc::SYS_epoll_create1, "event loops"),
-        (libc::SYS_epoll_ctl, "event loops"),
-        (libc::SYS_epoll_wait, "event loops"),
-        (libc::SYS_epoll_pwait, "event loops"),
-        (libc::SYS_eventfd2, "device notification"),
-        (libc::SYS_pipe2, "signal delivery (signal-hook)"),
-        (libc::SYS_accept4, "monitor clients"),
-        (libc::SYS_recvfrom, "monitor clients"),
-        (libc::SYS_sendto, "monitor clients"),
-        (
-            libc::SYS_recvmsg,
-            "monitor clients passing descriptors (getfd, add-fd)",
-        ),
-        (libc::SYS_sendmsg, "monitor clients"),
-        (libc::SYS_shutdown, "monitor clients"),
-        (libc::SYS_getsockname, "monitor sockets"),
-        (libc::SYS_getpeername, "monitor sockets"),
-        (libc::SYS_getsockopt, "monitor sockets"),
-        (libc::SYS_setsockopt, "monitor sockets"),
-        (
-            libc::SYS_mmap,
-            "memory (allocator, vCPU run areas, guest RAM on reset)",
-        ),
-        (libc::SYS_munmap, "memory"),
-        (libc::SYS_mremap, "memory"),
-        (libc::SYS_mprotect, "memory (thread stacks)"),
-        (libc::SYS_madvise, "memory"),
-        (libc::SYS_brk, "memory"),
-        (libc::SYS_futex, "locks"),
-        (libc::SYS_set_robust_list, "new threads"),
-        (libc::SYS_rseq, "new threads"),
-        (libc::SYS_sched_getaffinity, "new threads (std)"),
-        (libc::SYS_sched_yield, "spinning locks"),
-        (libc::SYS_gettid, "thread ids (query-cpus-fast)"),
-        (libc::SYS_getpid, "signals to own threads"),
-        (libc::SYS_tgkill, "kicking vCPU threads out of KVM_RUN"),
-        (libc::SYS_rt_sigaction, "signal handlers"),
-        (libc::SYS_rt_sigprocmask, "signal masks"),
-        (libc::SYS_rt_sigreturn, "signal handlers"),
-        (libc::SYS_sigaltstack, "new threads (std)"),
-        (libc::SYS_clock_gettime, "time (when not in the vDSO)"),
-        (libc::SYS_clock_nanosleep, "sleeps"),
-        (libc::SYS_nanosleep, "sleeps"),
-        (libc::SYS_getrandom, "hash maps, TLS"),
-        (libc::SYS_prctl, "thread names"),
-        (libc::SYS_exit, "thread exit"),
-        (libc::SYS_exit_group, "process exit"),
-    ]
+    let mut seen = std::collections::BTreeSet::new();
+    roles::all_lists()
+        .into_iter()
+        .filter(|(nr, _)| seen.insert(*nr))
+        .collect()
 }
 
 fn cond(arg: u8, op: SeccompCmpOp, v: u64) -> SeccompCondition {
@@ -148,6 +77,8 @@ pub fn rules() -> BTreeMap<i64, Vec<SeccompRule>> {
             vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])],
         );
     }
+    // clone3 never reaches these rules (see `filter`).
+    m.remove(&libc::SYS_clone3);
     // seccomp: a thread stacking its role's filter on itself (no flags:
     // not TSYNC, not a user-notification listener). A filter only ever
     // takes calls away.
