@@ -881,12 +881,18 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         moat_sandbox::harden().map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
         let status =
             landlock::restrict_thread(&rules).map_err(|e| anyhow::anyhow!("-sandbox on: {e}"))?;
-        log::info!("{}", landlock::describe(&status));
-        if cfg.landlock_required && status.ruleset == ::landlock::RulesetStatus::NotEnforced {
+        let not_enforced = status.ruleset == ::landlock::RulesetStatus::NotEnforced;
+        if cfg.landlock_required && not_enforced {
             anyhow::bail!(
                 "-sandbox on,landlock=required: {}",
                 landlock::describe(&status)
             );
+        }
+        if not_enforced {
+            // Said without MOAT_LOG: file access is then not limited at all.
+            log::warn!("{}", landlock::describe(&status));
+        } else {
+            log::info!("{}", landlock::describe(&status));
         }
         // The threads setup started confine themselves the same way.
         moat_sys::gate::open(Some(Arc::new(move || {

@@ -74,13 +74,34 @@ pub fn restrict_thread(rs: &RulesetCreated) -> Result<RestrictionStatus, String>
 
 /// A line for the log: how much of the policy the kernel enforces.
 pub fn describe(s: &RestrictionStatus) -> String {
+    let kernel = match kernel_abi() {
+        Some(v) => format!("the kernel's Landlock ABI is {v}"),
+        None => "the kernel has no Landlock".into(),
+    };
     match s.ruleset {
-        RulesetStatus::FullyEnforced => format!("Landlock enforced (moat uses ABI {ABI_USED:?})"),
-        RulesetStatus::PartiallyEnforced => {
-            "Landlock partially enforced (the kernel's ABI is older than moat's)".into()
+        RulesetStatus::FullyEnforced => {
+            format!("Landlock enforced (moat uses ABI {ABI_USED:?}; {kernel})")
         }
-        RulesetStatus::NotEnforced => "Landlock not available in this kernel".into(),
+        RulesetStatus::PartiallyEnforced => {
+            format!("Landlock partially enforced (moat asks for ABI {ABI_USED:?}; {kernel})")
+        }
+        RulesetStatus::NotEnforced => format!("Landlock not enforced: {kernel}"),
     }
+}
+
+/// The kernel's Landlock ABI version (LANDLOCK_CREATE_RULESET_VERSION).
+pub fn kernel_abi() -> Option<i64> {
+    // SAFETY: with a null attribute, size 0 and the VERSION flag the call
+    // only returns a number.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    };
+    (v > 0).then_some(v)
 }
 
 #[cfg(test)]
