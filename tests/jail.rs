@@ -120,6 +120,11 @@ fn a_jailed_vm_has_only_what_it_was_given() {
         "1G",
         "--pids-max",
         "64",
+        "--rlimit",
+        "fsize=268435456",
+        "--rlimit",
+        "nofile=512",
+        "--new-netns",
         "--",
         "-kernel",
         "/guest.elf",
@@ -182,16 +187,25 @@ fn a_jailed_vm_has_only_what_it_was_given() {
             .trim(),
         "moat"
     );
-    // Its own namespaces, except the network (not asked for).
-    for ns in ["mnt", "pid", "ipc", "uts", "cgroup"] {
+    // Its own namespaces (the network too: --new-netns; the monitor is a
+    // UNIX socket, reached through the file system).
+    for ns in ["mnt", "pid", "ipc", "uts", "cgroup", "net"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(theirs, ours, "{ns} namespace is the host's");
     }
-    assert_eq!(
-        std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(),
-        std::fs::read_link("/proc/self/ns/net").unwrap()
-    );
+    // The resource limits given (moat may only lower them further).
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let limit = |name: &str| -> Vec<String> {
+        let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..]
+            .split_whitespace()
+            .take(2)
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(limit("Max file size"), ["268435456", "268435456"]);
+    assert_eq!(limit("Max open files"), ["512", "512"]);
     // Its root: moat, its libraries, two device nodes, the guest, the socket dir.
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let mut seen = BTreeSet::new();
@@ -366,6 +380,8 @@ fn bad_input_is_refused_and_leaves_nothing() {
             vec!["--netns".into(), "/no/such/netns".into()],
             "No such file",
         ),
+        (vec!["--rlimit".into(), "stack=1".into()], "not one of"),
+        (vec!["--rlimit".into(), "nofile".into()], "NAME=N"),
     ];
     let mut cases = cases;
     if !Path::new("/sys/module/apparmor/parameters/enabled").exists() {

@@ -33,6 +33,8 @@ Removes the cgroup and the root when moat ends; exits with moat's status.
   --memory-max SIZE       memory limit (suffixes K M G T)
   --pids-max N            at most N tasks (threads count)
   --io-max DEV,rbps=N,wbps=N   bandwidth limit for a block device (path or MAJ:MIN)
+  --rlimit NAME=N         a resource limit for moat (soft and hard): nofile, nproc,
+                          fsize, memlock, as, core (may repeat)
 ";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +83,8 @@ pub struct Limits {
     pub memory_max: Option<u64>,
     pub pids_max: Option<u64>,
     pub io_max: Vec<IoMax>,
+    /// setrlimit(resource, N) before exec.
+    pub rlimits: Vec<(i32, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -325,6 +329,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "--memory-max",
             "--pids-max",
             "--io-max",
+            "--rlimit",
         ];
         if !known.contains(&opt) {
             return Err(format!("unknown option '{a}' (see --help)"));
@@ -439,6 +444,23 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 limits.pids_max = Some(n);
             }
             "--io-max" => limits.io_max.push(io_max(opt, &v)?),
+            "--rlimit" => {
+                let (name, n) = v
+                    .split_once('=')
+                    .ok_or_else(|| format!("{opt} {v}: expected NAME=N"))?;
+                let res = match name {
+                    "nofile" => libc::RLIMIT_NOFILE,
+                    "nproc" => libc::RLIMIT_NPROC,
+                    "fsize" => libc::RLIMIT_FSIZE,
+                    "memlock" => libc::RLIMIT_MEMLOCK,
+                    "as" => libc::RLIMIT_AS,
+                    "core" => libc::RLIMIT_CORE,
+                    _ => return Err(format!(
+                        "{opt} {v}: '{name}' is not one of nofile, nproc, fsize, memlock, as, core"
+                    )),
+                };
+                limits.rlimits.push((res as i32, num(opt, n)?));
+            }
             _ => unreachable!("checked above"),
         }
     }

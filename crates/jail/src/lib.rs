@@ -181,6 +181,8 @@ struct ChildPlan {
     passed: Vec<OwnedFd>,
     /// The AppArmor profile moat is to run under (change_onexec).
     apparmor: Option<String>,
+    /// Resource limits (soft = hard) set before exec.
+    rlimits: Vec<(i32, u64)>,
     argv: Vec<CString>,
     envp: Vec<CString>,
 }
@@ -378,6 +380,15 @@ fn child_setup(plan: ChildPlan) -> Result<std::convert::Infallible, String> {
                 ));
             }
         }
+        for (res, n) in &plan.rlimits {
+            let lim = libc::rlimit {
+                rlim_cur: *n,
+                rlim_max: *n,
+            };
+            if libc::setrlimit(*res as _, &lim) != 0 {
+                return Err(os_err(&format!("--rlimit ({res}={n})")));
+            }
+        }
         // No capability can come back: empty bounding set, then the uid change
         // clears the rest; no_new_privs for exec.
         for cap in 0..64 {
@@ -497,6 +508,7 @@ pub fn run(cfg: &JailConfig) -> Result<i32, String> {
             ],
             passed,
             apparmor: cfg.apparmor_profile.clone(),
+            rlimits: cfg.limits.rlimits.clone(),
             argv: std::iter::once("moat".to_string())
                 .chain(moat_args)
                 .map(cstr)
