@@ -75,15 +75,24 @@ fn cgroups_named(id: &str) -> Vec<PathBuf> {
     found
 }
 
-#[test]
-fn a_jailed_vm_has_only_what_it_was_given() {
+/// A scratch directory with an empty `base` for per-VM roots, or None
+/// (the test is skipped) when not root.
+fn jail_scratch(name: &str) -> Option<(PathBuf, PathBuf)> {
     if !is_root() {
         eprintln!("skipped: moat-jail needs root");
-        return;
+        return None;
     }
-    let dir = scratch("jail");
+    let dir = scratch(name);
     let base = dir.join("base");
     std::fs::create_dir(&base).unwrap();
+    Some((dir, base))
+}
+
+#[test]
+fn a_jailed_vm_has_only_what_it_was_given() {
+    let Some((dir, base)) = jail_scratch("jail") else {
+        return;
+    };
     // The disk sits where the VM's user cannot go: it reaches moat as a descriptor.
     let private = dir.join("private");
     std::fs::create_dir(&private).unwrap();
@@ -326,13 +335,9 @@ fn a_jailed_vm_has_only_what_it_was_given() {
 
 #[test]
 fn bad_input_is_refused_and_leaves_nothing() {
-    if !is_root() {
-        eprintln!("skipped: moat-jail needs root");
+    let Some((dir, base)) = jail_scratch("jail-bad") else {
         return;
-    }
-    let dir = scratch("jail-bad");
-    let base = dir.join("base");
-    std::fs::create_dir(&base).unwrap();
+    };
     let file = dir.join("kernel");
     std::fs::write(&file, b"x").unwrap();
     let link = dir.join("link");

@@ -455,9 +455,11 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                     "memlock" => libc::RLIMIT_MEMLOCK,
                     "as" => libc::RLIMIT_AS,
                     "core" => libc::RLIMIT_CORE,
-                    _ => return Err(format!(
+                    _ => {
+                        return Err(format!(
                         "{opt} {v}: '{name}' is not one of nofile, nproc, fsize, memlock, as, core"
-                    )),
+                    ))
+                    }
                 };
                 limits.rlimits.push((res as i32, num(opt, n)?));
             }

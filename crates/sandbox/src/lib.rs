@@ -107,17 +107,18 @@ pub enum Violation {
     Log,
 }
 
-/// The compiled allow-list.
-pub fn filter(on_violation: Violation) -> Result<BpfProgram, String> {
+/// Compile `rules` into a filter that answers everything else as
+/// `on_violation` says.
+pub(crate) fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    on_violation: Violation,
+) -> Result<BpfProgram, String> {
     let mismatch = match on_violation {
         Violation::Kill => SeccompAction::KillProcess,
         Violation::Log => SeccompAction::Log,
     };
-    let mut rules = rules();
-    // clone3 hides its flags in memory a filter cannot read: ENOSYS makes
-    // the C library use clone(), which the rule above checks.
     let f = SeccompFilter::new(
-        std::mem::take(&mut rules),
+        rules,
         mismatch,
         SeccompAction::Allow,
         std::env::consts::ARCH
@@ -125,9 +126,15 @@ pub fn filter(on_violation: Violation) -> Result<BpfProgram, String> {
             .map_err(|e| format!("{e:?}"))?,
     )
     .map_err(|e| e.to_string())?;
-    let mut prog: BpfProgram = f
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())?;
+    f.try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
+}
+
+/// The compiled process-wide allow-list.
+pub fn filter(on_violation: Violation) -> Result<BpfProgram, String> {
+    // clone3 hides its flags in memory a filter cannot read: ENOSYS makes
+    // the C library use clone(), whose flags `rules` checks.
+    let mut prog = compile(rules(), on_violation)?;
     prepend_clone3_enosys(&mut prog);
     Ok(prog)
 }

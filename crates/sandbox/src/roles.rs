@@ -5,7 +5,7 @@
 
 use crate::{cond, Violation};
 use moat_sys::role::Role;
-use seccompiler::{BpfProgram, SeccompAction, SeccompCmpOp, SeccompFilter, SeccompRule};
+use seccompiler::{BpfProgram, SeccompCmpOp, SeccompRule};
 use std::collections::BTreeMap;
 
 /// What any moat thread may do: memory, locks, signals, logging, ending.
@@ -227,21 +227,7 @@ pub fn role_rules(role: Role) -> BTreeMap<i64, Vec<SeccompRule>> {
 }
 
 fn compile(role: Role, on_violation: Violation) -> Result<BpfProgram, String> {
-    let mismatch = match on_violation {
-        Violation::Kill => SeccompAction::KillProcess,
-        Violation::Log => SeccompAction::Log,
-    };
-    let f = SeccompFilter::new(
-        role_rules(role),
-        mismatch,
-        SeccompAction::Allow,
-        std::env::consts::ARCH
-            .try_into()
-            .map_err(|e| format!("{e:?}"))?,
-    )
-    .map_err(|e| e.to_string())?;
-    f.try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
+    crate::compile(role_rules(role), on_violation)
 }
 
 /// The compiled filter of every role, made once.
