@@ -10,6 +10,11 @@ for m in irqbypass kvm kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_p
 done
 [ -c /dev/kvm ] || { echo "TIER2 setup no /dev/kvm"; poweroff -f; }
 echo "TIER2 setup ok"
+# Nothing here types into the guests: moat's stdin is /dev/null, not the
+# console tty (a CI run once saw L1's kernel spin in a tty read of moat's
+# serial-in thread after the guest had powered off: a soft lockup, never
+# reproduced; without a tty on stdin that path is not taken at all).
+exec < /dev/null
 # As a management tool would run it as root: dropping to nobody once set up.
 M="/moat/moat -run-with user=65534:65534"
 L2="-kernel /l2/vmlinuz -initrd /l2/initrd.gz"

@@ -167,3 +167,22 @@ def test_landlock_limits_what_the_monitor_can_open(moat, tmp_path):
     assert {"n1", "n2"} <= nodes
     f.close()
     q.close()
+
+
+def test_stop_and_continue_under_the_sandbox(moat):
+    """kill -STOP / -CONT (an administrator pausing the process) resumes
+    interrupted sleeps through restart_syscall; the filters must allow it."""
+    import signal
+    import time
+    m = moat()
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 0, "the guest to run")
+    for _ in range(5):
+        os.kill(m.proc.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        os.kill(m.proc.pid, signal.SIGCONT)
+        time.sleep(0.1)
+    n = m.count()
+    m.wait_for(lambda: m.count() > n + 3, "the guest to go on counting")
+    assert q.cmd("query-status")["status"] == "running"
+    q.close()

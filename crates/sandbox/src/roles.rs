@@ -28,6 +28,10 @@ fn any_thread() -> Vec<(i64, &'static str)> {
             libc::SYS_rt_sigreturn,
             "signal handlers (vCPU kick, signal-hook)",
         ),
+        (
+            libc::SYS_restart_syscall,
+            "a timed wait or sleep resuming after a signal handler ran",
+        ),
         (libc::SYS_rt_sigprocmask, "abort, thread exit"),
         (libc::SYS_rt_sigaction, "abort, signal handlers"),
         (libc::SYS_sigaltstack, "thread exit (std)"),
@@ -344,6 +348,51 @@ mod tests {
         for (role, what, body, want) in cases {
             assert_eq!(under(role, body), want, "{role:?}: {what}");
         }
+    }
+
+    #[test]
+    fn a_stopped_and_continued_sleeper_survives() {
+        // SIGSTOP + SIGCONT (an administrator pausing moat) interrupt a
+        // sleep with no handler to run, so the kernel resumes it with
+        // restart_syscall, which every list must allow.
+        let filters = [
+            crate::filter(Violation::Kill).unwrap(),
+            compile(Role::Io, Violation::Kill).unwrap(),
+        ];
+        // SAFETY: the child makes raw system calls only and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: as above.
+            unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                for f in &filters {
+                    if seccompiler::apply_filter(f).is_err() {
+                        libc::_exit(90);
+                    }
+                }
+                let t = libc::timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                };
+                libc::nanosleep(&t, std::ptr::null_mut());
+                libc::_exit(0);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut status = 0;
+        // SAFETY: signalling and waiting for our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGSTOP);
+            libc::waitpid(pid, &mut status, libc::WUNTRACED);
+            assert!(libc::WIFSTOPPED(status), "{status:x}");
+            libc::kill(pid, libc::SIGCONT);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the sleeper died: status {status:x}"
+        );
     }
 
     #[test]
