@@ -119,6 +119,32 @@ pub fn libraries(exec: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(libs)
 }
 
+/// An O_PATH descriptor of a bind source. Unless `links`, no component of
+/// the path may be a symlink (openat2 RESOLVE_NO_SYMLINKS).
+fn hold(p: &Path, links: bool) -> Result<OwnedFd, String> {
+    let c = cstr(p)?;
+    // SAFETY: open_how is plain data; all-zero is its empty value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = if links { 0 } else { libc::RESOLVE_NO_SYMLINKS };
+    // SAFETY: openat2 reads the NUL-terminated path and `how` (its size
+    // passed) and returns a new descriptor, which we then own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(os_err(&p.display().to_string()));
+    }
+    // SAFETY: a descriptor openat2 just returned.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// `<base>/<id>` and its `root`, made by this run and removed at its end.
 struct JailDir {
     dir: PathBuf,
@@ -174,8 +200,9 @@ struct ChildPlan {
     netns: Option<OwnedFd>,
     new_netns: bool,
     procs: Vec<OwnedFd>,
-    /// (source, destination inside the root, writable, exec allowed)
-    binds: Vec<(PathBuf, PathBuf, bool, bool)>,
+    /// (source, destination inside the root, writable, exec allowed,
+    /// symlinks allowed in the source: only the loader's library paths).
+    binds: Vec<(PathBuf, PathBuf, bool, bool, bool)>,
     /// Device nodes to make: (path in root, rdev, mode, owned by the VM user)
     nodes: Vec<(PathBuf, libc::dev_t, u32, bool)>,
     passed: Vec<OwnedFd>,
@@ -286,10 +313,15 @@ fn child_setup(plan: ChildPlan) -> Result<std::convert::Infallible, String> {
                 check("chown", libc::chown(c.as_ptr(), plan.uid, plan.gid))?;
             }
         }
-        for (src, dest, writable, exec) in &plan.binds {
+        for (src, dest, writable, exec, links) in &plan.binds {
             let target = inside(dest);
-            make_target(&target, src.is_dir())?;
-            let (s, t) = (cstr(src)?, cstr(&target)?);
+            // Opened here, in this mount namespace (a bind needs its source
+            // there), refusing any symlink on the way unless allowed: a
+            // path swapped for a link since it was checked binds nothing.
+            let src = hold(src, *links)?;
+            let held = PathBuf::from(format!("/proc/self/fd/{}", src.as_raw_fd()));
+            make_target(&target, held.is_dir())?;
+            let (s, t) = (cstr(&held)?, cstr(&target)?);
             mount(Some(&s), &t, None, libc::MS_BIND, None)?;
             let mut f = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
             if !writable {
@@ -471,10 +503,15 @@ pub fn run(cfg: &JailConfig) -> Result<i32, String> {
     let mut cg =
         cgroup::Cgroup::create(cfg.cgroup_version, &cfg.parent_cgroup, &cfg.id, &cfg.limits)?;
     let result = (|| {
-        let mut binds: Vec<(PathBuf, PathBuf, bool, bool)> =
-            vec![(cfg.exec_file.clone(), PathBuf::from("/moat"), false, true)];
+        let mut binds = vec![(
+            cfg.exec_file.clone(),
+            PathBuf::from("/moat"),
+            false,
+            true,
+            false,
+        )];
         for l in &libs {
-            binds.push((l.clone(), l.clone(), false, true));
+            binds.push((l.clone(), l.clone(), false, true, true));
         }
         for Bind {
             src,
@@ -482,7 +519,7 @@ pub fn run(cfg: &JailConfig) -> Result<i32, String> {
             writable,
         } in &cfg.binds
         {
-            binds.push((src.clone(), dest.clone(), *writable, false));
+            binds.push((src.clone(), dest.clone(), *writable, false, false));
         }
         let mut envp = vec![cstr("PATH=/")?];
         for k in ["MOAT_LOG", "MOAT_SECCOMP_LOG"] {
@@ -622,5 +659,22 @@ pub fn main() -> i32 {
             eprintln!("moat-jail: {e}");
             1
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_bind_source_through_a_symlink_is_refused() {
+        let d = std::env::temp_dir().join(format!("moat-jail-hold-{}", std::process::id()));
+        let real = d.join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::write(real.join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink(&real, d.join("link")).unwrap();
+        let e = super::hold(&d.join("link/f"), false).unwrap_err();
+        assert!(e.contains("symbolic links"), "{e}");
+        assert!(super::hold(&d.join("link/f"), true).is_ok());
+        assert!(super::hold(&real.join("f"), false).is_ok());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
