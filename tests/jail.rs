@@ -88,6 +88,109 @@ fn jail_scratch(name: &str) -> Option<(PathBuf, PathBuf)> {
     Some((dir, base))
 }
 
+/// Start moat-jail with `args` (a counting test guest on the serial port,
+/// stdout): the jailer, moat's pid (its only child), and the console so far.
+fn start_jail(args: &[&str]) -> (std::process::Child, u32, String) {
+    let mut jailer = Command::new(JAIL)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = jailer.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    });
+    let mut console = String::new();
+    wait_for("the guest to count", || {
+        while let Ok(s) = rx.try_recv() {
+            console.push_str(&s);
+        }
+        if let Ok(Some(st)) = jailer.try_wait() {
+            let mut e = String::new();
+            let _ = jailer.stderr.take().unwrap().read_to_string(&mut e);
+            panic!("moat-jail exited {st}: {e}\n{console}");
+        }
+        console.contains("count 3")
+    });
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", jailer.id())).unwrap();
+    let pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap()
+            .trim(),
+        "moat"
+    );
+    (jailer, pid, console)
+}
+
+/// SIGTERM to the jailer reaches moat, which shuts down: the jailer's status.
+fn stop_jail(mut jailer: std::process::Child) -> (Option<i32>, String) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
+    let status = jailer.wait().unwrap();
+    let mut err = String::new();
+    jailer
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status.code(), err)
+}
+
+#[test]
+fn a_jailed_vm_joins_a_named_network_namespace() {
+    let Some((_dir, base)) = jail_scratch("jail-netns") else {
+        return;
+    };
+    let name = format!("moat-jail-{}", std::process::id());
+    let ok = Command::new("ip").args(["netns", "add", &name]).status();
+    assert!(ok.is_ok_and(|s| s.success()), "ip netns add (iproute2)");
+    let ns = format!("/run/netns/{name}");
+    let id = format!("n{}", std::process::id());
+    let guest = format!("{TEST_PVH}:/guest.elf");
+    let (jailer, pid, _) = start_jail(&[
+        "--id",
+        &id,
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--exec-file",
+        MOAT,
+        "--chroot-base-dir",
+        base.to_str().unwrap(),
+        "--ro",
+        &guest,
+        "--netns",
+        &ns,
+        "--",
+        "-kernel",
+        "/guest.elf",
+        "-append",
+        "action=count",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+    ]);
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let named = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&ns).unwrap());
+    let (code, err) = stop_jail(jailer);
+    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    assert_eq!(theirs, PathBuf::from(format!("net:[{named}]")));
+    assert_eq!(code, Some(0), "{err}");
+}
+
 #[test]
 fn a_jailed_vm_has_only_what_it_was_given() {
     let Some((dir, base)) = jail_scratch("jail") else {
@@ -149,53 +252,9 @@ fn a_jailed_vm_has_only_what_it_was_given() {
         "-serial",
         "stdio",
     ];
-    let mut jailer = Command::new(JAIL)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = jailer.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = out.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let _ = tx.send(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    });
-    let mut console = String::new();
-    wait_for("the guest to count", || {
-        while let Ok(s) = rx.try_recv() {
-            console.push_str(&s);
-        }
-        if let Ok(Some(st)) = jailer.try_wait() {
-            let mut e = String::new();
-            jailer
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut e)
-                .unwrap();
-            panic!("moat-jail exited {st}: {e}\n{console}");
-        }
-        console.contains("count 3")
-    });
+    let (jailer, pid, console) = start_jail(&args);
     assert!(!console.contains("FAIL"), "{console}");
     assert!(console.contains("blk: 1 devices"), "{console}");
-    // moat is the jailer's only child.
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", jailer.id())).unwrap();
-    let pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
-    assert_eq!(
-        std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .unwrap()
-            .trim(),
-        "moat"
-    );
     // Its own namespaces (the network too: --new-netns; the monitor is a
     // UNIX socket, reached through the file system).
     for ns in ["mnt", "pid", "ipc", "uts", "cgroup", "net"] {
@@ -314,17 +373,8 @@ fn a_jailed_vm_has_only_what_it_was_given() {
     assert!(String::from_utf8_lossy(&greeting[..n]).contains("QMP"));
     drop(s);
     // SIGTERM to the jailer reaches moat, which shuts down; then everything goes.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(jailer.id() as i32, libc::SIGTERM) };
-    let status = jailer.wait().unwrap();
-    let mut err = String::new();
-    jailer
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{err}");
+    let (code, err) = stop_jail(jailer);
+    assert_eq!(code, Some(0), "{err}");
     assert!(err.contains("terminating on signal 15"), "{err}");
     assert!(!base.join(&id).exists(), "the per-VM root was left behind");
     assert_eq!(cgroups_named(&id), Vec::<PathBuf>::new());
