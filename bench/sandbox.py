@@ -62,15 +62,19 @@ def ratio(a, b):
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
-def startup(runs, use_qemu):
-    guest = bench_guest()
-    base = ["-m", "128M", "-kernel", guest, "-no-reboot", "-serial", "stdio"]
-    vmms = {"moat": [MOAT, "-nodefaults"] + base}
+def vmms(guest, serial, use_qemu):
+    """Each VMM's command line for `guest` with COM1 on `serial`."""
+    base = ["-m", "128M", "-kernel", guest, "-no-reboot", "-serial", serial]
+    out = {"moat": [MOAT, "-nodefaults"] + base}
     if use_qemu:
-        vmms["qemu"] = QEMU + base
+        out["qemu"] = QEMU + base
+    return out
+
+
+def startup(runs, use_qemu):
     print(f"1. time to the first serial byte, median of {runs} runs")
     print(f"{'vmm':6} {'sandbox on ms':>14} {'off ms':>8} {'on/off':>8}")
-    for name, argv in vmms.items():
+    for name, argv in vmms(bench_guest(), "stdio", use_qemu).items():
         on, off = [], []
         for _ in range(runs):  # interleaved, so drift hits both
             on.append(first_byte(argv + ["-sandbox", "on"]))
@@ -80,14 +84,9 @@ def startup(runs, use_qemu):
 
 
 def exits(runs, n, use_qemu):
-    guest = guest_file("test-pvh.elf")
-    base = ["-m", "128M", "-kernel", guest, "-serial", "null", "-no-reboot"]
-    vmms = {"moat": [MOAT, "-nodefaults"] + base}
-    if use_qemu:
-        vmms["qemu"] = QEMU + base
     print(f"2. vCPU exit round trips (port 0x80 writes), {n} per run, median of {runs} runs")
     print(f"{'vmm':6} {'sandbox on /s':>14} {'off /s':>10} {'on/off':>8}")
-    for name, argv in vmms.items():
+    for name, argv in vmms(guest_file("test-pvh.elf"), "null", use_qemu).items():
         rates = {}
         for mode in ("on", "off"):
             per = []

@@ -219,8 +219,9 @@ const ALLOW_ROOT_ENV: &str = "MOAT_DANGEROUSLY_ALLOW_ROOT";
 /// user=`) or be started unprivileged (by moat-jail): a guest that escapes
 /// into moat must not find root there. Stricter than QEMU, which runs as
 /// root when asked.
-/// With the development switch, the warning to print once the VM is set
-/// up (so that a setup error stays a one-line message).
+///
+/// With the development switch: the warning to print once the VM is set up
+/// (so that a setup error stays a one-line message).
 fn refuse_privileged(drops: bool) -> anyhow::Result<Option<String>> {
     let Some(why) = moat_sandbox::privs::privileged() else {
         return Ok(None);
@@ -727,7 +728,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("-run-with: {e}"))?,
         ),
     };
-    let root_warning = refuse_privileged(run_as.is_some())?;
+    let mut root_warning = refuse_privileged(run_as.is_some())?;
     // -add-fd: inherited descriptors, checked and duplicated as QEMU does.
     let mut fds = FdStore::default();
     for a in &cfg.add_fds {
@@ -917,7 +918,6 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             "moat: warning: -sandbox off: no seccomp filter; a guest that escapes into moat can make any system call"
         );
     }
-    let mut root_warning = root_warning;
     let mut generation = 0;
     let mut paused = cfg.start_paused;
     let outcome = loop {

@@ -88,9 +88,31 @@ fn jail_scratch(name: &str) -> Option<(PathBuf, PathBuf)> {
     Some((dir, base))
 }
 
+/// The arguments every jail here starts with: VM `id`, uid/gid 65534, the
+/// moat under test, roots under `base`; then `rest`.
+fn jail_args(id: &str, base: &Path, rest: &[&str]) -> Vec<String> {
+    let base = base.display().to_string();
+    let common = [
+        "--id",
+        id,
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--exec-file",
+        MOAT,
+    ];
+    common
+        .iter()
+        .chain(&["--chroot-base-dir", base.as_str()])
+        .chain(rest)
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// Start moat-jail with `args` (a counting test guest on the serial port,
 /// stdout): the jailer, moat's pid (its only child), and the console so far.
-fn start_jail(args: &[&str]) -> (std::process::Child, u32, String) {
+fn start_jail(args: &[String]) -> (std::process::Child, u32, String) {
     let mut jailer = Command::new(JAIL)
         .args(args)
         .stdin(Stdio::null())
@@ -159,30 +181,24 @@ fn a_jailed_vm_joins_a_named_network_namespace() {
     let ns = format!("/run/netns/{name}");
     let id = format!("n{}", std::process::id());
     let guest = format!("{TEST_PVH}:/guest.elf");
-    let (jailer, pid, _) = start_jail(&[
-        "--id",
+    let (jailer, pid, _) = start_jail(&jail_args(
         &id,
-        "--uid",
-        "65534",
-        "--gid",
-        "65534",
-        "--exec-file",
-        MOAT,
-        "--chroot-base-dir",
-        base.to_str().unwrap(),
-        "--ro",
-        &guest,
-        "--netns",
-        &ns,
-        "--",
-        "-kernel",
-        "/guest.elf",
-        "-append",
-        "action=count",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-    ]);
+        &base,
+        &[
+            "--ro",
+            &guest,
+            "--netns",
+            &ns,
+            "--",
+            "-kernel",
+            "/guest.elf",
+            "-append",
+            "action=count",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ],
+    ));
     let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
     let named = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&ns).unwrap());
     let (code, err) = stop_jail(jailer);
@@ -207,17 +223,7 @@ fn a_jailed_vm_has_only_what_it_was_given() {
     std::fs::create_dir(&run).unwrap();
     std::os::unix::fs::chown(&run, Some(65534), Some(65534)).unwrap();
     let id = format!("t{}", std::process::id());
-    let args = [
-        "--id",
-        &id,
-        "--uid",
-        "65534",
-        "--gid",
-        "65534",
-        "--exec-file",
-        MOAT,
-        "--chroot-base-dir",
-        base.to_str().unwrap(),
+    let rest = [
         "--ro",
         &format!("{TEST_PVH}:/guest.elf"),
         "--rw",
@@ -252,7 +258,7 @@ fn a_jailed_vm_has_only_what_it_was_given() {
         "-serial",
         "stdio",
     ];
-    let (jailer, pid, console) = start_jail(&args);
+    let (jailer, pid, console) = start_jail(&jail_args(&id, &base, &rest));
     assert!(!console.contains("FAIL"), "{console}");
     assert!(console.contains("blk: 1 devices"), "{console}");
     // Its own namespaces (the network too: --new-netns; the monitor is a
@@ -446,21 +452,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
         ));
     }
     for (extra, want) in cases {
-        let mut args: Vec<String> = [
-            "--id",
-            "vm",
-            "--uid",
-            "65534",
-            "--gid",
-            "65534",
-            "--exec-file",
-            MOAT,
-            "--chroot-base-dir",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.push(base.display().to_string());
+        let mut args = jail_args("vm", &base, &[]);
         args.extend(extra.iter().cloned());
         args.push("--".into());
         let out = Command::new(JAIL).args(&args).output().unwrap();

@@ -37,9 +37,9 @@ fn mounts() -> Vec<(String, String, PathBuf)> {
         .collect()
 }
 
-/// Our own cgroup path in a v1 hierarchy with this controller.
-fn own_v1_path(controller: &str) -> String {
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+/// Our own cgroup path in a v1 hierarchy with this controller, from the
+/// text of /proc/self/cgroup.
+fn own_v1_path(own: &str, controller: &str) -> String {
     own.lines()
         .filter_map(|l| {
             let mut f = l.splitn(3, ':');
@@ -67,6 +67,18 @@ fn v2_controllers(root: &Path) -> Vec<String> {
         .filter(|c| ["cpu", "cpuset", "memory", "pids", "io"].contains(c))
         .map(str::to_string)
         .collect()
+}
+
+/// Each controller and whether the limits need it (`io`: the I/O
+/// controller's name, `io` in v2, `blkio` in v1).
+fn needed<'a>(l: &Limits, io: &'a str) -> [(&'a str, bool); 5] {
+    [
+        ("cpu", l.cpu_quota_us.is_some() || l.cpu_weight.is_some()),
+        ("cpuset", l.cpuset_cpus.is_some() || l.cpuset_mems.is_some()),
+        ("memory", l.memory_max.is_some()),
+        ("pids", l.pids_max.is_some()),
+        (io, !l.io_max.is_empty()),
+    ]
 }
 
 fn write(path: &Path, v: &str) -> Result<(), String> {
@@ -150,14 +162,7 @@ impl Cgroup {
 
     fn create_v2(&mut self, root: &Path, parent: &str, id: &str, l: &Limits) -> Result<(), String> {
         let ctrls = v2_controllers(root);
-        let needed = [
-            ("cpu", l.cpu_quota_us.is_some() || l.cpu_weight.is_some()),
-            ("cpuset", l.cpuset_cpus.is_some() || l.cpuset_mems.is_some()),
-            ("memory", l.memory_max.is_some()),
-            ("pids", l.pids_max.is_some()),
-            ("io", !l.io_max.is_empty()),
-        ];
-        for (c, wanted) in needed {
+        for (c, wanted) in needed(l, "io") {
             if wanted && !ctrls.iter().any(|h| h == c) {
                 return Err(format!("cgroup v2: the {c} controller is not available"));
             }
@@ -214,19 +219,13 @@ impl Cgroup {
                     .collect::<Vec<_>>()
             })
             .collect();
+        let own_cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
         let dir_of = |ctrl: &str| -> Option<PathBuf> {
             let (_, point) = hierarchies.iter().find(|(c, _)| c == ctrl)?;
-            let own = own_v1_path(ctrl);
+            let own = own_v1_path(&own_cgroups, ctrl);
             Some(point.join(own.trim_start_matches('/')))
         };
-        let needed = [
-            ("cpu", l.cpu_quota_us.is_some() || l.cpu_weight.is_some()),
-            ("cpuset", l.cpuset_cpus.is_some() || l.cpuset_mems.is_some()),
-            ("memory", l.memory_max.is_some()),
-            ("pids", l.pids_max.is_some()),
-            ("blkio", !l.io_max.is_empty()),
-        ];
-        for (c, wanted) in needed {
+        for (c, wanted) in needed(l, "blkio") {
             if wanted && dir_of(c).is_none() {
                 return Err(format!("cgroup v1: no hierarchy with the {c} controller"));
             }
