@@ -3,20 +3,20 @@
 //! After setup has opened everything (kernel, images, sockets, /dev/kvm) and
 //! before the first guest instruction, [`harden`] makes the process
 //! non-dumpable and sets `no_new_privs` and rlimits, and [`install_filter`]
-//! installs one seccomp allow-list on every thread at once (`SECCOMP_FILTER_FLAG_TSYNC`); threads made later
-//! inherit it. A syscall outside the list kills the whole process
-//! (`SECCOMP_RET_KILL_PROCESS`), which the kernel logs as an audit event
-//! (type=1326) naming the syscall.
+//! installs one seccomp allow-list on every thread at once
+//! (`SECCOMP_FILTER_FLAG_TSYNC`); threads made later inherit it. A syscall
+//! outside the list kills the whole process (`SECCOMP_RET_KILL_PROCESS`),
+//! which the kernel logs as an audit event (type=1326) naming the syscall.
 //!
-//! The list is the union of what moat's thread roles do at run time, each
-//! syscall with its reason, in [`rules`]; argument filters narrow the risky
-//! ones: `ioctl` only for KVM (type 0xAE) and the terminal, `socket` only
-//! AF_UNIX, `clone` only for threads (`clone3`, whose flags a filter cannot
-//! see, answers ENOSYS so the C library falls back to `clone`). Not in the
-//! list, so fatal: `execve`, `fork`, `ptrace`, `mount`, `open_by_handle_at`,
-//! `bpf`, `kexec_load`, `setuid` and every other privilege change, ...
-//! Per-role narrowing (vCPU threads without `openat`, and so on) comes on
-//! top of this later.
+//! That list, in [`rules`], is the union of the per-role lists in `roles`
+//! (each syscall with its reason); argument filters narrow the risky ones:
+//! `ioctl` only the KVM requests moat makes, by number, and the terminal's,
+//! `socket` only AF_UNIX, `clone` only for threads (`clone3`, whose flags a
+//! filter cannot see, answers ENOSYS so the C library falls back to
+//! `clone`). Not in the list, so fatal: `execve`, `fork`, `ptrace`,
+//! `mount`, `open_by_handle_at`, `bpf`, `kexec_load`, `setuid` and every
+//! other privilege change, ... Each thread then stacks its role's own
+//! narrower filter ([`RoleFilters`]).
 
 use std::collections::BTreeMap;
 
