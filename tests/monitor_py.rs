@@ -4,33 +4,18 @@
 use std::path::Path;
 use std::process::Command;
 
-/// The pytest venv (`.ci/run` makes it; made here too when missing).
+/// The pytest venv that `./test.sh` makes (qemu.qmp and pytest from PyPI).
 fn venv() -> std::path::PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = root.join("target/pyvenv");
-    let reqs = root.join("tests/py/requirements.txt");
-    let ready = venv.join("bin/pytest").exists()
-        && Command::new(venv.join("bin/python"))
-            .args(["-c", "import qemu.qmp, pytest"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if !ready {
-        let st = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3");
-        assert!(st.success(), "python3 -m venv failed");
-        let st = Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "-r"])
-            .arg(&reqs)
-            .status()
-            .expect("pip");
-        assert!(
-            st.success(),
-            "pip install -r tests/py/requirements.txt failed"
-        );
-    }
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyvenv");
+    let ready = Command::new(venv.join("bin/python"))
+        .args(["-c", "import qemu.qmp, pytest"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ready,
+        "{} has no qemu.qmp/pytest: run the tests with ./test.sh, which makes it",
+        venv.display()
+    );
     venv
 }
 

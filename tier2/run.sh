@@ -17,7 +17,7 @@ WORK=${MOAT_TIER2_DIR:-$HERE/../target/tier2}
 mkdir -p "$WORK"
 WORK=$(readlink -f "$WORK")
 
-need() { command -v "$1" >/dev/null || { echo "tier2: '$1' is missing (Debian package $2; .ci/run installs it)" >&2; exit 2; }; }
+need() { command -v "$1" >/dev/null || { echo "tier2: '$1' is missing (Debian package $2; ./test.sh installs it)" >&2; exit 2; }; }
 need qemu-system-x86_64 qemu-system-x86
 need busybox busybox-static
 need cpio cpio
@@ -26,15 +26,7 @@ need apparmor_parser apparmor
 MOAT_JAIL=$(readlink -f "${MOAT_JAIL:-$(dirname "$MOAT")/moat-jail}")
 
 # --- the Debian cloud kernel (used as both L1 and L2) -----------------------
-KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
-[ -n "$KPKG" ] || { echo "tier2: cannot resolve linux-image-cloud-amd64 (run apt-get update)" >&2; exit 2; }
-KDIR=$WORK/$KPKG
-if [ ! -d "$KDIR/boot" ]; then
-    rm -rf "$KDIR.tmp" && mkdir -p "$KDIR.tmp"
-    (cd "$KDIR.tmp" && apt-get download -q "$KPKG-unsigned" >/dev/null 2>&1 || apt-get download -q "$KPKG" >/dev/null)
-    dpkg-deb -x "$KDIR.tmp"/*.deb "$KDIR.tmp/root"
-    mv "$KDIR.tmp/root" "$KDIR" && rm -rf "$KDIR.tmp"
-fi
+KDIR=$(bash "$HERE/kernel.sh" "$WORK")
 VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-*)
 KVER=${VMLINUZ##*/vmlinuz-}
 MODS=$KDIR/lib/modules/$KVER/kernel
