@@ -28,6 +28,8 @@ fi
 for t in $(cargo fuzz list); do
     echo "fuzz: $t for ${SECS}s"
     mkdir -p corpus/$t
+    # Committed seeds: inputs that once broke moat (see seeds/README).
+    if [ -d seeds/$t ]; then cp seeds/$t/* corpus/$t/; fi
     cargo fuzz run "$t" corpus/$t -- -max_total_time="$SECS" -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 2>&1 | tail -n 12
 done
 echo "fuzz: all targets ran without a crash"
