@@ -286,3 +286,52 @@ fn a_qcow2_header_in_a_raw_disk_stays_raw() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A guest reads a zstd-compressed image under the default sandbox, after
+/// moat dropped to nobody. Decompressing frees memory in the virtio-blk
+/// thread's arena, and glibc then opens /proc/sys/vm/overcommit_memory:
+/// the block role's filter killed moat on that open (SIGSYS, "virtio-blk",
+/// openat) before it answered EACCES.
+#[test]
+fn a_guest_reads_a_zstd_image_under_the_sandbox_as_nobody() {
+    let dir = scratch("qcow2-zstd-nobody");
+    let raw = dir.join("src.raw");
+    let img = dir.join("z.qcow2");
+    // Text that compresses to a few KiB per cluster (as `seq` prints it):
+    // the decoder's buffers are then large enough to be trimmed.
+    let len = 1 << 20;
+    let mut data: Vec<u8> = (1..)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .take(len)
+        .collect();
+    data.truncate(len);
+    std::fs::write(&raw, &data).unwrap();
+    qemu_img_ok(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        s(&raw),
+        s(&img),
+    ]);
+    let append = format!(
+        "blk=1 blk_len={len} blk_sum={:#x} action=poweroff",
+        fnv1a(&data)
+    );
+    let r = moat(&[
+        "-kernel",
+        TEST_PVH,
+        "-append",
+        &append,
+        "-drive",
+        &format!("file={},format=qcow2,if=virtio,readonly=on", s(&img)),
+        "-run-with",
+        "user=nobody",
+    ]);
+    r.assert_pass();
+    let _ = std::fs::remove_dir_all(&dir);
+}

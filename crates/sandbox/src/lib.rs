@@ -135,40 +135,37 @@ pub fn filter(on_violation: Violation) -> Result<BpfProgram, String> {
     // clone3 hides its flags in memory a filter cannot read: ENOSYS makes
     // the C library use clone(), whose flags `rules` checks.
     let mut prog = compile(rules(), on_violation)?;
-    prepend_clone3_enosys(&mut prog);
+    prepend_errno(&mut prog, &[libc::SYS_clone3], libc::ENOSYS);
     Ok(prog)
 }
 
-/// Insert, right after seccompiler's architecture check, "if nr == clone3
-/// return ERRNO(ENOSYS)".
-fn prepend_clone3_enosys(prog: &mut BpfProgram) {
+/// Insert, right after seccompiler's architecture check, "if nr is one of
+/// `nrs`, return ERRNO(`errno`)": the call fails as the kernel could have
+/// failed it, instead of killing the process.
+pub(crate) fn prepend_errno(prog: &mut BpfProgram, nrs: &[i64], errno: i32) {
     use seccompiler::sock_filter;
     const BPF_LD_W_ABS: u16 = 0x20;
     const BPF_JEQ_K: u16 = 0x15;
     const BPF_RET_K: u16 = 0x06;
-    let ins = [
-        sock_filter {
-            code: BPF_LD_W_ABS,
-            jt: 0,
-            jf: 0,
-            k: 0,
-        }, // seccomp_data.nr
-        sock_filter {
-            code: BPF_JEQ_K,
-            jt: 0,
-            jf: 1,
-            k: libc::SYS_clone3 as u32,
-        },
-        sock_filter {
-            code: BPF_RET_K,
-            jt: 0,
-            jf: 0,
-            k: libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
-        },
-    ];
+    let ins = |code, jt, jf, k| sock_filter { code, jt, jf, k };
+    // load nr; for each nr: jeq -> the return at the end; else fall through
+    // past it.
+    let mut block = vec![ins(BPF_LD_W_ABS, 0, 0, 0)]; // seccomp_data.nr
+    for (i, &nr) in nrs.iter().enumerate() {
+        let to_ret = (nrs.len() - 1 - i) as u8 + 1; // skip the remaining jeqs and the ja
+        block.push(ins(BPF_JEQ_K, to_ret, 0, nr as u32));
+    }
+    const BPF_JA: u16 = 0x05;
+    block.push(ins(BPF_JA, 0, 0, 1)); // none matched: skip the return
+    block.push(ins(
+        BPF_RET_K,
+        0,
+        0,
+        libc::SECCOMP_RET_ERRNO | (errno as u32 & libc::SECCOMP_RET_DATA),
+    ));
     // seccompiler starts with: load arch, jeq arch (skip 1), ret kill.
     let at = 3.min(prog.len());
-    prog.splice(at..at, ins);
+    prog.splice(at..at, block);
 }
 
 /// Make the process non-dumpable (no core dumps of guest memory, no

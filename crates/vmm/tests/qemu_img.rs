@@ -462,8 +462,8 @@ fn zstd_bomb(n: usize) -> Vec<u8> {
     block.extend_from_slice(&[255, extra as u8, (extra >> 8) as u8]);
     block.push((1 << 6) | (1 << 4) | (1 << 2));
     block.extend_from_slice(&[1, 0, 52]); // LL code 1, OF code 0 (repeat offset 1), ML code 52
-    // Bitstream: 16 one-bits (match length extra bits) per sequence, then
-    // the end marker.
+                                          // Bitstream: 16 one-bits (match length extra bits) per sequence, then
+                                          // the end marker.
     block.extend(std::iter::repeat_n(0xff, 2 * n));
     block.push(0x01);
     let mut frame = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 6 << 3]; // window 2^16
@@ -479,20 +479,40 @@ fn image_with_compressed_cluster(dir: &Path, name: &str, frame: &[u8]) -> PathBu
     use std::os::unix::fs::FileExt;
     let img = dir.join(name);
     let p = img.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", p, "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        p,
+        "1M",
+    ]);
     qemu_io(p, "qcow2", "write -c -P 0x41 0 64k");
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
     let be = |off: u64| {
         let mut b = [0u8; 8];
         f.read_exact_at(&mut b, off).unwrap();
         u64::from_be_bytes(b)
     };
     let l2 = be(be(40)) & 0x00ff_ffff_ffff_fe00;
-    assert_ne!(be(l2) & (1 << 62), 0, "qemu-io did not write a compressed cluster");
+    assert_ne!(
+        be(l2) & (1 << 62),
+        0,
+        "qemu-io did not write a compressed cluster"
+    );
     let at = f.metadata().unwrap().len().next_multiple_of(512);
     f.write_all_at(frame, at).unwrap();
     let sectors = (frame.len() as u64).div_ceil(512) - 1;
-    assert!(sectors < 256, "the frame does not fit a 64 KiB cluster's descriptor");
+    assert!(
+        sectors < 256,
+        "the frame does not fit a 64 KiB cluster's descriptor"
+    );
     f.write_all_at(&((1u64 << 62) | (sectors << 54) | at).to_be_bytes(), l2)
         .unwrap();
     img
@@ -512,20 +532,29 @@ fn a_zstd_bomb_fails_the_read_instead_of_filling_memory() {
         let before = peak_rss_kib();
         let mut buf = vec![0u8; 512];
         let e = disk.image.read_at(&mut buf, 0).unwrap_err();
-        assert!(
-            e.to_string().contains("decompress"),
-            "readonly={ro}: {e}"
-        );
+        assert!(e.to_string().contains("decompress"), "readonly={ro}: {e}");
         // Nothing like the frame's gigabytes: at most a window and a block.
         let grew = peak_rss_kib().saturating_sub(before);
-        assert!(grew < 64 << 10, "readonly={ro}: peak RSS grew by {grew} KiB");
+        assert!(
+            grew < 64 << 10,
+            "readonly={ro}: peak RSS grew by {grew} KiB"
+        );
         // The rest of the disk still reads.
         disk.image.read_at(&mut buf, 65536).unwrap();
     }
     // And a well-formed zstd cluster next to it still reads as written.
     let good = dir.join("good.qcow2");
     let g = good.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", g, "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compression_type=zstd",
+        g,
+        "1M",
+    ]);
     qemu_io(g, "qcow2", "write -c -P 0x41 0 64k");
     let disk = open(&format!("file={g},format=qcow2,readonly=on")).unwrap();
     let mut buf = vec![0u8; 65536];
