@@ -25,6 +25,10 @@
  *                    virtio_stride= move the virtio-mmio scan (QEMU microvm)
  *   blk_hostile=1    attack the first device (loops, bad addresses, bad queue)
  *                    and check it still serves requests afterwards
+ *   blk_wedge=LEN    queue 25 reads of 8 x LEN bytes each (every data descriptor
+ *                    on the same RAM at 64 MiB), then reset the device while
+ *                    it works on them; "wedge: reset returned" after the
+ *                    status write (the device must not hold the vCPU)
  * It prints "cmdline: ..." and then PASS or FAIL lines. */
 #include "lib.h"
 #include "virtio.h"
@@ -135,6 +139,33 @@ static void blk_hostile(u64 base) {
     printf_serial("blk: hostile requests survived\n");
 }
 
+static void blk_wedge(u64 base, u32 dlen) {
+    struct vblk b;
+    CHECK(vblk_init(&b, base, 256, rings[1]) == 0, "wedge: init failed");
+    struct { u32 type, reserved; u64 sector; } *h = (void *)blkbuf;
+    h->type = VBLK_T_IN;
+    h->reserved = 0;
+    h->sector = 0;
+    /* 25 requests of 10 descriptors: header, 8 x dlen of data, status. */
+    for (u16 r = 0; r < 25; r++) {
+        u16 d = r * 10;
+        b.desc[d] = (struct vdesc){ (u64)blkbuf, 16, VDESC_NEXT, (u16)(d + 1) };
+        for (u16 i = 1; i < 9; i++)
+            b.desc[d + i] = (struct vdesc){ 64UL << 20, dlen, VDESC_NEXT | VDESC_WRITE, (u16)(d + i + 1) };
+        b.desc[d + 9] = (struct vdesc){ (u64)blkbuf + 64 + r, 1, VDESC_WRITE, 0 };
+        b.avail[2 + r] = d;
+    }
+    __asm__ volatile("" ::: "memory");
+    b.avail[1] = 25;
+    __asm__ volatile("" ::: "memory");
+    vmmio_write(base, 0x50, 0);
+    /* Let the device start on them (each status read is an exit). */
+    for (int i = 0; i < 2000; i++) (void)vmmio_read(base, 0x70);
+    printf_serial("wedge: resetting\n");
+    vmmio_write(base, 0x70, 0);
+    printf_serial("wedge: reset returned\n");
+}
+
 static void blk_checks(const char *cmdline) {
     char v[64];
     u64 bases[16];
@@ -145,6 +176,7 @@ static void blk_checks(const char *cmdline) {
     if (cmdline_get(cmdline, "blk", v, sizeof v)) CHECK(n == (int)parse_num(v), "found %d virtio-blk devices, expected %s", n, v);
     if (n == 0) return;
     if (cmdline_get(cmdline, "blk_hostile", v, sizeof v)) blk_hostile(bases[0]);
+    if (cmdline_get(cmdline, "blk_wedge", v, sizeof v)) { blk_wedge(bases[0], (u32)parse_num(v)); return; }
     struct vblk b;
     int r = vblk_init(&b, bases[0], 64, rings[0]);
     CHECK(r == 0, "virtio-blk init failed at step %d", -r);

@@ -104,3 +104,63 @@ pub fn fnv1a(data: &[u8]) -> u32 {
         (h ^ u32::from(b)).wrapping_mul(16777619)
     })
 }
+
+/// A minimal QMP client on a UNIX socket (greeting read, capabilities
+/// negotiated), for tests that need the monitor without Python.
+pub struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    /// Connect to `path`, retrying while moat is still starting.
+    pub fn connect(path: &std::path::Path) -> Qmp {
+        let start = Instant::now();
+        let s = loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() > HANG => panic!("QMP {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        s.set_read_timeout(Some(HANG)).unwrap();
+        let mut q = Qmp {
+            reader: std::io::BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        };
+        let greeting = q.message();
+        assert!(greeting.get("QMP").is_some(), "{greeting}");
+        q.execute("qmp_capabilities");
+        q
+    }
+
+    /// The next message (reply or event).
+    pub fn message(&mut self) -> serde_json::Value {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("QMP read");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP {line:?}: {e}"))
+    }
+
+    /// Run `cmd`; its reply ("return" or "error"), events skipped.
+    pub fn execute(&mut self, cmd: &str) -> serde_json::Value {
+        use std::io::Write;
+        writeln!(self.writer, "{{\"execute\": \"{cmd}\"}}").expect("QMP write");
+        loop {
+            let m = self.message();
+            if m.get("event").is_none() {
+                return m;
+            }
+        }
+    }
+}
+
+/// A child process killed when the test ends, passing or not.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

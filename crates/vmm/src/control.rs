@@ -17,6 +17,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// How long a vCPU may take to leave the guest when asked to pause or stop.
+/// Nothing a vCPU does outside the guest waits for long (devices never
+/// make it wait for I/O); this bounds what a bug could make it do.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(10);
+
 /// The signal used to kick vCPU threads out of KVM_RUN.
 pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
@@ -120,13 +125,19 @@ impl VcpuSet {
             .count()
     }
 
-    /// Pause every vCPU; returns once all are parked (or gone).
-    pub fn pause(&self) {
+    /// Pause every vCPU; true once all are parked (or gone), false if one
+    /// did not park within [`WAIT_LIMIT`] (they are then resumed).
+    pub fn pause(&self) -> bool {
         self.paused.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + WAIT_LIMIT;
         loop {
             let parked = lock(&self.shared).parked;
             if parked >= self.live() {
-                return;
+                return true;
+            }
+            if Instant::now() > deadline {
+                self.resume();
+                return false;
             }
             self.kick_all();
             let g = lock(&self.shared);
@@ -140,20 +151,27 @@ impl VcpuSet {
         self.cv.notify_all();
     }
 
-    /// Stop and join every vCPU thread.
-    pub fn stop(&self) {
+    /// Stop and join every vCPU thread; false if one did not end within
+    /// [`WAIT_LIMIT`] (it is left behind, and must not be waited for: moat
+    /// has to be able to exit whatever the guest does).
+    pub fn stop(&self) -> bool {
         self.stop.store(true, Ordering::SeqCst);
         {
             let _g = lock(&self.shared);
             self.cv.notify_all();
         }
+        let deadline = Instant::now() + WAIT_LIMIT;
         while self.live() > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
             self.kick_all();
             std::thread::sleep(Duration::from_millis(1));
         }
         for h in std::mem::take(&mut *lock(&self.threads)) {
             let _ = h.join();
         }
+        true
     }
 
     /// The register dump of vCPU `i`, taken by its own thread.

@@ -53,6 +53,8 @@ pub enum VmError {
     Fam(&'static str, vmm_sys_util::fam::Error),
     #[error("vCPU {cpu} failed: {why}")]
     VcpuFailed { cpu: u32, why: String },
+    #[error("a vCPU did not stop: the VM cannot be reset")]
+    VcpuStuck,
 }
 
 fn kvm<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -618,7 +620,14 @@ impl Vm {
             }
         };
         *paused = set.is_paused();
-        set.stop();
+        if !set.stop() {
+            log::error!("a vCPU did not stop within {:?}", control::WAIT_LIMIT);
+            // The VM cannot be rebuilt under a vCPU that still runs; moat
+            // can still exit.
+            if matches!(result, Ok(VmExit::GuestReset | VmExit::HostReset)) {
+                return Err(VmError::VcpuStuck);
+            }
+        }
         result
     }
 
@@ -631,7 +640,9 @@ impl Vm {
         match cmd {
             Control::Stop => {
                 if !set.is_paused() {
-                    set.pause();
+                    if !set.pause() {
+                        return (ControlReply::Error("a vCPU did not stop".into()), None);
+                    }
                     life.stopped();
                 }
                 (ControlReply::Done, None)

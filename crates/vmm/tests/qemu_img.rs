@@ -451,12 +451,13 @@ fn hostile_headers_are_refused_with_a_reason() {
 /// content size, so only the per-block output limit can stop it.
 fn zstd_bomb(n: usize) -> Vec<u8> {
     assert!((0x7f00..0x17eff).contains(&n));
-    let mut block = Vec::new();
     // Literals section: RLE, 20-bit regenerated size n (one literal per sequence).
-    block.push(1 | (3 << 2) | (((n & 0xf) as u8) << 4));
-    block.push((n >> 4) as u8);
-    block.push((n >> 12) as u8);
-    block.push(b'A');
+    let mut block = vec![
+        1 | (3 << 2) | (((n & 0xf) as u8) << 4),
+        (n >> 4) as u8,
+        (n >> 12) as u8,
+        b'A',
+    ];
     // Sequences section header: count (3-byte form), modes (all RLE), codes.
     let extra = n - 0x7f00;
     block.extend_from_slice(&[255, extra as u8, (extra >> 8) as u8]);

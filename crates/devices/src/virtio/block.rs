@@ -14,7 +14,7 @@ use moat_block::throttle::Throttle;
 use moat_block::{BlockError, DiskImage};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
@@ -124,30 +124,26 @@ struct Activation {
 /// The device's I/O thread: started with the device (by the thread that
 /// builds the VM, not by a vCPU, so vCPU threads never create threads),
 /// it serves one activation after another until the device is dropped.
+/// Activations queue up in order, so a new one starts only after the
+/// previous one has let go of its queue and guest memory.
 struct IoThread {
     start: Option<std::sync::mpsc::Sender<Activation>>,
-    stopped: std::sync::mpsc::Receiver<()>,
     handle: Option<JoinHandle<()>>,
 }
 
 impl IoThread {
     fn spawn() -> std::io::Result<IoThread> {
         let (start, activations) = std::sync::mpsc::channel::<Activation>();
-        let (done, stopped) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("virtio-blk".into())
             .spawn(move || {
                 moat_sys::role::enter(moat_sys::role::Role::BlockIo);
                 for mut a in activations {
                     a.worker.run(&a.notify, &*a.needs_reset);
-                    // Guest memory and the queue go before the reset completes.
-                    drop(a);
-                    let _ = done.send(());
                 }
             })?;
         Ok(IoThread {
             start: Some(start),
-            stopped,
             handle: Some(handle),
         })
     }
@@ -162,6 +158,14 @@ impl Drop for IoThread {
     }
 }
 
+/// How the device tells its worker to stop: a flag checked between
+/// requests and between bounce-buffer chunks, and an eventfd that wakes it
+/// from a wait.
+struct Stop {
+    flag: Arc<AtomicBool>,
+    event: EventFd,
+}
+
 /// The virtio-blk device model.
 pub struct Block {
     disk: Arc<dyn DiskImage>,
@@ -169,8 +173,8 @@ pub struct Block {
     serial: [u8; 20],
     discard: Discard,
     io: IoThread,
-    /// Set while active: written to stop the worker.
-    kill: Option<EventFd>,
+    /// Set while active: stops the worker.
+    stop: Option<Stop>,
 }
 
 impl std::fmt::Debug for Block {
@@ -195,7 +199,7 @@ impl Block {
             serial: s,
             discard,
             io: IoThread::spawn()?,
-            kill: None,
+            stop: None,
         })
     }
 
@@ -266,8 +270,10 @@ impl VirtioDevice for Block {
         let (Some(queue), Some(notify)) = (queues.pop(), notify.pop()) else {
             return Err(std::io::Error::other("virtio-blk has one queue"));
         };
-        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
-        let kill2 = kill.try_clone()?;
+        let stop = Stop {
+            flag: Arc::new(AtomicBool::new(false)),
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+        };
         let worker = Worker {
             mem,
             queue,
@@ -278,7 +284,8 @@ impl VirtioDevice for Block {
             // Room to start the buffer on a 4 KiB boundary (O_DIRECT, cache=none).
             bounce: vec![0u8; BOUNCE + 4096],
             link: self.link.clone(),
-            kill: kill2,
+            kill: stop.event.try_clone()?,
+            stopping: stop.flag.clone(),
         };
         let activation = Activation {
             worker,
@@ -292,14 +299,18 @@ impl VirtioDevice for Block {
         if !sent {
             return Err(std::io::Error::other("virtio-blk: the I/O thread is gone"));
         }
-        self.kill = Some(kill);
+        self.stop = Some(stop);
         Ok(())
     }
 
+    /// Tell the worker to stop, without waiting for it: a vCPU must never
+    /// wait for a disk. The worker stops before its next request or
+    /// bounce-buffer chunk and posts nothing more to the old queue; the
+    /// next activation starts only after it has stopped.
     fn reset(&mut self) {
-        if let Some(kill) = self.kill.take() {
-            let _ = kill.write(1);
-            let _ = self.io.stopped.recv();
+        if let Some(stop) = self.stop.take() {
+            stop.flag.store(true, Ordering::SeqCst);
+            let _ = stop.event.write(1);
         }
     }
 }
@@ -322,6 +333,8 @@ pub struct Worker {
     pub link: DriveLink,
     /// Written when the device resets: a throttled request stops waiting.
     pub kill: EventFd,
+    /// Set when the device resets: checked between requests and chunks.
+    pub stopping: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
@@ -329,6 +342,8 @@ enum ReqError {
     /// The request cannot be answered (no status byte): consume it, length 0.
     Malformed,
     Status(u8),
+    /// The device was reset while the request ran: nothing more is posted.
+    Stopped,
 }
 
 impl From<BlockError> for ReqError {
@@ -433,6 +448,9 @@ impl Worker {
             self.queue.disable_notification(&mem)?;
             let mut served = false;
             while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+                if self.stopped() {
+                    return Ok(()); // the device is resetting
+                }
                 served = true;
                 let head = chain.head_index();
                 let Some(len) = self.request(&mem, chain) else {
@@ -453,6 +471,11 @@ impl Worker {
             self.interrupt.trigger(INT_VRING);
         }
         Ok(())
+    }
+
+    /// The device was reset: leave the queue as it is.
+    fn stopped(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// Wait until the throttle lets a request of `bytes` start; false if
@@ -510,6 +533,7 @@ impl Worker {
             Ok(()) => S_OK,
             Err(ReqError::Status(s)) => s,
             Err(ReqError::Malformed) => S_IOERR,
+            Err(ReqError::Stopped) => return None,
         };
         let st = &self.link.stats;
         match (kind, status == S_OK) {
@@ -566,6 +590,9 @@ impl Worker {
                 let mut done = 0u64;
                 let bounce = aligned(&mut self.bounce);
                 while done < len {
+                    if self.stopping.load(Ordering::Relaxed) {
+                        return Err(ReqError::Stopped);
+                    }
                     let n = (len - done).min(bounce.len() as u64) as usize;
                     self.disk
                         .read_at(&mut bounce[..n], offset + done)
@@ -584,6 +611,9 @@ impl Worker {
                 let mut done = 0u64;
                 let bounce = aligned(&mut self.bounce);
                 while done < len {
+                    if self.stopping.load(Ordering::Relaxed) {
+                        return Err(ReqError::Stopped);
+                    }
                     let n = (len - done).min(bounce.len() as u64) as usize;
                     reader.read_exact(&mut bounce[..n])?;
                     self.disk
@@ -668,6 +698,7 @@ mod tests {
             bounce: vec![0; 4096],
             link: DriveLink::new(Default::default()),
             kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            stopping: Arc::default(),
         }
     }
 

@@ -5,7 +5,7 @@
 
 use super::{status, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::IrqLine;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -30,6 +30,9 @@ pub struct MmioTransport {
     config_generation: u32,
     activated: bool,
     needs_reset: Arc<AtomicBool>,
+    /// Counts resets: a device's report from before the last reset (its
+    /// worker stops asynchronously) must not mark the new session broken.
+    epoch: Arc<AtomicU64>,
     /// The driver wrote a queue size or ring address we could not accept.
     bad_queue_config: bool,
 }
@@ -81,6 +84,7 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
             needs_reset: Arc::new(AtomicBool::new(false)),
+            epoch: Arc::default(),
             bad_queue_config: false,
         })
     }
@@ -277,9 +281,13 @@ impl MmioTransport {
         };
         let flag = self.needs_reset.clone();
         let irq = self.interrupt.clone();
+        let epoch = self.epoch.clone();
+        let mine = epoch.load(Ordering::SeqCst);
         let needs_reset: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-            flag.store(true, Ordering::SeqCst);
-            irq.trigger(super::INT_CONFIG);
+            if epoch.load(Ordering::SeqCst) == mine {
+                flag.store(true, Ordering::SeqCst);
+                irq.trigger(super::INT_CONFIG);
+            }
         });
         match self.device.activate(
             self.mem.clone(),
@@ -305,7 +313,10 @@ impl MmioTransport {
         self.interrupt.trigger(super::INT_CONFIG);
     }
 
+    /// Reset the transport at once; the device stops its worker without
+    /// making the vCPU wait (see [`VirtioDevice::reset`]).
     fn reset(&mut self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         if self.activated {
             self.device.reset();
             self.activated = false;

@@ -74,5 +74,9 @@ pub trait VirtioDevice: Send {
         needs_reset: std::sync::Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<()>;
     /// Stop serving; the transport then returns to its initial state.
+    /// Runs on a vCPU thread, so it must not wait for I/O: a device whose
+    /// worker is busy tells it to stop and returns; the worker must post
+    /// nothing more to the old queues, and the next activation must not
+    /// start before it has stopped.
     fn reset(&mut self);
 }
