@@ -470,4 +470,15 @@ fn bad_input_is_refused_and_leaves_nothing() {
         assert_eq!(left, [taken], "{extra:?}");
         assert_eq!(cgroups_named("vm"), Vec::<PathBuf>::new(), "{extra:?}");
     }
+    // A base directory others can write to: someone else could swap what
+    // moat-jail makes there.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut args = jail_args("vm", &base, &[]);
+    args.push("--".into());
+    let out = Command::new(JAIL).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("writable by group or others"), "{err}");
+    assert_eq!(cgroups_named("vm"), Vec::<PathBuf>::new());
 }

@@ -1,6 +1,7 @@
 //! moat-jail's command line. Everything is checked here, before anything is
 //! created, so that bad input leaves nothing behind.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 pub const USAGE: &str = "\
@@ -49,6 +50,9 @@ pub struct PassFd {
     pub set: u32,
     pub path: PathBuf,
     pub writable: bool,
+    /// (device, inode) of the file when its path was checked: what is
+    /// opened later must be the same file.
+    pub identity: (u64, u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -379,10 +383,13 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                     Some(m) => return Err(format!("{opt} {v}: mode '{m}' is not ro or rw")),
                 };
                 check_host_path(opt, &path)?;
+                let m = std::fs::metadata(&path)
+                    .map_err(|e| format!("{opt} {}: {e}", path.display()))?;
                 fds.push(PassFd {
                     set,
                     path,
                     writable,
+                    identity: (m.dev(), m.ino()),
                 });
             }
             "--netns" => {

@@ -32,7 +32,7 @@ use std::ffi::CString;
 use std::io::Read as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 fn cstr(p: impl AsRef<std::ffi::OsStr>) -> Result<CString, String> {
@@ -143,6 +143,83 @@ fn hold(p: &Path, links: bool) -> Result<OwnedFd, String> {
     }
     // SAFETY: a descriptor openat2 just returned.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Open a file handed to moat as a descriptor (as root, so with care): no
+/// symlink or magic link anywhere in the path (openat2), and the file must
+/// be the one whose path was checked (same device and inode), so swapping
+/// a directory for a symlink, or the file for another, in between opens
+/// nothing.
+fn open_checked(p: &Path, writable: bool, identity: (u64, u64)) -> Result<OwnedFd, String> {
+    let c = cstr(p)?;
+    // SAFETY: open_how is plain data; all-zero is its empty value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    let mode = if writable {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    };
+    how.flags = (mode | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 reads the NUL-terminated path and `how` (its size
+    // passed) and returns a new descriptor, which we then own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        return Err(os_err("open"));
+    }
+    // SAFETY: a descriptor openat2 just returned.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let file = std::fs::File::from(fd);
+    let m = file.metadata().map_err(|e| format!("fstat: {e}"))?;
+    if (m.dev(), m.ino()) != identity {
+        return Err(
+            "the file changed after it was checked (replaced or moved); refusing it".into(),
+        );
+    }
+    Ok(file.into())
+}
+
+/// The base of every jail must be root's alone: owned by root and not
+/// writable by group or others, nor any directory above it unless sticky
+/// (as /tmp), so no one else can swap what moat-jail makes there.
+fn check_base_dir(base: &Path) -> Result<(), String> {
+    let mut p = Some(base);
+    while let Some(d) = p {
+        let m = std::fs::symlink_metadata(d)
+            .map_err(|e| format!("--chroot-base-dir {}: {e}", d.display()))?;
+        let mode = m.mode();
+        let sticky = mode & libc::S_ISVTX != 0 && d != base;
+        if !m.is_dir() {
+            return Err(format!(
+                "--chroot-base-dir: {} is not a directory",
+                d.display()
+            ));
+        }
+        if m.uid() != 0 {
+            return Err(format!(
+                "--chroot-base-dir: {} is owned by uid {}, not root",
+                d.display(),
+                m.uid()
+            ));
+        }
+        if mode & 0o022 != 0 && !sticky {
+            return Err(format!(
+                "--chroot-base-dir: {} is writable by group or others (mode {:o})",
+                d.display(),
+                mode & 0o7777
+            ));
+        }
+        p = d.parent();
+    }
+    Ok(())
 }
 
 /// `<base>/<id>` and its `root`, made by this run and removed at its end.
@@ -486,14 +563,11 @@ pub fn run(cfg: &JailConfig) -> Result<i32, String> {
     };
     let mut passed: Vec<OwnedFd> = vec![];
     let mut moat_args = vec![];
+    check_base_dir(&cfg.base_dir)?;
     for (i, f) in cfg.fds.iter().enumerate() {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(f.writable)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&f.path)
+        let fd = open_checked(&f.path, f.writable, f.identity)
             .map_err(|e| format!("--add-fd {}:{}: {e}", f.set, f.path.display()))?;
-        passed.push(file.into());
+        passed.push(fd);
         moat_args.push("-add-fd".to_string());
         moat_args.push(format!("fd={},set={}", 3 + i, f.set));
     }
@@ -675,6 +749,65 @@ mod tests {
         assert!(e.contains("symbolic links"), "{e}");
         assert!(super::hold(&d.join("link/f"), true).is_ok());
         assert!(super::hold(&real.join("f"), false).is_ok());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn identity(p: &std::path::Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(p).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    /// The --add-fd race: the path is checked at startup and opened (as
+    /// root) later; a tenant who swaps its own directory for a symlink, or
+    /// the file for another, in between must get nothing.
+    #[test]
+    fn an_add_fd_file_swapped_after_the_check_is_refused() {
+        let d = std::env::temp_dir().join(format!("moat-jail-addfd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let mine = d.join("tenant");
+        let other = d.join("other-tenant");
+        std::fs::create_dir_all(&mine).unwrap();
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(mine.join("disk"), b"mine").unwrap();
+        std::fs::write(other.join("disk"), b"secret").unwrap();
+        let path = mine.join("disk");
+        let checked = identity(&path);
+        assert!(super::open_checked(&path, true, checked).is_ok());
+        // The directory swapped for a symlink to another tenant's.
+        std::fs::rename(&mine, d.join("moved")).unwrap();
+        std::os::unix::fs::symlink(&other, &mine).unwrap();
+        let e = super::open_checked(&path, true, checked).unwrap_err();
+        assert!(e.contains("symbolic links"), "{e}");
+        // The file itself replaced (a hard link to another tenant's file).
+        std::fs::remove_file(&mine).unwrap();
+        std::fs::create_dir(&mine).unwrap();
+        std::fs::hard_link(other.join("disk"), &path).unwrap();
+        let e = super::open_checked(&path, false, checked).unwrap_err();
+        assert!(e.contains("changed"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_base_dir_must_be_roots_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no arguments.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root to own the directories");
+            return;
+        }
+        let d = std::env::temp_dir().join(format!("moat-jail-base-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(super::check_base_dir(&d), Ok(()));
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = super::check_base_dir(&d).unwrap_err();
+        assert!(e.contains("writable by group or others"), "{e}");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&d, Some(65534), None).unwrap();
+        let e = super::check_base_dir(&d).unwrap_err();
+        assert!(e.contains("owned by uid 65534"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
