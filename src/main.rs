@@ -918,6 +918,26 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             "moat: warning: -sandbox off: no seccomp filter; a guest that escapes into moat can make any system call"
         );
     }
+    // wait=on monitors: the guest starts once each has its first client
+    // (QEMU waits at the same point for the connection; moat waits with
+    // the sandbox already in place, so no stranger's bytes reach an
+    // unconfined moat).
+    if let Some(m) = &events.0 {
+        while !m.wait_for_clients(Duration::from_millis(100)) {
+            match rx.try_recv() {
+                Ok(VmEvent::Signal(s)) => {
+                    eprintln!("moat: terminating on signal {s}");
+                    return Ok(());
+                }
+                Ok(VmEvent::Control { reply, .. }) => {
+                    let _ = reply.send(ControlReply::Error(
+                        "the guest has not started: waiting for a monitor connection".into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+    }
     let mut generation = 0;
     let mut paused = cfg.start_paused;
     let outcome = loop {

@@ -4,6 +4,8 @@ import json
 import socket
 import ssl
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -61,12 +63,12 @@ def kill_started():
         STARTED.pop().kill()
 
 
-def start(tmp_path, pki, authz):
+def start(tmp_path, pki, authz, wait="off"):
     port = free_port()
     m = Moat(tmp_path, qmp=False, extra=[
         "-object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=server,verify-peer=on",
         "-object", authz,
-        "-chardev", f"socket,id=mon0,host=127.0.0.1,port={port},server=on,wait=off,tls-creds=tls0,tls-authz=auth0",
+        "-chardev", f"socket,id=mon0,host=127.0.0.1,port={port},server=on,wait={wait},tls-creds=tls0,tls-authz=auth0",
         "-mon", "chardev=mon0,mode=control",
     ])
     STARTED.append(m)
@@ -196,3 +198,65 @@ def test_bad_tls_setup_is_refused_at_startup(tmp_path, pki):
         r = subprocess.run(args, capture_output=True, timeout=60)
         assert r.returncode == 1, r
         assert want in r.stderr, r.stderr
+
+
+def test_strangers_holding_connections_do_not_keep_an_authorized_client_out(tmp_path, pki):
+    """Twenty connections that never finish a handshake, each sending a byte
+    every second: they used to hold all eight client slots (the handshake
+    timeout was per read), so alice waited until they gave up."""
+    m, port = start(tmp_path, pki, SIMPLE)
+    stop = threading.Event()
+    strangers = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+    # A TLS record header announcing a 16 KiB handshake record, whose body
+    # then comes a byte a second: the server can only wait for the rest.
+    for s in strangers:
+        s.sendall(b"\x16\x03\x01\x40\x00")
+
+    def trickle():
+        while not stop.is_set():
+            for s in strangers:
+                try:
+                    s.send(b"\x00")
+                except OSError:
+                    pass
+            time.sleep(1)
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    try:
+        time.sleep(2)
+        s = tls_client(pki, port, "alice")
+        g = greeting(s)
+        assert g and "QMP" in g
+        f = s.makefile("rwb")
+        f.write(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n')
+        f.flush()
+        assert json.loads(f.readline()) == {"return": {}}
+        assert json.loads(f.readline())["return"]["status"] == "running"
+        s.close()
+    finally:
+        stop.set()
+        t.join()
+        for s in strangers:
+            s.close()
+    m.kill()
+
+
+def test_wait_on_starts_the_guest_only_for_an_authorized_client(tmp_path, pki):
+    m, port = start(tmp_path, pki, SIMPLE, wait="on")
+    # A plaintext connection, one that says nothing, and a refused certificate.
+    p = socket.create_connection(("127.0.0.1", port), timeout=5)
+    p.sendall(b'{"execute": "qmp_capabilities"}\n')
+    p.close()
+    idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert greeting(tls_client(pki, port, "mallory")) is None
+    time.sleep(2)
+    assert m.count() == 0, "the guest started without an authorized client"
+    assert m.proc.poll() is None
+    s = tls_client(pki, port, "alice")
+    g = greeting(s)
+    assert g and "QMP" in g
+    m.wait_for(lambda: m.count() > 3, "the guest to start")
+    idle.close()
+    s.close()
+    m.kill()

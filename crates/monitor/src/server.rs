@@ -6,6 +6,13 @@
 //! replies is dropped once [`MAX_QUEUED_OUTPUT`] bytes wait for it, at most
 //! [`MAX_CLIENTS`] are served per socket (later ones wait in the backlog),
 //! and nothing a client does blocks a vCPU.
+//!
+//! On a TCP (TLS) monitor, connections that have not yet completed the
+//! handshake and passed authorization hold no client slot: they wait in a
+//! pool of their own ([`MAX_HANDSHAKES`], at most [`MAX_HANDSHAKES_PER_PEER`]
+//! from one address, each with [`crate::tls::HANDSHAKE_TIMEOUT`] in all);
+//! when it is full the oldest is dropped. Strangers holding connections
+//! open therefore cannot keep an authorized client out.
 
 use crate::authz::Authz;
 use crate::hmp;
@@ -29,6 +36,10 @@ pub const MAX_QUEUED_OUTPUT: usize = 4 << 20;
 pub const MAX_CLIENTS: usize = 8;
 /// Descriptors accepted with one message.
 const MAX_FDS_PER_MESSAGE: usize = 8;
+/// TLS connections still in their handshake, per socket.
+pub const MAX_HANDSHAKES: usize = 16;
+/// ... and from one peer address.
+pub const MAX_HANDSHAKES_PER_PEER: usize = 4;
 
 /// The protocol a monitor socket speaks: QMP (`Control`) or HMP (`Readline`).
 pub use moat_cli::MonitorMode as Mode;
@@ -63,7 +74,8 @@ impl std::fmt::Display for Endpoint {
 pub struct MonitorSpec {
     pub endpoint: Endpoint,
     pub mode: Mode,
-    /// Block startup until a client connects (`wait=on`).
+    /// Do not start the guest until a client is connected (`wait=on`; on
+    /// TCP: until a client completed TLS and passed authorization).
     pub wait: bool,
 }
 
@@ -72,39 +84,57 @@ enum Listener {
     Tcp(TcpListener, TlsServer, Arc<Authz>),
 }
 
-enum Conn {
-    Unix(UnixStream),
-    Tcp(TcpStream, TlsServer, Arc<Authz>),
+/// A count of busy slots, waited on when all are taken.
+#[derive(Debug, Default)]
+struct Slots {
+    busy: Mutex<usize>,
+    cv: Condvar,
 }
 
-impl Listener {
-    fn accept(&self) -> std::io::Result<Conn> {
-        match self {
-            Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
-            Listener::Tcp(l, tls, authz) => l
-                .accept()
-                .map(|(s, _)| Conn::Tcp(s, tls.clone(), authz.clone())),
+impl Slots {
+    fn acquire(&self, max: usize) {
+        let mut n = lock(&self.busy);
+        while *n >= max {
+            n = self.cv.wait(n).unwrap_or_else(|e| e.into_inner());
         }
+        *n += 1;
+    }
+
+    fn release(&self) {
+        *lock(&self.busy) -= 1;
+        self.cv.notify_all();
     }
 }
 
-impl Conn {
-    /// The plaintext stream to serve (after TLS and authorization for TCP).
-    fn establish(self) -> Option<UnixStream> {
-        match self {
-            Conn::Unix(s) => Some(s),
-            Conn::Tcp(s, tls, authz) => {
-                let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                match tls.accept(s, &authz) {
-                    Ok(local) => Some(local),
-                    Err(e) => {
-                        log::warn!("monitor: TLS client {peer} refused: {e}");
-                        None
-                    }
-                }
-            }
-        }
+/// Set once a `wait=on` socket has its first client.
+#[derive(Debug, Default)]
+struct Latch {
+    set: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Latch {
+    fn set(&self) {
+        *lock(&self.set) = true;
+        self.cv.notify_all();
     }
+
+    /// Wait up to `timeout`; whether it is set.
+    fn wait(&self, timeout: std::time::Duration) -> bool {
+        let g = lock(&self.set);
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |set| !*set)
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+}
+
+/// A TLS connection in its handshake (its clone, to drop it if evicted).
+struct Handshake {
+    id: u64,
+    peer: std::net::IpAddr,
+    stream: TcpStream,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +209,8 @@ struct Client {
 #[derive(Debug, Clone)]
 pub struct Monitors {
     clients: Arc<Mutex<Vec<Client>>>,
+    /// One per `wait=on` socket.
+    waiting: Vec<Arc<Latch>>,
 }
 
 fn json_line(v: &Value) -> Vec<u8> {
@@ -188,12 +220,14 @@ fn json_line(v: &Value) -> Vec<u8> {
 }
 
 impl Monitors {
-    /// Bind every socket and start serving. Sockets with `wait` block here
-    /// until their first client connects.
+    /// Bind every socket and start serving (once the sandbox lets the
+    /// gated threads run). For `wait=on` sockets, see [`Monitors::wait_for_clients`].
     pub fn start(specs: &[MonitorSpec], ctx: Arc<MonitorContext>) -> Result<Monitors, ServerError> {
-        let mon = Monitors {
+        let mut mon = Monitors {
             clients: Arc::new(Mutex::new(Vec::new())),
+            waiting: Vec::new(),
         };
+        let mut loops = Vec::new();
         for spec in specs {
             let err = |why: String| ServerError::Socket {
                 path: spec.endpoint.to_string(),
@@ -217,76 +251,119 @@ impl Monitors {
                     authz.clone(),
                 ),
             };
-            let first = if spec.wait {
+            let ready = spec.wait.then(|| {
                 eprintln!(
                     "moat: waiting for a connection on monitor socket {}",
                     spec.endpoint
                 );
-                listener.accept().ok()
-            } else {
-                None
-            };
+                let l = Arc::new(Latch::default());
+                mon.waiting.push(l.clone());
+                l
+            });
+            loops.push((spec.endpoint.to_string(), listener, spec.mode, ready));
+        }
+        for (name, listener, mode, ready) in loops {
             let mon2 = mon.clone();
             let ctx = ctx.clone();
-            let mode = spec.mode;
             moat_sys::gate::spawn_gated(
                 "monitor-accept",
                 moat_sys::role::Role::Monitor,
-                move || mon2.accept_loop(listener, first, mode, ctx),
+                move || mon2.accept_loop(listener, mode, ctx, ready),
             )
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| ServerError::Socket {
+                path: name,
+                why: e.to_string(),
+            })?;
         }
         Ok(mon)
+    }
+
+    /// Wait up to `timeout` for every `wait=on` socket's first client (on
+    /// TCP: one that completed TLS and passed authorization; a stranger's
+    /// connection does not start the guest). True once all have one.
+    pub fn wait_for_clients(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        self.waiting
+            .iter()
+            .all(|l| l.wait(deadline.saturating_duration_since(std::time::Instant::now())))
     }
 
     fn accept_loop(
         &self,
         listener: Listener,
-        first: Option<Conn>,
         mode: Mode,
         ctx: Arc<MonitorContext>,
+        ready: Option<Arc<Latch>>,
     ) {
-        let active = Arc::new((Mutex::new(0usize), Condvar::new()));
-        let mut pending = first;
-        loop {
-            // Wait for a free slot before accepting: extra clients queue in the backlog.
-            {
-                let (m, cv) = &*active;
-                let mut n = lock(m);
-                while *n >= MAX_CLIENTS {
-                    n = cv.wait(n).unwrap_or_else(|e| e.into_inner());
-                }
-                *n += 1;
-            }
-            let conn = match pending.take() {
-                Some(c) => c,
-                None => match listener.accept() {
-                    Ok(c) => c,
+        let slots = Arc::new(Slots::default());
+        match listener {
+            Listener::Unix(l) => loop {
+                // Wait for a free slot before accepting: extra clients queue in the backlog.
+                slots.acquire(MAX_CLIENTS);
+                let stream = match l.accept() {
+                    Ok((s, _)) => s,
                     Err(e) => {
                         log::warn!("monitor: accept: {e}");
-                        let (m, _) = &*active;
-                        *lock(m) -= 1;
+                        slots.release();
                         std::thread::sleep(std::time::Duration::from_millis(50));
                         continue;
                     }
-                },
-            };
-            let me = self.clone();
-            let ctx = ctx.clone();
-            let active2 = active.clone();
-            let spawned = std::thread::Builder::new()
-                .name("monitor-client".into())
-                .spawn(move || {
-                    if let Some(stream) = conn.establish() {
+                };
+                if let Some(r) = &ready {
+                    r.set();
+                }
+                let (me, ctx, slots2) = (self.clone(), ctx.clone(), slots.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("monitor-client".into())
+                    .spawn(move || {
                         me.serve(stream, mode, ctx);
+                        slots2.release();
+                    });
+                if spawned.is_err() {
+                    slots.release();
+                }
+            },
+            Listener::Tcp(l, tls, authz) => {
+                let pending = Arc::new(Mutex::new(VecDeque::<Handshake>::new()));
+                let mut next_id = 0u64;
+                loop {
+                    let (tcp, addr) = match l.accept() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            log::warn!("monitor: accept: {e}");
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                            continue;
+                        }
+                    };
+                    next_id += 1;
+                    let id = next_id;
+                    if !admit_handshake(&pending, id, addr.ip(), &tcp) {
+                        continue;
                     }
-                    let (m, cv) = &*active2;
-                    *lock(m) -= 1;
-                    cv.notify_all();
-                });
-            if spawned.is_err() {
-                let (m, _) = &*active;
-                *lock(m) -= 1;
+                    let (me, ctx, slots2) = (self.clone(), ctx.clone(), slots.clone());
+                    let (tls, authz, pending2, ready) =
+                        (tls.clone(), authz.clone(), pending.clone(), ready.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("monitor-client".into())
+                        .spawn(move || {
+                            let established = tls.accept(tcp, &authz);
+                            lock(&pending2).retain(|h| h.id != id);
+                            match established {
+                                Ok(stream) => {
+                                    if let Some(r) = &ready {
+                                        r.set();
+                                    }
+                                    slots2.acquire(MAX_CLIENTS);
+                                    me.serve(stream, mode, ctx);
+                                    slots2.release();
+                                }
+                                Err(e) => log::warn!("monitor: TLS client {addr} refused: {e}"),
+                            }
+                        });
+                    if spawned.is_err() {
+                        lock(&pending).retain(|h| h.id != id);
+                    }
+                }
             }
         }
     }
@@ -361,6 +438,35 @@ impl Monitors {
         let _ = stream.shutdown(std::net::Shutdown::Read);
         lock(&self.clients).retain(|c| !Arc::ptr_eq(&c.outbox, &outbox));
     }
+}
+
+/// Enter a new TLS connection in the handshake pool, making room by
+/// dropping the oldest handshake of the same peer (when it has
+/// [`MAX_HANDSHAKES_PER_PEER`] there) or else the oldest of all (when the
+/// pool is full): a stranger holding slow handshakes open gets them cut,
+/// and a client that completes its handshake promptly gets through.
+fn admit_handshake(
+    pending: &Mutex<VecDeque<Handshake>>,
+    id: u64,
+    peer: std::net::IpAddr,
+    tcp: &TcpStream,
+) -> bool {
+    let Ok(stream) = tcp.try_clone() else {
+        return false;
+    };
+    let mut p = lock(pending);
+    let evict = if p.iter().filter(|h| h.peer == peer).count() >= MAX_HANDSHAKES_PER_PEER {
+        p.iter().position(|h| h.peer == peer)
+    } else if p.len() >= MAX_HANDSHAKES {
+        Some(0)
+    } else {
+        None
+    };
+    if let Some(old) = evict.and_then(|i| p.remove(i)) {
+        let _ = old.stream.shutdown(std::net::Shutdown::Both);
+    }
+    p.push_back(Handshake { id, peer, stream });
+    true
 }
 
 /// Read bytes and any descriptors passed with them.

@@ -18,8 +18,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a client may take to complete the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to complete the handshake, in all.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A loaded TLS server identity with mandatory client certificates.
 #[derive(Debug, Clone)]
@@ -68,13 +68,21 @@ impl TlsServer {
 
     /// Handshake, authorize, then relay the plaintext through a local socket
     /// pair; returns our end of it for the monitor to serve.
+    /// The handshake must be complete within [`HANDSHAKE_TIMEOUT`] in all
+    /// (not per read: a client trickling a byte at a time gets no longer).
     pub fn accept(&self, mut tcp: TcpStream, authz: &Authz) -> Result<UnixStream, String> {
-        tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
-            .map_err(|e| e.to_string())?;
+        let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
         let mut conn = ServerConnection::new(self.config.clone()).map_err(|e| e.to_string())?;
         while conn.is_handshaking() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "TLS handshake not complete within {HANDSHAKE_TIMEOUT:?}"
+                ));
+            }
+            tcp.set_read_timeout(Some(left))
+                .and_then(|()| tcp.set_write_timeout(Some(left)))
+                .map_err(|e| e.to_string())?;
             conn.complete_io(&mut tcp)
                 .map_err(|e| format!("TLS handshake: {e}"))?;
         }
