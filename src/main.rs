@@ -729,6 +729,11 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         ),
     };
     let mut root_warning = refuse_privileged(run_as.is_some())?;
+    if run_as.is_some() {
+        // Before the first thread: the threads inherit these sets.
+        moat_sandbox::privs::give_up_inherited_capabilities()
+            .map_err(|e| anyhow::anyhow!("-run-with user: {e}"))?;
+    }
     // -add-fd: inherited descriptors, checked and duplicated as QEMU does.
     let mut fds = FdStore::default();
     for a in &cfg.add_fds {
@@ -896,9 +901,15 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
             log::info!("{}", landlock::describe(&status));
         }
         // The threads setup started confine themselves the same way.
+        let drops = run_as.is_some();
         moat_sys::gate::open(Some(Arc::new(move || {
-            landlock::restrict_thread(&rules).map(|_| ())
+            landlock::restrict_thread(&rules)?;
+            if drops {
+                moat_sandbox::privs::give_up_capabilities()?;
+            }
+            Ok(())
         })));
+
         let log_only = std::env::var_os("MOAT_SECCOMP_LOG").is_some_and(|v| v == "1");
         let violation = if log_only {
             moat_sandbox::Violation::Log
@@ -912,7 +923,11 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         moat_sys::role::set_hook(Box::new(move |role| roles.apply(role)));
         moat_sys::gate::release();
     } else {
-        moat_sys::gate::open(None);
+        if run_as.is_some() {
+            moat_sys::gate::open(Some(Arc::new(moat_sandbox::privs::give_up_capabilities)));
+        } else {
+            moat_sys::gate::open(None);
+        }
         moat_sys::gate::release();
         eprintln!(
             "moat: warning: -sandbox off: no seccomp filter; a guest that escapes into moat can make any system call"

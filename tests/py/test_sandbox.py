@@ -75,9 +75,58 @@ def test_run_with_user_drops_everything(moat, tmp_path):
         assert f["Uid"].split() == ["65534"] * 4, f["Uid"]
         assert f["Gid"].split() == ["65534"] * 4, f["Gid"]
         assert f["Groups"].strip() == ""
-        assert int(f["CapEff"], 16) == 0 and int(f["CapPrm"], 16) == 0, f
+        for cap_set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]:
+            assert int(f[cap_set], 16) == 0, (cap_set, f)
         assert f["Seccomp"].strip() == "2" and f["NoNewPrivs"].strip() == "1"
     q.close()
+
+
+def caps_of(pid):
+    """Thread name -> its five capability sets."""
+    out = {}
+    for path in glob.glob(f"/proc/{pid}/task/*/status"):
+        f = dict(line.split(":", 1) for line in open(path).read().splitlines() if ":" in line)
+        out[f["Name"].strip()] = {k: int(f[k], 16) for k in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"]}
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setpriv needs root to hand out capabilities")
+def test_capabilities_held_by_a_non_root_starter_are_all_given_up(tmp_path):
+    """A user holding ambient capabilities starts moat with -run-with: the
+    uid change between two non-root uids clears nothing, so moat kept
+    CapEff 0x62 (setgid, kill, dac_override) in every thread."""
+    import subprocess
+    import time
+    from conftest import GUEST, MOAT
+    guest = tmp_path / "guest.elf"
+    guest.write_bytes(open(GUEST, "rb").read())
+    os.chmod(tmp_path, 0o755)
+    base = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    moat_args = [MOAT, "-kernel", str(guest), "-append", "action=count", "-serial", "null",
+                 "-run-with", "user=65534:65534"]
+    # Without CAP_SETPCAP the bounding set cannot be emptied: refused, and said why.
+    caps = "+setgid,+kill,+dac_override"
+    p = subprocess.run(base + [f"--inh-caps={caps}", f"--ambient-caps={caps}"] + moat_args,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "CAP_SETPCAP" in p.stderr, p
+    # With it, every set of every thread ends up empty.
+    caps += ",+setpcap"
+    proc = subprocess.Popen(base + [f"--inh-caps={caps}", f"--ambient-caps={caps}"] + moat_args,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while len(caps_of(proc.pid)) < 3 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.05)
+        held = caps_of(proc.pid)
+        assert "vcpu0" in held, held
+        for name, sets in held.items():
+            if name.startswith("kvm-"):
+                continue  # the kernel's own worker, not moat's
+            assert all(v == 0 for v in sets.values()), (name, sets)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")

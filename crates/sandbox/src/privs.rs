@@ -1,7 +1,15 @@
 //! Privilege drop (`-run-with user=`, `-run-with chroot=`): moat opens what
 //! it needs as the user who started it, then moves into the chroot and
-//! becomes the given user, with no supplementary groups and (the kernel
-//! clears them on the uid change) no capabilities, before the guest runs.
+//! becomes the given user, with no supplementary groups and no capability
+//! in any set of any thread (checked), before the guest runs.
+//!
+//! Capabilities are per thread, and a uid change clears only the permitted
+//! and effective sets, and only when it leaves root: so the bounding,
+//! ambient and inheritable sets are emptied before moat makes its first
+//! thread ([`give_up_inherited_capabilities`]), each thread empties its
+//! permitted and effective sets after the uid change
+//! ([`give_up_capabilities`]) and checks that all five of its sets are
+//! empty, or moat does not run.
 
 use std::ffi::CString;
 use std::path::Path;
@@ -42,7 +50,8 @@ pub fn enter_chroot(dir: &Path) -> Result<(), String> {
 }
 
 /// Become `uid:gid` for good (all threads: the C library applies set*id
-/// to every thread of the process).
+/// to every thread of the process), with no capability left in the calling
+/// thread; other threads must call [`give_up_capabilities`] themselves.
 pub fn drop_to(uid: u32, gid: u32) -> Result<(), String> {
     if uid == 0 {
         return Err("refusing to 'drop' to uid 0".into());
@@ -58,11 +67,68 @@ pub fn drop_to(uid: u32, gid: u32) -> Result<(), String> {
     if unsafe { libc::setuid(0) } == 0 {
         return Err("still able to become root after dropping privileges".into());
     }
+    give_up_capabilities()
+}
+
+/// Give up, in the calling thread, the capability sets that are inherited
+/// by threads made later and that the uid change below does not clear:
+/// the bounding set (which needs CAP_SETPCAP, so while still privileged),
+/// the ambient and the inheritable set. Done first thing when moat is to
+/// drop its privileges, so every thread it makes starts without them.
+pub fn give_up_inherited_capabilities() -> Result<(), String> {
+    use caps::CapSet;
+    if caps::read(None, CapSet::Bounding).is_ok_and(|b| !b.is_empty()) {
+        if !caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false) {
+            return Err(
+                "cannot empty the capability bounding set (that needs CAP_SETPCAP): \
+                 start moat as root or without capabilities"
+                    .into(),
+            );
+        }
+        caps::clear(None, CapSet::Bounding).map_err(|e| format!("bounding set: {e}"))?;
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| format!("ambient set: {e}"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(|e| format!("inheritable set: {e}"))?;
     Ok(())
 }
 
+/// Give up, in the calling thread, the permitted and effective sets (a
+/// uid change from root clears them, but one between two other uids, when
+/// a user holding capabilities started moat, does not), then check that
+/// the thread holds nothing in any of its five sets.
+pub fn give_up_capabilities() -> Result<(), String> {
+    use caps::CapSet;
+    caps::clear(None, CapSet::Effective).map_err(|e| format!("effective set: {e}"))?;
+    caps::clear(None, CapSet::Permitted).map_err(|e| format!("permitted set: {e}"))?;
+    for set in [
+        CapSet::Effective,
+        CapSet::Permitted,
+        CapSet::Inheritable,
+        CapSet::Ambient,
+        CapSet::Bounding,
+    ] {
+        let held = caps::read(None, set).map_err(|e| format!("{set:?} set: {e}"))?;
+        if !held.is_empty() {
+            let mut names: Vec<String> = held.iter().map(|c| c.to_string()).collect();
+            names.sort();
+            return Err(format!(
+                "a thread still holds capabilities in its {set:?} set: {}",
+                names.join(",")
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn cap_field(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
 /// Why this process counts as privileged (any of its uids is 0, or it holds
-/// effective capabilities), or None.
+/// effective, permitted or ambient capabilities), or None.
 pub fn privileged() -> Option<String> {
     let (mut r, mut e, mut s) = (0, 0, 0);
     // SAFETY: getresuid writes three uids into the locals passed.
@@ -73,12 +139,10 @@ pub fn privileged() -> Option<String> {
         ));
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    (cap_eff != 0).then(|| format!("running with capabilities (CapEff {cap_eff:016x})"))
+    ["CapEff", "CapPrm", "CapAmb"].into_iter().find_map(|set| {
+        let v = cap_field(&status, set).unwrap_or(0);
+        (v != 0).then(|| format!("running with capabilities ({set} {v:016x})"))
+    })
 }
 
 #[cfg(test)]
