@@ -41,6 +41,7 @@ fuzz_target!(|data: &[u8]| {
         bounce: vec![0; 4096],
         link: DriveLink::new(Default::default()),
         kill: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        stopping: Arc::default(),
     };
     let _ = w.process_queue();
 });

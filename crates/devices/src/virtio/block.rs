@@ -339,8 +339,6 @@ pub struct Worker {
 
 #[derive(Debug)]
 enum ReqError {
-    /// The request cannot be answered (no status byte): consume it, length 0.
-    Malformed,
     Status(u8),
     /// The device was reset while the request ran: nothing more is posted.
     Stopped,
@@ -381,6 +379,34 @@ fn host_error(write: bool, e: BlockError, errors: &ErrorSink) -> ReqError {
         }
     }
     ReqError::from(e)
+}
+
+/// One discard or write-zeroes segment (virtio 1.2, 5.2.6).
+#[derive(Debug, Clone, Copy, Default)]
+struct Segment {
+    sector: u64,
+    sectors: u32,
+    flags: u32,
+}
+
+/// Copy the request's segments out of guest memory into `segs` (at most
+/// [`MAX_DISCARD_SEG`], a whole number of 16-byte segments); how many.
+fn read_segments(reader: &mut Reader<'_>, segs: &mut [Segment]) -> Result<usize, ReqError> {
+    let len = reader.available_bytes();
+    let n = len / 16;
+    if n == 0 || n > segs.len() || !len.is_multiple_of(16) {
+        return Err(ReqError::Status(S_IOERR));
+    }
+    for seg in segs.iter_mut().take(n) {
+        let mut b = [0u8; 16];
+        reader.read_exact(&mut b)?;
+        *seg = Segment {
+            sector: u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+            sectors: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            flags: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        };
+    }
+    Ok(n)
 }
 
 /// The part of `buf` that starts on a 4 KiB boundary (all of it when the
@@ -514,25 +540,48 @@ impl Worker {
         let Ok(mut status_w) = writer.split_at(total - 1) else {
             return Some(0);
         };
-        let kind = {
-            let mut peek = reader.clone();
-            let mut t = [0u8; 4];
-            peek.read_exact(&mut t)
-                .map(|_| u32::from_le_bytes(t))
-                .unwrap_or(u32::MAX)
+        // The header is copied out of guest memory once: what picks the
+        // throttle bucket is what runs (another vCPU may rewrite it).
+        let mut hdr = [0u8; 16];
+        if reader.read_exact(&mut hdr).is_err() {
+            if status_w.write_all(&[S_IOERR]).is_err() {
+                return Some(0);
+            }
+            return Some(1);
+        }
+        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let sector = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
+        // Discard and write-zeroes segments, also copied once.
+        let mut segs = [Segment::default(); MAX_DISCARD_SEG as usize];
+        let nsegs = match kind {
+            T_DISCARD | T_WRITE_ZEROES => read_segments(&mut reader, &mut segs),
+            _ => Ok(0),
         };
-        let admitted = match kind {
-            T_IN => self.throttle(false, writer.available_bytes() as u64),
-            T_OUT => self.throttle(true, reader.available_bytes().saturating_sub(16) as u64),
+        // What QEMU's throttling counts: reads, writes, and write-zeroes as
+        // writes of their length; flushes, discards and GET_ID are free.
+        let admitted = match (kind, &nsegs) {
+            (T_IN, _) => self.throttle(false, writer.available_bytes() as u64),
+            (T_OUT, _) => self.throttle(true, reader.available_bytes() as u64),
+            (T_WRITE_ZEROES, Ok(n)) => {
+                let bytes = segs[..*n]
+                    .iter()
+                    .fold(0u64, |a, s| a.saturating_add(u64::from(s.sectors) * SECTOR));
+                self.throttle(true, bytes)
+            }
             _ => true,
         };
         if !admitted {
             return None;
         }
-        let status = match self.execute(&mut reader, &mut writer) {
+        let result = match nsegs {
+            Ok(n) => self.execute(kind, sector, &segs[..n], &mut reader, &mut writer),
+            Err(e) => Err(e),
+        };
+        let status = match result {
             Ok(()) => S_OK,
             Err(ReqError::Status(s)) => s,
-            Err(ReqError::Malformed) => S_IOERR,
             Err(ReqError::Stopped) => return None,
         };
         let st = &self.link.stats;
@@ -549,6 +598,9 @@ impl Worker {
             (T_OUT, false) => bump(&st.failed_wr_operations, 1),
             (T_FLUSH, true) => bump(&st.flush_operations, 1),
             (T_FLUSH, false) => bump(&st.failed_flush_operations, 1),
+            // QEMU accounts write-zeroes as writes.
+            (T_WRITE_ZEROES, true) => bump(&st.wr_operations, 1),
+            (T_WRITE_ZEROES, false) => bump(&st.failed_wr_operations, 1),
             (T_DISCARD, true) => bump(&st.unmap_operations, 1),
             _ => {}
         }
@@ -569,17 +621,12 @@ impl Worker {
 
     fn execute(
         &mut self,
+        kind: u32,
+        sector: u64,
+        segs: &[Segment],
         reader: &mut Reader<'_>,
         writer: &mut Writer<'_>,
     ) -> Result<(), ReqError> {
-        let mut hdr = [0u8; 16];
-        reader
-            .read_exact(&mut hdr)
-            .map_err(|_| ReqError::Malformed)?;
-        let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let mut s = [0u8; 8];
-        s.copy_from_slice(&hdr[8..16]);
-        let sector = u64::from_le_bytes(s);
         let offset = sector
             .checked_mul(SECTOR)
             .ok_or(ReqError::Status(S_IOERR))?;
@@ -636,27 +683,17 @@ impl Worker {
                 if self.disk.read_only() {
                     return Err(ReqError::Status(S_IOERR));
                 }
-                let segs = reader.available_bytes() / 16;
-                if segs == 0
-                    || segs > MAX_DISCARD_SEG as usize
-                    || !reader.available_bytes().is_multiple_of(16)
-                {
-                    return Err(ReqError::Status(S_IOERR));
-                }
-                for _ in 0..segs {
-                    let mut seg = [0u8; 16];
-                    reader.read_exact(&mut seg)?;
-                    let mut a = [0u8; 8];
-                    a.copy_from_slice(&seg[0..8]);
-                    let start = u64::from_le_bytes(a)
-                        .checked_mul(SECTOR)
-                        .ok_or(ReqError::Status(S_IOERR))?;
-                    let num =
-                        u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]])) * SECTOR;
-                    let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
-                    if flags & !1 != 0 || (kind == T_DISCARD && flags != 0) {
+                for seg in segs {
+                    if seg.flags & !1 != 0 || (kind == T_DISCARD && seg.flags != 0) {
                         return Err(ReqError::Status(S_UNSUPP));
                     }
+                }
+                for seg in segs {
+                    let start = seg
+                        .sector
+                        .checked_mul(SECTOR)
+                        .ok_or(ReqError::Status(S_IOERR))?;
+                    let num = u64::from(seg.sectors) * SECTOR;
                     moat_block::check_range(start, num, self.disk.size())?;
                     let r = if kind == T_WRITE_ZEROES {
                         self.disk.write_zeroes(start, num)
@@ -735,6 +772,70 @@ mod tests {
         assert_eq!(mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 1); // used idx
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x3008)).unwrap(), 513); // used len
         assert_eq!(w.link.stats.rd_bytes.load(Ordering::Relaxed), 512);
+    }
+
+    /// A request at 0x4000 with data descriptors, status at 0x6000.
+    fn submit(mem: &GuestMemoryMmap, w: &mut Worker, kind: u32, data: &[(u64, u32, bool)]) -> u8 {
+        mem.write_obj(kind, GuestAddress(0x4000)).unwrap();
+        mem.write_obj(0u64, GuestAddress(0x4008)).unwrap();
+        desc(mem, 0, 0x4000, 16, 1, 1);
+        for (i, &(addr, len, writable)) in data.iter().enumerate() {
+            let i = i as u64 + 1;
+            desc(
+                mem,
+                i,
+                addr,
+                len,
+                1 | if writable { 2 } else { 0 },
+                i as u16 + 1,
+            );
+        }
+        let last = data.len() as u64 + 1;
+        desc(mem, last, 0x6000, 1, 2, 0);
+        let idx: u16 = mem.read_obj(GuestAddress(0x2002)).unwrap();
+        mem.write_obj(0u16, GuestAddress(0x2004 + 2 * u64::from(idx % 8)))
+            .unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(0x2002))
+            .unwrap();
+        w.process_queue().unwrap();
+        mem.read_obj::<u8>(GuestAddress(0x6000)).unwrap()
+    }
+
+    /// QEMU throttles write-zeroes as writes of their length (and counts
+    /// them as write operations); it did not count here at all.
+    #[test]
+    fn write_zeroes_is_throttled_and_counted_as_a_write() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let disk = Arc::new(MemImage::new(vec![0xaa; 64 << 20], false));
+        let mut w = worker(&mem, disk.clone());
+        w.link.throttle.set(moat_block::throttle::ThrottleLimits {
+            bps_wr: 1 << 20,
+            ..Default::default()
+        });
+        // One segment: all 64 MiB (131072 sectors) from sector 0.
+        mem.write_obj(0u64, GuestAddress(0x5000)).unwrap();
+        mem.write_obj(131_072u32, GuestAddress(0x5008)).unwrap();
+        mem.write_obj(0u32, GuestAddress(0x500c)).unwrap();
+        assert_eq!(
+            submit(&mem, &mut w, T_WRITE_ZEROES, &[(0x5000, 16, false)]),
+            S_OK
+        );
+        let mut b = [0u8; 4];
+        disk.read_at(&mut b, 12345).unwrap();
+        assert_eq!(b, [0; 4]);
+        // 64 MiB charged against 1 MiB/s: the next write must wait.
+        let wait = w.link.throttle.admit(true, 512, std::time::Instant::now());
+        assert!(
+            wait.is_some(),
+            "write-zeroes was not charged to the write bucket"
+        );
+        assert_eq!(w.link.stats.wr_operations.load(Ordering::Relaxed), 1);
+        // Reads are not affected.
+        assert!(w
+            .link
+            .throttle
+            .admit(false, 512, std::time::Instant::now())
+            .is_none());
     }
 
     #[test]
