@@ -572,3 +572,87 @@ fn peak_rss_kib() -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
 }
+
+/// A qemu-img image with its first cluster written (so L2 entry 0 maps a
+/// data cluster, "copied"), and that L2 entry rewritten to `entry`.
+fn image_with_l2_entry(dir: &Path, name: &str, entry: impl Fn(&std::fs::File) -> u64) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let img = dir.join(name);
+    let p = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "4M"]);
+    qemu_io(p, "qcow2", "write -P 0x11 0 64k");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 40).unwrap();
+    let l1 = u64::from_be_bytes(b);
+    f.read_exact_at(&mut b, l1).unwrap();
+    let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+    f.write_all_at(&entry(&f).to_be_bytes(), l2).unwrap();
+    img
+}
+
+fn qemu_img_info(img: &Path) -> String {
+    qemu_img(&["info", "--output=json", img.to_str().unwrap()])
+}
+
+/// QEMU's iotest 060 ("L2 reference into L1"): a data cluster mapped onto
+/// the L1 table. The guest's write would have overwritten L1 on disk; QEMU
+/// refuses it with EIO and marks the image corrupt, and so does moat.
+#[test]
+fn a_write_onto_metadata_is_refused_and_marks_the_image_corrupt() {
+    use std::os::unix::fs::FileExt;
+    const COPIED: u64 = 1 << 63;
+    let dir = scratch("overlap");
+    let img = image_with_l2_entry(&dir, "onto-l1.qcow2", |f| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 40).unwrap();
+        u64::from_be_bytes(b) | COPIED
+    });
+    let l1_before = {
+        let f = std::fs::File::open(&img).unwrap();
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 40).unwrap();
+        let mut l1 = vec![0u8; 512];
+        f.read_exact_at(&mut l1, u64::from_be_bytes(b)).unwrap();
+        l1
+    };
+    let disk = open(&format!("file={},format=qcow2", img.display())).unwrap();
+    let e = disk.image.write_at(&[0x5a; 4096], 0).unwrap_err();
+    assert!(
+        e.to_string().contains("overlaps with active L1 table"),
+        "{e}"
+    );
+    // Every later request fails too, as with QEMU (the node is unusable).
+    assert!(disk.image.write_at(&[0x5a; 4096], 1 << 20).is_err());
+    drop(disk);
+    let f = std::fs::File::open(&img).unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, 40).unwrap();
+    let mut l1_after = vec![0u8; 512];
+    f.read_exact_at(&mut l1_after, u64::from_be_bytes(b))
+        .unwrap();
+    assert!(l1_after == l1_before, "the L1 table was overwritten");
+    let info = qemu_img_info(&img);
+    assert!(info.contains("\"corrupt\": true"), "{info}");
+}
+
+/// An L2 entry 1 TiB past the end of the file: one guest write used to
+/// grow the file to 1 TiB (sparse).
+#[test]
+fn a_write_to_a_cluster_past_the_end_of_the_file_is_refused() {
+    const COPIED: u64 = 1 << 63;
+    let dir = scratch("pastend");
+    let img = image_with_l2_entry(&dir, "far.qcow2", |_| (1u64 << 40) | COPIED);
+    let len = std::fs::metadata(&img).unwrap().len();
+    let disk = open(&format!("file={},format=qcow2", img.display())).unwrap();
+    let e = disk.image.write_at(&[0x5a; 4096], 0).unwrap_err();
+    assert!(e.to_string().contains("beyond the end"), "{e}");
+    drop(disk);
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), len, "the file grew");
+    let info = qemu_img_info(&img);
+    assert!(info.contains("\"corrupt\": true"), "{info}");
+}

@@ -267,6 +267,14 @@ impl<S: Storage + 'static, F: WrappedFormat<S> + 'static> Qcow2<S, F> {
 
 #[maybe_async]
 impl<S: Storage> Allocator<S> {
+    /// moat patch: whether `f` holds for the offset of any refcount block
+    /// the refcount table points at (for the pre-write overlap check).
+    pub(super) fn any_refblock(&self, f: impl Fn(u64) -> bool) -> bool {
+        (0..self.reftable.entries())
+            .filter_map(|i| self.reftable.get(i).refblock_offset())
+            .any(|o| f(o.0))
+    }
+
     /// Create a new allocator for the given image file.
     pub async fn new(
         image: Arc<S>,

@@ -812,6 +812,11 @@ impl Header {
     }
 
     /// log2 of the cluster size.
+    /// moat patch: the image's qcow2 version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.v2.version
+    }
+
     /// moat patch: compressed clusters are zstd (compression_type 1), not zlib.
     pub fn zstd(&self) -> bool {
         self.v3.incompatible_features & IncompatibleFeatures::CompressionType as u64 != 0

@@ -81,6 +81,10 @@ pub struct Qcow2<S: Storage + 'static, F: WrappedFormat<S> + 'static = FormatAcc
     ///
     /// Shared with the allocator.  Must be freed via [`Qcow2::process_clusters_to_free()`].
     clusters_to_free: Arc<ClustersToFreeList>,
+
+    /// moat patch: set once a write was refused for landing on metadata
+    /// (QEMU's "image marked as corrupt"); all I/O then fails, as in QEMU.
+    corrupt: std::sync::atomic::AtomicBool,
 }
 
 #[maybe_async]
@@ -153,6 +157,7 @@ impl<S: Storage + 'static, F: WrappedFormat<S> + 'static> Qcow2<S, F> {
             caches,
             allocator,
             clusters_to_free,
+            corrupt: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -401,6 +406,79 @@ impl<S: Storage + 'static, F: WrappedFormat<S> + 'static> Qcow2<S, F> {
     }
 
     /// Require write access, i.e. return an error for read-only images.
+    /// moat patch: fail I/O on an image found corrupt.
+    fn check_not_corrupt(&self) -> io::Result<()> {
+        if self.corrupt.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "the image was marked corrupt: repair it with qemu-img check -r all",
+            ));
+        }
+        Ok(())
+    }
+
+    /// moat patch: QEMU's pre-write overlap check (qcow2_pre_write_overlap_check
+    /// in its default "cached" mode): guest data must not land on the header,
+    /// the active L1 table, an active L2 table, the refcount table or a
+    /// refcount block; and a cluster the image already maps must lie inside
+    /// the file (a hostile L2 entry 1 TiB past the end made one write grow
+    /// the file to 1 TiB). Either is corruption: the image is marked corrupt
+    /// (incompatible bit 1, as QEMU marks it) and the write fails with EIO.
+    async fn check_data_write(&self, offset: u64, length: u64, existing: bool) -> io::Result<()> {
+        if length == 0 || self.header.external_data_file() {
+            return Ok(());
+        }
+        let cs = self.header.cluster_size() as u64;
+        let start = offset - offset % cs;
+        let end = offset.saturating_add(length).div_ceil(cs).saturating_mul(cs);
+        let hits = |o: u64, len: u64| o < end && start < o.saturating_add(len);
+        let mut what = None;
+        if hits(0, cs) {
+            what = Some("qcow2_header");
+        } else if hits(
+            self.header.l1_table_offset().0,
+            (self.header.l1_table_entries() as u64 * 8).next_multiple_of(cs),
+        ) {
+            what = Some("active L1 table");
+        } else if hits(
+            self.header.reftable_offset().0,
+            self.header.reftable_clusters().0 as u64 * cs,
+        ) {
+            what = Some("refcount table");
+        } else {
+            let l1 = self.l1_table.read().await;
+            if (0..l1.entries()).any(|i| l1.get(i).l2_offset().is_some_and(|o| hits(o.0, cs))) {
+                what = Some("active L2 table");
+            }
+        }
+        if what.is_none() {
+            if let Some(a) = self.allocator.as_ref() {
+                if a.lock().await.any_refblock(|o| hits(o, cs)) {
+                    what = Some("refcount block");
+                }
+            }
+        }
+        let message = match what {
+            Some(w) => format!("Preventing invalid write on metadata (overlaps with {w})"),
+            None if existing && start >= self.metadata.size()? => format!(
+                "Data cluster at {start:#x} lies beyond the end of the image file"
+            ),
+            None => return Ok(()),
+        };
+        self.corrupt.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Incompatible feature bit 1 (corrupt), in the v3 header at byte 72.
+        if self.header.version() >= 3 {
+            let mut b = [0u8; 8];
+            if self.metadata.read(&mut b[..], 72).await.is_ok() {
+                let v = u64::from_be_bytes(b) | 2;
+                let _ = self.metadata.write(&v.to_be_bytes()[..], 72).await;
+                let _ = self.metadata.flush().await;
+            }
+        }
+        Err(io::Error::other(format!(
+            "qcow2: Marking image as corrupt: {message}; further corruption events will be suppressed"
+        )))
+    }
+
     fn need_writable(&self) -> io::Result<()> {
         self.writable
             .then_some(())
@@ -499,6 +577,7 @@ impl<S: Storage, F: WrappedFormat<S>> FormatDriverInstance for Qcow2<S, F> {
         offset: u64,
         max_length: u64,
     ) -> io::Result<(ShallowMapping<'a, S>, u64)> {
+        self.check_not_corrupt()?;
         let length_until_eof = match self.header.size().checked_sub(offset) {
             None | Some(0) => return Ok((ShallowMapping::Eof {}, 0)),
             Some(length) => length,
@@ -523,8 +602,13 @@ impl<S: Storage, F: WrappedFormat<S>> FormatDriverInstance for Qcow2<S, F> {
         }
 
         self.need_writable()?;
+        self.check_not_corrupt()?;
         let (host_offset, length, state) = self
             .do_prepare_data_mapping(GuestOffset(offset), length, overwrite, false)
+            .await?;
+        // moat patch: QEMU's pre-write overlap check (on error, dropping
+        // `state` frees what was allocated for the mapping).
+        self.check_data_write(host_offset, length, state.is_none())
             .await?;
 
         let pdm = if let Some(state) = state {
