@@ -912,6 +912,10 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
 
         let log_only = std::env::var_os("MOAT_SECCOMP_LOG").is_some_and(|v| v == "1");
         let violation = if log_only {
+            eprintln!(
+                "moat: warning: MOAT_SECCOMP_LOG=1: system calls outside the allow-list are logged, not refused; \
+                 the sandbox does not protect this host"
+            );
             moat_sandbox::Violation::Log
         } else {
             moat_sandbox::Violation::Kill

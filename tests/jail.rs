@@ -115,6 +115,8 @@ fn jail_args(id: &str, base: &Path, rest: &[&str]) -> Vec<String> {
 fn start_jail(args: &[String]) -> (std::process::Child, u32, String) {
     let mut jailer = Command::new(JAIL)
         .args(args)
+        // Inherited, not asked for with --seccomp-log: must not reach moat.
+        .env("MOAT_SECCOMP_LOG", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -268,6 +270,12 @@ fn a_jailed_vm_has_only_what_it_was_given() {
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
         assert_ne!(theirs, ours, "{ns} namespace is the host's");
     }
+    // An inherited MOAT_SECCOMP_LOG was not passed on: the filters kill.
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("MOAT_SECCOMP_LOG"),
+        "{environ:?}"
+    );
     // The resource limits given (moat may only lower them further).
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let limit = |name: &str| -> Vec<String> {

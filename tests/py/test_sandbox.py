@@ -235,3 +235,16 @@ def test_stop_and_continue_under_the_sandbox(moat):
     m.wait_for(lambda: m.count() > n + 3, "the guest to go on counting")
     assert q.cmd("query-status")["status"] == "running"
     q.close()
+
+
+def test_seccomp_log_mode_says_the_sandbox_is_off(moat, monkeypatch):
+    """MOAT_SECCOMP_LOG=1 (finding what a new feature needs) logs instead of
+    killing: moat must say so, every time."""
+    monkeypatch.setenv("MOAT_SECCOMP_LOG", "1")
+    m = moat()
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 0, "the guest to run")
+    q.cmd("quit")
+    m.wait_exit()
+    err = m.proc.stderr.read()
+    assert b"MOAT_SECCOMP_LOG=1" in err and b"does not protect this host" in err, err

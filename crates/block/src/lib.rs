@@ -98,6 +98,11 @@ impl RawImage {
         self
     }
 
+    /// The image's file (the buffered descriptor).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Bypass the host page cache with `direct` (the image opened O_DIRECT).
     pub fn with_direct(mut self, direct: File) -> RawImage {
         self.direct = Some(direct);

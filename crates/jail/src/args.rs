@@ -36,6 +36,9 @@ Removes the cgroup and the root when moat ends; exits with moat's status.
   --io-max DEV,rbps=N,wbps=N   bandwidth limit for a block device (path or MAJ:MIN)
   --rlimit NAME=N         a resource limit for moat (soft and hard): nofile, nproc,
                           fsize, memlock, as, core (may repeat)
+  --seccomp-log           moat logs system calls outside its allow-list instead of
+                          refusing them (MOAT_SECCOMP_LOG=1: debugging only; an
+                          inherited MOAT_SECCOMP_LOG is never passed on)
 ";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +108,8 @@ pub struct JailConfig {
     pub parent_cgroup: String,
     pub apparmor_profile: Option<String>,
     pub limits: Limits,
+    /// Pass MOAT_SECCOMP_LOG=1 to moat (asked for explicitly, never inherited).
+    pub seccomp_log: bool,
     pub moat_args: Vec<String>,
 }
 
@@ -292,6 +297,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut apparmor_profile = None;
     let mut limits = Limits::default();
     let mut moat_args = vec![];
+    let mut seccomp_log = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--" {
@@ -305,6 +311,10 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             Some((o, v)) if o.starts_with("--") => (o, Some(v.to_string())),
             _ => (a.as_str(), None),
         };
+        if opt == "--seccomp-log" {
+            seccomp_log = true;
+            continue;
+        }
         if opt == "--new-netns" {
             if netns != Netns::Host {
                 return Err("--new-netns and --netns: choose one".into());
@@ -486,6 +496,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
         parent_cgroup,
         apparmor_profile,
         limits,
+        seccomp_log,
         moat_args,
     };
     if cfg.limits.cpu_period_us.is_some() && cfg.limits.cpu_quota_us.is_none() {

@@ -596,12 +596,15 @@ pub fn run(cfg: &JailConfig) -> Result<i32, String> {
             binds.push((src.clone(), dest.clone(), *writable, false, false));
         }
         let mut envp = vec![cstr("PATH=/")?];
-        for k in ["MOAT_LOG", "MOAT_SECCOMP_LOG"] {
-            if let Some(v) = std::env::var_os(k) {
-                let mut kv = std::ffi::OsString::from(format!("{k}="));
-                kv.push(v);
-                envp.push(cstr(kv)?);
-            }
+        if let Some(v) = std::env::var_os("MOAT_LOG") {
+            let mut kv = std::ffi::OsString::from("MOAT_LOG=");
+            kv.push(v);
+            envp.push(cstr(kv)?);
+        }
+        // Only when asked on moat-jail's own command line: an inherited
+        // variable must not turn the sandbox into a log.
+        if cfg.seccomp_log {
+            envp.push(cstr("MOAT_SECCOMP_LOG=1")?);
         }
         let plan = ChildPlan {
             root: cstr(&jail.root)?,

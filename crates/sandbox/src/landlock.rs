@@ -6,13 +6,15 @@
 //! (`/dev/kvm` stays open from startup; descriptors from fd
 //! sets need no path), and removing files in the pid file's directory (the
 //! pid file goes at exit, as QEMU's does). Every other file access that
-//! Landlock can control is denied, with the best ABI the kernel offers.
+//! Landlock can control is denied, with the best ABI the kernel offers;
+//! from ABI 6, signals to other processes and connections to abstract UNIX
+//! sockets made outside moat are denied too.
 
 use std::path::PathBuf;
 
 use landlock::{
     Access, AccessFs, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, RestrictionStatus,
-    Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, ABI,
+    Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 /// What moat may still open once the guest runs.
@@ -27,17 +29,21 @@ pub struct FsPolicy {
 }
 
 /// The newest ABI this code knows; older kernels get what they support.
-const ABI_USED: ABI = ABI::V5;
+const ABI_USED: ABI = ABI::V6;
 
 /// Build the ruleset for `p` (not yet enforced on any thread).
 pub fn ruleset(p: &FsPolicy) -> Result<RulesetCreated, String> {
     let e = |what: &str, err: &dyn std::fmt::Display| format!("landlock: {what}: {err}");
     let file_read = AccessFs::ReadFile;
     let file_rw = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate;
+    // ABI 6 scoping: no signals to processes outside moat's domain, no
+    // connections to abstract UNIX sockets made outside it.
     let mut rs = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(ABI_USED))
         .map_err(|x| e("ruleset", &x))?
+        .scope(Scope::from_all(ABI_USED))
+        .map_err(|x| e("scope", &x))?
         .create()
         .map_err(|x| e("create", &x))?;
     let rules = p
@@ -174,6 +180,15 @@ mod tests {
             // SAFETY: valid path.
             if unsafe { libc::unlink(other.as_ptr()) } == 0 {
                 code |= 128
+            }
+            // ABI 6 scoping: no signal to a process outside the domain.
+            // SAFETY: signal 0 only checks the permission.
+            if kernel_abi().is_some_and(|v| v >= 6)
+                && unsafe { libc::kill(libc::getppid(), 0) } == 0
+            {
+                // Past the bit mask's eight bits.
+                // SAFETY: ending the child.
+                unsafe { libc::_exit(255) };
             }
             // SAFETY: ending the child.
             unsafe { libc::_exit(code) };

@@ -10,13 +10,22 @@
 //!
 //! That list, in [`rules`], is the union of the per-role lists in `roles`
 //! (each syscall with its reason); argument filters narrow the risky ones:
-//! `ioctl` only the KVM requests moat makes, by number, and the terminal's,
-//! `socket` only AF_UNIX, `clone` only for threads (`clone3`, whose flags a
-//! filter cannot see, answers ENOSYS so the C library falls back to
-//! `clone`). Not in the list, so fatal: `execve`, `fork`, `ptrace`,
-//! `mount`, `open_by_handle_at`, `bpf`, `kexec_load`, `setuid` and every
-//! other privilege change, ... Each thread then stacks its role's own
-//! narrower filter ([`RoleFilters`]).
+//! `ioctl` only the KVM requests moat makes, by number, and the terminal's;
+//! `socketpair` only AF_UNIX (no `socket` at all); `clone` only for threads
+//! (`clone3`, whose flags a filter cannot see, answers ENOSYS so the C
+//! library falls back to `clone`); `mmap`/`mprotect` never `PROT_EXEC`;
+//! `tgkill` only to moat's own threads with the vCPU kick or SIGABRT;
+//! `prctl` only thread names and no_new_privs. Not in the list, so fatal:
+//! `execve`, `fork`, `ptrace`, `mount`, `open_by_handle_at`, `bpf`,
+//! `kexec_load`, `setuid` and every other privilege change, ... Each thread
+//! then stacks its role's own narrower filter ([`RoleFilters`]).
+//!
+//! What this does not give: moat's threads share one address space, so
+//! code running in any thread can write the memory every other thread
+//! uses; the process-wide list, the union of all roles, is the real
+//! boundary against such code. Per-role filters catch a thread doing what
+//! its role never does; device backends in processes of their own are the
+//! answer to the rest (see ARCHITECTURE.md).
 
 use std::collections::BTreeMap;
 
@@ -70,13 +79,51 @@ pub fn rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         ioctl.push(rule(vec![cond(1, SeccompCmpOp::Eq, req)]));
     }
     m.insert(libc::SYS_ioctl, ioctl);
-    // socket/socketpair: UNIX domain only (monitor, the console).
-    for s in [libc::SYS_socket, libc::SYS_socketpair] {
+    // socketpair: UNIX domain only (TLS relays). socket() itself is in no
+    // role's list: every socket moat uses exists before the guest runs.
+    if m.contains_key(&libc::SYS_socketpair) {
         m.insert(
-            s,
+            libc::SYS_socketpair,
             vec![rule(vec![cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)])],
         );
     }
+    // mmap/mprotect: never executable memory once the guest runs (all of
+    // moat's code is mapped by then; nothing loads code later).
+    let exec = libc::PROT_EXEC as u64;
+    for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
+        m.insert(
+            nr,
+            vec![rule(vec![cond(2, SeccompCmpOp::MaskedEq(exec), 0)])],
+        );
+    }
+    // tgkill: only to moat's own threads, and only the vCPU kick
+    // (SIGRTMIN, see moat-vmm's control) or SIGABRT (abort), as Firecracker
+    // allows it.
+    let pid = u64::from(std::process::id());
+    m.insert(
+        libc::SYS_tgkill,
+        [libc::SIGRTMIN(), libc::SIGABRT]
+            .into_iter()
+            .map(|sig| {
+                rule(vec![
+                    cond(0, SeccompCmpOp::Eq, pid),
+                    cond(2, SeccompCmpOp::Eq, sig as u64),
+                ])
+            })
+            .collect(),
+    );
+    // prctl: thread names, and no_new_privs (seccompiler sets it before
+    // each filter it applies); nothing that could turn dumpable back on.
+    m.insert(
+        libc::SYS_prctl,
+        vec![
+            rule(vec![cond(0, SeccompCmpOp::Eq, libc::PR_SET_NAME as u64)]),
+            rule(vec![
+                cond(0, SeccompCmpOp::Eq, libc::PR_SET_NO_NEW_PRIVS as u64),
+                cond(1, SeccompCmpOp::Eq, 1),
+            ]),
+        ],
+    );
     // clone3 never reaches these rules (see `filter`).
     m.remove(&libc::SYS_clone3);
     // seccomp: a thread stacking its role's filter on itself (no flags:
@@ -268,8 +315,20 @@ mod tests {
                 let one = 1u64;
                 libc::write(fd, &one as *const u64 as *const _, 8);
                 libc::close(fd);
-                let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
-                libc::close(s);
+                let mut sv = [0; 2];
+                libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr());
+                libc::close(sv[0]);
+                libc::close(sv[1]);
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                libc::mprotect(p, 4096, libc::PROT_READ);
+                libc::prctl(libc::PR_SET_NAME, c"x".as_ptr());
                 // KVM_RUN on a non-KVM descriptor: allowed by the filter,
                 // refused by the kernel (ENOTTY), not fatal.
                 libc::ioctl(0, 0xAE80);
@@ -288,7 +347,7 @@ mod tests {
     #[test]
     fn unlisted_syscalls_kill_the_process() {
         type Case = (&'static str, fn() -> i32);
-        let cases: [Case; 8] = [
+        let cases: [Case; 13] = [
             ("execve", || {
                 let path = c"/bin/true";
                 let argv = [path.as_ptr(), std::ptr::null()];
@@ -317,6 +376,41 @@ mod tests {
                 libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
                 0
             }),
+            ("socket AF_UNIX", || unsafe {
+                libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                0
+            }),
+            ("mmap PROT_EXEC", || unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                0
+            }),
+            ("mprotect to PROT_EXEC", || unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC);
+                0
+            }),
+            ("prctl PR_SET_DUMPABLE", || unsafe {
+                libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
+                0
+            }),
+            ("tgkill to another process", || unsafe {
+                libc::syscall(libc::SYS_tgkill, 1, 1, 0);
+                0
+            }),
             (
                 "a KVM ioctl moat does not make (KVM_GET_DIRTY_LOG)",
                 || unsafe {
@@ -332,6 +426,31 @@ mod tests {
         for (name, body) in cases {
             assert_eq!(in_child(body), (None, Some(libc::SIGSYS)), "{name}");
         }
+    }
+
+    #[test]
+    fn tgkill_reaches_own_threads_with_the_kick_or_abort_only() {
+        // The filter names the pid it was made in: make it in the child.
+        let r = in_child_under(&[], || {
+            let Ok(prog) = filter(Violation::Kill) else {
+                return 4;
+            };
+            if seccompiler::apply_filter(&prog).is_err() {
+                return 5;
+            }
+            // SAFETY: signals to this very thread, the kick one ignored.
+            unsafe {
+                libc::signal(libc::SIGRTMIN(), libc::SIG_IGN);
+                let (pid, tid) = (libc::getpid(), libc::gettid());
+                if libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGRTMIN()) != 0 {
+                    return 3;
+                }
+                // Any other signal, even to itself: killed.
+                libc::syscall(libc::SYS_tgkill, pid, tid, libc::SIGUSR1);
+            }
+            0
+        });
+        assert_eq!(r, (None, Some(libc::SIGSYS)));
     }
 
     #[test]

@@ -18,10 +18,13 @@ fn any_thread() -> Vec<(i64, &'static str)> {
         ),
         (libc::SYS_close, "descriptors it owns"),
         (libc::SYS_futex, "locks and channels"),
-        (libc::SYS_mmap, "the allocator"),
+        (libc::SYS_mmap, "the allocator (never PROT_EXEC)"),
         (libc::SYS_munmap, "the allocator"),
         (libc::SYS_mremap, "the allocator"),
-        (libc::SYS_mprotect, "the allocator's arenas"),
+        (
+            libc::SYS_mprotect,
+            "the allocator's arenas (never PROT_EXEC)",
+        ),
         (libc::SYS_madvise, "the allocator"),
         (libc::SYS_brk, "the allocator"),
         (
@@ -42,7 +45,10 @@ fn any_thread() -> Vec<(i64, &'static str)> {
         (libc::SYS_getrandom, "hash maps"),
         (libc::SYS_getpid, "abort"),
         (libc::SYS_gettid, "abort, thread ids"),
-        (libc::SYS_tgkill, "abort"),
+        (
+            libc::SYS_tgkill,
+            "abort (SIGABRT), vCPU kicks; own threads only, checked globally",
+        ),
         (libc::SYS_exit, "thread exit"),
         (libc::SYS_exit_group, "process exit"),
     ]
@@ -59,7 +65,10 @@ fn threads() -> Vec<(i64, &'static str)> {
         (libc::SYS_set_robust_list, "new threads"),
         (libc::SYS_rseq, "new threads"),
         (libc::SYS_sched_getaffinity, "new threads (std)"),
-        (libc::SYS_prctl, "thread names"),
+        (
+            libc::SYS_prctl,
+            "thread names, no_new_privs; checked globally",
+        ),
     ]
 }
 

@@ -184,7 +184,7 @@ impl Disk {
                 if d.cache == moat_cli::CacheMode::Unsafe {
                     raw = raw.with_no_sync();
                 }
-                match open_direct(&d.file, !d.read_only, d.cache)? {
+                match open_direct(&d.file, !d.read_only, d.cache, raw.file())? {
                     Some(direct) => Arc::new(raw.with_direct(direct)),
                     None => Arc::new(raw),
                 }
@@ -255,12 +255,16 @@ fn open_image_file(
 
 /// cache=none|directsync on a path: the image again with O_DIRECT (as
 /// QEMU, an error where the file system cannot do it, e.g. older tmpfs).
-/// A descriptor from an fd set keeps the flags its owner gave it.
+/// It must be the file already open as `first` (same device and inode):
+/// the path may have been pointed elsewhere in between. A descriptor from
+/// an fd set keeps the flags its owner gave it.
 fn open_direct(
     path: &std::path::Path,
     writable: bool,
     cache: moat_cli::CacheMode,
+    first: &std::fs::File,
 ) -> Result<Option<std::fs::File>, String> {
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::OpenOptionsExt;
     if !matches!(
         cache,
@@ -273,19 +277,26 @@ fn open_direct(
     if writable && cache == moat_cli::CacheMode::Directsync {
         flags |= libc::O_DSYNC;
     }
-    std::fs::OpenOptions::new()
+    let direct = std::fs::OpenOptions::new()
         .read(true)
         .write(writable)
         .custom_flags(flags)
         .open(path)
-        .map(Some)
         .map_err(|e| {
             format!(
                 "-drive file={},cache=none: Could not open '{}' with O_DIRECT: {e}",
                 path.display(),
                 path.display()
             )
-        })
+        })?;
+    let id = |f: &std::fs::File| f.metadata().map(|m| (m.dev(), m.ino())).ok();
+    if id(&direct).is_none() || id(&direct) != id(first) {
+        return Err(format!(
+            "-drive file={},cache=none: the file changed while it was being opened",
+            path.display()
+        ));
+    }
+    Ok(Some(direct))
 }
 
 /// Open a layer of a qcow2 chain and, recursively, the layers the user
@@ -708,5 +719,33 @@ impl Vm {
                 (ControlReply::Text(text), None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// cache=none opens the image's path a second time, with O_DIRECT: it
+    /// must find the file it opened the first time, not what the path was
+    /// pointed at in between.
+    #[test]
+    fn the_o_direct_descriptor_must_be_the_same_file() {
+        let d = std::env::temp_dir().join(format!("moat-direct-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let (a, b) = (d.join("a.img"), d.join("b.img"));
+        std::fs::write(&a, vec![0u8; 8192]).unwrap();
+        std::fs::write(&b, vec![0u8; 8192]).unwrap();
+        let first = std::fs::File::open(&a).unwrap();
+        let same = super::open_direct(&a, false, moat_cli::CacheMode::None, &first);
+        // tmpfs may refuse O_DIRECT; that is a different error.
+        if let Err(e) = &same {
+            assert!(e.contains("O_DIRECT"), "{e}");
+        }
+        // The path now names another file (as a swap in between would).
+        std::fs::rename(&b, &a).unwrap();
+        if same.is_ok() {
+            let e = super::open_direct(&a, false, moat_cli::CacheMode::None, &first).unwrap_err();
+            assert!(e.contains("the file changed"), "{e}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
