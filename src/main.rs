@@ -3,7 +3,8 @@
 //! fails (a one-line error, exit 1).
 
 use anyhow::Context as _;
-use moat_cli::{Action, Object, SocketAddr, VmConfig, HELP};
+use moat_cli::{Action, HELP};
+use moat_config::{Object, SocketAddr, VmConfig};
 use moat_monitor::authz::Authz;
 use moat_monitor::qmp::{FdStore, MonitorContext};
 use moat_monitor::server::{Endpoint, MonitorSpec, Monitors};
@@ -122,7 +123,7 @@ fn socket_paths(cfg: &VmConfig) -> Vec<PathBuf> {
             SocketAddr::Tcp { .. } | SocketAddr::Fd(_) => None,
         })
         .collect();
-    if let Some(moat_cli::SerialBackend::UnixServer { path, .. }) = &cfg.serial {
+    if let Some(moat_config::SerialBackend::UnixServer { path, .. }) = &cfg.serial {
         v.push(path.clone());
     }
     v
@@ -186,7 +187,7 @@ fn fs_policy(cfg: &VmConfig) -> moat_sandbox::landlock::FsPolicy {
             }
         }
         let mut layer = &d.backing;
-        while let moat_cli::Backing::Layer(l) = layer {
+        while let moat_config::Backing::Layer(l) = layer {
             p.read.extend(
                 [Some(&l.file), l.data_file.as_ref()]
                     .into_iter()
@@ -261,7 +262,7 @@ struct VmHandle {
 struct MonitorNode {
     name: String,
     driver: String,
-    cfg: moat_cli::DriveConfig,
+    cfg: moat_config::DriveConfig,
     disk: moat_vmm::Disk,
 }
 
@@ -283,8 +284,8 @@ fn monitor_message(e: &str) -> String {
 
 /// QEMU's BlockDeviceInfo for a node (query-block's `inserted`,
 /// query-named-block-nodes' entries), without throttling fields.
-fn block_device_info(c: &moat_cli::DriveConfig, node: &str, drv: &str, size: u64) -> Value {
-    use moat_cli::{Backing, CacheMode};
+fn block_device_info(c: &moat_config::DriveConfig, node: &str, drv: &str, size: u64) -> Value {
+    use moat_config::{Backing, CacheMode};
     let mut depth = 0;
     let mut layer = &c.backing;
     while let Backing::Layer(l) = layer {
@@ -313,7 +314,7 @@ fn block_device_info(c: &moat_cli::DriveConfig, node: &str, drv: &str, size: u64
 /// A disk as the monitor reports it.
 struct DriveInfo {
     name: String,
-    cfg: moat_cli::DriveConfig,
+    cfg: moat_config::DriveConfig,
     size: u64,
     link: moat_devices::virtio::block::DriveLink,
 }
@@ -416,7 +417,7 @@ fn node_name(index: usize) -> String {
 }
 
 /// QEMU's ImageInfo for one layer and, nested, the layers below it.
-fn image_info(layer: &moat_cli::ImageLayer, size: Option<u64>) -> Value {
+fn image_info(layer: &moat_config::ImageLayer, size: Option<u64>) -> Value {
     let meta = std::fs::metadata(&layer.file).ok();
     let actual = meta
         .as_ref()
@@ -424,10 +425,10 @@ fn image_info(layer: &moat_cli::ImageLayer, size: Option<u64>) -> Value {
         .unwrap_or(0);
     let size = size
         .or_else(|| match layer.format {
-            moat_cli::DriveFormat::Qcow2 => std::fs::File::open(&layer.file)
+            moat_config::DriveFormat::Qcow2 => std::fs::File::open(&layer.file)
                 .ok()
                 .and_then(|f| moat_block::qcow2::virtual_size(&f)),
-            moat_cli::DriveFormat::Raw => meta.map(|m| m.len()),
+            moat_config::DriveFormat::Raw => meta.map(|m| m.len()),
         })
         .unwrap_or(0);
     let mut v = json!({
@@ -436,7 +437,7 @@ fn image_info(layer: &moat_cli::ImageLayer, size: Option<u64>) -> Value {
         "virtual-size": size,
         "actual-size": actual,
     });
-    if let moat_cli::Backing::Layer(b) = &layer.backing {
+    if let moat_config::Backing::Layer(b) = &layer.backing {
         v["backing-filename"] = json!(b.file.display().to_string());
         v["full-backing-filename"] = json!(b.file.display().to_string());
         v["backing-filename-format"] = json!(b.format.name());
@@ -589,7 +590,7 @@ impl VmControl for VmHandle {
         &self,
         node: String,
         driver: String,
-        drive: moat_cli::DriveConfig,
+        drive: moat_config::DriveConfig,
         fds: &FdStore,
     ) -> Result<Value, QmpError> {
         let mut nodes = lock(&self.nodes);
@@ -722,8 +723,8 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
     // -run-with user=NAME: looked up now, while /etc is still reachable.
     let run_as = match &cfg.run_as {
         None => None,
-        Some(moat_cli::RunAs::Ids(u, g)) => Some((*u, *g)),
-        Some(moat_cli::RunAs::User(name)) => Some(
+        Some(moat_config::RunAs::Ids(u, g)) => Some((*u, *g)),
+        Some(moat_config::RunAs::User(name)) => Some(
             moat_sandbox::privs::lookup_user(name)
                 .map_err(|e| anyhow::anyhow!("-run-with: {e}"))?,
         ),

@@ -16,7 +16,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub use moat_cli::ThrottleLimits;
+pub use moat_config::ThrottleLimits;
 
 const NS: f64 = 1e9;
 

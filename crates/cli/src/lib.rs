@@ -6,16 +6,8 @@
 
 pub mod keyval;
 
+use moat_config::*;
 use std::path::PathBuf;
-
-/// virtio-mmio devices a machine can have.
-pub const MAX_VIRTIO_DEVICES: usize = 16;
-/// The largest vCPU count moat accepts.
-pub const MAX_CPUS: u32 = 64;
-/// The smallest guest RAM moat accepts (room for the boot structures).
-pub const MIN_RAM: u64 = 2 << 20;
-/// The largest guest RAM moat accepts (1 TiB).
-pub const MAX_RAM: u64 = 1 << 40;
 
 /// A command-line error: names the option and the offending value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,479 +36,146 @@ pub enum Action {
     Version,
 }
 
-/// CPU topology as QEMU's `-smp` defines it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Topology {
-    pub cpus: u32,
-    pub sockets: u32,
-    pub dies: u32,
-    pub cores: u32,
-    pub threads: u32,
+/// What parsing has gathered so far: the config, and what is only known
+/// once every option has been read (chardevs for `-mon`, `if=none` drives
+/// for `-device`, the serial ports).
+#[derive(Default)]
+struct Parser {
+    cfg: VmConfig,
+    serials: Vec<Option<SerialBackend>>,
+    nodefaults: bool,
+    chardevs: Vec<(String, SocketChardev)>,
+    mons: Vec<(String, MonitorMode, String)>,
+    /// `-drive`s, and whether a device uses each (`if=virtio` ones do).
+    backends: Vec<(DriveConfig, bool)>,
+    /// `-h` or `-version`: stop and do that.
+    done: Option<Action>,
 }
 
-/// Where a serial port's bytes go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SerialBackend {
-    Stdio,
-    Null,
-    File(PathBuf),
-    /// A listening UNIX socket; `wait` means block at startup for a client.
-    UnixServer {
-        path: PathBuf,
-        wait: bool,
-    },
+/// What an option does: a flag, or a handler of its argument.
+enum Handler {
+    Flag(fn(&mut Parser)),
+    Arg(fn(&mut Parser, &str, &str) -> Result<(), CliError>),
 }
 
-/// Where a listening socket is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SocketAddr {
-    Unix(PathBuf),
-    Tcp {
-        host: String,
-        port: u16,
-    },
-    /// An inherited, already listening UNIX socket (`fd=N`, as libvirt passes them).
-    Fd(i32),
-}
-
-/// A listening socket chardev (`-chardev socket,...` or legacy `unix:`/`tcp:`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SocketChardev {
-    pub addr: SocketAddr,
-    /// Block startup until a client connects.
-    pub wait: bool,
-    /// `tls-creds=ID` of a `tls-creds-x509` object.
-    pub tls_creds: Option<String>,
-    /// `tls-authz=ID` of an `authz-simple`/`authz-list` object.
-    pub tls_authz: Option<String>,
-}
-
-/// `-add-fd`: descriptor `fd` (inherited from the parent) goes into fd set `set`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AddFd {
-    pub fd: i64,
-    pub set: i64,
-    pub opaque: Option<String>,
-}
-
-/// `-run-with user=`: a user name (its uid and primary gid) or `UID:GID`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunAs {
-    User(String),
-    Ids(u32, u32),
-}
-
-/// Image formats moat reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DriveFormat {
-    Raw,
-    Qcow2,
-}
-
-impl DriveFormat {
-    /// QEMU's name for the format (`format=`, `backing.driver=`).
-    pub fn name(self) -> &'static str {
-        match self {
-            DriveFormat::Raw => "raw",
-            DriveFormat::Qcow2 => "qcow2",
-        }
-    }
-}
-
-/// Where a qcow2 layer's backing image comes from. moat never opens a
-/// backing file by a name found inside an image: the user names each layer
-/// with QEMU's dotted keys (`backing.driver=`, `backing.file.filename=`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backing {
-    /// Nothing was said: an image that names a backing file is refused.
-    Unnamed,
-    /// `backing=` (empty): use no backing image; unallocated clusters read as zeroes.
-    None,
-    /// The layer the user named.
-    Layer(Box<ImageLayer>),
-}
-
-/// One image in a chain: the drive's own image or a backing image below it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageLayer {
-    pub file: PathBuf,
-    pub format: DriveFormat,
-    pub backing: Backing,
-    /// `data-file.filename=`: a qcow2 image's external data file.
-    pub data_file: Option<PathBuf>,
-}
-
-/// `throttling.*`: I/O limits in QEMU's units (bytes or operations per second;
-/// `*_max` is the burst rate, allowed for `*_max_length` seconds). Zero means no limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ThrottleLimits {
-    pub bps: u64,
-    pub bps_rd: u64,
-    pub bps_wr: u64,
-    pub iops: u64,
-    pub iops_rd: u64,
-    pub iops_wr: u64,
-    pub bps_max: u64,
-    pub bps_rd_max: u64,
-    pub bps_wr_max: u64,
-    pub iops_max: u64,
-    pub iops_rd_max: u64,
-    pub iops_wr_max: u64,
-    pub bps_max_length: u64,
-    pub bps_rd_max_length: u64,
-    pub bps_wr_max_length: u64,
-    pub iops_max_length: u64,
-    pub iops_rd_max_length: u64,
-    pub iops_wr_max_length: u64,
-    /// `iops-size`: larger requests count as several operations.
-    pub iops_size: u64,
-}
-
-impl Default for ThrottleLimits {
-    /// No limits; burst lengths of one second, as QEMU's throttle_config_init().
-    fn default() -> Self {
-        ThrottleLimits {
-            bps: 0,
-            bps_rd: 0,
-            bps_wr: 0,
-            iops: 0,
-            iops_rd: 0,
-            iops_wr: 0,
-            bps_max: 0,
-            bps_rd_max: 0,
-            bps_wr_max: 0,
-            iops_max: 0,
-            iops_rd_max: 0,
-            iops_wr_max: 0,
-            bps_max_length: 1,
-            bps_rd_max_length: 1,
-            bps_wr_max_length: 1,
-            iops_max_length: 1,
-            iops_rd_max_length: 1,
-            iops_wr_max_length: 1,
-            iops_size: 0,
-        }
-    }
-}
-
-/// The largest value QEMU accepts for a throttling limit.
-pub const THROTTLE_VALUE_MAX: u64 = 1_000_000_000_000_000;
-
-impl ThrottleLimits {
-    /// (average, burst, burst length) for each bucket, in QEMU's order:
-    /// bps total/read/write, iops total/read/write.
-    pub fn buckets(&self) -> [(u64, u64, u64); 6] {
-        [
-            (self.bps, self.bps_max, self.bps_max_length),
-            (self.bps_rd, self.bps_rd_max, self.bps_rd_max_length),
-            (self.bps_wr, self.bps_wr_max, self.bps_wr_max_length),
-            (self.iops, self.iops_max, self.iops_max_length),
-            (self.iops_rd, self.iops_rd_max, self.iops_rd_max_length),
-            (self.iops_wr, self.iops_wr_max, self.iops_wr_max_length),
-        ]
-    }
-
-    /// Every field with its `-drive throttling.` key and its QMP
-    /// `block_set_io_throttle` argument name.
-    pub fn fields_mut(&mut self) -> [(&'static str, &'static str, &mut u64); 19] {
-        [
-            ("bps-total", "bps", &mut self.bps),
-            ("bps-read", "bps_rd", &mut self.bps_rd),
-            ("bps-write", "bps_wr", &mut self.bps_wr),
-            ("iops-total", "iops", &mut self.iops),
-            ("iops-read", "iops_rd", &mut self.iops_rd),
-            ("iops-write", "iops_wr", &mut self.iops_wr),
-            ("bps-total-max", "bps_max", &mut self.bps_max),
-            ("bps-read-max", "bps_rd_max", &mut self.bps_rd_max),
-            ("bps-write-max", "bps_wr_max", &mut self.bps_wr_max),
-            ("iops-total-max", "iops_max", &mut self.iops_max),
-            ("iops-read-max", "iops_rd_max", &mut self.iops_rd_max),
-            ("iops-write-max", "iops_wr_max", &mut self.iops_wr_max),
-            (
-                "bps-total-max-length",
-                "bps_max_length",
-                &mut self.bps_max_length,
-            ),
-            (
-                "bps-read-max-length",
-                "bps_rd_max_length",
-                &mut self.bps_rd_max_length,
-            ),
-            (
-                "bps-write-max-length",
-                "bps_wr_max_length",
-                &mut self.bps_wr_max_length,
-            ),
-            (
-                "iops-total-max-length",
-                "iops_max_length",
-                &mut self.iops_max_length,
-            ),
-            (
-                "iops-read-max-length",
-                "iops_rd_max_length",
-                &mut self.iops_rd_max_length,
-            ),
-            (
-                "iops-write-max-length",
-                "iops_wr_max_length",
-                &mut self.iops_wr_max_length,
-            ),
-            ("iops-size", "iops_size", &mut self.iops_size),
-        ]
-    }
-
-    pub fn enabled(&self) -> bool {
-        self.buckets().iter().any(|b| b.0 != 0)
-    }
-
-    /// QEMU's throttle_is_valid(), with its messages.
-    pub fn validate(&self) -> Result<(), String> {
-        let b = self.buckets();
-        if (b[0].0 != 0 && (b[1].0 != 0 || b[2].0 != 0))
-            || (b[3].0 != 0 && (b[4].0 != 0 || b[5].0 != 0))
-        {
-            return Err(
-                "bps/iops/max total values and read/write values cannot be used at the same time"
-                    .into(),
-            );
-        }
-        if (b[0].1 != 0 && (b[1].1 != 0 || b[2].1 != 0))
-            || (b[3].1 != 0 && (b[4].1 != 0 || b[5].1 != 0))
-        {
-            return Err(
-                "bps/iops/max total values and read/write values cannot be used at the same time"
-                    .into(),
-            );
-        }
-        if self.iops_size != 0 && b[3].0 == 0 && b[4].0 == 0 && b[5].0 == 0 {
-            return Err("iops size requires an iops value to be set".into());
-        }
-        for (avg, max, len) in b {
-            if avg > THROTTLE_VALUE_MAX || max > THROTTLE_VALUE_MAX {
-                return Err(format!(
-                    "bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]"
-                ));
+/// Every option moat accepts: its names (`-name` and `--name` both work)
+/// and what it does. One table: an option is added here and nowhere else.
+const OPTIONS: &[(&[&str], Handler)] = &[
+    (
+        &["h", "help"],
+        Handler::Flag(|p| p.done = Some(Action::Help)),
+    ),
+    (
+        &["version"],
+        Handler::Flag(|p| p.done = Some(Action::Version)),
+    ),
+    (&["enable-kvm", "nographic"], Handler::Flag(|_| {})),
+    (&["nodefaults"], Handler::Flag(|p| p.nodefaults = true)),
+    (&["no-reboot"], Handler::Flag(|p| p.cfg.no_reboot = true)),
+    (&["S"], Handler::Flag(|p| p.cfg.start_paused = true)),
+    (
+        &["M", "machine"],
+        Handler::Arg(|p, o, a| parse_machine(o, a, &mut p.cfg)),
+    ),
+    (&["accel"], Handler::Arg(|_, o, a| parse_accel(o, a))),
+    (&["cpu"], Handler::Arg(|_, o, a| parse_cpu(o, a))),
+    (
+        &["m"],
+        Handler::Arg(|p, o, a| parse_mem(o, a).map(|v| p.cfg.mem_size = v)),
+    ),
+    (
+        &["smp"],
+        Handler::Arg(|p, o, a| parse_smp(o, a).map(|v| p.cfg.smp = v)),
+    ),
+    (
+        &["kernel"],
+        Handler::Arg(|p, o, a| nonempty_path(o, a).map(|v| p.cfg.kernel = Some(v))),
+    ),
+    (
+        &["initrd"],
+        Handler::Arg(|p, o, a| nonempty_path(o, a).map(|v| p.cfg.initrd = Some(v))),
+    ),
+    (
+        &["append"],
+        Handler::Arg(|p, _, a| {
+            p.cfg.append = a.to_string();
+            Ok(())
+        }),
+    ),
+    (
+        &["serial"],
+        Handler::Arg(|p, o, a| parse_serial(o, a).map(|v| p.serials.push(v))),
+    ),
+    (&["display"], Handler::Arg(|_, o, a| parse_display(o, a))),
+    (
+        &["name"],
+        Handler::Arg(|p, o, a| parse_name(o, a, &mut p.cfg)),
+    ),
+    (
+        &["pidfile"],
+        Handler::Arg(|p, o, a| nonempty_path(o, a).map(|v| p.cfg.pidfile = Some(v))),
+    ),
+    (
+        &["uuid"],
+        Handler::Arg(|p, o, a| parse_uuid(o, a).map(|v| p.cfg.uuid = Some(v))),
+    ),
+    (
+        &["add-fd"],
+        Handler::Arg(|p, o, a| parse_add_fd(o, a).map(|v| p.cfg.add_fds.push(v))),
+    ),
+    (
+        &["runas"],
+        Handler::Arg(|p, o, a| parse_run_as(o, a, a).map(|v| p.cfg.run_as = Some(v))),
+    ),
+    (
+        &["chroot"],
+        Handler::Arg(|p, o, a| nonempty_path(o, a).map(|v| p.cfg.chroot = Some(v))),
+    ),
+    (
+        &["run-with"],
+        Handler::Arg(|p, o, a| parse_run_with(o, a, &mut p.cfg)),
+    ),
+    (
+        &["sandbox"],
+        Handler::Arg(|p, o, a| {
+            (p.cfg.sandbox, p.cfg.landlock_required) = parse_sandbox(o, a)?;
+            Ok(())
+        }),
+    ),
+    (&["drive"], Handler::Arg(Parser::drive)),
+    (&["device"], Handler::Arg(Parser::device)),
+    (&["object"], Handler::Arg(Parser::object)),
+    (
+        &["qmp"],
+        Handler::Arg(|p, o, a| {
+            let socket = legacy_socket(o, a)?;
+            p.cfg.monitors.push(MonitorConfig {
+                mode: MonitorMode::Control,
+                socket,
+            });
+            Ok(())
+        }),
+    ),
+    (
+        &["monitor"],
+        Handler::Arg(|p, o, a| {
+            if a != "none" {
+                let socket = legacy_socket(o, a)?;
+                p.cfg.monitors.push(MonitorConfig {
+                    mode: MonitorMode::Readline,
+                    socket,
+                });
             }
-            if len == 0 {
-                return Err("the burst length cannot be 0".into());
-            }
-            if max != 0 && len > THROTTLE_VALUE_MAX / max {
-                return Err("burst length too high for this burst rate".into());
-            }
-            if len > 1 && max == 0 {
-                return Err("burst length set without burst rate".into());
-            }
-            if max != 0 && avg == 0 {
-                return Err("bps_max/iops_max require corresponding bps/iops values".into());
-            }
-            if max != 0 && max < avg {
-                return Err("bps_max/iops_max cannot be lower than bps/iops".into());
-            }
-        }
-        Ok(())
-    }
-}
-
-/// `-drive cache=`: the host page cache and flush behaviour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheMode {
-    Writeback,
-    None,
-    Writethrough,
-    Directsync,
-    Unsafe,
-}
-
-/// A disk: `-drive if=virtio`, or `-drive if=none,id=` used by `-device virtio-blk-device`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DriveConfig {
-    pub id: Option<String>,
-    pub file: PathBuf,
-    pub format: DriveFormat,
-    /// The layers below a qcow2 image, as the user named them.
-    pub backing: Backing,
-    pub data_file: Option<PathBuf>,
-    pub throttle: ThrottleLimits,
-    pub read_only: bool,
-    pub cache: CacheMode,
-    /// `discard=unmap` (true) or `ignore`.
-    pub discard_unmap: bool,
-    pub serial: Option<String>,
-}
-
-impl DriveConfig {
-    /// The drive's image as the top layer of its chain.
-    pub fn layer(&self) -> ImageLayer {
-        ImageLayer {
-            file: self.file.clone(),
-            format: self.format,
-            backing: self.backing.clone(),
-            data_file: self.data_file.clone(),
-        }
-    }
-}
-
-/// How an authorization rule compares identities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MatchFormat {
-    Exact,
-    Glob,
-}
-
-/// One rule of an `authz-list`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuthzRule {
-    pub pattern: String,
-    pub allow: bool,
-    pub format: MatchFormat,
-}
-
-/// `-object` types moat understands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Object {
-    /// `tls-creds-x509`: `ca-cert.pem`, `server-cert.pem`, `server-key.pem` in `dir`.
-    TlsCredsX509 {
-        id: String,
-        dir: PathBuf,
-        verify_peer: bool,
-    },
-    /// `authz-simple`: exactly one allowed identity.
-    AuthzSimple { id: String, identity: String },
-    /// `authz-list`: rules in order, then the default policy.
-    AuthzList {
-        id: String,
-        default_allow: bool,
-        rules: Vec<AuthzRule>,
-    },
-}
-
-impl Object {
-    pub fn id(&self) -> &str {
-        match self {
-            Object::TlsCredsX509 { id, .. }
-            | Object::AuthzSimple { id, .. }
-            | Object::AuthzList { id, .. } => id,
-        }
-    }
-}
-
-/// A monitor's protocol.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MonitorMode {
-    /// QMP.
-    Control,
-    /// HMP.
-    Readline,
-}
-
-/// One monitor.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MonitorConfig {
-    pub mode: MonitorMode,
-    pub socket: SocketChardev,
-}
-
-/// The validated configuration of one VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmConfig {
-    /// `-M microvm,acpi=`: describe the machine with ACPI (else an MP table).
-    pub acpi: bool,
-    /// Guest RAM in bytes (page aligned).
-    pub mem_size: u64,
-    pub smp: Topology,
-    /// `None` boots the built-in demo guest.
-    pub kernel: Option<PathBuf>,
-    pub initrd: Option<PathBuf>,
-    pub append: String,
-    /// COM1's backend; `None` when there is no serial port.
-    pub serial: Option<SerialBackend>,
-    pub no_reboot: bool,
-    /// `-S`: create the VM but do not run the vCPUs.
-    pub start_paused: bool,
-    /// `-sandbox on|off`: the seccomp allow-list and Landlock (on unless `-sandbox off`).
-    pub sandbox: bool,
-    /// `-sandbox on,landlock=required`: refuse to run where Landlock is missing.
-    pub landlock_required: bool,
-    /// `-run-with user=` (or `-runas`): who moat becomes once set up.
-    pub run_as: Option<RunAs>,
-    /// `-run-with chroot=` (or `-chroot`): the root moat moves into once set up.
-    pub chroot: Option<PathBuf>,
-    pub name: Option<String>,
-    /// `-name ...,process=`: the process name shown by ps.
-    pub process_name: Option<String>,
-    pub pidfile: Option<PathBuf>,
-    /// `-add-fd`: inherited descriptors to put in fd sets (`/dev/fdset/N`).
-    pub add_fds: Vec<AddFd>,
-    /// `-uuid`, in canonical lower-case form.
-    pub uuid: Option<String>,
-    pub monitors: Vec<MonitorConfig>,
-    pub objects: Vec<Object>,
-    /// virtio-blk disks, in device order.
-    pub drives: Vec<DriveConfig>,
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        VmConfig {
-            acpi: true,
-            mem_size: 128 << 20,
-            smp: Topology {
-                cpus: 1,
-                sockets: 1,
-                dies: 1,
-                cores: 1,
-                threads: 1,
-            },
-            kernel: None,
-            initrd: None,
-            append: String::new(),
-            serial: Some(SerialBackend::Stdio),
-            no_reboot: false,
-            start_paused: false,
-            name: None,
-            process_name: None,
-            pidfile: None,
-            add_fds: Vec::new(),
-            sandbox: true,
-            landlock_required: false,
-            run_as: None,
-            chroot: None,
-            uuid: None,
-            monitors: Vec::new(),
-            objects: Vec::new(),
-            drives: Vec::new(),
-        }
-    }
-}
-
-/// Options that take an argument.
-const WITH_ARG: &[&str] = &[
-    "M", "machine", "accel", "cpu", "m", "smp", "kernel", "initrd", "append", "serial", "display",
-    "name", "pidfile", "uuid", "qmp", "monitor", "chardev", "mon", "object", "drive", "device",
-    "add-fd", "sandbox", "run-with", "runas", "chroot",
-];
-/// Options without an argument.
-const FLAGS: &[&str] = &[
-    "enable-kvm",
-    "nographic",
-    "nodefaults",
-    "no-reboot",
-    "S",
-    "version",
-    "h",
-    "help",
+            Ok(())
+        }),
+    ),
+    (&["chardev"], Handler::Arg(Parser::chardev)),
+    (&["mon"], Handler::Arg(Parser::mon)),
 ];
 
 /// Parse the arguments after the program name.
 pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
-    let mut cfg = VmConfig::default();
-    let mut serials: Vec<Option<SerialBackend>> = Vec::new();
-    let mut nodefaults = false;
-    let mut chardevs: Vec<(String, SocketChardev)> = Vec::new();
-    let mut mons: Vec<(String, MonitorMode, String)> = Vec::new();
-    // -drive if=none ones wait for a -device that uses them.
-    let mut backends: Vec<(DriveConfig, bool)> = Vec::new();
+    let mut p = Parser::default();
     let mut it = args.iter().map(|s| s.as_ref());
     while let Some(raw) = it.next() {
         let name = raw
@@ -525,276 +184,268 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
             .filter(|n| !n.is_empty())
             .ok_or_else(|| CliError::new(raw, "", "not an option (options start with '-')"))?;
         let opt = format!("-{name}");
-        if FLAGS.contains(&name) {
-            match name {
-                "h" | "help" => return Ok(Action::Help),
-                "version" => return Ok(Action::Version),
-                "enable-kvm" => {}
-                "nographic" => {}
-                "nodefaults" => nodefaults = true,
-                "no-reboot" => cfg.no_reboot = true,
-                "S" => cfg.start_paused = true,
-                _ => unreachable!("every flag is handled"),
-            }
-            continue;
-        }
-        if !WITH_ARG.contains(&name) {
-            return Err(CliError::new(&opt, "", "invalid option"));
-        }
-        let arg = it
-            .next()
-            .ok_or_else(|| CliError::new(&opt, "", "requires an argument"))?;
-        match name {
-            "M" | "machine" => parse_machine(&opt, arg, &mut cfg)?,
-            "accel" => parse_accel(&opt, arg)?,
-            "cpu" => {
-                let mut kv = keyval::parse(&opt, arg, Some("model"))?;
-                match kv.take("model").as_deref() {
-                    Some("host") | Some("max") => {}
-                    Some(m) => {
-                        return Err(CliError::new(
-                            &opt,
-                            arg,
-                            &format!("unsupported CPU model '{m}' (moat offers 'host')"),
-                        ))
-                    }
-                    None => return Err(CliError::new(&opt, arg, "a CPU model is required")),
-                }
-                kv.finish(&opt, arg)?;
-            }
-            "m" => cfg.mem_size = parse_mem(&opt, arg)?,
-            "smp" => cfg.smp = parse_smp(&opt, arg)?,
-            "kernel" => cfg.kernel = Some(nonempty_path(&opt, arg)?),
-            "initrd" => cfg.initrd = Some(nonempty_path(&opt, arg)?),
-            "append" => cfg.append = arg.to_string(),
-            "serial" => serials.push(parse_serial(&opt, arg)?),
-            "display" => {
-                let mut kv = keyval::parse(&opt, arg, Some("type"))?;
-                match kv.take("type").as_deref() {
-                    Some("none") => {}
-                    _ => {
-                        return Err(CliError::new(
-                            &opt,
-                            arg,
-                            "moat has no display; only 'none' is accepted",
-                        ))
-                    }
-                }
-                kv.finish(&opt, arg)?;
-            }
-            "name" => {
-                let mut kv = keyval::parse(&opt, arg, Some("guest"))?;
-                cfg.name = kv.take("guest");
-                if let Some(v) = kv.take("debug-threads") {
-                    keyval::parse_bool(&opt, "debug-threads", &v)?;
-                }
-                cfg.process_name = kv.take("process");
-                kv.finish(&opt, arg)?;
-            }
-            "pidfile" => cfg.pidfile = Some(nonempty_path(&opt, arg)?),
-            "uuid" => cfg.uuid = Some(parse_uuid(&opt, arg)?),
-            "add-fd" => cfg.add_fds.push(parse_add_fd(&opt, arg)?),
-            "runas" => cfg.run_as = Some(parse_run_as(&opt, arg, arg)?),
-            "chroot" => cfg.chroot = Some(nonempty_path(&opt, arg)?),
-            "run-with" => {
-                let mut kv = keyval::parse(&opt, arg, None)?;
-                if let Some(u) = kv.take("user") {
-                    cfg.run_as = Some(parse_run_as(&opt, arg, &u)?);
-                }
-                if let Some(c) = kv.take("chroot") {
-                    cfg.chroot = Some(nonempty_path(&opt, &c)?);
-                }
-                if let Some(v) = kv.take("async-teardown") {
-                    keyval::parse_bool(&opt, "async-teardown", &v)?;
-                }
-                kv.finish(&opt, arg)?;
-            }
-            "sandbox" => (cfg.sandbox, cfg.landlock_required) = parse_sandbox(&opt, arg)?,
-            "drive" => {
-                let (d, virtio) = parse_drive(&opt, arg)?;
-                if let Some(id) = &d.id {
-                    if backends.iter().any(|(b, _)| b.id.as_ref() == Some(id)) {
-                        return Err(CliError::new(
-                            &opt,
-                            arg,
-                            &format!("Duplicate ID '{id}' for drive"),
-                        ));
-                    }
-                }
-                if virtio {
-                    cfg.drives.push(d.clone());
-                }
-                backends.push((d, virtio));
-            }
-            "device" => {
-                let mut kv = keyval::parse(&opt, arg, Some("driver"))?;
-                match kv.take("driver").as_deref() {
-                    Some("virtio-blk-device") | Some("virtio-blk") => {}
-                    Some("help") | Some("?") => {
-                        return Err(CliError::new(
-                            &opt,
-                            arg,
-                            "moat offers -device virtio-blk-device",
-                        ))
-                    }
-                    Some(d) => {
-                        return Err(CliError::new(
-                            &opt,
-                            arg,
-                            &format!("unsupported device '{d}' (moat offers virtio-blk-device)"),
-                        ))
-                    }
-                    None => return Err(CliError::new(&opt, arg, "a device driver is required")),
-                }
-                let drive = kv
-                    .take("drive")
-                    .ok_or_else(|| CliError::new(&opt, arg, "Parameter 'drive' is missing"))?;
-                let serial = kv.take("serial");
-                kv.take("id");
-                kv.finish(&opt, arg)?;
-                let (d, used) = backends
-                    .iter_mut()
-                    .find(|(b, _)| b.id.as_deref() == Some(drive.as_str()))
-                    .ok_or_else(|| {
-                        CliError::new(
-                            &opt,
-                            arg,
-                            &format!(
-                                "Property 'virtio-blk-device.drive' can't find value '{drive}'"
-                            ),
-                        )
-                    })?;
-                if *used {
-                    return Err(CliError::new(
-                        &opt,
-                        arg,
-                        &format!("drive '{drive}' is already in use"),
-                    ));
-                }
-                *used = true;
-                let mut d = d.clone();
-                if serial.is_some() {
-                    d.serial = serial;
-                }
-                cfg.drives.push(d);
-            }
-            "object" => {
-                let o = parse_object(&opt, arg)?;
-                if cfg.objects.iter().any(|x| x.id() == o.id()) {
-                    return Err(CliError::new(
-                        &opt,
-                        arg,
-                        &format!("attempt to add duplicate property '{}'", o.id()),
-                    ));
-                }
-                cfg.objects.push(o);
-            }
-            "qmp" => cfg.monitors.push(MonitorConfig {
-                mode: MonitorMode::Control,
-                socket: legacy_socket(&opt, arg)?,
-            }),
-            "monitor" => {
-                if arg != "none" {
-                    cfg.monitors.push(MonitorConfig {
-                        mode: MonitorMode::Readline,
-                        socket: legacy_socket(&opt, arg)?,
-                    })
-                }
-            }
-            "chardev" => {
-                let (id, c) = parse_chardev(&opt, arg)?;
-                if chardevs.iter().any(|(i, _)| *i == id) {
-                    return Err(CliError::new(
-                        &opt,
-                        arg,
-                        &format!("duplicate chardev id '{id}'"),
-                    ));
-                }
-                chardevs.push((id, c));
-            }
-            "mon" => {
-                let mut kv = keyval::parse(&opt, arg, Some("chardev"))?;
-                let chardev = kv
-                    .take("chardev")
-                    .ok_or_else(|| CliError::new(&opt, arg, "Parameter 'chardev' is missing"))?;
-                let mode = match kv.take("mode").as_deref() {
-                    None | Some("readline") => MonitorMode::Readline,
-                    Some("control") => MonitorMode::Control,
-                    Some(m) => {
-                        return Err(CliError::new(
-                            &opt,
-                            arg,
-                            &format!("invalid monitor mode '{m}' (control or readline)"),
-                        ))
-                    }
-                };
-                if let Some(v) = kv.take("pretty") {
-                    keyval::parse_bool(&opt, "pretty", &v)?;
-                }
-                kv.take("id");
-                kv.finish(&opt, arg)?;
-                mons.push((chardev, mode, arg.to_string()));
-            }
-            _ => unreachable!("every option with an argument is handled"),
-        }
-    }
-    for (d, used) in &backends {
-        if !used {
-            log::warn!(
-                "-drive id={}: no device uses it",
-                d.id.as_deref().unwrap_or_default()
-            );
-        }
-    }
-    if cfg.drives.len() > MAX_VIRTIO_DEVICES {
-        return Err(CliError::new(
-            "-drive",
-            "",
-            &format!("at most {MAX_VIRTIO_DEVICES} virtio devices"),
-        ));
-    }
-    for (chardev, mode, arg) in mons {
-        let socket = chardevs
+        let handler = OPTIONS
             .iter()
-            .find(|(id, _)| *id == chardev)
-            .map(|(_, c)| c.clone())
+            .find(|(names, _)| names.contains(&name))
+            .map(|(_, h)| h)
+            .ok_or_else(|| CliError::new(&opt, "", "invalid option"))?;
+        match handler {
+            Handler::Flag(f) => f(&mut p),
+            Handler::Arg(f) => {
+                let arg = it
+                    .next()
+                    .ok_or_else(|| CliError::new(&opt, "", "requires an argument"))?;
+                f(&mut p, &opt, arg)?;
+            }
+        }
+        if let Some(action) = p.done.take() {
+            return Ok(action);
+        }
+    }
+    p.finish().map(|cfg| Action::Run(Box::new(cfg)))
+}
+
+impl Parser {
+    fn drive(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
+        let (d, virtio) = parse_drive(opt, arg)?;
+        if let Some(id) = &d.id {
+            if self.backends.iter().any(|(b, _)| b.id.as_ref() == Some(id)) {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!("Duplicate ID '{id}' for drive"),
+                ));
+            }
+        }
+        if virtio {
+            self.cfg.drives.push(d.clone());
+        }
+        self.backends.push((d, virtio));
+        Ok(())
+    }
+
+    fn device(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
+        let mut kv = keyval::parse(opt, arg, Some("driver"))?;
+        match kv.take("driver").as_deref() {
+            Some("virtio-blk-device") | Some("virtio-blk") => {}
+            Some("help") | Some("?") => {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    "moat offers -device virtio-blk-device",
+                ))
+            }
+            Some(d) => {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!("unsupported device '{d}' (moat offers virtio-blk-device)"),
+                ))
+            }
+            None => return Err(CliError::new(opt, arg, "a device driver is required")),
+        }
+        let drive = kv
+            .take("drive")
+            .ok_or_else(|| CliError::new(opt, arg, "Parameter 'drive' is missing"))?;
+        let serial = kv.take("serial");
+        kv.take("id");
+        kv.finish(opt, arg)?;
+        let (d, used) = self
+            .backends
+            .iter_mut()
+            .find(|(b, _)| b.id.as_deref() == Some(drive.as_str()))
             .ok_or_else(|| {
-                CliError::new("-mon", &arg, &format!("chardev '{chardev}' not found"))
+                CliError::new(
+                    opt,
+                    arg,
+                    &format!("Property 'virtio-blk-device.drive' can't find value '{drive}'"),
+                )
             })?;
-        cfg.monitors.push(MonitorConfig { mode, socket });
-    }
-    for m in &cfg.monitors {
-        check_monitor_security(m, &cfg.objects)?;
-    }
-    if serials.len() > 1 {
-        return Err(CliError::new(
-            "-serial",
-            "",
-            "moat emulates one serial port (COM1); give -serial once",
-        ));
-    }
-    cfg.serial = match serials.pop() {
-        Some(s) => s,
-        None if nodefaults => None,
-        None => Some(SerialBackend::Stdio),
-    };
-    if cfg.kernel.is_none() {
-        if cfg.initrd.is_some() {
+        if *used {
             return Err(CliError::new(
-                "-initrd",
-                "",
-                "-initrd only allowed with -kernel option",
+                opt,
+                arg,
+                &format!("drive '{drive}' is already in use"),
             ));
         }
-        if !cfg.append.is_empty() {
+        *used = true;
+        let mut d = d.clone();
+        if serial.is_some() {
+            d.serial = serial;
+        }
+        self.cfg.drives.push(d);
+        Ok(())
+    }
+
+    fn object(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
+        let o = parse_object(opt, arg)?;
+        if self.cfg.objects.iter().any(|x| x.id() == o.id()) {
             return Err(CliError::new(
-                "-append",
-                "",
-                "-append only allowed with -kernel option",
+                opt,
+                arg,
+                &format!("attempt to add duplicate property '{}'", o.id()),
             ));
         }
+        self.cfg.objects.push(o);
+        Ok(())
     }
-    Ok(Action::Run(Box::new(cfg)))
+
+    fn chardev(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
+        let (id, c) = parse_chardev(opt, arg)?;
+        if self.chardevs.iter().any(|(i, _)| *i == id) {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("duplicate chardev id '{id}'"),
+            ));
+        }
+        self.chardevs.push((id, c));
+        Ok(())
+    }
+
+    fn mon(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
+        let mut kv = keyval::parse(opt, arg, Some("chardev"))?;
+        let chardev = kv
+            .take("chardev")
+            .ok_or_else(|| CliError::new(opt, arg, "Parameter 'chardev' is missing"))?;
+        let mode = match kv.take("mode").as_deref() {
+            None | Some("readline") => MonitorMode::Readline,
+            Some("control") => MonitorMode::Control,
+            Some(m) => {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!("invalid monitor mode '{m}' (control or readline)"),
+                ))
+            }
+        };
+        if let Some(v) = kv.take("pretty") {
+            keyval::parse_bool(opt, "pretty", &v)?;
+        }
+        kv.take("id");
+        kv.finish(opt, arg)?;
+        self.mons.push((chardev, mode, arg.to_string()));
+        Ok(())
+    }
+
+    /// Checks that need every option: devices, monitors, the serial port,
+    /// options that only make sense together.
+    fn finish(mut self) -> Result<VmConfig, CliError> {
+        let cfg = &mut self.cfg;
+        for (d, used) in &self.backends {
+            if !used {
+                log::warn!(
+                    "-drive id={}: no device uses it",
+                    d.id.as_deref().unwrap_or_default()
+                );
+            }
+        }
+        if cfg.drives.len() > MAX_VIRTIO_DEVICES {
+            return Err(CliError::new(
+                "-drive",
+                "",
+                &format!("at most {MAX_VIRTIO_DEVICES} virtio devices"),
+            ));
+        }
+        for (chardev, mode, arg) in self.mons {
+            let socket = self
+                .chardevs
+                .iter()
+                .find(|(id, _)| *id == chardev)
+                .map(|(_, c)| c.clone())
+                .ok_or_else(|| {
+                    CliError::new("-mon", &arg, &format!("chardev '{chardev}' not found"))
+                })?;
+            cfg.monitors.push(MonitorConfig { mode, socket });
+        }
+        for m in &cfg.monitors {
+            check_monitor_security(m, &cfg.objects)?;
+        }
+        if self.serials.len() > 1 {
+            return Err(CliError::new(
+                "-serial",
+                "",
+                "moat emulates one serial port (COM1); give -serial once",
+            ));
+        }
+        cfg.serial = match self.serials.pop() {
+            Some(s) => s,
+            None if self.nodefaults => None,
+            None => Some(SerialBackend::Stdio),
+        };
+        if cfg.kernel.is_none() {
+            if cfg.initrd.is_some() {
+                return Err(CliError::new(
+                    "-initrd",
+                    "",
+                    "-initrd only allowed with -kernel option",
+                ));
+            }
+            if !cfg.append.is_empty() {
+                return Err(CliError::new(
+                    "-append",
+                    "",
+                    "-append only allowed with -kernel option",
+                ));
+            }
+        }
+        Ok(self.cfg)
+    }
+}
+
+fn parse_cpu(opt: &str, arg: &str) -> Result<(), CliError> {
+    let mut kv = keyval::parse(opt, arg, Some("model"))?;
+    match kv.take("model").as_deref() {
+        Some("host") | Some("max") => {}
+        Some(m) => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("unsupported CPU model '{m}' (moat offers 'host')"),
+            ))
+        }
+        None => return Err(CliError::new(opt, arg, "a CPU model is required")),
+    }
+    kv.finish(opt, arg)
+}
+
+fn parse_display(opt: &str, arg: &str) -> Result<(), CliError> {
+    let mut kv = keyval::parse(opt, arg, Some("type"))?;
+    match kv.take("type").as_deref() {
+        Some("none") => {}
+        _ => {
+            return Err(CliError::new(
+                opt,
+                arg,
+                "moat has no display; only 'none' is accepted",
+            ))
+        }
+    }
+    kv.finish(opt, arg)
+}
+
+fn parse_name(opt: &str, arg: &str, cfg: &mut VmConfig) -> Result<(), CliError> {
+    let mut kv = keyval::parse(opt, arg, Some("guest"))?;
+    cfg.name = kv.take("guest");
+    if let Some(v) = kv.take("debug-threads") {
+        keyval::parse_bool(opt, "debug-threads", &v)?;
+    }
+    cfg.process_name = kv.take("process");
+    kv.finish(opt, arg)
+}
+
+fn parse_run_with(opt: &str, arg: &str, cfg: &mut VmConfig) -> Result<(), CliError> {
+    let mut kv = keyval::parse(opt, arg, None)?;
+    if let Some(u) = kv.take("user") {
+        cfg.run_as = Some(parse_run_as(opt, arg, &u)?);
+    }
+    if let Some(c) = kv.take("chroot") {
+        cfg.chroot = Some(nonempty_path(opt, &c)?);
+    }
+    if let Some(v) = kv.take("async-teardown") {
+        keyval::parse_bool(opt, "async-teardown", &v)?;
+    }
+    kv.finish(opt, arg)
 }
 
 fn nonempty_path(opt: &str, arg: &str) -> Result<PathBuf, CliError> {
@@ -1114,10 +765,6 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
         virtio,
     ))
 }
-
-/// The deepest backing chain moat opens (QEMU has no fixed limit; every
-/// layer here is named on the command line, so this only bounds typos).
-pub const MAX_BACKING_DEPTH: usize = 16;
 
 fn parse_format(opt: &str, arg: &str, key: &str, f: &str) -> Result<DriveFormat, CliError> {
     match f {

@@ -6,7 +6,7 @@
 //! bytes are dropped and counted rather than stalling the guest.
 
 use crate::IrqLine;
-use moat_cli::SerialBackend;
+use moat_config::SerialBackend;
 use moat_sys::lock;
 use std::collections::VecDeque;
 use std::io::{Read, Write};

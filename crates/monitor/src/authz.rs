@@ -1,7 +1,7 @@
 //! Authorization of TLS monitor clients by their certificate's
 //! distinguished name, as QEMU's `authz-simple` and `authz-list` objects do.
 
-pub use moat_cli::{AuthzRule as Rule, MatchFormat as Format};
+pub use moat_config::{AuthzRule as Rule, MatchFormat as Format};
 
 /// An authorization policy.
 #[derive(Debug, Clone, PartialEq, Eq)]

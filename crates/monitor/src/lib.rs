@@ -66,7 +66,7 @@ pub enum VmCommand {
     /// `eject` of a device (by `device` or `id`).
     Eject(String),
     /// `block_set_io_throttle`: new limits for a drive (all zero: none).
-    BlockSetIoThrottle(String, moat_cli::ThrottleLimits),
+    BlockSetIoThrottle(String, moat_config::ThrottleLimits),
     /// `blockdev-del` of a node made by `blockdev-add`.
     BlockdevDel(String),
     QueryNamedBlockNodes,
@@ -83,7 +83,7 @@ pub trait VmControl: Send + Sync {
         &self,
         node: String,
         driver: String,
-        drive: moat_cli::DriveConfig,
+        drive: moat_config::DriveConfig,
         fds: &moat_sys::fdset::FdStore,
     ) -> Result<Value, QmpError> {
         let _ = (node, driver, drive, fds);

@@ -723,15 +723,15 @@ impl Session {
 }
 
 /// `block_set_io_throttle`'s arguments as limits, checked as QEMU checks them.
-fn throttle_args(args: &Map<String, Value>) -> Result<moat_cli::ThrottleLimits, QmpError> {
+fn throttle_args(args: &Map<String, Value>) -> Result<moat_config::ThrottleLimits, QmpError> {
     // Absent optional arguments keep the defaults (no limit, 1 s bursts).
-    let mut t = moat_cli::ThrottleLimits::default();
+    let mut t = moat_config::ThrottleLimits::default();
     for (_, name, field) in t.fields_mut() {
         if let Some(v) = args.get(name).and_then(Value::as_i64) {
             *field = u64::try_from(v).map_err(|_| {
                 QmpError::generic(format!(
                     "bps/iops/max values must be within [0, {}]",
-                    moat_cli::THROTTLE_VALUE_MAX
+                    moat_config::THROTTLE_VALUE_MAX
                 ))
             })?;
         }
@@ -811,8 +811,11 @@ fn protocol_file(what: &str, m: &Map<String, Value>) -> Result<std::path::PathBu
 const FILE_KEYS: &[&str] = &["driver", "filename", "aio", "locking"];
 
 /// One format layer (raw or qcow2 over a file node), as -drive's keys give it.
-fn blockdev_layer(prefix: &str, m: &Map<String, Value>) -> Result<moat_cli::ImageLayer, QmpError> {
-    use moat_cli::{Backing, DriveFormat, ImageLayer};
+fn blockdev_layer(
+    prefix: &str,
+    m: &Map<String, Value>,
+) -> Result<moat_config::ImageLayer, QmpError> {
+    use moat_config::{Backing, DriveFormat, ImageLayer};
     let driver = m.get("driver").and_then(Value::as_str).unwrap_or_default();
     let format = match driver {
         "file" | "host_device" => {
@@ -895,8 +898,8 @@ fn blockdev_layer(prefix: &str, m: &Map<String, Value>) -> Result<moat_cli::Imag
 /// has run): a raw or qcow2 node over a file node, or a file node alone.
 pub fn blockdev_args(
     args: &Map<String, Value>,
-) -> Result<(String, moat_cli::DriveConfig), QmpError> {
-    use moat_cli::CacheMode;
+) -> Result<(String, moat_config::DriveConfig), QmpError> {
+    use moat_config::CacheMode;
     let node = args
         .get("node-name")
         .and_then(Value::as_str)
@@ -932,7 +935,7 @@ pub fn blockdev_args(
             )))
         }
     };
-    let drive = moat_cli::DriveConfig {
+    let drive = moat_config::DriveConfig {
         id: None,
         file: layer.file,
         format: layer.format,

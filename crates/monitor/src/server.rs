@@ -42,7 +42,7 @@ pub const MAX_HANDSHAKES: usize = 16;
 pub const MAX_HANDSHAKES_PER_PEER: usize = 4;
 
 /// The protocol a monitor socket speaks: QMP (`Control`) or HMP (`Readline`).
-pub use moat_cli::MonitorMode as Mode;
+pub use moat_config::MonitorMode as Mode;
 
 /// Where a monitor listens.
 #[derive(Debug, Clone)]

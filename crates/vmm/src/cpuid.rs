@@ -3,7 +3,7 @@
 //! the hypervisor bit and the KVM signature leaves.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
-use moat_cli::Topology;
+use moat_config::Topology;
 
 fn bits(n: u32) -> u32 {
     if n <= 1 {

@@ -20,7 +20,7 @@ use kvm_ioctls::IoEventAddress;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use moat_boot::layout::{ports, MemLayout, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR};
 use moat_boot::MachineDesc;
-use moat_cli::VmConfig;
+use moat_config::VmConfig;
 use moat_devices::ged::Ged;
 use moat_devices::i8042::I8042;
 use moat_devices::pm::AcpiPm;
@@ -173,15 +173,15 @@ pub struct Disk {
 impl Disk {
     /// Open `-drive file=` and the layers the user named below it; a
     /// `/dev/fdset/N` path takes a descriptor from `fds`.
-    pub fn open(d: &moat_cli::DriveConfig, fds: &FdStore) -> Result<Disk, String> {
-        use moat_cli::DriveFormat;
+    pub fn open(d: &moat_config::DriveConfig, fds: &FdStore) -> Result<Disk, String> {
+        use moat_config::DriveFormat;
         let f = open_image_file(&d.file, !d.read_only, d.cache, fds)?;
         let name = d.file.display().to_string();
         let image: Arc<dyn moat_block::DiskImage> = match d.format {
             DriveFormat::Raw => {
                 let mut raw = moat_block::RawImage::new(f, d.read_only)
                     .map_err(|e| format!("{name}: {e}"))?;
-                if d.cache == moat_cli::CacheMode::Unsafe {
+                if d.cache == moat_config::CacheMode::Unsafe {
                     raw = raw.with_no_sync();
                 }
                 match open_direct(&d.file, !d.read_only, d.cache, raw.file())? {
@@ -194,7 +194,7 @@ impl Disk {
                 let access =
                     open_layer(&d.layer(), Some(f), !d.read_only, d.cache, fds, &mut seen)?;
                 let q = moat_block::Qcow2Image::new(access, d.read_only);
-                Arc::new(if d.cache == moat_cli::CacheMode::Unsafe {
+                Arc::new(if d.cache == moat_config::CacheMode::Unsafe {
                     q.with_no_sync()
                 } else {
                     q
@@ -220,10 +220,10 @@ impl Disk {
 fn open_image_file(
     path: &std::path::Path,
     writable: bool,
-    cache: moat_cli::CacheMode,
+    cache: moat_config::CacheMode,
     fds: &FdStore,
 ) -> Result<std::fs::File, String> {
-    use moat_cli::CacheMode;
+    use moat_config::CacheMode;
     use std::os::unix::fs::OpenOptionsExt;
     let f = match fds.open_fdset(path, writable) {
         Some(r) => r,
@@ -261,20 +261,20 @@ fn open_image_file(
 fn open_direct(
     path: &std::path::Path,
     writable: bool,
-    cache: moat_cli::CacheMode,
+    cache: moat_config::CacheMode,
     first: &std::fs::File,
 ) -> Result<Option<std::fs::File>, String> {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::OpenOptionsExt;
     if !matches!(
         cache,
-        moat_cli::CacheMode::None | moat_cli::CacheMode::Directsync
+        moat_config::CacheMode::None | moat_config::CacheMode::Directsync
     ) || moat_sys::fdset::is_fdset_path(path)
     {
         return Ok(None);
     }
     let mut flags = libc::O_DIRECT;
-    if writable && cache == moat_cli::CacheMode::Directsync {
+    if writable && cache == moat_config::CacheMode::Directsync {
         flags |= libc::O_DSYNC;
     }
     let direct = std::fs::OpenOptions::new()
@@ -304,15 +304,15 @@ fn open_direct(
 /// file already in the chain: one file in two places is refused, as a
 /// writable top layer would otherwise write into its own backing image.
 fn open_layer(
-    layer: &moat_cli::ImageLayer,
+    layer: &moat_config::ImageLayer,
     file: Option<std::fs::File>,
     writable: bool,
-    cache: moat_cli::CacheMode,
+    cache: moat_config::CacheMode,
     fds: &FdStore,
     seen: &mut Vec<(u64, u64)>,
 ) -> Result<moat_block::qcow2::Layer, String> {
     use moat_block::qcow2::Below;
-    use moat_cli::{Backing, DriveFormat};
+    use moat_config::{Backing, DriveFormat};
     use std::os::unix::fs::MetadataExt;
     let name = layer.file.display().to_string();
     let mut note = |f: &std::fs::File, name: &str| -> Result<(), String> {
@@ -379,7 +379,7 @@ pub struct Vm {
     bus: Arc<PlatformBus>,
     generation: u64,
     events: Sender<VmEvent>,
-    topology: moat_cli::Topology,
+    topology: moat_config::Topology,
     acpi: bool,
 }
 
@@ -735,7 +735,7 @@ mod tests {
         std::fs::write(&a, vec![0u8; 8192]).unwrap();
         std::fs::write(&b, vec![0u8; 8192]).unwrap();
         let first = std::fs::File::open(&a).unwrap();
-        let same = super::open_direct(&a, false, moat_cli::CacheMode::None, &first);
+        let same = super::open_direct(&a, false, moat_config::CacheMode::None, &first);
         // tmpfs may refuse O_DIRECT; that is a different error.
         if let Err(e) = &same {
             assert!(e.contains("O_DIRECT"), "{e}");
@@ -743,7 +743,8 @@ mod tests {
         // The path now names another file (as a swap in between would).
         std::fs::rename(&b, &a).unwrap();
         if same.is_ok() {
-            let e = super::open_direct(&a, false, moat_cli::CacheMode::None, &first).unwrap_err();
+            let e =
+                super::open_direct(&a, false, moat_config::CacheMode::None, &first).unwrap_err();
             assert!(e.contains("the file changed"), "{e}");
         }
         std::fs::remove_dir_all(&d).unwrap();
