@@ -40,7 +40,9 @@ fn qemu_io(image: &str, fmt: &str, cmd: &str) {
 
 fn open(drive: &str) -> Result<Disk, String> {
     match parse_args(&["-drive", drive]) {
-        Ok(Action::Run(cfg)) => Disk::open(&cfg.drives[0], &Default::default()),
+        Ok(Action::Run(cfg)) => {
+            Disk::open(&cfg.drives[0], &Default::default()).map_err(|e| e.to_string())
+        }
         Ok(_) => unreachable!(),
         Err(e) => Err(e.to_string()),
     }

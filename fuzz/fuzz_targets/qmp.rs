@@ -1,29 +1,38 @@
 //! QMP message framing, parsing and dispatch, and HMP lines, with a VM
-//! stand-in that answers every command.
+//! stand-in that answers every request.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use moat_monitor::qmp::{FdStore, Frame, Framer, MonitorContext, Session};
-use moat_monitor::{hmp, QmpError, VmCommand, VmControl, VmInfo};
-use serde_json::{json, Value};
-use std::sync::{Arc, Mutex};
+use moat_api::{Client, CpuInfo, Reply, Request, RunState};
+use moat_monitor::qmp::{Frame, Framer, MonitorContext, Session};
+use moat_monitor::{hmp, VmInfo};
+use serde_json::json;
+use std::sync::Arc;
 
-struct Vm;
-impl VmControl for Vm {
-    fn execute(&self, cmd: VmCommand) -> Result<Value, QmpError> {
-        match cmd {
-            VmCommand::QueryStatus => Ok(json!({"running": true, "singlestep": false, "status": "running"})),
-            VmCommand::QueryCpusFast => Ok(json!([{"cpu-index": 0, "thread-id": 1}])),
-            VmCommand::Registers(_) => Ok(json!("RAX=0")),
-            _ => Ok(json!({})),
-        }
-    }
+fn vm() -> Client {
+    Client::new(|call| {
+        let reply = match call.request {
+            Request::QueryStatus => Reply::Status(RunState::Running),
+            Request::QueryCpus => Reply::Cpus(vec![CpuInfo {
+                index: 0,
+                thread_id: 1,
+                socket: 0,
+                die: None,
+                core: 0,
+                thread: 0,
+            }]),
+            Request::Registers(_) => Reply::Text("RAX=0".into()),
+            _ => Reply::Done,
+        };
+        let _ = call.reply.send(Ok(reply));
+        true
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
     let ctx = Arc::new(MonitorContext {
         info: VmInfo { name: Some("f".into()), uuid: None },
-        vm: Arc::new(Vm),
-        fds: Mutex::new(FdStore::default()),
+        vm: vm(),
+        fds: Arc::default(),
     });
     let mut s = Session::new(ctx);
     // Negotiate first half the time, so dispatch past negotiation is reached.

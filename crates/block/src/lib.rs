@@ -9,8 +9,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
+mod open;
 pub mod qcow2;
 pub mod throttle;
+
+pub use open::open;
 
 pub use qcow2::Qcow2Image;
 
@@ -28,6 +31,21 @@ pub enum BlockError {
     ReadOnly,
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// An image could not be opened: `why` as QEMU's monitor words it,
+    /// `option` the command-line option it came from (empty when the
+    /// message names its file itself).
+    #[error("{}{why}", if option.is_empty() { String::new() } else { format!("{option}: ") })]
+    Open { option: String, why: String },
+}
+
+impl BlockError {
+    /// The message as a monitor client sees it (no command-line option).
+    pub fn monitor_text(&self) -> String {
+        match self {
+            BlockError::Open { why, .. } => why.clone(),
+            e => e.to_string(),
+        }
+    }
 }
 
 /// A disk image as a device sees it.

@@ -302,6 +302,16 @@ pub enum CacheMode {
     Unsafe,
 }
 
+impl ImageLayer {
+    /// This layer and every layer below it, top first.
+    pub fn layers(&self) -> impl Iterator<Item = &ImageLayer> {
+        std::iter::successors(Some(self), |l| match &l.backing {
+            Backing::Layer(b) => Some(b),
+            _ => None,
+        })
+    }
+}
+
 /// A disk: `-drive if=virtio`, or `-drive if=none,id=` used by `-device virtio-blk-device`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveConfig {
@@ -428,6 +438,24 @@ pub struct VmConfig {
     pub objects: Vec<Object>,
     /// virtio-blk disks, in device order.
     pub drives: Vec<DriveConfig>,
+}
+
+impl VmConfig {
+    /// The UNIX sockets moat listens on by path (monitors, the serial port).
+    pub fn unix_socket_paths(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .monitors
+            .iter()
+            .filter_map(|m| match &m.socket.addr {
+                SocketAddr::Unix(p) => Some(p.clone()),
+                SocketAddr::Tcp { .. } | SocketAddr::Fd(_) => None,
+            })
+            .collect();
+        if let Some(SerialBackend::UnixServer { path, .. }) = &self.serial {
+            v.push(path.clone());
+        }
+        v
+    }
 }
 
 impl Default for VmConfig {

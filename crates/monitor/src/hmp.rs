@@ -2,7 +2,7 @@
 //! layer, with QEMU's command names and output formats.
 
 use crate::qmp::Session;
-use crate::{VmCommand, QEMU_VERSION};
+use crate::QEMU_VERSION;
 use serde_json::{Map, Value};
 
 /// The banner printed when an HMP client connects.
@@ -152,8 +152,8 @@ fn info(session: &mut Session, what: Option<&str>, arg: Option<&str>, cpu: Optio
                 },
                 None => Some(cpu.unwrap_or(0)),
             };
-            match session.vm().execute(VmCommand::Registers(which)) {
-                Ok(Value::String(s)) => s,
+            match session.ask(moat_api::Request::Registers(which)) {
+                Ok(moat_api::Reply::Text(s)) => s,
                 Ok(_) => String::new(),
                 Err(e) => format!("Error: {}\n", e.desc),
             }

@@ -1,11 +1,14 @@
 //! The monitor: QEMU's QMP and HMP protocols over UNIX sockets (and, with
 //! TLS and an authorization policy only, TCP).
 //!
-//! The protocol engines ([`qmp`], [`hmp`]) are transport independent and
-//! talk to the VM through one interface, [`VmControl`]; HMP commands are
+//! The protocol engines ([`qmp`], [`hmp`]) are transport independent: they
+//! decode what a client sends once, into `moat_api`'s typed requests, send
+//! them to the VM through a [`moat_api::Client`], and encode the typed
+//! replies and events in QEMU's shapes ([`encode`]). HMP commands are
 //! implemented on top of the QMP command layer, never twice.
 
 pub mod authz;
+pub mod encode;
 pub mod hmp;
 pub mod qmp;
 pub mod server;
@@ -49,50 +52,13 @@ impl QmpError {
     }
 }
 
-/// Commands that need the running VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VmCommand {
-    Stop,
-    Cont,
-    SystemReset,
-    SystemPowerdown,
-    Quit,
-    QueryStatus,
-    QueryCpusFast,
-    /// HMP `info registers` for one vCPU (or all with `None`).
-    Registers(Option<u32>),
-    QueryBlock,
-    QueryBlockstats,
-    /// `eject` of a device (by `device` or `id`).
-    Eject(String),
-    /// `block_set_io_throttle`: new limits for a drive (all zero: none).
-    BlockSetIoThrottle(String, moat_config::ThrottleLimits),
-    /// `blockdev-del` of a node made by `blockdev-add`.
-    BlockdevDel(String),
-    QueryNamedBlockNodes,
-}
-
-/// The VM as the monitor sees it.
-pub trait VmControl: Send + Sync {
-    /// Execute `cmd` and return its QMP `return` value.
-    fn execute(&self, cmd: VmCommand) -> Result<Value, QmpError>;
-
-    /// `blockdev-add`: open `drive` (paths or `/dev/fdset/N` from `fds`)
-    /// as the block node `node` (its top `driver` as the client named it).
-    fn blockdev_add(
-        &self,
-        node: String,
-        driver: String,
-        drive: moat_config::DriveConfig,
-        fds: &moat_sys::fdset::FdStore,
-    ) -> Result<Value, QmpError> {
-        let _ = (node, driver, drive, fds);
-        Err(QmpError::generic("blockdev-add is not available"))
+impl From<moat_api::ApiError> for QmpError {
+    fn from(e: moat_api::ApiError) -> Self {
+        match e.class {
+            moat_api::ErrorClass::Generic => QmpError::generic(e.desc),
+            moat_api::ErrorClass::DeviceNotFound => QmpError::device_not_found(e.desc),
+        }
     }
-
-    /// Called once a reply has been queued for its client (so that `quit`
-    /// can end moat only after its own reply is on its way).
-    fn replied(&self) {}
 }
 
 /// Facts fixed at startup that the monitor reports.

@@ -2,7 +2,8 @@
 //! negotiation, argument checking against each command's schema, dispatch,
 //! and replies with QEMU's error classes and texts.
 
-use crate::{hmp, QmpError, VmCommand, VmControl, VmInfo, QEMU_VERSION};
+use crate::{encode, hmp, QmpError, VmInfo, QEMU_VERSION};
+use moat_api::Request;
 use moat_sys::lock;
 use serde_json::{json, Map, Value};
 use std::os::fd::OwnedFd;
@@ -52,104 +53,255 @@ impl ArgType {
     }
 }
 
-/// One command's schema: (argument, type, required).
-#[derive(Debug)]
+/// The arguments of one command, checked against its schema.
+pub type Args = Map<String, Value>;
+
+/// One command: its schema (argument, type, required) and what it does,
+/// which is to decode its arguments once and either answer here (the
+/// monitor's own commands) or ask the VM with a typed [`Request`].
 pub struct CommandSpec {
     pub name: &'static str,
     pub args: &'static [(&'static str, ArgType, bool)],
+    pub run: fn(&mut Session, &Args) -> Result<Value, QmpError>,
+}
+
+impl std::fmt::Debug for CommandSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
 }
 
 use ArgType::*;
 
-/// Every QMP command moat implements.
+fn s<'a>(args: &'a Args, k: &str) -> Option<&'a str> {
+    args.get(k).and_then(Value::as_str)
+}
+
+fn i(args: &Args, k: &str) -> Option<i64> {
+    args.get(k).and_then(Value::as_i64)
+}
+
+/// Ask the VM; its reply in QEMU's shape.
+fn vm(session: &Session, r: Request) -> Result<Value, QmpError> {
+    Ok(encode::reply(&session.ctx.vm.call(r)?))
+}
+
+/// `device` or `id`, exactly one.
+fn device_or_id(args: &Args) -> Result<String, QmpError> {
+    match (s(args, "device"), s(args, "id")) {
+        (Some(d), None) | (None, Some(d)) => Ok(d.to_string()),
+        _ => Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
+    }
+}
+
+/// Every QMP command moat implements. Adding one: an entry here, and (if
+/// it asks the VM) a `Request` and its arm in the VM's handler.
 pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "qmp_capabilities",
         args: &[("enable", StrList, false)],
+        run: |session, args| {
+            if let Some(caps) = args.get("enable").and_then(Value::as_array) {
+                if let Some(c) = caps.first().and_then(Value::as_str) {
+                    return Err(QmpError::generic(format!("Capability '{c}' not available")));
+                }
+            }
+            session.negotiated = true;
+            Ok(json!({}))
+        },
     },
     CommandSpec {
         name: "query-version",
         args: &[],
+        run: |_, _| {
+            let (major, minor, micro) = QEMU_VERSION;
+            Ok(
+                json!({"qemu": {"major": major, "minor": minor, "micro": micro},
+                      "package": format!("moat {}", env!("CARGO_PKG_VERSION"))}),
+            )
+        },
     },
     CommandSpec {
         name: "query-commands",
         args: &[],
+        run: |_, _| {
+            Ok(Value::Array(
+                COMMANDS.iter().map(|c| json!({"name": c.name})).collect(),
+            ))
+        },
     },
     CommandSpec {
         name: "query-status",
         args: &[],
+        run: |session, _| vm(session, Request::QueryStatus),
     },
     CommandSpec {
         name: "query-name",
         args: &[],
+        run: |session, _| {
+            Ok(match &session.ctx.info.name {
+                Some(n) => json!({"name": n}),
+                None => json!({}),
+            })
+        },
     },
     CommandSpec {
         name: "query-uuid",
         args: &[],
+        run: |session, _| {
+            let uuid = session.ctx.info.uuid.as_deref();
+            Ok(json!({"UUID": uuid.unwrap_or("00000000-0000-0000-0000-000000000000")}))
+        },
     },
     CommandSpec {
         name: "query-kvm",
         args: &[],
+        run: |_, _| Ok(json!({"enabled": true, "present": true})),
     },
     CommandSpec {
         name: "query-cpus-fast",
         args: &[],
+        run: |session, _| vm(session, Request::QueryCpus),
     },
     CommandSpec {
         name: "query-qmp-schema",
         args: &[],
+        run: |_, _| Ok(schema()),
     },
     CommandSpec {
         name: "stop",
         args: &[],
+        run: |session, _| vm(session, Request::Stop),
     },
     CommandSpec {
         name: "cont",
         args: &[],
+        run: |session, _| vm(session, Request::Cont),
     },
     CommandSpec {
         name: "system_reset",
         args: &[],
+        run: |session, _| vm(session, Request::SystemReset),
     },
     CommandSpec {
         name: "system_powerdown",
         args: &[],
+        run: |session, _| vm(session, Request::SystemPowerdown),
     },
     CommandSpec {
         name: "quit",
         args: &[],
+        // The VM ends once this client's reply is on its way.
+        run: |session, _| {
+            session.after_reply = Some(Request::Quit);
+            Ok(json!({}))
+        },
     },
     CommandSpec {
         name: "human-monitor-command",
         args: &[("command-line", Str, true), ("cpu-index", Int, false)],
+        run: |session, args| {
+            let line = s(args, "command-line").unwrap_or_default().to_string();
+            let cpu = i(args, "cpu-index").map(|c| c as u32);
+            Ok(Value::String(hmp::execute(session, &line, cpu)))
+        },
     },
     CommandSpec {
         name: "getfd",
         args: &[("fdname", Str, true)],
+        run: |session, args| {
+            let name = s(args, "fdname").unwrap_or_default().to_string();
+            if name.starts_with(|c: char| c.is_ascii_digit()) {
+                return Err(QmpError::generic(
+                    "Parameter 'fdname' must not start with a digit",
+                ));
+            }
+            let fd = session.received_fd()?;
+            // Replacing a name closes the old descriptor, as QEMU does.
+            session
+                .fds()
+                .put_named(name, fd)
+                .map_err(QmpError::generic)?;
+            Ok(json!({}))
+        },
     },
     CommandSpec {
         name: "closefd",
         args: &[("fdname", Str, true)],
+        run: |session, args| {
+            let name = s(args, "fdname").unwrap_or_default();
+            let mut store = session.fds();
+            store.take_named(name).map(|_| json!({})).ok_or_else(|| {
+                QmpError::generic(format!("File descriptor named '{name}' not found"))
+            })
+        },
     },
     CommandSpec {
         name: "add-fd",
         args: &[("fdset-id", Int, false), ("opaque", Str, false)],
+        run: |session, args| {
+            let id = i(args, "fdset-id");
+            if id.is_some_and(|id| id < 0) {
+                return Err(QmpError::generic(
+                    "Parameter 'fdset-id' expects a non-negative value",
+                ));
+            }
+            let fd = session.received_fd()?;
+            let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+            let opaque = s(args, "opaque").map(str::to_string);
+            let id = session
+                .fds()
+                .add(id, fd, opaque)
+                .map_err(QmpError::generic)?;
+            Ok(json!({"fdset-id": id, "fd": raw}))
+        },
     },
     CommandSpec {
         name: "remove-fd",
         args: &[("fdset-id", Int, true), ("fd", Int, false)],
+        run: |session, args| {
+            let id = i(args, "fdset-id").unwrap_or(-1);
+            let fd = i(args, "fd");
+            if session.fds().remove(id, fd) {
+                return Ok(json!({}));
+            }
+            Err(QmpError::generic(match fd {
+                Some(fd) => format!("File descriptor named 'fdset-id:{id}, fd:{fd}' not found"),
+                None => format!("File descriptor named 'fdset-id:{id}' not found"),
+            }))
+        },
     },
     CommandSpec {
         name: "query-fdsets",
         args: &[],
+        run: |session, _| {
+            let store = session.fds();
+            let sets = store.sets().iter().map(|s| {
+                let fds: Vec<Value> = s
+                    .fds
+                    .iter()
+                    .map(|(f, o)| {
+                        let mut e = json!({"fd": std::os::fd::AsRawFd::as_raw_fd(f)});
+                        if let Some(o) = o {
+                            e["opaque"] = json!(o);
+                        }
+                        e
+                    })
+                    .collect();
+                json!({"fdset-id": s.id, "fds": fds})
+            });
+            Ok(Value::Array(sets.collect()))
+        },
     },
     CommandSpec {
         name: "query-block",
         args: &[],
+        run: |session, _| vm(session, Request::QueryBlock),
     },
     CommandSpec {
         name: "query-blockstats",
         args: &[("query-nodes", Bool, false)],
+        run: |session, _| vm(session, Request::QueryBlockstats),
     },
     CommandSpec {
         name: "eject",
@@ -158,6 +310,13 @@ pub const COMMANDS: &[CommandSpec] = &[
             ("id", Str, false),
             ("force", Bool, false),
         ],
+        run: |session, args| {
+            let device = s(args, "device").or(s(args, "id"));
+            let device =
+                device.ok_or_else(|| QmpError::generic("Need exactly one of 'device' and 'id'"))?;
+            let device = device.to_string();
+            vm(session, Request::Eject { device })
+        },
     },
     CommandSpec {
         name: "block_set_io_throttle",
@@ -185,6 +344,11 @@ pub const COMMANDS: &[CommandSpec] = &[
             ("iops_size", Int, false),
             ("group", Str, false),
         ],
+        run: |session, args| {
+            let device = device_or_id(args)?;
+            let limits = throttle_args(args)?;
+            vm(session, Request::BlockSetIoThrottle { device, limits })
+        },
     },
     CommandSpec {
         name: "blockdev-add",
@@ -204,14 +368,32 @@ pub const COMMANDS: &[CommandSpec] = &[
             ("backing", Any, false),
             ("data-file", Any, false),
         ],
+        run: |session, args| {
+            let (node, drive) = blockdev_args(args)?;
+            let driver = s(args, "driver").unwrap_or_default().to_string();
+            let drive = Box::new(drive);
+            vm(
+                session,
+                Request::BlockdevAdd {
+                    node,
+                    driver,
+                    drive,
+                },
+            )
+        },
     },
     CommandSpec {
         name: "blockdev-del",
         args: &[("node-name", Str, true)],
+        run: |session, args| {
+            let node = s(args, "node-name").unwrap_or_default().to_string();
+            vm(session, Request::BlockdevDel { node })
+        },
     },
     CommandSpec {
         name: "query-named-block-nodes",
         args: &[("flat", Bool, false)],
+        run: |session, _| vm(session, Request::QueryNamedBlockNodes),
     },
     CommandSpec {
         name: "migrate",
@@ -222,6 +404,15 @@ pub const COMMANDS: &[CommandSpec] = &[
             ("detach", Bool, false),
             ("resume", Bool, false),
         ],
+        run: |_, args| {
+            let uri = s(args, "uri").unwrap_or_default();
+            Err(QmpError::generic(if uri.starts_with("exec:") {
+                "moat refuses 'exec:' migration: a monitor command must never spawn a host process"
+                    .to_string()
+            } else {
+                format!("migration to '{uri}' is not supported by moat")
+            }))
+        },
     },
 ];
 
@@ -240,8 +431,9 @@ pub use moat_sys::fdset::{FdStore, MAX_STORED_FDS};
 /// Shared by every session of one monitor process.
 pub struct MonitorContext {
     pub info: VmInfo,
-    pub vm: Arc<dyn VmControl>,
-    pub fds: Mutex<FdStore>,
+    pub vm: moat_api::Client,
+    /// The fd sets (-add-fd, QMP add-fd, getfd), shared with the VM.
+    pub fds: Arc<Mutex<FdStore>>,
 }
 
 impl std::fmt::Debug for MonitorContext {
@@ -440,6 +632,8 @@ pub struct Session {
     negotiated: bool,
     /// Descriptors received with the latest message (SCM_RIGHTS).
     pub received_fds: Vec<OwnedFd>,
+    /// Sent to the VM once the current reply is on its way (`quit`).
+    after_reply: Option<Request>,
 }
 
 impl Session {
@@ -448,6 +642,7 @@ impl Session {
             ctx,
             negotiated: false,
             received_fds: Vec::new(),
+            after_reply: None,
         }
     }
 
@@ -532,162 +727,7 @@ impl Session {
             .find(|c| c.name == name)
             .ok_or_else(|| QmpError::not_found(format!("The command {name} has not been found")))?;
         check_args(spec, &args)?;
-        self.run(spec.name, &args)
-    }
-
-    fn run(&mut self, name: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
-        let s = |k: &str| args.get(k).and_then(Value::as_str);
-        let i = |k: &str| args.get(k).and_then(Value::as_i64);
-        let vm = &self.ctx.vm;
-        match name {
-            "qmp_capabilities" => {
-                if let Some(caps) = args.get("enable").and_then(Value::as_array) {
-                    if let Some(c) = caps.first().and_then(Value::as_str) {
-                        return Err(QmpError::generic(format!("Capability '{c}' not available")));
-                    }
-                }
-                self.negotiated = true;
-                Ok(json!({}))
-            }
-            "query-version" => {
-                let (major, minor, micro) = QEMU_VERSION;
-                Ok(
-                    json!({"qemu": {"major": major, "minor": minor, "micro": micro},
-                          "package": format!("moat {}", env!("CARGO_PKG_VERSION"))}),
-                )
-            }
-            "query-commands" => Ok(Value::Array(
-                COMMANDS.iter().map(|c| json!({"name": c.name})).collect(),
-            )),
-            "query-name" => Ok(match &self.ctx.info.name {
-                Some(n) => json!({"name": n}),
-                None => json!({}),
-            }),
-            "query-uuid" => Ok(
-                json!({"UUID": self.ctx.info.uuid.clone().unwrap_or_else(|| "00000000-0000-0000-0000-000000000000".into())}),
-            ),
-            "query-kvm" => Ok(json!({"enabled": true, "present": true})),
-            "query-qmp-schema" => Ok(schema()),
-            "query-status" => vm.execute(VmCommand::QueryStatus),
-            "query-cpus-fast" => vm.execute(VmCommand::QueryCpusFast),
-            "stop" => vm.execute(VmCommand::Stop),
-            "cont" => vm.execute(VmCommand::Cont),
-            "system_reset" => vm.execute(VmCommand::SystemReset),
-            "system_powerdown" => vm.execute(VmCommand::SystemPowerdown),
-            "quit" => vm.execute(VmCommand::Quit),
-            "query-block" => vm.execute(VmCommand::QueryBlock),
-            "query-blockstats" => vm.execute(VmCommand::QueryBlockstats),
-            "eject" => match s("device").or(s("id")) {
-                Some(d) => vm.execute(VmCommand::Eject(d.to_string())),
-                None => Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
-            },
-            "block_set_io_throttle" => {
-                let device = match (s("device"), s("id")) {
-                    (Some(d), None) | (None, Some(d)) => d.to_string(),
-                    _ => return Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
-                };
-                vm.execute(VmCommand::BlockSetIoThrottle(device, throttle_args(args)?))
-            }
-            "blockdev-add" => {
-                let (node, drive) = blockdev_args(args)?;
-                let driver = s("driver").unwrap_or_default().to_string();
-                let fds = lock(&self.ctx.fds);
-                vm.blockdev_add(node, driver, drive, &fds)
-            }
-            "blockdev-del" => vm.execute(VmCommand::BlockdevDel(
-                s("node-name").unwrap_or_default().to_string(),
-            )),
-            "query-named-block-nodes" => vm.execute(VmCommand::QueryNamedBlockNodes),
-            "human-monitor-command" => {
-                let line = s("command-line").unwrap_or_default();
-                let cpu = i("cpu-index").map(|c| c as u32);
-                Ok(Value::String(hmp::execute(self, line, cpu)))
-            }
-            "getfd" => {
-                let name = s("fdname").unwrap_or_default().to_string();
-                if name.starts_with(|c: char| c.is_ascii_digit()) {
-                    return Err(QmpError::generic(
-                        "Parameter 'fdname' must not start with a digit",
-                    ));
-                }
-                let fd = self.received_fd()?;
-                // Replacing a name closes the old descriptor, as QEMU does.
-                self.fds().put_named(name, fd).map_err(QmpError::generic)?;
-                Ok(json!({}))
-            }
-            "closefd" => {
-                let name = s("fdname").unwrap_or_default();
-                let mut store = self.fds();
-                store.take_named(name).map(|_| json!({})).ok_or_else(|| {
-                    QmpError::generic(format!("File descriptor named '{name}' not found"))
-                })
-            }
-            "add-fd" => {
-                let id = i("fdset-id");
-                if id.is_some_and(|id| id < 0) {
-                    return Err(QmpError::generic(
-                        "Parameter 'fdset-id' expects a non-negative value",
-                    ));
-                }
-                let fd = self.received_fd()?;
-                let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-                let opaque = s("opaque").map(str::to_string);
-                let id = self.fds().add(id, fd, opaque).map_err(QmpError::generic)?;
-                Ok(json!({"fdset-id": id, "fd": raw}))
-            }
-            "remove-fd" => {
-                let id = i("fdset-id").unwrap_or(-1);
-                let fd = i("fd");
-                if self.fds().remove(id, fd) {
-                    Ok(json!({}))
-                } else {
-                    Err(QmpError::generic(match fd {
-                        Some(fd) => {
-                            format!("File descriptor named 'fdset-id:{id}, fd:{fd}' not found")
-                        }
-                        None => format!("File descriptor named 'fdset-id:{id}' not found"),
-                    }))
-                }
-            }
-            "query-fdsets" => {
-                let store = self.fds();
-                Ok(Value::Array(
-                    store
-                        .sets()
-                        .iter()
-                        .map(|s| {
-                            let fds: Vec<Value> = s
-                                .fds
-                                .iter()
-                                .map(|(f, o)| {
-                                    let mut e = json!({"fd": std::os::fd::AsRawFd::as_raw_fd(f)});
-                                    if let Some(o) = o {
-                                        e["opaque"] = json!(o);
-                                    }
-                                    e
-                                })
-                                .collect();
-                            json!({"fdset-id": s.id, "fds": fds})
-                        })
-                        .collect(),
-                ))
-            }
-            "migrate" => {
-                let uri = s("uri").unwrap_or_default();
-                if uri.starts_with("exec:") {
-                    Err(QmpError::generic(
-                        "moat refuses 'exec:' migration: a monitor command must never spawn a host process",
-                    ))
-                } else {
-                    Err(QmpError::generic(format!(
-                        "migration to '{uri}' is not supported by moat"
-                    )))
-                }
-            }
-            _ => Err(QmpError::not_found(format!(
-                "The command {name} has not been found"
-            ))),
-        }
+        (spec.run)(self, &args)
     }
 
     /// The descriptor the client passed with its message (SCM_RIGHTS).
@@ -702,13 +742,15 @@ impl Session {
     }
 
     /// The reply to the last command has been queued for the client.
-    pub fn replied(&self) {
-        self.ctx.vm.replied();
+    pub fn replied(&mut self) {
+        if let Some(r) = self.after_reply.take() {
+            self.ctx.vm.send(r);
+        }
     }
 
-    /// Run a VM command on behalf of HMP.
-    pub(crate) fn vm(&self) -> &Arc<dyn VmControl> {
-        &self.ctx.vm
+    /// Ask the VM on behalf of HMP.
+    pub(crate) fn ask(&self, r: Request) -> Result<moat_api::Reply, QmpError> {
+        Ok(self.ctx.vm.call(r)?)
     }
 
     /// Run a QMP command by name on behalf of HMP (same layer, same checks).
@@ -718,7 +760,7 @@ impl Session {
             .find(|c| c.name == name)
             .ok_or_else(|| QmpError::not_found(format!("The command {name} has not been found")))?;
         check_args(spec, &args)?;
-        self.run(name, &args)
+        (spec.run)(self, &args)
     }
 }
 
@@ -1014,11 +1056,14 @@ fn schema() -> Value {
 mod tests {
     use super::*;
 
-    struct FakeVm;
-    impl VmControl for FakeVm {
-        fn execute(&self, cmd: VmCommand) -> Result<Value, QmpError> {
-            Ok(json!({"cmd": format!("{cmd:?}")}))
-        }
+    /// A VM that answers every request with its own description.
+    fn fake_vm() -> moat_api::Client {
+        moat_api::Client::new(|call| {
+            let _ = call
+                .reply
+                .send(Ok(moat_api::Reply::Text(format!("{:?}", call.request))));
+            true
+        })
     }
 
     fn session() -> Session {
@@ -1027,8 +1072,8 @@ mod tests {
                 name: Some("vm1".into()),
                 uuid: None,
             },
-            vm: Arc::new(FakeVm),
-            fds: Mutex::new(FdStore::default()),
+            vm: fake_vm(),
+            fds: Arc::default(),
         }))
     }
 

@@ -369,7 +369,7 @@ impl Monitors {
     }
 
     /// Send an event to every negotiated QMP client.
-    pub fn emit(&self, name: &str, data: Option<Value>) {
+    fn broadcast(&self, name: &str, data: Option<Value>) {
         let line = json_line(&qmp::event(name, data));
         let mut clients = lock(&self.clients);
         clients.retain(|c| {
@@ -556,5 +556,94 @@ fn serve_hmp(stream: &UnixStream, session: &mut Session, outbox: &Outbox) {
         if !echo.is_empty() && !outbox.push(echo) {
             return;
         }
+    }
+}
+
+/// The VM's events go to every negotiated QMP client, in QEMU's shape.
+impl moat_api::EventSink for Monitors {
+    fn emit(&self, event: moat_api::Event) {
+        let (name, data) = crate::encode::event(&event);
+        self.broadcast(name, data);
+    }
+}
+
+/// The listening sockets handed in by descriptor (`-chardev socket,fd=N`, as
+/// libvirt passes them), each checked to be a listening UNIX socket; taken
+/// before moat closes the descriptors it was not told about.
+pub fn take_inherited_sockets(
+    cfg: &moat_config::VmConfig,
+) -> Result<std::collections::HashMap<i32, UnixListener>, String> {
+    let mut out = std::collections::HashMap::new();
+    for m in &cfg.monitors {
+        if let moat_config::SocketAddr::Fd(n) = m.socket.addr {
+            if out.contains_key(&n) {
+                continue;
+            }
+            let l = moat_sys::fdset::take_inherited(n.into())
+                .and_then(moat_sys::listening_unix)
+                .map_err(|e| format!("-chardev socket,fd={n}: {e}"))?;
+            out.insert(n, l);
+        }
+    }
+    Ok(out)
+}
+
+impl MonitorSpec {
+    /// Every monitor of `cfg`, with its TLS credentials and authorization
+    /// policy loaded; `fds` holds the inherited listening sockets.
+    pub fn from_config(
+        cfg: &moat_config::VmConfig,
+        fds: &mut std::collections::HashMap<i32, UnixListener>,
+    ) -> Result<Vec<MonitorSpec>, String> {
+        use moat_config::{Object, SocketAddr};
+        let object = |id: &str| cfg.objects.iter().find(|o| o.id() == id);
+        cfg.monitors
+            .iter()
+            .map(|m| {
+                let endpoint = match &m.socket.addr {
+                    SocketAddr::Unix(path) => Endpoint::Unix(path.clone()),
+                    SocketAddr::Fd(n) => match fds.remove(n) {
+                        Some(l) => Endpoint::UnixFd(*n, Arc::new(l)),
+                        None => {
+                            return Err(format!("-chardev socket,fd={n}: used by two monitors"))
+                        }
+                    },
+                    SocketAddr::Tcp { host, port } => {
+                        let creds = m.socket.tls_creds.as_deref().unwrap_or_default();
+                        let Some(Object::TlsCredsX509 { dir, .. }) = object(creds) else {
+                            return Err(format!("no tls-creds-x509 object '{creds}'"));
+                        };
+                        let tls = TlsServer::load(dir)
+                            .map_err(|e| format!("-object tls-creds-x509,id={creds}: {e}"))?;
+                        let authz_id = m.socket.tls_authz.as_deref().unwrap_or_default();
+                        let authz = match object(authz_id) {
+                            Some(Object::AuthzSimple { identity, .. }) => {
+                                Authz::Simple(identity.clone())
+                            }
+                            Some(Object::AuthzList {
+                                default_allow,
+                                rules,
+                                ..
+                            }) => Authz::List {
+                                default_allow: *default_allow,
+                                rules: rules.clone(),
+                            },
+                            _ => return Err(format!("no authz object '{authz_id}'")),
+                        };
+                        Endpoint::Tcp {
+                            host: host.clone(),
+                            port: *port,
+                            tls,
+                            authz: Arc::new(authz),
+                        }
+                    }
+                };
+                Ok(MonitorSpec {
+                    endpoint,
+                    mode: m.mode,
+                    wait: m.socket.wait,
+                })
+            })
+            .collect()
     }
 }

@@ -29,11 +29,13 @@
 
 use std::collections::BTreeMap;
 
+mod confine;
 mod kvm;
 pub mod landlock;
 pub mod privs;
 mod roles;
 
+pub use confine::{confine, Policy};
 pub use roles::{role_rules, RoleFilters};
 
 use seccompiler::{

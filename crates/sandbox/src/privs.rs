@@ -127,6 +127,34 @@ fn cap_field(status: &str, name: &str) -> Option<u64> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
+/// The environment switch that lets moat run as root without a privilege
+/// drop. For development only: a guest that escapes then owns the host.
+pub const ALLOW_ROOT_ENV: &str = "MOAT_DANGEROUSLY_ALLOW_ROOT";
+
+/// A privileged moat must drop its privileges once set up (`-run-with
+/// user=`, `drops`) or be started unprivileged (by moat-jail): a guest that
+/// escapes into moat must not find root there. Stricter than QEMU, which
+/// runs as root when asked. With the development switch: the warning to
+/// print once the VM is set up (so that a setup error stays one line).
+pub fn refuse_privileged(drops: bool) -> Result<Option<String>, String> {
+    let Some(why) = privileged() else {
+        return Ok(None);
+    };
+    if drops {
+        return Ok(None);
+    }
+    if std::env::var_os(ALLOW_ROOT_ENV).is_some_and(|v| v == "1") {
+        return Ok(Some(format!(
+            "moat: warning: {why} with no privilege drop ({ALLOW_ROOT_ENV}=1): a guest that escapes into moat owns this host"
+        )));
+    }
+    Err(format!(
+        "refusing to start: {why}. A guest that escapes into moat would have these privileges. \
+         Add -run-with user=USER (moat opens the VM's files first, then becomes USER), \
+         or start moat through moat-jail; {ALLOW_ROOT_ENV}=1 overrides this, for development only"
+    ))
+}
+
 /// Why this process counts as privileged (any of its uids is 0, or it holds
 /// effective, permitted or ambient capabilities), or None.
 pub fn privileged() -> Option<String> {

@@ -86,3 +86,73 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// The pid file (`-pidfile`), locked while moat runs and removed at exit as
+/// QEMU does. The open file holds the lock.
+#[derive(Debug)]
+pub struct PidFile(std::path::PathBuf, #[allow(dead_code)] std::fs::File);
+
+impl PidFile {
+    pub fn create(path: &Path) -> Result<PidFile, String> {
+        use std::io::Write as _;
+        use std::os::fd::AsRawFd;
+        let ctx = |e: &dyn std::fmt::Display| format!("-pidfile {}: {e}", path.display());
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| ctx(&e))?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(ctx(&format!(
+                "cannot lock pid file: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        f.set_len(0).map_err(|e| ctx(&e))?;
+        writeln!(f, "{}", std::process::id()).map_err(|e| ctx(&e))?;
+        Ok(PidFile(path.to_path_buf(), f))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The socket files moat made, removed at exit as QEMU removes them: only
+/// while the path is still the socket moat bound (same device and inode).
+#[derive(Debug)]
+pub struct SocketFiles(Vec<(std::path::PathBuf, u64, u64)>);
+
+impl SocketFiles {
+    pub fn note(paths: Vec<std::path::PathBuf>) -> SocketFiles {
+        use std::os::unix::fs::MetadataExt;
+        SocketFiles(
+            paths
+                .into_iter()
+                .filter_map(|p| {
+                    let m = std::fs::symlink_metadata(&p).ok()?;
+                    Some((p, m.dev(), m.ino()))
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        for (p, dev, ino) in &self.0 {
+            let same = std::fs::symlink_metadata(p)
+                .is_ok_and(|m| m.file_type().is_socket() && m.dev() == *dev && m.ino() == *ino);
+            if same {
+                // After -run-with user= the directory may no longer be
+                // writable for moat; QEMU leaves the file then too.
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+}

@@ -1,19 +1,24 @@
-//! Running vCPUs under control: start, pause (really stopping every vCPU
-//! before acknowledging), resume, register dumps, and stop for good.
+//! Running vCPUs under control: start, pause (every vCPU acknowledges that
+//! it has left the guest before `pause` returns), resume, register dumps,
+//! and stop for good.
 //!
-//! vCPU threads check two atomics after every exit; the controller kicks
-//! them out of KVM_RUN with a signal (a no-op handler makes KVM_RUN return
-//! EINTR) until each has acknowledged.
+//! Each vCPU thread checks three flags after every exit. To get a vCPU out
+//! of KVM_RUN the controller sends its thread the kick signal once; the
+//! signal's handler sets `immediate_exit` in that vCPU's `kvm_run`, so the
+//! kick is never lost, even when it lands between the flag check and the
+//! next KVM_RUN (which then returns at once). The vCPU answers through a
+//! condition variable: nothing polls.
 
 use crate::bus::PlatformBus;
 use crate::vcpu::{self, ExitAction};
 use crate::VmEvent;
 use kvm_ioctls::VcpuFd;
 use moat_sys::lock;
+use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -27,10 +32,34 @@ pub fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
+thread_local! {
+    /// This thread's vCPU `kvm_run` area (null on other threads).
+    static KVM_RUN: Cell<*mut kvm_bindings::kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick signal's handler: make this thread's next (or current) KVM_RUN
+/// return at once.
+extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own vCPU's kvm_run mapping,
+        // set by `vcpu_loop` and cleared before the VcpuFd (and its
+        // mapping) goes; a plain byte store is async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+}
+
+/// Install the kick signal's handler; once per process.
+pub fn init_kick_signal() -> std::io::Result<()> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
 #[derive(Debug, Default)]
 struct Shared {
-    /// vCPUs currently parked (paused).
+    /// vCPUs parked (paused) and vCPUs whose thread has ended.
     parked: usize,
+    finished: usize,
     /// vCPUs whose register dump is wanted, and the dumps.
     dump_wanted: Vec<bool>,
     dumps: Vec<Option<String>>,
@@ -57,9 +86,9 @@ impl VcpuSet {
             stop: AtomicBool::new(false),
             dump: AtomicBool::new(false),
             shared: Mutex::new(Shared {
-                parked: 0,
                 dump_wanted: vec![false; n],
                 dumps: vec![None; n],
+                ..Default::default()
             }),
             cv: Condvar::new(),
             thread_ids: (0..n).map(|_| AtomicI32::new(0)).collect(),
@@ -67,24 +96,45 @@ impl VcpuSet {
         })
     }
 
-    /// Host thread ids of the vCPUs (waiting briefly for threads still starting).
-    pub fn thread_ids(&self) -> Vec<i32> {
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let ids: Vec<i32> = self
-                .thread_ids
-                .iter()
-                .map(|t| t.load(Ordering::SeqCst))
-                .collect();
-            if ids.iter().all(|&t| t != 0) || Instant::now() > deadline {
-                return ids;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+    fn count(&self) -> usize {
+        self.thread_ids.len()
     }
 
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
+    /// Wait until `done` holds, or `limit` passes; whether it holds.
+    fn wait_until(&self, limit: Duration, done: impl Fn(&Shared) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut g = lock(&self.shared);
+        while !done(&g) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn notify(&self, g: MutexGuard<'_, Shared>) {
+        drop(g);
+        self.cv.notify_all();
+    }
+
+    /// Host thread ids of the vCPUs (waiting briefly for threads still starting).
+    pub fn thread_ids(&self) -> Vec<i32> {
+        let started = |_: &Shared| {
+            self.thread_ids
+                .iter()
+                .all(|t| t.load(Ordering::SeqCst) != 0)
+        };
+        self.wait_until(Duration::from_secs(2), started);
+        self.thread_ids
+            .iter()
+            .map(|t| t.load(Ordering::SeqCst))
+            .collect()
     }
 
     /// Start one thread per vCPU.
@@ -101,54 +151,52 @@ impl VcpuSet {
             let tx = events.clone();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || set.vcpu_loop(vcpu, i, &bus, &tx, generation))?;
+                .spawn(move || {
+                    set.vcpu_loop(vcpu, i, &bus, &tx, generation);
+                    let mut g = lock(&set.shared);
+                    g.finished += 1;
+                    set.notify(g);
+                })?;
             lock(&self.threads).push(h);
         }
         Ok(())
     }
 
-    /// Signal every vCPU thread that has not finished.
-    fn kick_all(&self) {
-        for h in lock(&self.threads).iter() {
+    /// Send the kick signal to vCPU `i`'s thread, if it still runs.
+    fn kick(&self, i: usize) {
+        if let Some(h) = lock(&self.threads).get(i) {
             if !h.is_finished() {
                 // SAFETY: the thread has not been joined, so its pthread_t is
-                // valid; the kick signal has a no-op handler installed.
+                // valid; the kick signal's handler is installed.
                 unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
             }
         }
     }
 
-    fn live(&self) -> usize {
-        lock(&self.threads)
-            .iter()
-            .filter(|h| !h.is_finished())
-            .count()
+    fn kick_all(&self) {
+        for i in 0..self.count() {
+            self.kick(i);
+        }
     }
 
-    /// Pause every vCPU; true once all are parked (or gone), false if one
-    /// did not park within [`WAIT_LIMIT`] (they are then resumed).
+    /// Pause every vCPU; true once each has acknowledged (parked, or
+    /// ended), false if one did not within [`WAIT_LIMIT`] (all are then
+    /// resumed).
     pub fn pause(&self) -> bool {
         self.paused.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + WAIT_LIMIT;
-        loop {
-            let parked = lock(&self.shared).parked;
-            if parked >= self.live() {
-                return true;
-            }
-            if Instant::now() > deadline {
-                self.resume();
-                return false;
-            }
-            self.kick_all();
-            let g = lock(&self.shared);
-            let _ = self.cv.wait_timeout(g, Duration::from_millis(1));
+        self.kick_all();
+        let n = self.count();
+        if self.wait_until(WAIT_LIMIT, |s| s.parked + s.finished >= n) {
+            return true;
         }
+        self.resume();
+        false
     }
 
     pub fn resume(&self) {
         self.paused.store(false, Ordering::SeqCst);
-        let _g = lock(&self.shared);
-        self.cv.notify_all();
+        let g = lock(&self.shared);
+        self.notify(g);
     }
 
     /// Stop and join every vCPU thread; false if one did not end within
@@ -157,16 +205,13 @@ impl VcpuSet {
     pub fn stop(&self) -> bool {
         self.stop.store(true, Ordering::SeqCst);
         {
-            let _g = lock(&self.shared);
-            self.cv.notify_all();
+            let g = lock(&self.shared);
+            self.notify(g);
         }
-        let deadline = Instant::now() + WAIT_LIMIT;
-        while self.live() > 0 {
-            if Instant::now() > deadline {
-                return false;
-            }
-            self.kick_all();
-            std::thread::sleep(Duration::from_millis(1));
+        self.kick_all();
+        let n = self.count();
+        if !self.wait_until(WAIT_LIMIT, |s| s.finished >= n) {
+            return false;
         }
         for h in std::mem::take(&mut *lock(&self.threads)) {
             let _ = h.join();
@@ -180,23 +225,12 @@ impl VcpuSet {
             let mut g = lock(&self.shared);
             *g.dump_wanted.get_mut(i)? = true;
             g.dumps[i] = None;
+            self.dump.store(true, Ordering::SeqCst);
+            self.notify(g); // a parked vCPU answers from its park
         }
-        self.dump.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            {
-                let mut g = lock(&self.shared);
-                if let Some(d) = g.dumps[i].take() {
-                    return Some(d);
-                }
-                self.cv.notify_all(); // wake parked vCPUs
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            self.kick_all();
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        self.kick(i);
+        self.wait_until(Duration::from_secs(2), |s| s.dumps[i].is_some());
+        lock(&self.shared).dumps[i].take()
     }
 
     fn serve_dump(&self, vcpu: &VcpuFd, i: usize) {
@@ -210,7 +244,7 @@ impl VcpuSet {
             if !g.dump_wanted.iter().any(|&w| w) {
                 self.dump.store(false, Ordering::SeqCst);
             }
-            self.cv.notify_all();
+            self.notify(g);
         }
     }
 
@@ -223,11 +257,12 @@ impl VcpuSet {
             drop(g);
             self.serve_dump(vcpu, i);
             g = lock(&self.shared);
-            g = self
-                .cv
-                .wait_timeout(g, Duration::from_millis(50))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            if self.paused.load(Ordering::SeqCst)
+                && !self.stop.load(Ordering::SeqCst)
+                && !g.dump_wanted[i]
+            {
+                g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
         }
         g.parked -= 1;
         !self.stop.load(Ordering::SeqCst)
@@ -245,18 +280,36 @@ impl VcpuSet {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         self.thread_ids[i].store(tid, Ordering::SeqCst);
+        {
+            let g = lock(&self.shared);
+            self.notify(g);
+        }
+        let run: *mut kvm_bindings::kvm_run = vcpu.get_kvm_run();
+        KVM_RUN.with(|p| p.set(run));
+        self.run(&mut vcpu, i, bus, tx, generation);
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    fn run(
+        &self,
+        vcpu: &mut VcpuFd,
+        i: usize,
+        bus: &PlatformBus,
+        tx: &Sender<VmEvent>,
+        generation: u64,
+    ) {
         let cpu = i as u32;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return;
             }
-            self.serve_dump(&vcpu, i);
-            if self.paused.load(Ordering::SeqCst) && !self.park(&vcpu, i) {
+            self.serve_dump(vcpu, i);
+            if self.paused.load(Ordering::SeqCst) && !self.park(vcpu, i) {
                 return;
             }
             let action = match vcpu.run() {
                 Ok(kvm_ioctls::VcpuExit::InternalError) => {
-                    ExitAction::Fail(vcpu::internal_error(&mut vcpu))
+                    ExitAction::Fail(vcpu::internal_error(vcpu))
                 }
                 Ok(exit) => vcpu::handle_exit(exit, bus),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -268,18 +321,20 @@ impl VcpuSet {
             match action {
                 ExitAction::Continue => {}
                 ExitAction::Request(request) => {
-                    let _ = tx.send(VmEvent::Request {
+                    let _ = tx.send(VmEvent::Device {
                         generation,
                         request,
                     });
                     // Stay out of the guest: the controller ends this VM.
-                    while !self.stop.load(Ordering::SeqCst) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+                    let g = lock(&self.shared);
+                    let _g = self
+                        .cv
+                        .wait_while(g, |_| !self.stop.load(Ordering::SeqCst))
+                        .unwrap_or_else(|e| e.into_inner());
                     return;
                 }
                 ExitAction::Fail(why) => {
-                    log::error!("vCPU {cpu}: {why}\n{}", vcpu::dump(&vcpu));
+                    log::error!("vCPU {cpu}: {why}\n{}", vcpu::dump(vcpu));
                     let _ = tx.send(VmEvent::VcpuFailed {
                         generation,
                         cpu,

@@ -1,0 +1,258 @@
+//! One request model for everything that changes or queries a running VM,
+//! whatever front end asks (QMP, HMP, and later others): front ends decode
+//! their input once into a [`Request`], the VM's control loop serves it and
+//! answers with a [`Reply`] or an [`ApiError`]; what happens on its own
+//! (the guest stops, resets, a disk fails) comes back as an [`Event`].
+//!
+//! The types are plain data in the VM's terms; how QEMU spells them on the
+//! wire (QMP's JSON shapes, HMP's text) is the front end's business. Adding
+//! a command means one decoder entry in a front end and one arm in the
+//! VM's handler (`moat_vmm::Machine::serve`).
+
+use moat_config::{CacheMode, DriveConfig, DriveFormat, ThrottleLimits};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Sender};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// What a front end asks of the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Stop,
+    Cont,
+    SystemReset,
+    SystemPowerdown,
+    /// End moat (the front end sends it once its own reply is on its way).
+    Quit,
+    QueryStatus,
+    QueryCpus,
+    /// The registers of one vCPU, or of all with `None` (HMP `info registers`).
+    Registers(Option<u32>),
+    QueryBlock,
+    QueryBlockstats,
+    QueryNamedBlockNodes,
+    /// New limits for a drive (all zero: none).
+    BlockSetIoThrottle {
+        device: String,
+        limits: ThrottleLimits,
+    },
+    Eject {
+        device: String,
+    },
+    /// Open `drive` as the block node `node`; `driver` is its top driver as
+    /// the client named it (`raw`, `qcow2` or `file`).
+    BlockdevAdd {
+        node: String,
+        driver: String,
+        drive: Box<DriveConfig>,
+    },
+    BlockdevDel {
+        node: String,
+    },
+}
+
+/// The VM's run state (QEMU's RunState, the part moat has).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    /// Built but never started (`-S`).
+    Prelaunch,
+    Running,
+    Paused,
+}
+
+impl RunState {
+    /// QEMU's name for it (query-status).
+    pub fn name(self) -> &'static str {
+        match self {
+            RunState::Prelaunch => "prelaunch",
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+        }
+    }
+}
+
+/// One vCPU (query-cpus-fast).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuInfo {
+    pub index: u32,
+    /// Host thread id of the vCPU thread.
+    pub thread_id: i32,
+    pub socket: u32,
+    /// `None` on machines with one die per socket (QEMU leaves it out).
+    pub die: Option<u32>,
+    pub core: u32,
+    pub thread: u32,
+}
+
+/// One image of a chain as the host sees it (QEMU's ImageInfo).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub filename: PathBuf,
+    pub format: DriveFormat,
+    pub virtual_size: u64,
+    /// Bytes the file occupies on the host.
+    pub actual_size: u64,
+    pub backing: Option<Box<ImageInfo>>,
+}
+
+/// A block node (QEMU's BlockDeviceInfo, without throttling).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockNode {
+    pub node_name: String,
+    /// The top driver's name (`raw`, `qcow2`, `file`).
+    pub driver: String,
+    pub read_only: bool,
+    pub cache: CacheMode,
+    pub image: ImageInfo,
+}
+
+/// A drive with its device (query-block).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockDevice {
+    pub device: String,
+    /// Its position among the VM's devices (QEMU's qdev path uses it).
+    pub index: usize,
+    pub node: BlockNode,
+    pub throttle: ThrottleLimits,
+}
+
+/// A drive's I/O counters (query-blockstats).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    pub device: String,
+    pub node_name: String,
+    pub index: usize,
+    pub rd_bytes: u64,
+    pub wr_bytes: u64,
+    pub rd_operations: u64,
+    pub wr_operations: u64,
+    pub flush_operations: u64,
+    pub unmap_operations: u64,
+    pub failed_rd_operations: u64,
+    pub failed_wr_operations: u64,
+    pub failed_flush_operations: u64,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Done,
+    Status(RunState),
+    Cpus(Vec<CpuInfo>),
+    Text(String),
+    Block(Vec<BlockDevice>),
+    BlockStats(Vec<BlockStats>),
+    Nodes(Vec<BlockNode>),
+}
+
+/// QEMU's error classes that moat uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    Generic,
+    DeviceNotFound,
+}
+
+/// A refused request, worded as QEMU words it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{desc}")]
+pub struct ApiError {
+    pub class: ErrorClass,
+    pub desc: String,
+}
+
+impl ApiError {
+    pub fn generic(desc: impl Into<String>) -> Self {
+        ApiError {
+            class: ErrorClass::Generic,
+            desc: desc.into(),
+        }
+    }
+    pub fn device_not_found(desc: impl Into<String>) -> Self {
+        ApiError {
+            class: ErrorClass::DeviceNotFound,
+            desc: desc.into(),
+        }
+    }
+}
+
+/// What the VM reports on its own (QMP events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Stop,
+    Resume,
+    Powerdown,
+    Reset {
+        guest: bool,
+        reason: &'static str,
+    },
+    Shutdown {
+        guest: bool,
+        reason: &'static str,
+    },
+    BlockIoError {
+        device: String,
+        node_name: String,
+        write: bool,
+        nospace: bool,
+        reason: String,
+    },
+}
+
+/// Where events go (the monitors).
+pub trait EventSink: Send + Sync {
+    fn emit(&self, event: Event);
+}
+
+/// No front end listens.
+impl EventSink for () {
+    fn emit(&self, _: Event) {}
+}
+
+/// A request on its way to the VM, with where its answer goes.
+#[derive(Debug)]
+pub struct Call {
+    pub request: Request,
+    pub reply: Sender<Result<Reply, ApiError>>,
+}
+
+/// How long a front end waits for the VM before giving up on a request.
+/// The VM answers at once unless a vCPU is stuck, which it bounds itself.
+const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+/// A front end's handle on the VM.
+pub struct Client {
+    send: Mutex<Box<dyn Fn(Call) -> bool + Send>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Client")
+    }
+}
+
+impl Client {
+    /// `send` hands a call to the VM's control loop (false: it is gone).
+    pub fn new(send: impl Fn(Call) -> bool + Send + 'static) -> Client {
+        Client {
+            send: Mutex::new(Box::new(send)),
+        }
+    }
+
+    /// Ask, and wait for the answer.
+    pub fn call(&self, request: Request) -> Result<Reply, ApiError> {
+        let (reply, answer) = mpsc::channel();
+        let sent = (self.send.lock().unwrap_or_else(|e| e.into_inner()))(Call { request, reply });
+        if !sent {
+            return Err(ApiError::generic("the VM is shutting down"));
+        }
+        answer
+            .recv_timeout(ANSWER_WITHIN)
+            .map_err(|_| ApiError::generic("the VM did not answer"))?
+    }
+
+    /// Ask without waiting (`quit`, once the client has its reply).
+    pub fn send(&self, request: Request) {
+        let (reply, _) = mpsc::channel();
+        (self.send.lock().unwrap_or_else(|e| e.into_inner()))(Call { request, reply });
+    }
+}

@@ -1,0 +1,187 @@
+//! QEMU's JSON shapes for the VM's typed replies and events: what
+//! query-status, query-cpus-fast, query-block, query-blockstats and
+//! query-named-block-nodes return in QEMU 7.2, field by field, and the QMP
+//! events with their data.
+
+use moat_api::{BlockDevice, BlockNode, BlockStats, CpuInfo, Event, ImageInfo, Reply, RunState};
+use moat_config::CacheMode;
+use serde_json::{json, Value};
+
+/// A reply as QMP's `return` value.
+pub fn reply(r: &Reply) -> Value {
+    match r {
+        Reply::Done => json!({}),
+        Reply::Status(s) => status(*s),
+        Reply::Cpus(c) => Value::Array(c.iter().map(cpu).collect()),
+        Reply::Text(t) => Value::String(t.clone()),
+        Reply::Block(b) => Value::Array(b.iter().map(block_device).collect()),
+        Reply::BlockStats(b) => Value::Array(b.iter().map(block_stats).collect()),
+        Reply::Nodes(n) => Value::Array(
+            n.iter()
+                .map(|n| {
+                    let mut v = node(n);
+                    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+                        v[k] = json!(0);
+                    }
+                    v
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn status(s: RunState) -> Value {
+    json!({"running": s == RunState::Running, "singlestep": false, "status": s.name()})
+}
+
+fn cpu(c: &CpuInfo) -> Value {
+    let mut props = json!({"core-id": c.core, "thread-id": c.thread, "socket-id": c.socket});
+    if let Some(d) = c.die {
+        props["die-id"] = json!(d);
+    }
+    json!({
+        "cpu-index": c.index,
+        "qom-path": format!("/machine/unattached/device[{}]", c.index),
+        "thread-id": c.thread_id,
+        "props": props,
+        "target": "x86_64"
+    })
+}
+
+/// QEMU's ImageInfo for one layer and, nested, the layers below it.
+fn image(i: &ImageInfo) -> Value {
+    let mut v = json!({
+        "filename": i.filename.display().to_string(),
+        "format": i.format.name(),
+        "virtual-size": i.virtual_size,
+        "actual-size": i.actual_size,
+    });
+    if let Some(b) = &i.backing {
+        v["backing-filename"] = json!(b.filename.display().to_string());
+        v["full-backing-filename"] = json!(b.filename.display().to_string());
+        v["backing-filename-format"] = json!(b.format.name());
+        v["backing-image"] = image(b);
+    }
+    v
+}
+
+/// QEMU's BlockDeviceInfo for a node, without the throttling fields.
+fn node(n: &BlockNode) -> Value {
+    let depth = std::iter::successors(n.image.backing.as_deref(), |b| b.backing.as_deref()).count();
+    let mut info = json!({
+        "file": n.image.filename.display().to_string(), "node-name": n.node_name,
+        "ro": n.read_only, "drv": n.driver, "encrypted": false, "detect_zeroes": "off",
+        "backing_file_depth": depth, "write_threshold": 0,
+        "cache": {
+            "writeback": !matches!(n.cache, CacheMode::Writethrough | CacheMode::Directsync),
+            "direct": matches!(n.cache, CacheMode::None | CacheMode::Directsync),
+            "no-flush": matches!(n.cache, CacheMode::Unsafe),
+        },
+    });
+    if let Some(b) = &n.image.backing {
+        info["backing_file"] = json!(b.filename.display().to_string());
+    }
+    let mut img = image(&n.image);
+    img["dirty-flag"] = json!(false);
+    info["image"] = img;
+    info
+}
+
+fn qdev(index: usize) -> String {
+    format!("/machine/peripheral-anon/device[{index}]")
+}
+
+fn block_device(d: &BlockDevice) -> Value {
+    let mut inserted = node(&d.node);
+    // QEMU's fields: the averages always, bursts and the group only while
+    // throttling is on, each burst field only when set.
+    let t = &d.throttle;
+    for (k, v) in [
+        ("bps", t.bps),
+        ("bps_rd", t.bps_rd),
+        ("bps_wr", t.bps_wr),
+        ("iops", t.iops),
+        ("iops_rd", t.iops_rd),
+        ("iops_wr", t.iops_wr),
+    ] {
+        inserted[k] = json!(v);
+    }
+    if t.enabled() {
+        let bursts = [
+            ("bps_max", t.bps_max, t.bps_max_length),
+            ("bps_rd_max", t.bps_rd_max, t.bps_rd_max_length),
+            ("bps_wr_max", t.bps_wr_max, t.bps_wr_max_length),
+            ("iops_max", t.iops_max, t.iops_max_length),
+            ("iops_rd_max", t.iops_rd_max, t.iops_rd_max_length),
+            ("iops_wr_max", t.iops_wr_max, t.iops_wr_max_length),
+        ];
+        for (k, max, len) in bursts {
+            if max != 0 {
+                inserted[k] = json!(max);
+                inserted[format!("{k}_length")] = json!(len);
+            }
+        }
+        if t.iops_size != 0 {
+            inserted["iops_size"] = json!(t.iops_size);
+        }
+        inserted["group"] = json!(d.device);
+    }
+    json!({
+        "device": d.device,
+        "qdev": qdev(d.index),
+        "locked": false,
+        "removable": false,
+        "type": "unknown",
+        "io-status": "ok",
+        "inserted": inserted,
+    })
+}
+
+fn block_stats(s: &BlockStats) -> Value {
+    json!({
+        "device": s.device,
+        "node-name": s.node_name,
+        "qdev": qdev(s.index),
+        "stats": {
+            "rd_bytes": s.rd_bytes, "wr_bytes": s.wr_bytes, "unmap_bytes": 0,
+            "rd_operations": s.rd_operations, "wr_operations": s.wr_operations,
+            "flush_operations": s.flush_operations, "unmap_operations": s.unmap_operations,
+            "failed_rd_operations": s.failed_rd_operations, "failed_wr_operations": s.failed_wr_operations,
+            "failed_flush_operations": s.failed_flush_operations, "failed_unmap_operations": 0,
+            "invalid_rd_operations": 0, "invalid_wr_operations": 0, "invalid_flush_operations": 0,
+            "invalid_unmap_operations": 0, "rd_merged": 0, "wr_merged": 0, "unmap_merged": 0,
+            "rd_total_time_ns": 0, "wr_total_time_ns": 0, "flush_total_time_ns": 0, "unmap_total_time_ns": 0,
+            "wr_highest_offset": 0, "account_invalid": true, "account_failed": true,
+            "timed_stats": []
+        }
+    })
+}
+
+/// An event's QMP name and data.
+pub fn event(e: &Event) -> (&'static str, Option<Value>) {
+    match e {
+        Event::Stop => ("STOP", None),
+        Event::Resume => ("RESUME", None),
+        Event::Powerdown => ("POWERDOWN", None),
+        Event::Reset { guest, reason } => {
+            ("RESET", Some(json!({"guest": guest, "reason": reason})))
+        }
+        Event::Shutdown { guest, reason } => {
+            ("SHUTDOWN", Some(json!({"guest": guest, "reason": reason})))
+        }
+        Event::BlockIoError {
+            device,
+            node_name,
+            write,
+            nospace,
+            reason,
+        } => (
+            "BLOCK_IO_ERROR",
+            Some(json!({
+                "device": device, "node-name": node_name,
+                "operation": if *write { "write" } else { "read" },
+                "action": "report", "nospace": nospace, "reason": reason,
+            })),
+        ),
+    }
+}
