@@ -195,6 +195,23 @@ def test_guest_reset_with_no_reboot(moat):
     assert m.wait_exit() == 0
 
 
+@pytest.mark.parametrize("paused", [False, True])
+def test_system_reset_with_no_reboot_is_a_shutdown(moat, paused):
+    """QEMU 7.2: with -no-reboot, a monitor's system_reset shuts down (in
+    any run state, prelaunch too): SHUTDOWN, no RESET, exit 0."""
+    m = moat(extra=["-no-reboot"], paused=paused)
+    q = connect(m)
+    if not paused:
+        m.wait_for(lambda: m.count() > 2, "the guest to run")
+    q.cmd("system_reset")
+    seen = []
+    while not seen or seen[-1]["event"] != "SHUTDOWN":
+        seen.append(q.pull_event(wait=30))
+    assert [e["event"] for e in seen] == ["SHUTDOWN"], seen
+    assert seen[-1]["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
+    assert m.wait_exit() == 0
+
+
 def test_fd_passing(moat, tmp_path):
     m = moat()
     q = connect(m)
