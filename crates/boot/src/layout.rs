@@ -37,7 +37,8 @@ pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// Their interrupts (edge-triggered IOAPIC pins; 8 is the RTC's, 9 the GED's).
-pub const VIRTIO_IRQS: [u32; 16] = [5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22];
+pub const VIRTIO_IRQS: [u32; moat_config::MAX_VIRTIO_DEVICES] =
+    [5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22];
 
 /// The window and interrupt of virtio-mmio device `i`.
 pub fn virtio_slot(i: usize) -> Option<(u64, u32)> {

@@ -13,7 +13,9 @@ pub mod layout;
 pub mod mptable;
 
 use layout::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use linux_loader::bootparam;
+use linux_loader::loader::elf::start_info;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 /// A boot error: names the file format field or structure at fault.
 #[derive(Debug, thiserror::Error)]
@@ -217,7 +219,7 @@ pub fn load(
             }
             None => {
                 let zp = zero_page(None, layout, initrd_at, rsdp)?;
-                write(mem, ZERO_PAGE_ADDR, &zp)?;
+                write_obj(mem, ZERO_PAGE_ADDR, zp)?;
                 EntryPoint::Linux64 {
                     entry: k.entry,
                     zero_page: ZERO_PAGE_ADDR,
@@ -226,7 +228,7 @@ pub fn load(
         },
         Kernel::BzImage(b) => {
             let zp = zero_page(Some((kernel_data, &b)), layout, initrd_at, rsdp)?;
-            write(mem, ZERO_PAGE_ADDR, &zp)?;
+            write_obj(mem, ZERO_PAGE_ADDR, zp)?;
             if b.entry64 {
                 EntryPoint::Linux64 {
                     entry: b.load_addr + bzimage::ENTRY64_OFFSET,
@@ -244,8 +246,37 @@ pub fn load(
     Ok(entry)
 }
 
-fn put(buf: &mut [u8], off: usize, bytes: &[u8]) {
-    buf[off..off + bytes.len()].copy_from_slice(bytes);
+/// `struct boot_params` (the zero page), as linux-loader defines it.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct ZeroPage(bootparam::boot_params);
+
+// SAFETY: boot_params is #[repr(C, packed)] and made only of integers and
+// arrays of integers: it has no padding, and every bit pattern is a value.
+unsafe impl ByteValued for ZeroPage {}
+
+/// PVH's `hvm_start_info` and its tables (xen/include/public/arch-x86/hvm/start_info.h).
+#[repr(transparent)]
+#[derive(Clone, Copy, Default)]
+struct StartInfo(start_info::hvm_start_info);
+#[repr(transparent)]
+#[derive(Clone, Copy, Default)]
+struct ModlistEntry(start_info::hvm_modlist_entry);
+#[repr(transparent)]
+#[derive(Clone, Copy, Default)]
+struct MemmapEntry(start_info::hvm_memmap_table_entry);
+
+// SAFETY: #[repr(C)] structs of u32/u64 fields laid out without padding
+// (linux-loader asserts their sizes: 56, 32 and 24 bytes); every bit
+// pattern is a value.
+unsafe impl ByteValued for StartInfo {}
+// SAFETY: as above.
+unsafe impl ByteValued for ModlistEntry {}
+// SAFETY: as above.
+unsafe impl ByteValued for MemmapEntry {}
+
+fn write_obj<T: ByteValued>(mem: &GuestMemoryMmap, addr: u64, v: T) -> Result<(), BootError> {
+    write(mem, addr, v.as_slice())
 }
 
 /// Build `struct boot_params` (the zero page).
@@ -254,48 +285,56 @@ fn zero_page(
     layout: &MemLayout,
     initrd: Option<(u64, u64)>,
     rsdp: Option<u64>,
-) -> Result<Vec<u8>, BootError> {
-    let mut zp = vec![0u8; 4096];
+) -> Result<ZeroPage, BootError> {
+    let blank = [0u8; std::mem::size_of::<ZeroPage>()];
+    let mut zp = ZeroPage::from_slice(&blank)
+        .copied()
+        .ok_or_else(|| BootError::Tables("zero page layout".into()))?;
     match bz {
         Some((data, b)) => {
             // Copy the kernel's setup header verbatim, then fill in our fields.
-            put(&mut zp, 0x1f1, &data[0x1f1..b.hdr_end]);
+            let hdr = zp.as_mut_slice();
+            hdr[0x1f1..b.hdr_end].copy_from_slice(&data[0x1f1..b.hdr_end]);
         }
         None => {
-            put(&mut zp, 0x1fe, &0xaa55u16.to_le_bytes());
-            put(&mut zp, 0x202, b"HdrS");
-            put(&mut zp, 0x206, &0x020fu16.to_le_bytes());
-            put(&mut zp, 0x230, &0x0100_0000u32.to_le_bytes()); // kernel_alignment
+            zp.0.hdr.boot_flag = 0xaa55;
+            zp.0.hdr.header = u32::from_le_bytes(*b"HdrS");
+            zp.0.hdr.version = 0x020f;
+            zp.0.hdr.kernel_alignment = 0x0100_0000;
         }
     }
-    put(&mut zp, 0x1fa, &0xffffu16.to_le_bytes()); // vid_mode: normal
-    zp[0x210] = 0xff; // type_of_loader: undefined
-    zp[0x211] |= bzimage::LOADED_HIGH;
-    put(&mut zp, 0x228, &(CMDLINE_ADDR as u32).to_le_bytes());
+    zp.0.hdr.vid_mode = 0xffff; // normal
+    zp.0.hdr.type_of_loader = 0xff; // undefined
+    zp.0.hdr.loadflags |= bzimage::LOADED_HIGH;
+    zp.0.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     if let Some((addr, size)) = initrd {
-        put(&mut zp, 0x218, &(addr as u32).to_le_bytes());
-        put(&mut zp, 0x21c, &(size as u32).to_le_bytes());
-        put(&mut zp, 0x0c0, &((addr >> 32) as u32).to_le_bytes());
-        put(&mut zp, 0x0c4, &((size >> 32) as u32).to_le_bytes());
+        zp.0.hdr.ramdisk_image = addr as u32;
+        zp.0.hdr.ramdisk_size = size as u32;
+        zp.0.ext_ramdisk_image = (addr >> 32) as u32;
+        zp.0.ext_ramdisk_size = (size >> 32) as u32;
     }
     if let Some(r) = rsdp {
-        put(&mut zp, 0x070, &r.to_le_bytes());
+        zp.0.acpi_rsdp_addr = r;
     }
     let e820 = layout.e820();
-    if e820.len() > 128 {
+    let table = zp.0.e820_table;
+    if e820.len() > table.len() {
         return Err(BootError::Tables("too many e820 entries".into()));
     }
-    zp[0x1e8] = e820.len() as u8;
-    for (i, e) in e820.iter().enumerate() {
-        let off = 0x2d0 + i * 20;
-        put(&mut zp, off, &e.addr.to_le_bytes());
-        put(&mut zp, off + 8, &e.size.to_le_bytes());
-        put(&mut zp, off + 16, &e.kind.to_le_bytes());
+    zp.0.e820_entries = e820.len() as u8;
+    let mut table = table;
+    for (slot, e) in table.iter_mut().zip(&e820) {
+        *slot = bootparam::boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind,
+        };
     }
+    zp.0.e820_table = table;
     Ok(zp)
 }
 
-/// PVH `hvm_start_info` (xen/include/public/arch-x86/hvm/start_info.h).
+/// PVH `hvm_start_info`, its module list (the initrd) and memory map.
 fn write_pvh_info(
     mem: &GuestMemoryMmap,
     layout: &MemLayout,
@@ -306,30 +345,40 @@ fn write_pvh_info(
     if e820.len() > PVH_MEMMAP_MAX {
         return Err(BootError::Tables("too many memory map entries".into()));
     }
-    let mut info = [0u8; 56];
-    put(&mut info, 0, &0x336e_c578u32.to_le_bytes());
-    put(&mut info, 4, &1u32.to_le_bytes());
-    if let Some((addr, size)) = initrd {
-        put(&mut info, 12, &1u32.to_le_bytes());
-        put(&mut info, 16, &PVH_MODLIST_ADDR.to_le_bytes());
-        let mut m = [0u8; 32];
-        put(&mut m, 0, &addr.to_le_bytes());
-        put(&mut m, 8, &size.to_le_bytes());
-        write(mem, PVH_MODLIST_ADDR, &m)?;
+    let mut info = start_info::hvm_start_info {
+        magic: start_info::XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr: rsdp.unwrap_or(0),
+        memmap_paddr: PVH_MEMMAP_ADDR,
+        memmap_entries: e820.len() as u32,
+        ..Default::default()
+    };
+    if let Some((paddr, size)) = initrd {
+        info.nr_modules = 1;
+        info.modlist_paddr = PVH_MODLIST_ADDR;
+        let module = start_info::hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        };
+        write_obj(mem, PVH_MODLIST_ADDR, ModlistEntry(module))?;
     }
-    put(&mut info, 24, &CMDLINE_ADDR.to_le_bytes());
-    put(&mut info, 32, &rsdp.unwrap_or(0).to_le_bytes());
-    put(&mut info, 40, &PVH_MEMMAP_ADDR.to_le_bytes());
-    put(&mut info, 48, &(e820.len() as u32).to_le_bytes());
-    let mut map = Vec::new();
-    for e in &e820 {
-        map.extend_from_slice(&e.addr.to_le_bytes());
-        map.extend_from_slice(&e.size.to_le_bytes());
-        map.extend_from_slice(&e.kind.to_le_bytes());
-        map.extend_from_slice(&0u32.to_le_bytes());
+    let entry_size = std::mem::size_of::<MemmapEntry>() as u64;
+    for (i, e) in e820.iter().enumerate() {
+        let entry = start_info::hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind,
+            reserved: 0,
+        };
+        write_obj(
+            mem,
+            PVH_MEMMAP_ADDR + i as u64 * entry_size,
+            MemmapEntry(entry),
+        )?;
     }
-    write(mem, PVH_MEMMAP_ADDR, &map)?;
-    write(mem, PVH_INFO_ADDR, &info)
+    write_obj(mem, PVH_INFO_ADDR, StartInfo(info))
 }
 
 /// The boot GDT (Linux boot protocol: __BOOT_CS 0x10, __BOOT_DS 0x18).
@@ -360,21 +409,19 @@ fn write_gdt(mem: &GuestMemoryMmap, long: bool) -> Result<(), BootError> {
 /// Identity-map the first 4 GiB with 2 MiB pages (the 64-bit boot protocol
 /// needs the kernel, zero page, command line and initrd mapped).
 fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
-    let mut pml4 = [0u8; 4096];
-    put(&mut pml4, 0, &(PDPT_ADDR | 0x3).to_le_bytes());
-    write(mem, PML4_ADDR, &pml4)?;
-    let mut pdpt = [0u8; 4096];
-    for i in 0..4u64 {
-        put(
-            &mut pdpt,
-            i as usize * 8,
-            &((PD_ADDR + i * 0x1000) | 0x3).to_le_bytes(),
-        );
+    const PRESENT_WRITABLE: u64 = 0x3;
+    const HUGE: u64 = 0x80;
+    let entries = |v: &[u64]| -> Vec<u8> { v.iter().flat_map(|e| e.to_le_bytes()).collect() };
+    let mut pml4 = [0u64; 512];
+    pml4[0] = PDPT_ADDR | PRESENT_WRITABLE;
+    write(mem, PML4_ADDR, &entries(&pml4))?;
+    let mut pdpt = [0u64; 512];
+    for (i, e) in pdpt.iter_mut().take(4).enumerate() {
+        *e = (PD_ADDR + i as u64 * 0x1000) | PRESENT_WRITABLE;
     }
-    write(mem, PDPT_ADDR, &pdpt)?;
-    let mut pd = vec![0u8; 4 * 4096];
-    for i in 0..2048u64 {
-        put(&mut pd, i as usize * 8, &((i << 21) | 0x83).to_le_bytes());
-    }
-    write(mem, PD_ADDR, &pd)
+    write(mem, PDPT_ADDR, &entries(&pdpt))?;
+    let pd: Vec<u64> = (0..2048u64)
+        .map(|i| (i << 21) | HUGE | PRESENT_WRITABLE)
+        .collect();
+    write(mem, PD_ADDR, &entries(&pd))
 }

@@ -30,24 +30,35 @@ pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 pub const MAX_DISCARD_SEG: u32 = 32;
 const BOUNCE: usize = 256 * 1024;
 
-pub const F_SIZE_MAX: u64 = 1 << 1;
-pub const F_SEG_MAX: u64 = 1 << 2;
-pub const F_RO: u64 = 1 << 5;
-pub const F_BLK_SIZE: u64 = 1 << 6;
-pub const F_FLUSH: u64 = 1 << 9;
-pub const F_DISCARD: u64 = 1 << 13;
-pub const F_WRITE_ZEROES: u64 = 1 << 14;
+use virtio_bindings::virtio_blk as vb;
 
-pub const T_IN: u32 = 0;
-pub const T_OUT: u32 = 1;
-pub const T_FLUSH: u32 = 4;
-pub const T_GET_ID: u32 = 8;
-pub const T_DISCARD: u32 = 11;
-pub const T_WRITE_ZEROES: u32 = 13;
+pub const F_SIZE_MAX: u64 = 1 << vb::VIRTIO_BLK_F_SIZE_MAX;
+pub const F_SEG_MAX: u64 = 1 << vb::VIRTIO_BLK_F_SEG_MAX;
+pub const F_RO: u64 = 1 << vb::VIRTIO_BLK_F_RO;
+pub const F_BLK_SIZE: u64 = 1 << vb::VIRTIO_BLK_F_BLK_SIZE;
+pub const F_FLUSH: u64 = 1 << vb::VIRTIO_BLK_F_FLUSH;
+pub const F_DISCARD: u64 = 1 << vb::VIRTIO_BLK_F_DISCARD;
+pub const F_WRITE_ZEROES: u64 = 1 << vb::VIRTIO_BLK_F_WRITE_ZEROES;
 
-pub const S_OK: u8 = 0;
-pub const S_IOERR: u8 = 1;
-pub const S_UNSUPP: u8 = 2;
+pub const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
+pub const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
+pub const T_FLUSH: u32 = vb::VIRTIO_BLK_T_FLUSH;
+pub const T_GET_ID: u32 = vb::VIRTIO_BLK_T_GET_ID;
+pub const T_DISCARD: u32 = vb::VIRTIO_BLK_T_DISCARD;
+pub const T_WRITE_ZEROES: u32 = vb::VIRTIO_BLK_T_WRITE_ZEROES;
+
+pub const S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+pub const S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+pub const S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
+
+/// The configuration space (virtio 1.2, 5.2.4), as `virtio-bindings` lays it out.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct BlkConfig(vb::virtio_blk_config);
+
+// SAFETY: virtio_blk_config is #[repr(C, packed)] and made of integers
+// and structs of integers only: no padding, and every bit pattern is a value.
+unsafe impl vm_memory::ByteValued for BlkConfig {}
 
 /// I/O counters of one drive (QMP `query-blockstats`); survive guest resets.
 #[derive(Debug, Default)]
@@ -203,20 +214,21 @@ impl Block {
         })
     }
 
-    fn config(&self) -> [u8; 60] {
-        let mut c = [0u8; 60];
-        c[0..8].copy_from_slice(&(self.disk.size() / SECTOR).to_le_bytes());
-        c[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        c[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
-        c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+    fn config(&self) -> BlkConfig {
         let max_sectors = u32::MAX / SECTOR as u32;
-        c[36..40].copy_from_slice(&max_sectors.to_le_bytes());
-        c[40..44].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
-        c[48..52].copy_from_slice(&max_sectors.to_le_bytes());
-        c[52..56].copy_from_slice(&MAX_DISCARD_SEG.to_le_bytes());
-        c
+        BlkConfig(vb::virtio_blk_config {
+            capacity: self.disk.size() / SECTOR,
+            size_max: SIZE_MAX,
+            seg_max: SEG_MAX,
+            blk_size: SECTOR as u32,
+            num_queues: 1,
+            max_discard_sectors: max_sectors,
+            max_discard_seg: MAX_DISCARD_SEG,
+            discard_sector_alignment: 1,
+            max_write_zeroes_sectors: max_sectors,
+            max_write_zeroes_seg: MAX_DISCARD_SEG,
+            ..Default::default()
+        })
     }
 }
 
@@ -245,7 +257,8 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config();
+        let config = self.config();
+        let c = vm_memory::ByteValued::as_slice(&config);
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset)
                 .ok()

@@ -13,8 +13,37 @@ use vmm_sys_util::eventfd::EventFd;
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VENDOR: u32 = 0x5441_4f4d; // "MOAT"
-pub const MMIO_SIZE: u64 = 0x1000;
-pub const QUEUE_NOTIFY: u64 = 0x50;
+pub use moat_boot::layout::VIRTIO_MMIO_SIZE as MMIO_SIZE;
+
+/// The register offsets (virtio 1.2, 4.2.2), as `virtio-bindings` names them.
+mod reg {
+    use virtio_bindings::virtio_mmio as m;
+    pub const MAGIC_VALUE: u64 = m::VIRTIO_MMIO_MAGIC_VALUE as u64;
+    pub const VERSION: u64 = m::VIRTIO_MMIO_VERSION as u64;
+    pub const DEVICE_ID: u64 = m::VIRTIO_MMIO_DEVICE_ID as u64;
+    pub const VENDOR_ID: u64 = m::VIRTIO_MMIO_VENDOR_ID as u64;
+    pub const DEVICE_FEATURES: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES as u64;
+    pub const DEVICE_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
+    pub const DRIVER_FEATURES: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES as u64;
+    pub const DRIVER_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
+    pub const QUEUE_SEL: u64 = m::VIRTIO_MMIO_QUEUE_SEL as u64;
+    pub const QUEUE_NUM_MAX: u64 = m::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
+    pub const QUEUE_NUM: u64 = m::VIRTIO_MMIO_QUEUE_NUM as u64;
+    pub const QUEUE_READY: u64 = m::VIRTIO_MMIO_QUEUE_READY as u64;
+    pub const QUEUE_NOTIFY: u64 = m::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
+    pub const INTERRUPT_STATUS: u64 = m::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
+    pub const INTERRUPT_ACK: u64 = m::VIRTIO_MMIO_INTERRUPT_ACK as u64;
+    pub const STATUS: u64 = m::VIRTIO_MMIO_STATUS as u64;
+    pub const QUEUE_DESC_LOW: u64 = m::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
+    pub const QUEUE_DESC_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
+    pub const QUEUE_AVAIL_LOW: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
+    pub const QUEUE_AVAIL_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
+    pub const QUEUE_USED_LOW: u64 = m::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
+    pub const QUEUE_USED_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
+    pub const CONFIG_GENERATION: u64 = m::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+    pub const CONFIG: u64 = m::VIRTIO_MMIO_CONFIG as u64;
+}
+pub use reg::QUEUE_NOTIFY;
 
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
@@ -116,16 +145,16 @@ impl MmioTransport {
     }
 
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= 0x100 {
-            self.device.read_config(offset - 0x100, data);
+        if offset >= reg::CONFIG {
+            self.device.read_config(offset - reg::CONFIG, data);
             return;
         }
         let v = match offset {
-            0x000 => MAGIC,
-            0x004 => 2,
-            0x008 => self.device.device_type(),
-            0x00c => VENDOR,
-            0x010 => {
+            reg::MAGIC_VALUE => MAGIC,
+            reg::VERSION => 2,
+            reg::DEVICE_ID => self.device.device_type(),
+            reg::VENDOR_ID => VENDOR,
+            reg::DEVICE_FEATURES => {
                 let f = self.device.features() | VIRTIO_F_VERSION_1;
                 match self.device_features_sel {
                     0 => f as u32,
@@ -133,11 +162,11 @@ impl MmioTransport {
                     _ => 0,
                 }
             }
-            0x034 => self.queue().map_or(0, |q| q.max_size().into()),
-            0x044 => self.queue().map_or(0, |q| q.ready().into()),
-            0x060 => self.interrupt.status(),
-            0x070 => self.status(),
-            0x0fc => self.config_generation,
+            reg::QUEUE_NUM_MAX => self.queue().map_or(0, |q| q.max_size().into()),
+            reg::QUEUE_READY => self.queue().map_or(0, |q| q.ready().into()),
+            reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS => self.status(),
+            reg::CONFIG_GENERATION => self.config_generation,
             _ => 0,
         };
         let b = v.to_le_bytes();
@@ -146,15 +175,15 @@ impl MmioTransport {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= 0x100 {
-            self.device.write_config(offset - 0x100, data);
+        if offset >= reg::CONFIG {
+            self.device.write_config(offset - reg::CONFIG, data);
             self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
         let v = rd32(data);
         match offset {
-            0x014 => self.device_features_sel = v,
-            0x020 => {
+            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            reg::DRIVER_FEATURES => {
                 if self.status & status::FEATURES_OK == 0 {
                     match self.driver_features_sel {
                         0 => {
@@ -169,9 +198,9 @@ impl MmioTransport {
                     }
                 }
             }
-            0x024 => self.driver_features_sel = v,
-            0x030 => self.queue_sel = v,
-            0x038 if self.queue_setup_allowed() => {
+            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            reg::QUEUE_SEL => self.queue_sel = v,
+            reg::QUEUE_NUM if self.queue_setup_allowed() => {
                 // A split ring's size is a power of two no larger than the maximum.
                 let ok = self
                     .queue()
@@ -181,24 +210,31 @@ impl MmioTransport {
                     _ => self.bad_queue_config = true,
                 }
             }
-            0x044 if self.queue_setup_allowed() => {
+            reg::QUEUE_READY if self.queue_setup_allowed() => {
                 if let Some(q) = self.queue() {
                     q.set_ready(v == 1);
                 }
             }
-            0x050 => {
+            reg::QUEUE_NOTIFY => {
                 // Normally caught by the ioeventfd; a fallback for safety.
                 if let Some(e) = self.notify.get(v as usize) {
                     let _ = e.write(1);
                 }
             }
-            0x064 => self.interrupt.ack(v),
-            0x070 => self.write_status(v),
-            0x080 | 0x084 | 0x090 | 0x094 | 0x0a0 | 0x0a4 if self.queue_setup_allowed() => {
+            reg::INTERRUPT_ACK => self.interrupt.ack(v),
+            reg::STATUS => self.write_status(v),
+            reg::QUEUE_DESC_LOW
+            | reg::QUEUE_DESC_HIGH
+            | reg::QUEUE_AVAIL_LOW
+            | reg::QUEUE_AVAIL_HIGH
+            | reg::QUEUE_USED_LOW
+            | reg::QUEUE_USED_HIGH
+                if self.queue_setup_allowed() =>
+            {
                 // Alignment of the descriptor table, driver and device areas (2.7).
                 let align = match offset & !4 {
-                    0x080 => 16,
-                    0x090 => 2,
+                    reg::QUEUE_DESC_LOW => 16,
+                    reg::QUEUE_AVAIL_LOW => 2,
                     _ => 4,
                 };
                 if offset & 4 == 0 && !v.is_multiple_of(align) {
@@ -212,8 +248,8 @@ impl MmioTransport {
                         (None, Some(v))
                     };
                     match offset & !4 {
-                        0x080 => q.set_desc_table_address(lo, hi),
-                        0x090 => q.set_avail_ring_address(lo, hi),
+                        reg::QUEUE_DESC_LOW => q.set_desc_table_address(lo, hi),
+                        reg::QUEUE_AVAIL_LOW => q.set_avail_ring_address(lo, hi),
                         _ => q.set_used_ring_address(lo, hi),
                     }
                 }
