@@ -61,11 +61,11 @@ fn fd_sets(cfg: &VmConfig) -> anyhow::Result<FdStore> {
 
 /// The process name `-name ...,process=` asks for (at most 15 bytes).
 fn set_process_name(name: &str) {
-    let mut buf = [0u8; 16];
     let n = name.len().min(15);
-    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
+    let name = &name.as_bytes()[..n];
+    if let Ok(c) = std::ffi::CString::new(name) {
+        let _ = rustix::thread::set_name(&c);
+    }
 }
 
 fn run(cfg: VmConfig) -> anyhow::Result<()> {

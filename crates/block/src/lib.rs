@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 mod open;
@@ -141,17 +140,8 @@ impl RawImage {
         }
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        };
-        // SAFETY: fallocate on a descriptor we own; no memory is passed.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+    fn fallocate(&self, mode: rustix::fs::FallocateFlags, offset: u64, len: u64) -> io::Result<()> {
+        Ok(rustix::fs::fallocate(&self.file, mode, offset, len)?)
     }
 }
 
@@ -190,7 +180,7 @@ impl DiskImage for RawImage {
         // Best effort, as for QEMU's discard=unmap: a file system without
         // hole punching simply keeps the data.
         let _ = self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
             offset,
             len,
         );
@@ -201,7 +191,7 @@ impl DiskImage for RawImage {
         check_write(self.read_only, offset, len, self.size)?;
         if self
             .fallocate(
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE,
                 offset,
                 len,
             )

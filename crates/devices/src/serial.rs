@@ -119,39 +119,34 @@ pub struct Console {
     out: OutQueue,
     uart: Arc<Mutex<Uart>>,
     /// The terminal settings to restore when stdin was a terminal.
-    saved_termios: Option<libc::termios>,
+    saved_termios: Option<rustix::termios::Termios>,
 }
 
 /// Put the terminal on stdin in raw mode (as QEMU does for `-serial stdio`),
 /// keeping ISIG so that Ctrl-C still ends moat; returns the old settings.
-fn stdin_raw() -> Option<libc::termios> {
-    // SAFETY: isatty only inspects the descriptor.
-    if unsafe { libc::isatty(libc::STDIN_FILENO) } != 1 {
+fn stdin_raw() -> Option<rustix::termios::Termios> {
+    use rustix::termios::{self, LocalModes, OptionalActions, OutputModes};
+    let stdin = std::io::stdin();
+    if !termios::isatty(&stdin) {
         return None;
     }
-    // SAFETY: termios is plain data; tcgetattr fills it for a valid fd.
-    let mut old: libc::termios = unsafe { std::mem::zeroed() };
-    // SAFETY: `old` is a valid, writable termios.
-    if unsafe { libc::tcgetattr(libc::STDIN_FILENO, &mut old) } != 0 {
-        return None;
-    }
-    let mut raw = old;
-    // SAFETY: cfmakeraw only edits the struct it is given.
-    unsafe { libc::cfmakeraw(&mut raw) };
-    raw.c_lflag |= libc::ISIG;
-    raw.c_oflag |= libc::OPOST | libc::ONLCR;
-    // SAFETY: `raw` is a valid termios for a terminal fd.
-    if unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) } != 0 {
-        return None;
-    }
+    let old = termios::tcgetattr(&stdin).ok()?;
+    let mut raw = old.clone();
+    raw.make_raw();
+    raw.local_modes |= LocalModes::ISIG;
+    raw.output_modes |= OutputModes::OPOST | OutputModes::ONLCR;
+    termios::tcsetattr(&stdin, OptionalActions::Now, &raw).ok()?;
     Some(old)
 }
 
 impl Drop for Console {
     fn drop(&mut self) {
         if let Some(t) = &self.saved_termios {
-            // SAFETY: restoring settings previously read from the same fd.
-            unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, t) };
+            let _ = rustix::termios::tcsetattr(
+                std::io::stdin(),
+                rustix::termios::OptionalActions::Now,
+                t,
+            );
         }
     }
 }

@@ -336,7 +336,7 @@ fn child(plan: ChildPlan) -> String {
 }
 
 fn child_setup(plan: ChildPlan) -> Result<std::convert::Infallible, String> {
-    // SAFETY (whole function): raw system calls with valid descriptors,
+    // SAFETY: (the whole function) raw system calls with valid descriptors,
     // NUL-terminated strings kept alive by `plan`, and integer flags.
     unsafe {
         // The cgroup first, so that everything below is accounted there.
@@ -659,8 +659,9 @@ fn spawn_and_wait(plan: ChildPlan) -> Result<i32, String> {
     let (err_r, err_w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // Signals wait (blocked) until the forwarding is in place; the child
     // unblocks them just before exec.
-    // SAFETY: sigset manipulation on a local, then the process mask.
+    // SAFETY: sigset_t is plain data; all-zero is a valid (empty) value.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigset manipulation on a local, then the process mask.
     unsafe {
         libc::sigemptyset(&mut set);
         for s in [SIGHUP, SIGINT, SIGTERM] {

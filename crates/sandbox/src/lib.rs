@@ -70,11 +70,16 @@ pub fn rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         .into_iter()
         .map(|(req, _)| rule(vec![cond(1, SeccompCmpOp::Eq, req)]))
         .collect();
+    // (The termios2 forms are what rustix uses to restore the terminal.)
     for req in [
         libc::TCGETS,
         libc::TCSETS,
         libc::TCSETSW,
         libc::TCSETSF,
+        libc::TCGETS2,
+        libc::TCSETS2,
+        libc::TCSETSW2,
+        libc::TCSETSF2,
         libc::TIOCGWINSZ,
         libc::FIONBIO,
     ] {
@@ -357,31 +362,37 @@ mod tests {
                 unsafe { libc::execv(path.as_ptr(), argv.as_ptr()) };
                 0
             }),
-            // SAFETY (all below): raw system calls; the filter stops them first.
+            // SAFETY: raw system calls; the filter stops them first.
             ("fork", || unsafe {
                 libc::syscall(libc::SYS_fork);
                 0
             }),
+            // SAFETY: a raw system call the filter under test stops first.
             ("clone without CLONE_THREAD", || unsafe {
                 libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0);
                 0
             }),
+            // SAFETY: a raw system call the filter under test stops first.
             ("ptrace", || unsafe {
                 libc::syscall(libc::SYS_ptrace, 0, 0, 0, 0);
                 0
             }),
+            // SAFETY: a raw system call the filter under test stops first.
             ("mount", || unsafe {
                 libc::syscall(libc::SYS_mount, 0, 0, 0, 0, 0);
                 0
             }),
+            // SAFETY: a raw system call the filter under test stops first.
             ("socket AF_INET", || unsafe {
                 libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
                 0
             }),
+            // SAFETY: a raw system call the filter under test stops first.
             ("socket AF_UNIX", || unsafe {
                 libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
                 0
             }),
+            // SAFETY: a raw system call the filter under test stops first.
             ("mmap PROT_EXEC", || unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
@@ -393,6 +404,7 @@ mod tests {
                 );
                 0
             }),
+            // SAFETY: a raw system call the filter under test stops first.
             ("mprotect to PROT_EXEC", || unsafe {
                 let p = libc::mmap(
                     std::ptr::null_mut(),
@@ -405,21 +417,25 @@ mod tests {
                 libc::mprotect(p, 4096, libc::PROT_READ | libc::PROT_EXEC);
                 0
             }),
+            // SAFETY: a raw system call the filter under test stops first.
             ("prctl PR_SET_DUMPABLE", || unsafe {
                 libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0);
                 0
             }),
+            // SAFETY: a raw system call the filter under test stops first.
             ("tgkill to another process", || unsafe {
                 libc::syscall(libc::SYS_tgkill, 1, 1, 0);
                 0
             }),
             (
                 "a KVM ioctl moat does not make (KVM_GET_DIRTY_LOG)",
+                // SAFETY: a raw system call the filter under test stops first.
                 || unsafe {
                     libc::ioctl(0, 0x4010_AE42_u64);
                     0
                 },
             ),
+            // SAFETY: a raw system call the filter under test stops first.
             ("ioctl of another type", || unsafe {
                 libc::ioctl(0, 0x5401_u64 + 0x100);
                 0

@@ -39,14 +39,9 @@ fn check(what: &str, r: libc::c_int) -> Result<(), String> {
 
 /// chroot into `dir` and make it the working directory.
 pub fn enter_chroot(dir: &Path) -> Result<(), String> {
-    let c = CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(|_| "chroot: invalid path".to_string())?;
-    // SAFETY: chroot and chdir with valid NUL-terminated paths.
-    check(&format!("chroot {}", dir.display()), unsafe {
-        libc::chroot(c.as_ptr())
-    })?;
-    // SAFETY: as above.
-    check("chdir /", unsafe { libc::chdir(c"/".as_ptr()) })
+    rustix::process::chroot(dir)
+        .map_err(|e| format!("chroot {}: {}", dir.display(), std::io::Error::from(e)))?;
+    rustix::process::chdir("/").map_err(|e| format!("chdir /: {}", std::io::Error::from(e)))
 }
 
 /// Become `uid:gid` for good (all threads: the C library applies set*id

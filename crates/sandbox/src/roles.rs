@@ -305,14 +305,16 @@ mod tests {
     /// A role, what is tried, the attempt, and how it must end.
     type Case = (Role, &'static str, fn() -> i32, End);
 
-    // SAFETY (all bodies below): raw system calls with harmless arguments;
+    // The bodies below make raw system calls with harmless arguments;
     // the filters decide before the kernel looks at the arguments.
     fn openat() -> i32 {
+        // SAFETY: a raw system call with harmless arguments (the filters under test decide before the kernel uses them).
         unsafe { libc::open(c"/".as_ptr(), libc::O_RDONLY) };
         0
     }
     /// What glibc's malloc does in any thread: open a /proc file, read-only.
     fn openat_refused() -> i32 {
+        // SAFETY: a raw system call with harmless arguments (the filters under test decide before the kernel uses them).
         let fd = unsafe {
             libc::open(
                 c"/proc/sys/vm/overcommit_memory".as_ptr(),
@@ -328,26 +330,32 @@ mod tests {
 
     fn pread() -> i32 {
         let mut b = [0u8; 1];
+        // SAFETY: a raw system call with harmless arguments (the filters under test decide before the kernel uses them).
         unsafe { libc::pread(-1, b.as_mut_ptr().cast(), 1, 0) };
         0
     }
     fn unix_socket() -> i32 {
+        // SAFETY: a raw system call with harmless arguments (the filters under test decide before the kernel uses them).
         unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
         0
     }
     fn kvm_run() -> i32 {
+        // SAFETY: a raw system call with harmless arguments (the filters under test decide before the kernel uses them).
         unsafe { libc::ioctl(-1, crate::kvm::KVM_RUN()) };
         0
     }
     fn kvm_create_vm() -> i32 {
+        // SAFETY: a raw system call with harmless arguments (the filters under test decide before the kernel uses them).
         unsafe { libc::ioctl(-1, crate::kvm::KVM_CREATE_VM()) };
         0
     }
     fn accept() -> i32 {
+        // SAFETY: a raw system call with harmless arguments (the filters under test decide before the kernel uses them).
         unsafe { libc::accept4(-1, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
         0
     }
     fn eventfd_round_trip() -> i32 {
+        // SAFETY: a raw system call with harmless arguments (the filters under test decide before the kernel uses them).
         unsafe {
             let fd = libc::eventfd(0, libc::EFD_CLOEXEC);
             let one = 1u64;

@@ -24,11 +24,10 @@ pub fn bind_unix_private(path: &Path) -> Result<UnixListener, String> {
         Ok(_) => return Err("exists and is not a socket; refusing to replace it".into()),
         Err(_) => {}
     }
-    // SAFETY: umask only changes this process's file creation mask.
-    let old = unsafe { libc::umask(0o177) };
+    use rustix::fs::Mode;
+    let old = rustix::process::umask(Mode::from_bits_truncate(0o177));
     let l = UnixListener::bind(path).map_err(|e| e.to_string());
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let l = l?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("setting mode 0600: {e}"))?;
@@ -95,7 +94,6 @@ pub struct PidFile(std::path::PathBuf, #[allow(dead_code)] std::fs::File);
 impl PidFile {
     pub fn create(path: &Path) -> Result<PidFile, String> {
         use std::io::Write as _;
-        use std::os::fd::AsRawFd;
         let ctx = |e: &dyn std::fmt::Display| format!("-pidfile {}: {e}", path.display());
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -103,13 +101,14 @@ impl PidFile {
             .truncate(false)
             .open(path)
             .map_err(|e| ctx(&e))?;
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(ctx(&format!(
-                "cannot lock pid file: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+            |e| {
+                ctx(&format!(
+                    "cannot lock pid file: {}",
+                    std::io::Error::from(e)
+                ))
+            },
+        )?;
         f.set_len(0).map_err(|e| ctx(&e))?;
         writeln!(f, "{}", std::process::id()).map_err(|e| ctx(&e))?;
         Ok(PidFile(path.to_path_buf(), f))

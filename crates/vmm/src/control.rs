@@ -277,8 +277,7 @@ impl VcpuSet {
         generation: u64,
     ) {
         moat_sys::role::enter(moat_sys::role::Role::Vcpu);
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
+        let tid = rustix::thread::gettid().as_raw_nonzero().get();
         self.thread_ids[i].store(tid, Ordering::SeqCst);
         {
             let g = lock(&self.shared);

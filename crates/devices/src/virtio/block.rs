@@ -440,22 +440,25 @@ fn wait(fds: &[&EventFd]) -> Vec<bool> {
 
 /// poll() the eventfds for up to `timeout_ms` (-1: forever); which are ready.
 fn wait_for(fds: &[&EventFd], timeout_ms: i32) -> Vec<bool> {
-    let mut p: Vec<libc::pollfd> = fds
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let timeout = u64::try_from(timeout_ms).ok().map(|ms| Timespec {
+        tv_sec: (ms / 1000) as i64,
+        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
+    });
+    // SAFETY: the descriptors belong to `fds`, which outlive the borrows.
+    let borrowed: Vec<_> = fds
         .iter()
-        .map(|e| libc::pollfd {
-            fd: e.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|e| unsafe { std::os::fd::BorrowedFd::borrow_raw(e.as_raw_fd()) })
+        .collect();
+    let mut p: Vec<PollFd> = borrowed
+        .iter()
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
         .collect();
     loop {
-        // SAFETY: `p` is a valid array of pollfd for the call's duration.
-        let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, timeout_ms) };
-        if r >= 0 {
-            return p.iter().map(|x| x.revents != 0).collect();
-        }
-        if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return vec![true; fds.len()];
+        match poll(&mut p, timeout.as_ref()) {
+            Ok(_) => return p.iter().map(|x| !x.revents().is_empty()).collect(),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return vec![true; fds.len()],
         }
     }
 }
