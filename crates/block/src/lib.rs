@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
+pub mod node;
 mod open;
 pub mod qcow2;
 pub mod throttle;

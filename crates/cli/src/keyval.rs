@@ -86,6 +86,46 @@ impl KeyVals {
         }
     }
 
+    /// Take every `root` and `root.…` key, for each of `roots`, as one JSON
+    /// tree of nested objects (QEMU's qdict_crumple): `backing.file.filename=F`
+    /// becomes `{"backing": {"file": {"filename": "F"}}}`. A key that is both
+    /// a value and has keys below it is an error naming it.
+    pub fn take_tree(
+        &mut self,
+        roots: &[&str],
+    ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        use serde_json::{Map, Value};
+        let mut tree = Map::new();
+        let mut rest = Vec::new();
+        for (k, v) in std::mem::take(&mut self.pairs) {
+            let root = k.split('.').next().unwrap_or_default();
+            if !roots.contains(&root) {
+                rest.push((k, v));
+                continue;
+            }
+            let parts: Vec<&str> = k.split('.').collect();
+            let mut node = &mut tree;
+            for (i, part) in parts.iter().enumerate() {
+                if i + 1 == parts.len() {
+                    if matches!(node.get(*part), Some(Value::Object(_))) {
+                        return Err(format!("Invalid parameter '{k}'"));
+                    }
+                    node.insert(part.to_string(), Value::String(v.clone()));
+                } else {
+                    let next = node
+                        .entry(part.to_string())
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    let Value::Object(m) = next else {
+                        return Err(format!("Invalid parameter '{k}'"));
+                    };
+                    node = m;
+                }
+            }
+        }
+        self.pairs = rest;
+        Ok(tree)
+    }
+
     /// Error naming the first key nobody took.
     pub fn finish(self, option: &str, arg: &str) -> Result<(), CliError> {
         match self.pairs.into_iter().next() {

@@ -739,7 +739,7 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
             return Err(CliError::new(opt, arg, "only media=disk is supported"));
         }
     }
-    let (backing, data_file) = parse_layer_below(opt, arg, &mut kv, "", format, 0)?;
+    let top = parse_layers(opt, arg, &mut kv, &file, format)?;
     let throttle = parse_throttle(opt, arg, &mut kv)?;
     kv.finish(opt, arg)?;
     if !virtio && id.is_none() {
@@ -752,10 +752,10 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
     Ok((
         DriveConfig {
             id,
-            file: PathBuf::from(file),
+            file: top.file,
             format,
-            backing,
-            data_file,
+            backing: top.backing,
+            data_file: top.data_file,
             throttle,
             read_only,
             cache,
@@ -778,99 +778,42 @@ fn parse_format(opt: &str, arg: &str, key: &str, f: &str) -> Result<DriveFormat,
     }
 }
 
-/// The dotted keys under `prefix` that name what lies below a layer:
-/// `backing=` (none), `backing.driver=`, `backing.file.filename=` (or
-/// `backing.file=`), `backing.file.driver=file`, recursively, and
-/// `data-file.filename=` (or `data-file=`), `data-file.driver=file`.
-fn parse_layer_below(
+/// What -drive's dotted keys name below the image (`backing.*`,
+/// `data-file.*`), as QEMU's block node tree with -drive's shorthands made
+/// explicit: `X.file=F` and `data-file=F` are files (`{"driver": "file",
+/// "filename": F}`), a file node's driver defaults to `file`, and
+/// `backing=` (or `null`) means no backing image. The tree then goes
+/// through the parser `blockdev-add` uses ([`moat_block::node`]).
+fn parse_layers(
     opt: &str,
     arg: &str,
     kv: &mut keyval::KeyVals,
-    prefix: &str,
+    file: &str,
     format: DriveFormat,
-    depth: usize,
-) -> Result<(Backing, Option<PathBuf>), CliError> {
-    let file_node = |kv: &mut keyval::KeyVals, node: &str| -> Result<Option<String>, CliError> {
-        if let Some(d) = kv.take(&format!("{node}.driver")) {
-            if d != "file" && d != "host_device" {
-                return Err(CliError::new(
-                    opt,
-                    arg,
-                    &format!("{node}.driver: unsupported protocol '{d}' (moat opens local files)"),
-                ));
+) -> Result<ImageLayer, CliError> {
+    use serde_json::{json, Map, Value};
+    fn normalize(tree: &mut Map<String, Value>) {
+        for (k, v) in tree.iter_mut() {
+            match (k.as_str(), &mut *v) {
+                ("file" | "data-file", Value::String(f)) => {
+                    *v = json!({"driver": "file", "filename": f.clone()});
+                }
+                ("file" | "data-file", Value::Object(m)) => {
+                    m.entry("driver").or_insert_with(|| json!("file"));
+                }
+                ("backing", Value::String(b)) if b.is_empty() || b == "null" => *v = Value::Null,
+                (_, Value::Object(m)) => normalize(m),
+                _ => {}
             }
         }
-        let name = kv
-            .take(&format!("{node}.filename"))
-            .or_else(|| kv.take(node));
-        match name {
-            Some(n) if n.is_empty() => Err(CliError::new(
-                opt,
-                arg,
-                &format!("{node}.filename: empty file name"),
-            )),
-            n => Ok(n),
-        }
-    };
-    let data_file = file_node(kv, &format!("{prefix}data-file"))?.map(PathBuf::from);
-    let b = format!("{prefix}backing");
-    let backing = match kv.take(&b).as_deref() {
-        Some("") | Some("null") => Backing::None,
-        Some(v) => {
-            return Err(CliError::new(
-                opt,
-                arg,
-                &format!("{b}={v}: moat names backing images with {b}.driver= and {b}.file.filename= (or {b}= for none)"),
-            ))
-        }
-        None => {
-            let driver = kv.take(&format!("{b}.driver"));
-            let file = file_node(kv, &format!("{b}.file"))?;
-            match (driver, file) {
-                (None, None) => Backing::Unnamed,
-                (None, Some(_)) => {
-                    return Err(CliError::new(
-                        opt,
-                        arg,
-                        &format!("{b}.driver= is required (moat never probes image formats)"),
-                    ))
-                }
-                (Some(_), None) => {
-                    return Err(CliError::new(
-                        opt,
-                        arg,
-                        &format!("{b}.file.filename= is missing"),
-                    ))
-                }
-                (Some(d), Some(f)) => {
-                    if depth + 1 >= MAX_BACKING_DEPTH {
-                        return Err(CliError::new(
-                            opt,
-                            arg,
-                            &format!("backing chain deeper than {MAX_BACKING_DEPTH} images"),
-                        ));
-                    }
-                    let lf = parse_format(opt, arg, &format!("{b}.driver"), &d)?;
-                    let (below, df) =
-                        parse_layer_below(opt, arg, kv, &format!("{b}."), lf, depth + 1)?;
-                    Backing::Layer(Box::new(ImageLayer {
-                        file: PathBuf::from(f),
-                        format: lf,
-                        backing: below,
-                        data_file: df,
-                    }))
-                }
-            }
-        }
-    };
-    if format == DriveFormat::Raw && (backing != Backing::Unnamed || data_file.is_some()) {
-        return Err(CliError::new(
-            opt,
-            arg,
-            "a raw image has no backing file or data file",
-        ));
     }
-    Ok((backing, data_file))
+    let mut tree = kv
+        .take_tree(&["backing", "data-file"])
+        .map_err(|e| CliError::new(opt, arg, &e))?;
+    tree.insert("driver".into(), json!(format.name()));
+    tree.insert("file".into(), json!({"driver": "file", "filename": file}));
+    normalize(&mut tree);
+    moat_block::node::layer("", &tree, 0).map_err(|e| CliError::new(opt, arg, &e))
 }
 
 /// `throttling.*` keys (QEMU's -drive names) into limits, validated as QEMU does.
@@ -1701,14 +1644,15 @@ mod tests {
             Backing::Unnamed
         );
         for (bad, why) in [
-            ("format=qcow2,backing.file.filename=b", "backing.driver= is required"),
-            ("format=qcow2,backing.driver=qcow2", "filename= is missing"),
-            ("format=qcow2,backing.driver=vmdk,backing.file.filename=b", "unsupported format"),
-            ("format=qcow2,backing.driver=raw,backing.file.driver=nbd,backing.file.filename=b", "protocol"),
+            ("format=qcow2,backing.file.filename=b", "Parameter 'backing.driver' is missing (moat never probes"),
+            ("format=qcow2,backing.driver=qcow2", "Parameter 'backing.file' is missing"),
+            ("format=qcow2,backing.driver=vmdk,backing.file.filename=b", "'backing.driver' does not accept value 'vmdk'"),
+            ("format=qcow2,backing.driver=raw,backing.file.driver=nbd,backing.file.filename=b", "moat opens local files"),
             ("format=raw,backing.driver=raw,backing.file.filename=b", "raw image"),
             ("format=qcow2,backing.driver=raw,backing.file.filename=b,backing.backing.driver=raw,backing.backing.file.filename=c", "raw image"),
-            ("format=qcow2,backing=node0", "backing.driver="),
-            ("format=qcow2,backing.backing.driver=raw", "backing.backing"),
+            ("format=qcow2,backing=node0", "references to other nodes"),
+            ("format=qcow2,backing.backing.driver=raw", "Parameter 'backing.driver' is missing"),
+            ("format=qcow2,backing.driver=raw,backing.file.filename=b,backing.bogus=1", "'backing.bogus' is unexpected"),
         ] {
             let e = err(&["-drive", &format!("file=t,{bad}")]);
             assert!(e.contains(why), "{bad}: {e}");

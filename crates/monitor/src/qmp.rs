@@ -796,146 +796,6 @@ fn check_node_name(n: &str) -> Result<(), QmpError> {
     Ok(())
 }
 
-/// Nested blockdev options (`file`, `backing`, `data-file`): only the keys
-/// in `allowed` may appear.
-fn nested<'a>(
-    what: &str,
-    v: &'a Value,
-    allowed: &[&str],
-) -> Result<&'a Map<String, Value>, QmpError> {
-    let m = match v {
-        Value::Object(m) => m,
-        Value::String(r) => {
-            return Err(QmpError::generic(format!(
-            "{what}: references to other nodes ('{r}') are not supported; give the options inline"
-        )))
-        }
-        _ => {
-            return Err(QmpError::generic(format!(
-                "Invalid parameter type for '{what}', expected: object"
-            )))
-        }
-    };
-    if let Some(k) = m.keys().find(|k| !allowed.contains(&k.as_str())) {
-        return Err(QmpError::generic(format!(
-            "Parameter '{what}.{k}' is unexpected"
-        )));
-    }
-    Ok(m)
-}
-
-/// The file a protocol node (`driver: file` or `host_device`) opens.
-fn protocol_file(what: &str, m: &Map<String, Value>) -> Result<std::path::PathBuf, QmpError> {
-    match m.get("driver").and_then(Value::as_str) {
-        Some("file" | "host_device") => {}
-        Some(d) => {
-            return Err(QmpError::generic(format!(
-                "Parameter '{what}driver' does not accept value '{d}'"
-            )))
-        }
-        None => {
-            return Err(QmpError::generic(format!(
-                "Parameter '{what}driver' is missing"
-            )))
-        }
-    }
-    match m.get("filename") {
-        Some(Value::String(f)) if !f.is_empty() => Ok(f.into()),
-        Some(_) => Err(QmpError::generic(format!(
-            "Invalid parameter type for '{what}filename', expected: string"
-        ))),
-        None => Err(QmpError::generic(format!(
-            "Parameter '{what}filename' is missing"
-        ))),
-    }
-}
-
-const FILE_KEYS: &[&str] = &["driver", "filename", "aio", "locking"];
-
-/// One format layer (raw or qcow2 over a file node), as -drive's keys give it.
-fn blockdev_layer(
-    prefix: &str,
-    m: &Map<String, Value>,
-) -> Result<moat_config::ImageLayer, QmpError> {
-    use moat_config::{Backing, DriveFormat, ImageLayer};
-    let driver = m.get("driver").and_then(Value::as_str).unwrap_or_default();
-    let format = match driver {
-        "file" | "host_device" => {
-            return Ok(ImageLayer {
-                file: protocol_file(prefix, m)?,
-                format: DriveFormat::Raw,
-                backing: Backing::None,
-                data_file: None,
-            })
-        }
-        "raw" => DriveFormat::Raw,
-        "qcow2" => DriveFormat::Qcow2,
-        "" => {
-            return Err(QmpError::generic(format!(
-                "Parameter '{prefix}driver' is missing"
-            )))
-        }
-        d => {
-            return Err(QmpError::generic(format!(
-                "Parameter '{prefix}driver' does not accept value '{d}'"
-            )))
-        }
-    };
-    for k in ["filename", "aio", "locking"] {
-        if m.contains_key(k) {
-            return Err(QmpError::generic(format!(
-                "Parameter '{prefix}{k}' is unexpected"
-            )));
-        }
-    }
-    let Some(file) = m.get("file") else {
-        return Err(QmpError::generic(format!(
-            "Parameter '{prefix}file' is missing"
-        )));
-    };
-    let file_prefix = format!("{prefix}file.");
-    let file = protocol_file(
-        &file_prefix,
-        nested(&format!("{prefix}file"), file, FILE_KEYS)?,
-    )?;
-    let qcow2_only = |k: &str| -> Result<(), QmpError> {
-        if format != DriveFormat::Qcow2 && m.contains_key(k) {
-            return Err(QmpError::generic(format!(
-                "Parameter '{prefix}{k}' is unexpected"
-            )));
-        }
-        Ok(())
-    };
-    qcow2_only("backing")?;
-    qcow2_only("data-file")?;
-    let backing = match m.get("backing") {
-        None => Backing::Unnamed,
-        Some(Value::Null) => Backing::None,
-        Some(v) => {
-            let p = format!("{prefix}backing.");
-            let l = nested(
-                &format!("{prefix}backing"),
-                v,
-                &["driver", "file", "backing", "data-file", "read-only"],
-            )?;
-            Backing::Layer(Box::new(blockdev_layer(&p, l)?))
-        }
-    };
-    let data_file = match m.get("data-file") {
-        None => None,
-        Some(v) => Some(protocol_file(
-            &format!("{prefix}data-file."),
-            nested(&format!("{prefix}data-file"), v, FILE_KEYS)?,
-        )?),
-    };
-    Ok(ImageLayer {
-        file,
-        format,
-        backing,
-        data_file,
-    })
-}
-
 /// `blockdev-add`'s arguments as a drive moat can open (the schema check
 /// has run): a raw or qcow2 node over a file node, or a file node alone.
 pub fn blockdev_args(
@@ -947,11 +807,26 @@ pub fn blockdev_args(
         .and_then(Value::as_str)
         .ok_or_else(|| QmpError::generic("'node-name' must be specified for the root node"))?;
     check_node_name(node)?;
-    let layer = blockdev_layer("", args)?;
+    let layer = moat_block::node::layer("", args, 0).map_err(QmpError::generic)?;
     let cache = match args.get("cache") {
         None => CacheMode::Writeback,
         Some(v) => {
-            let c = nested("cache", v, &["direct", "no-flush"])?;
+            let c = match v {
+                Value::Object(c) => c,
+                _ => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'cache', expected: object",
+                    ))
+                }
+            };
+            if let Some(k) = c
+                .keys()
+                .find(|k| !["direct", "no-flush"].contains(&k.as_str()))
+            {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'cache.{k}' is unexpected"
+                )));
+            }
             let flag = |k: &str| -> Result<bool, QmpError> {
                 match c.get(k) {
                     None => Ok(false),
