@@ -199,65 +199,95 @@ fn cache_none_uses_o_direct() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A guest queues 25 reads of ~3.75 GiB each (every data descriptor on the
-/// same 480 MiB of its RAM, from a sparse disk) and resets the device while
-/// they run. The reset returned only after every request had been copied
-/// (~40 s), holding the vCPU and the device lock meanwhile, so QMP `stop`
-/// timed out and SIGTERM or `quit` waited as long. Now the worker stops at
-/// its next chunk and the vCPU never waits for it. (The limits below are
-/// hang guards: a healthy moat answers in milliseconds.)
-#[test]
-fn a_guest_resetting_a_busy_disk_wedges_neither_vcpu_nor_monitor() {
+/// The wedging guest (test guest `blk_wedge`: 25 reads of ~3.75 GiB each,
+/// every data descriptor on the same 480 MiB of its RAM, from a sparse
+/// 128 GiB disk, then a device reset while they run), with `extra` options;
+/// its console lines come on the receiver.
+fn start_wedge(
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Reaped, std::sync::mpsc::Receiver<String>) {
     use std::io::BufRead;
-    use std::sync::mpsc;
-    use std::time::{Duration, Instant};
-    const GUARD: Duration = Duration::from_secs(15);
-    let dir = scratch("vblk-wedge");
     let disk = dir.join("sparse.raw");
     std::fs::File::create(&disk)
         .unwrap()
         .set_len(128 << 30)
         .unwrap();
-    let qmp = dir.join("qmp.sock");
+    let drive = format!("file={},format=raw,if=virtio", disk.display());
+    let mut args = vec![
+        "-m",
+        "1024",
+        "-kernel",
+        TEST_PVH,
+        "-append",
+        "blk=1 blk_wedge=503316480 action=count",
+        "-drive",
+        &drive,
+    ];
+    args.extend_from_slice(extra);
     let child = moat_command()
-        .args([
-            "-m",
-            "1024",
-            "-kernel",
-            TEST_PVH,
-            "-append",
-            "blk=1 blk_wedge=503316480 action=count",
-            "-drive",
-            &format!("file={},format=raw,if=virtio", disk.display()),
-            "-qmp",
-            &format!("unix:{},server=on,wait=off", qmp.display()),
-        ])
+        .args(&args)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut child = Reaped(child);
-    let (tx, lines) = mpsc::channel();
+    let (tx, lines) = std::sync::mpsc::channel();
     let out = child.0.stdout.take().unwrap();
     std::thread::spawn(move || {
         for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
             let _ = tx.send(l);
         }
     });
-    let wait_for = |what: &str, limit: Duration| {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(l) if l.contains(what) => return,
-                Ok(_) => {}
-                Err(_) => panic!("no \"{what}\" within {limit:?}"),
-            }
+    (child, lines)
+}
+
+/// Wait for a console line containing `what`, at most `limit`.
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    limit: std::time::Duration,
+) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(l) if l.contains(what) => return,
+            Ok(_) => {}
+            Err(_) => panic!("no \"{what}\" within {limit:?}"),
         }
-    };
-    wait_for("wedge: resetting", HANG);
-    wait_for("wedge: reset returned", GUARD);
+    }
+}
+
+/// Wait for `child` to exit, at most `limit`; its status.
+fn exit_within(child: &mut Reaped, limit: std::time::Duration) -> std::process::ExitStatus {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < limit, "moat did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A guest resets its disk while the device works on 25 reads of ~3.75 GiB.
+/// The reset returned only after every request had been copied (~40 s),
+/// holding the vCPU and the device lock meanwhile, so QMP `stop` timed out
+/// and SIGTERM or `quit` waited as long. Now the worker stops at its next
+/// chunk and the vCPU never waits for it. (The limits below are hang
+/// guards: a healthy moat answers in milliseconds.)
+#[test]
+fn a_guest_resetting_a_busy_disk_wedges_neither_vcpu_nor_monitor() {
+    use std::time::{Duration, Instant};
+    const GUARD: Duration = Duration::from_secs(15);
+    let dir = scratch("vblk-wedge");
+    let qmp = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
+    let (mut child, lines) = start_wedge(&dir, &["-qmp", &qmp_arg]);
+    wait_for_line(&lines, "wedge: resetting", HANG);
+    wait_for_line(&lines, "wedge: reset returned", GUARD);
     let mut q = Qmp::connect(&qmp);
     let t = Instant::now();
     assert_eq!(q.execute("stop"), serde_json::json!({"return": {}}));
@@ -265,66 +295,21 @@ fn a_guest_resetting_a_busy_disk_wedges_neither_vcpu_nor_monitor() {
     assert_eq!(status["return"]["status"], "paused", "{status}");
     assert!(t.elapsed() < GUARD, "stop took {:?}", t.elapsed());
     q.execute("cont");
-    wait_for("count ", GUARD);
+    wait_for_line(&lines, "count ", GUARD);
     q.execute("quit");
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t.elapsed() < GUARD, "moat did not quit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status:?}");
+    assert!(exit_within(&mut child, GUARD).success());
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The same guest, ended by SIGTERM instead: moat exits at once.
 #[test]
 fn sigterm_ends_moat_while_a_reset_disk_is_busy() {
-    use std::io::BufRead;
-    use std::time::{Duration, Instant};
-    const GUARD: Duration = Duration::from_secs(15);
+    const GUARD: std::time::Duration = std::time::Duration::from_secs(15);
     let dir = scratch("vblk-wedge-term");
-    let disk = dir.join("sparse.raw");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(128 << 30)
-        .unwrap();
-    let child = moat_command()
-        .args([
-            "-m",
-            "1024",
-            "-kernel",
-            TEST_PVH,
-            "-append",
-            "blk=1 blk_wedge=503316480 action=count",
-            "-drive",
-            &format!("file={},format=raw,if=virtio", disk.display()),
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = Reaped(child);
-    let out = child.0.stdout.take().unwrap();
-    let mut lines = std::io::BufReader::new(out).lines();
-    assert!(lines
-        .by_ref()
-        .map_while(Result::ok)
-        .any(|l| l.contains("wedge: resetting")));
-    std::thread::spawn(move || for _ in lines {});
+    let (mut child, lines) = start_wedge(&dir, &[]);
+    wait_for_line(&lines, "wedge: resetting", HANG);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(t.elapsed() < GUARD, "moat did not end on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "{status:?}");
+    assert!(exit_within(&mut child, GUARD).success());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -26,9 +26,11 @@ fn nested<'a>(
 ) -> Result<&'a Map<String, Value>, String> {
     let m = match v {
         Value::Object(m) => m,
-        Value::String(r) => return Err(format!(
+        Value::String(r) => {
+            return Err(format!(
             "{what}: references to other nodes ('{r}') are not supported; give the options inline"
-        )),
+        ))
+        }
         _ => {
             return Err(format!(
                 "Invalid parameter type for '{what}', expected: object"

@@ -28,6 +28,7 @@ pub mod args;
 pub mod cgroup;
 
 use args::{Bind, JailConfig, Netns};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 use std::ffi::CString;
 use std::io::Read as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -119,30 +120,27 @@ pub fn libraries(exec: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(libs)
 }
 
+/// openat2(2) from the working directory with `resolve` rules.
+fn openat2(p: &Path, flags: OFlags, resolve: ResolveFlags) -> Result<OwnedFd, String> {
+    rustix::fs::openat2(
+        rustix::fs::CWD,
+        p,
+        flags | OFlags::CLOEXEC,
+        Mode::empty(),
+        resolve,
+    )
+    .map_err(|e| format!("{}: {}", p.display(), std::io::Error::from(e)))
+}
+
 /// An O_PATH descriptor of a bind source. Unless `links`, no component of
 /// the path may be a symlink (openat2 RESOLVE_NO_SYMLINKS).
 fn hold(p: &Path, links: bool) -> Result<OwnedFd, String> {
-    let c = cstr(p)?;
-    // SAFETY: open_how is plain data; all-zero is its empty value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
-    how.resolve = if links { 0 } else { libc::RESOLVE_NO_SYMLINKS };
-    // SAFETY: openat2 reads the NUL-terminated path and `how` (its size
-    // passed) and returns a new descriptor, which we then own.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
+    let resolve = if links {
+        ResolveFlags::empty()
+    } else {
+        ResolveFlags::NO_SYMLINKS
     };
-    if fd < 0 {
-        return Err(os_err(&p.display().to_string()));
-    }
-    // SAFETY: a descriptor openat2 just returned.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    openat2(p, OFlags::PATH, resolve)
 }
 
 /// Open a file handed to moat as a descriptor (as root, so with care): no
@@ -151,32 +149,16 @@ fn hold(p: &Path, links: bool) -> Result<OwnedFd, String> {
 /// a directory for a symlink, or the file for another, in between opens
 /// nothing.
 fn open_checked(p: &Path, writable: bool, identity: (u64, u64)) -> Result<OwnedFd, String> {
-    let c = cstr(p)?;
-    // SAFETY: open_how is plain data; all-zero is its empty value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     let mode = if writable {
-        libc::O_RDWR
+        OFlags::RDWR
     } else {
-        libc::O_RDONLY
+        OFlags::RDONLY
     };
-    how.flags = (mode | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
-    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: openat2 reads the NUL-terminated path and `how` (its size
-    // passed) and returns a new descriptor, which we then own.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        return Err(os_err("open"));
-    }
-    // SAFETY: a descriptor openat2 just returned.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = openat2(
+        p,
+        mode | OFlags::NOCTTY,
+        ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    )?;
     let file = std::fs::File::from(fd);
     let m = file.metadata().map_err(|e| format!("fstat: {e}"))?;
     if (m.dev(), m.ino()) != identity {
