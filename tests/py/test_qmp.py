@@ -659,8 +659,7 @@ def test_monitor_on_an_inherited_socket(moat, tmp_path):
     q.settimeout(30)
     assert q.cmd("query-status")["status"] == "running"
     q.cmd("quit")
-    q.close()
-    assert m.wait_exit() == 0
+    assert m.wait_exit() == 0  # (no close(): moat hangs up as it exits, as QEMU does)
     assert os.path.exists(path)  # the caller's socket file: moat leaves it
     f = open(tmp_path / "plain", "w")
     for extra, pass_fds, want in [
