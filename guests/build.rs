@@ -90,14 +90,19 @@ fn main() {
     let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("c");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     for f in [
-        "entry.S", "lib.c", "lib.h", "demo.c", "test.c", "bench.S", "link.ld",
+        "entry.S", "lib.c", "lib.h", "demo.c", "test.c", "net.c", "virtio.c", "virtio.h",
+        "bench.S", "link.ld",
     ] {
         println!("cargo:rerun-if-changed=c/{f}");
     }
     link(&src, &out.join("demo.elf"), &["entry.S", "lib.c", "demo.c"]);
     link(&src, &out.join("bench-pvh.elf"), &["bench.S"]);
     let pvh = out.join("test-pvh.elf");
-    link(&src, &pvh, &["entry.S", "lib.c", "virtio.c", "test.c"]);
+    link(
+        &src,
+        &pvh,
+        &["entry.S", "lib.c", "virtio.c", "net.c", "test.c"],
+    );
     run(Command::new("objcopy")
         .args(["--remove-section=.note.Xen"])
         .arg(&pvh)

@@ -87,6 +87,8 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
     }
     let fds = Arc::new(Mutex::new(fd_sets(&cfg)?));
     let mut sockets = moat_monitor::server::take_inherited_sockets(&cfg).map_err(err)?;
+    // Taps (by name, or handed in as descriptors) and stream sockets.
+    let nics = moat_vmm::nic::open(&cfg.nics).map_err(err)?;
     // Nothing else inherited stays open (QEMU keeps them; a guest that
     // escapes must not find the parent's pipes or sockets).
     moat_sys::fdset::close_inherited().map_err(err)?;
@@ -94,7 +96,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         set_process_name(p);
     }
     moat_vmm::control::init_kick_signal()?;
-    let mut machine = Machine::new(cfg.clone(), fds.clone(), moat_guests::DEMO)?;
+    let mut machine = Machine::new(cfg.clone(), fds.clone(), nics, moat_guests::DEMO)?;
     let _pidfile = match &cfg.pidfile {
         Some(p) => Some(moat_sys::PidFile::create(p).map_err(err)?),
         None => None,

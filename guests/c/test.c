@@ -29,6 +29,7 @@
  *                    on the same RAM at 64 MiB), then reset the device while
  *                    it works on them; "wedge: reset returned" after the
  *                    status write (the device must not hold the vCPU)
+ *   net=N, net_*     virtio-net: see net.c
  * It prints "cmdline: ..." and then PASS or FAIL lines. */
 #include "lib.h"
 #include "virtio.h"
@@ -339,6 +340,8 @@ void guest_main(u64 info, u32 kind) {
     }
 
     blk_checks(bi.cmdline);
+    net_checks(bi.cmdline);
+    failures += net_failures();
 
     if (cmdline_get(bi.cmdline, "pio_loop", v, sizeof v))   /* N port writes: N exits */
         for (u64 i = 0, n = parse_num(v); i < n; i++) outb(0x80, 0);

@@ -7,14 +7,16 @@ void vmmio_write(u64 base, u32 off, u32 v) { mmio_write32(base + off, v); }
 
 u64 virtio_mmio_base = VIRTIO_MMIO_BASE, virtio_mmio_stride = VIRTIO_MMIO_STRIDE;
 
-int vblk_scan(u64 *bases, int max) {
+int virtio_scan(u32 id, u64 *bases, int max) {
     int n = 0;
     for (int i = 0; i < 32 && n < max; i++) {
         u64 b = virtio_mmio_base + i * virtio_mmio_stride;
-        if (vmmio_read(b, 0) == 0x74726976 && vmmio_read(b, 4) == 2 && vmmio_read(b, 8) == 2) bases[n++] = b;
+        if (vmmio_read(b, 0) == 0x74726976 && vmmio_read(b, 4) == 2 && vmmio_read(b, 8) == id) bases[n++] = b;
     }
     return n;
 }
+
+int vblk_scan(u64 *bases, int max) { return virtio_scan(2, bases, max); }
 
 int vblk_init(struct vblk *b, u64 base, u16 qsize, u8 *ring) {
     b->base = base;

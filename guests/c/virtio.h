@@ -31,8 +31,13 @@ struct vblk {
 
 u32 vmmio_read(u64 base, u32 off);
 void vmmio_write(u64 base, u32 off, u32 v);
+/* Find virtio devices of type `id`; returns how many (bases in `bases`). */
+int virtio_scan(u32 id, u64 *bases, int max);
 /* Find virtio-blk devices; returns how many (bases in `bases`). */
 int vblk_scan(u64 *bases, int max);
+/* The virtio-net tests (net.c). */
+void net_checks(const char *cmdline);
+int net_failures(void);
 /* Initialise with `qsize` queue entries using ring memory `ring` (16 KiB, 4 KiB aligned).
  * Returns 0, or a negative step number on failure. */
 int vblk_init(struct vblk *b, u64 base, u16 qsize, u8 *ring);

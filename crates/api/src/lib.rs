@@ -9,7 +9,7 @@
 //! a command means one decoder entry in a front end and one arm in the
 //! VM's handler (`moat_vmm::Machine::serve`).
 
-use moat_config::{CacheMode, DriveConfig, DriveFormat, ThrottleLimits};
+use moat_config::{CacheMode, DriveConfig, DriveFormat, RateLimit, ThrottleLimits};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Sender};
 use std::sync::Mutex;
@@ -49,6 +49,56 @@ pub enum Request {
     BlockdevDel {
         node: String,
     },
+    /// Link up or down for the NIC or netdev `name`.
+    SetLink {
+        name: String,
+        up: bool,
+    },
+    /// The receive filters of one NIC, or of all.
+    QueryRxFilter {
+        name: Option<String>,
+    },
+    /// moat's vendor command: new rate limits for a NIC (`None`: keep
+    /// that direction's).
+    SetNetRateLimit {
+        name: String,
+        rx: Option<RateLimit>,
+        tx: Option<RateLimit>,
+    },
+    /// The NICs with their limits and counters.
+    QueryNetRateLimits,
+}
+
+/// One NIC's receive filter (QEMU's RxFilterInfo).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RxFilterInfo {
+    pub name: String,
+    pub promiscuous: bool,
+    /// "normal", "none" or "all".
+    pub multicast: &'static str,
+    pub unicast: &'static str,
+    pub vlan: &'static str,
+    pub broadcast_allowed: bool,
+    pub multicast_overflow: bool,
+    pub unicast_overflow: bool,
+    pub main_mac: [u8; 6],
+    pub vlan_table: Vec<u16>,
+    pub unicast_table: Vec<[u8; 6]>,
+    pub multicast_table: Vec<[u8; 6]>,
+}
+
+/// One NIC's rate limits and what went through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetRateInfo {
+    pub name: String,
+    pub rx: RateLimit,
+    pub tx: RateLimit,
+    pub rx_bytes: u64,
+    pub rx_frames: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_dropped: u64,
 }
 
 /// The VM's run state (QEMU's RunState, the part moat has).
@@ -143,6 +193,8 @@ pub enum Reply {
     Block(Vec<BlockDevice>),
     BlockStats(Vec<BlockStats>),
     Nodes(Vec<BlockNode>),
+    RxFilters(Vec<RxFilterInfo>),
+    NetRates(Vec<NetRateInfo>),
 }
 
 /// QEMU's error classes that moat uses.
@@ -195,6 +247,12 @@ pub enum Event {
         write: bool,
         nospace: bool,
         reason: String,
+    },
+    /// The guest changed a NIC's receive filter (sent once until
+    /// query-rx-filter is run).
+    NicRxFilterChanged {
+        name: Option<String>,
+        path: String,
     },
 }
 

@@ -62,6 +62,45 @@ pub fn parse(option: &str, s: &str, implied: Option<&str>) -> Result<KeyVals, Cl
     Ok(KeyVals { pairs })
 }
 
+/// An option argument in QEMU's JSON form (`-netdev '{"type": "tap", ...}'`,
+/// as libvirt writes it): nested objects become dotted keys, booleans
+/// `on`/`off`, numbers their decimal text, so the same keyval parser reads
+/// both forms.
+pub fn parse_json(option: &str, s: &str) -> Result<KeyVals, CliError> {
+    use serde_json::Value;
+    let v: Value = serde_json::from_str(s)
+        .map_err(|e| CliError::new(option, s, &format!("invalid JSON: {e}")))?;
+    let Value::Object(m) = v else {
+        return Err(CliError::new(option, s, "expected a JSON object"));
+    };
+    fn flatten(
+        prefix: &str,
+        m: serde_json::Map<String, Value>,
+        out: &mut Vec<(String, String)>,
+    ) -> Result<(), String> {
+        for (k, v) in m {
+            let key = if prefix.is_empty() {
+                k
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                Value::Object(inner) => flatten(&key, inner, out)?,
+                Value::String(s) => out.push((key, s)),
+                Value::Bool(b) => out.push((key, if b { "on" } else { "off" }.into())),
+                Value::Number(n) => out.push((key, n.to_string())),
+                Value::Null | Value::Array(_) => {
+                    return Err(format!("'{key}': unsupported JSON value"))
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut pairs = Vec::new();
+    flatten("", m, &mut pairs).map_err(|e| CliError::new(option, s, &e))?;
+    Ok(KeyVals { pairs })
+}
+
 impl KeyVals {
     /// Take the last value of `key`, removing every occurrence.
     pub fn take(&mut self, key: &str) -> Option<String> {
@@ -75,6 +114,11 @@ impl KeyVals {
             }
         });
         found
+    }
+
+    /// Add a pair at the end.
+    pub fn push(&mut self, key: String, value: String) {
+        self.pairs.push((key, value));
     }
 
     /// Remove and return the first remaining pair.

@@ -5,6 +5,7 @@
 //! the binary's edge), never silently ignored.
 
 pub mod keyval;
+pub mod net;
 
 use moat_config::*;
 use std::path::PathBuf;
@@ -48,6 +49,10 @@ struct Parser {
     mons: Vec<(String, MonitorMode, String)>,
     /// `-drive`s, and whether a device uses each (`if=virtio` ones do).
     backends: Vec<(DriveConfig, bool)>,
+    /// `-netdev`s, and the interfaces waiting for theirs (device keys, the
+    /// netdev id, the option's text).
+    netdevs: Vec<NetdevConfig>,
+    nics: Vec<(net::NicKeys, String, String)>,
     /// `-h` or `-version`: stop and do that.
     done: Option<Action>,
 }
@@ -144,6 +149,8 @@ const OPTIONS: &[(&[&str], Handler)] = &[
     ),
     (&["drive"], Handler::Arg(Parser::drive)),
     (&["device"], Handler::Arg(Parser::device)),
+    (&["netdev"], Handler::Arg(Parser::netdev)),
+    (&["nic"], Handler::Arg(Parser::nic)),
     (&["object"], Handler::Arg(Parser::object)),
     (
         &["qmp"],
@@ -225,21 +232,24 @@ impl Parser {
     }
 
     fn device(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
-        let mut kv = keyval::parse(opt, arg, Some("driver"))?;
+        let mut kv = net::keyvals(opt, arg, "driver")?;
+        const OFFERED: &str = "moat offers virtio-blk-device and virtio-net-device";
         match kv.take("driver").as_deref() {
             Some("virtio-blk-device") | Some("virtio-blk") => {}
-            Some("help") | Some("?") => {
+            Some("virtio-net-device") => return self.net_device(opt, arg, kv),
+            Some(d @ ("virtio-net-pci" | "virtio-net" | "virtio-blk-pci")) => {
                 return Err(CliError::new(
                     opt,
                     arg,
-                    "moat offers -device virtio-blk-device",
+                    &format!("'{d}' needs PCI, which moat's microvm does not have ({OFFERED})"),
                 ))
             }
+            Some("help") | Some("?") => return Err(CliError::new(opt, arg, OFFERED)),
             Some(d) => {
                 return Err(CliError::new(
                     opt,
                     arg,
-                    &format!("unsupported device '{d}' (moat offers virtio-blk-device)"),
+                    &format!("unsupported device '{d}' ({OFFERED})"),
                 ))
             }
             None => return Err(CliError::new(opt, arg, "a device driver is required")),
@@ -274,6 +284,62 @@ impl Parser {
             d.serial = serial;
         }
         self.cfg.drives.push(d);
+        Ok(())
+    }
+
+    fn net_device(
+        &mut self,
+        opt: &str,
+        arg: &str,
+        mut kv: keyval::KeyVals,
+    ) -> Result<(), CliError> {
+        let netdev = kv
+            .take("netdev")
+            .ok_or_else(|| CliError::new(opt, arg, "Parameter 'netdev' is missing"))?;
+        let keys = net::parse_nic_keys(opt, arg, &mut kv)?;
+        kv.finish(opt, arg)?;
+        self.nics.push((keys, netdev, arg.to_string()));
+        Ok(())
+    }
+
+    fn netdev(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
+        let mut kv = net::keyvals(opt, arg, "type")?;
+        let n = net::parse_netdev_kv(opt, arg, &mut kv)?;
+        kv.finish(opt, arg)?;
+        if self.netdevs.iter().any(|d| d.id == n.id) {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("Duplicate ID '{}' for netdev", n.id),
+            ));
+        }
+        self.netdevs.push(n);
+        Ok(())
+    }
+
+    /// `-nic TYPE,...`: a netdev and its virtio-net-device in one.
+    fn nic(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
+        let mut kv = net::keyvals(opt, arg, "type")?;
+        if kv.clone().take("type").as_deref() == Some("none") {
+            return Ok(());
+        }
+        match kv.take("model").as_deref() {
+            None | Some("virtio-net-device") => {}
+            Some(m) => {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!("model={m}: moat offers model=virtio-net-device"),
+                ))
+            }
+        }
+        let keys = net::parse_nic_keys(opt, arg, &mut kv)?;
+        let id = format!("__nic{}", self.nics.len());
+        kv.push("id".into(), id.clone());
+        let n = net::parse_netdev_kv(opt, arg, &mut kv)?;
+        kv.finish(opt, arg)?;
+        self.netdevs.push(n);
+        self.nics.push((keys, id, arg.to_string()));
         Ok(())
     }
 
@@ -340,9 +406,38 @@ impl Parser {
                 );
             }
         }
-        if cfg.drives.len() > MAX_VIRTIO_DEVICES {
+        for (i, (keys, id, arg)) in std::mem::take(&mut self.nics).into_iter().enumerate() {
+            let opt = "-device";
+            let Some(pos) = self.netdevs.iter().position(|n| n.id == id) else {
+                let why = if cfg.nics.iter().any(|n| n.netdev.id == id) {
+                    format!(
+                        "Property 'virtio-net-device.netdev' can't take value '{id}', it's in use"
+                    )
+                } else {
+                    format!("Property 'virtio-net-device.netdev' can't find value '{id}'")
+                };
+                return Err(CliError::new(opt, &arg, &why));
+            };
+            let nic = net::nic(keys, self.netdevs.remove(pos), i);
+            if nic.queue_pairs() > cfg.smp.cpus as usize {
+                return Err(CliError::new(
+                    opt,
+                    &arg,
+                    &format!(
+                        "mq=on with {} queues: more queue pairs than the {} vCPUs",
+                        nic.queue_pairs(),
+                        cfg.smp.cpus
+                    ),
+                ));
+            }
+            cfg.nics.push(nic);
+        }
+        for n in &self.netdevs {
+            log::warn!("-netdev id={}: no device uses it", n.id);
+        }
+        if cfg.drives.len() + cfg.nics.len() > MAX_VIRTIO_DEVICES {
             return Err(CliError::new(
-                "-drive",
+                "-device",
                 "",
                 &format!("at most {MAX_VIRTIO_DEVICES} virtio devices"),
             ));
@@ -1736,5 +1831,231 @@ mod tests {
         assert_eq!(parse_args(&["-h"]).unwrap(), Action::Help);
         assert_eq!(parse_args(&["--help"]).unwrap(), Action::Help);
         assert_eq!(parse_args(&["-version"]).unwrap(), Action::Version);
+    }
+}
+
+#[cfg(test)]
+mod net_tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> VmConfig {
+        match parse_args(args).unwrap() {
+            Action::Run(c) => *c,
+            a => panic!("unexpected {a:?}"),
+        }
+    }
+
+    fn err(args: &[&str]) -> String {
+        parse_args(args).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn netdev_tap_and_device_in_keyval_and_json_forms() {
+        let smp = ["-smp", "4"];
+        let kv = cfg(&[
+            &smp[..],
+            &[
+                "-netdev",
+                "tap,id=n0,ifname=tap7,queues=2,vnet_hdr=on,script=no,downscript=no",
+                "-device",
+                "virtio-net-device,netdev=n0,mac=52:54:00:aa:bb:cc,mq=on,host_mtu=9000,tx-bps=1000000",
+            ],
+        ]
+        .concat());
+        let json = cfg(&[
+            &smp[..],
+            &[
+                "-netdev",
+                r#"{"type":"tap","id":"n0","ifname":"tap7","queues":2,"vnet_hdr":true,"script":"no","downscript":"no"}"#,
+                "-device",
+                r#"{"driver":"virtio-net-device","netdev":"n0","mac":"52:54:00:aa:bb:cc","mq":true,"host_mtu":9000,"tx-bps":1000000}"#,
+            ],
+        ]
+        .concat());
+        assert_eq!(kv.nics, json.nics);
+        let n = &kv.nics[0];
+        assert_eq!(n.mac, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+        assert_eq!(n.queue_pairs(), 2);
+        assert_eq!(n.host_mtu, Some(9000));
+        assert_eq!(n.tx_limit.bytes_per_sec, 1_000_000);
+        assert_eq!(
+            n.netdev.backend,
+            NetBackendConfig::Tap {
+                ifname: Some("tap7".into()),
+                fds: vec![],
+                queues: 2,
+                vnet_hdr: Some(true)
+            }
+        );
+    }
+
+    #[test]
+    fn tap_descriptors_stream_and_nic_shorthand() {
+        let c = cfg(&[
+            "-netdev",
+            "tap,id=a,fds=5:6",
+            "-device",
+            "virtio-net-device,netdev=a",
+            "-nic",
+            "stream,addr.type=unix,addr.path=/run/passt.sock,server=off",
+        ]);
+        assert_eq!(c.nics.len(), 2);
+        assert_eq!(
+            c.nics[0].netdev.backend,
+            NetBackendConfig::Tap {
+                ifname: None,
+                fds: vec![5, 6],
+                queues: 2,
+                vnet_hdr: None
+            }
+        );
+        // mq is off unless asked: one pair.
+        assert_eq!(c.nics[0].queue_pairs(), 1);
+        // QEMU's default MACs, counting up.
+        assert_eq!(c.nics[0].mac, [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+        assert_eq!(c.nics[1].mac, [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
+        assert_eq!(
+            c.nics[1].netdev.backend,
+            NetBackendConfig::Stream {
+                path: "/run/passt.sock".into()
+            }
+        );
+        assert!(cfg(&["-nic", "none"]).nics.is_empty());
+    }
+
+    #[test]
+    fn refusals_name_the_option_and_say_why() {
+        for (args, want) in [
+            (
+                &["-netdev", "tap,id=n,script=/etc/qemu-ifup"][..],
+                "never runs scripts",
+            ),
+            (&["-netdev", "tap,id=n,downscript=/x"], "never runs scripts"),
+            (&["-netdev", "tap,id=n,vhost=on"], "vhost-net"),
+            (&["-netdev", "user,id=n"], "passt"),
+            (&["-netdev", "bridge,id=n,br=br0"], "qemu-bridge-helper"),
+            (
+                &["-netdev", "socket,id=n"],
+                "unsupported netdev type 'socket'",
+            ),
+            (&["-netdev", "tap,ifname=t"], "Parameter 'id' is missing"),
+            (&["-netdev", "tap,id=n,fd=1"], "not a descriptor number"),
+            (
+                &["-netdev", "tap,id=n,fd=5,fds=6"],
+                "cannot be used together",
+            ),
+            (
+                &["-netdev", "tap,id=n,fds=5:6,queues=3"],
+                "2 descriptors given for 3 queues",
+            ),
+            (&["-netdev", "tap,id=n,queues=17"], "1 to 16"),
+            (
+                &[
+                    "-netdev",
+                    "stream,id=n,addr.type=inet,addr.host=h,addr.port=1",
+                ],
+                "UNIX sockets only",
+            ),
+            (
+                &[
+                    "-netdev",
+                    "stream,id=n,server=on,addr.type=unix,addr.path=/p",
+                ],
+                "server=on",
+            ),
+            (&["-netdev", "tap,id=n,bogus=1"], "bogus"),
+            (&["-netdev", "{bad json"], "invalid JSON"),
+            (
+                &["-device", "virtio-net-device"],
+                "Parameter 'netdev' is missing",
+            ),
+            (
+                &["-device", "virtio-net-device,netdev=x"],
+                "can't find value 'x'",
+            ),
+            (
+                &[
+                    "-netdev",
+                    "tap,id=n",
+                    "-device",
+                    "virtio-net-device,netdev=n",
+                    "-device",
+                    "virtio-net-device,netdev=n",
+                ],
+                "it's in use",
+            ),
+            (
+                &["-netdev", "tap,id=n", "-netdev", "tap,id=n"],
+                "Duplicate ID 'n'",
+            ),
+            (
+                &[
+                    "-netdev",
+                    "tap,id=n",
+                    "-device",
+                    "virtio-net-device,netdev=n,mac=01:00:5e:00:00:01",
+                ],
+                "multicast",
+            ),
+            (
+                &[
+                    "-netdev",
+                    "tap,id=n",
+                    "-device",
+                    "virtio-net-device,netdev=n,mac=00:00:00:00:00:00",
+                ],
+                "all-zero",
+            ),
+            (
+                &[
+                    "-netdev",
+                    "tap,id=n",
+                    "-device",
+                    "virtio-net-device,netdev=n,mac=52:54",
+                ],
+                "expected xx:xx",
+            ),
+            (
+                &[
+                    "-netdev",
+                    "tap,id=n",
+                    "-device",
+                    "virtio-net-device,netdev=n,host_mtu=10",
+                ],
+                "host_mtu",
+            ),
+            (
+                &[
+                    "-netdev",
+                    "tap,id=n,queues=4",
+                    "-device",
+                    "virtio-net-device,netdev=n,mq=on",
+                ],
+                "more queue pairs than the 1 vCPUs",
+            ),
+            (&["-device", "virtio-net-pci,netdev=n"], "needs PCI"),
+            (&["-nic", "tap,model=e1000"], "model=e1000"),
+        ] {
+            let e = err(args);
+            assert!(e.contains(want), "{args:?}: {e}");
+            assert!(
+                e.contains(args[args.len() - 2]) || e.contains("-device"),
+                "{args:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn drives_and_nics_share_the_virtio_slots() {
+        let mut args: Vec<String> = Vec::new();
+        for i in 0..MAX_VIRTIO_DEVICES {
+            args.push("-nic".into());
+            args.push(format!("tap,ifname=t{i}"));
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(cfg(&a).nics.len(), MAX_VIRTIO_DEVICES);
+        let mut more = a.clone();
+        more.extend(["-drive", "file=/dev/null,format=raw,if=virtio"]);
+        assert!(err(&more).contains("virtio devices"));
     }
 }

@@ -341,6 +341,68 @@ impl DriveConfig {
     }
 }
 
+/// A rate limit of one direction of a network interface: token buckets
+/// (see `moat_net::rate`), each with a one-time burst. Zero: no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub bytes_per_sec: u64,
+    pub bytes_burst: u64,
+    pub packets_per_sec: u64,
+    pub packets_burst: u64,
+}
+
+/// Where a network interface's frames go (`-netdev`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackendConfig {
+    /// `-netdev tap`: a tap opened by name (made if missing, which needs
+    /// CAP_NET_ADMIN) or handed in as descriptors, one per queue.
+    Tap {
+        ifname: Option<String>,
+        /// Inherited descriptors (`fd=`, `fds=`).
+        fds: Vec<i32>,
+        queues: usize,
+        /// `vnet_hdr=`: None is QEMU's default (on when the tap supports it).
+        vnet_hdr: Option<bool>,
+    },
+    /// `-netdev stream,server=off,addr.type=unix,addr.path=`: frames over a
+    /// UNIX stream socket moat connects to (passt's).
+    Stream { path: PathBuf },
+}
+
+/// `-netdev`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetdevConfig {
+    pub id: String,
+    pub backend: NetBackendConfig,
+}
+
+/// The most queue pairs of one interface.
+pub const MAX_NET_QUEUES: usize = 16;
+
+/// A network interface: `-device virtio-net-device,netdev=` (or `-nic`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    pub id: Option<String>,
+    pub netdev: NetdevConfig,
+    pub mac: [u8; 6],
+    /// `mq=on`: the tap's queues become queue pairs.
+    pub mq: bool,
+    /// `host_mtu=`: the MTU the device advises (VIRTIO_NET_F_MTU).
+    pub host_mtu: Option<u16>,
+    pub rx_limit: RateLimit,
+    pub tx_limit: RateLimit,
+}
+
+impl NicConfig {
+    /// Queue pairs the device offers.
+    pub fn queue_pairs(&self) -> usize {
+        match &self.netdev.backend {
+            NetBackendConfig::Tap { queues, .. } if self.mq => *queues,
+            _ => 1,
+        }
+    }
+}
+
 /// How an authorization rule compares identities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatchFormat {
@@ -438,6 +500,8 @@ pub struct VmConfig {
     pub objects: Vec<Object>,
     /// virtio-blk disks, in device order.
     pub drives: Vec<DriveConfig>,
+    /// virtio-net interfaces, in device order (after the disks).
+    pub nics: Vec<NicConfig>,
 }
 
 impl VmConfig {
@@ -488,6 +552,7 @@ impl Default for VmConfig {
             monitors: Vec::new(),
             objects: Vec::new(),
             drives: Vec::new(),
+            nics: Vec::new(),
         }
     }
 }

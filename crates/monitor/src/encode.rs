@@ -3,7 +3,10 @@
 //! query-named-block-nodes return in QEMU 7.2, field by field, and the QMP
 //! events with their data.
 
-use moat_api::{BlockDevice, BlockNode, BlockStats, CpuInfo, Event, ImageInfo, Reply, RunState};
+use moat_api::{
+    BlockDevice, BlockNode, BlockStats, CpuInfo, Event, ImageInfo, NetRateInfo, Reply, RunState,
+    RxFilterInfo,
+};
 use moat_config::CacheMode;
 use serde_json::{json, Value};
 
@@ -27,7 +30,49 @@ pub fn reply(r: &Reply) -> Value {
                 })
                 .collect(),
         ),
+        Reply::RxFilters(f) => Value::Array(f.iter().map(rx_filter).collect()),
+        Reply::NetRates(r) => Value::Array(r.iter().map(net_rate).collect()),
     }
+}
+
+fn mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// QEMU's RxFilterInfo.
+fn rx_filter(f: &RxFilterInfo) -> Value {
+    json!({
+        "name": f.name,
+        "promiscuous": f.promiscuous,
+        "multicast": f.multicast,
+        "unicast": f.unicast,
+        "vlan": f.vlan,
+        "broadcast-allowed": f.broadcast_allowed,
+        "multicast-overflow": f.multicast_overflow,
+        "unicast-overflow": f.unicast_overflow,
+        "main-mac": mac(&f.main_mac),
+        "vlan-table": f.vlan_table,
+        "unicast-table": f.unicast_table.iter().map(mac).collect::<Vec<_>>(),
+        "multicast-table": f.multicast_table.iter().map(mac).collect::<Vec<_>>(),
+    })
+}
+
+/// moat's query-net-rate-limits entry: limits by the keys that set them.
+fn net_rate(r: &NetRateInfo) -> Value {
+    let limits = |l: &moat_config::RateLimit| {
+        json!({"bps": l.bytes_per_sec, "bps-burst": l.bytes_burst,
+               "pps": l.packets_per_sec, "pps-burst": l.packets_burst})
+    };
+    json!({
+        "name": r.name,
+        "rx": limits(&r.rx),
+        "tx": limits(&r.tx),
+        "rx-bytes": r.rx_bytes, "rx-frames": r.rx_frames, "rx-dropped": r.rx_dropped,
+        "tx-bytes": r.tx_bytes, "tx-frames": r.tx_frames, "tx-dropped": r.tx_dropped,
+    })
 }
 
 fn status(s: RunState) -> Value {
@@ -183,5 +228,12 @@ pub fn event(e: &Event) -> (&'static str, Option<Value>) {
                 "action": "report", "nospace": nospace, "reason": reason,
             })),
         ),
+        Event::NicRxFilterChanged { name, path } => {
+            let mut data = json!({"path": path});
+            if let Some(n) = name {
+                data["name"] = json!(n);
+            }
+            ("NIC_RX_FILTER_CHANGED", Some(data))
+        }
     }
 }

@@ -18,6 +18,7 @@ cont|c  -- resume emulation
 help|? [cmd] -- show the help
 info [subcommand] -- show various information about the system state
 quit|q  -- quit the emulator
+set_link name on|off -- change the link status of a network adapter
 stop|s  -- stop emulation
 system_powerdown  -- send system power down event
 system_reset  -- reset the system
@@ -69,6 +70,24 @@ fn run(session: &mut Session, line: &str, cpu: Option<u32>) -> String {
         "system_reset" => ok(call(session, "system_reset")),
         "system_powerdown" => ok(call(session, "system_powerdown")),
         "quit" | "q" => ok(call(session, "quit")),
+        "set_link" => {
+            let (Some(name), Some(state)) = (words.next(), words.next()) else {
+                return "Parameter 'name' is missing\n".into();
+            };
+            let up = match state {
+                "on" => true,
+                "off" => false,
+                _ => return "Parameter 'up' expects 'on' or 'off'\n".into(),
+            };
+            let mut args = Map::new();
+            args.insert("name".into(), Value::String(name.into()));
+            args.insert("up".into(), Value::Bool(up));
+            session
+                .call("set_link", args)
+                .err()
+                .map(|e| format!("Error: {}\n", e.desc))
+                .unwrap_or_default()
+        }
         "info" => info(session, words.next(), words.next(), cpu),
         other => format!("unknown command: '{other}'\n"),
     }

@@ -396,6 +396,50 @@ pub const COMMANDS: &[CommandSpec] = &[
         run: |session, _| vm(session, Request::QueryNamedBlockNodes),
     },
     CommandSpec {
+        name: "set_link",
+        args: &[("name", Str, true), ("up", Bool, true)],
+        run: |session, args| {
+            let name = s(args, "name").unwrap_or_default().to_string();
+            let up = args.get("up").and_then(Value::as_bool).unwrap_or(true);
+            vm(session, Request::SetLink { name, up })
+        },
+    },
+    CommandSpec {
+        name: "query-rx-filter",
+        args: &[("name", Str, false)],
+        run: |session, args| {
+            let name = s(args, "name").map(str::to_string);
+            vm(session, Request::QueryRxFilter { name })
+        },
+    },
+    // moat's own commands, under a vendor prefix as QEMU's convention asks
+    // for commands outside its schema.
+    CommandSpec {
+        name: NET_RATE_LIMIT_COMMAND,
+        args: &[
+            ("name", Str, true),
+            ("rx-bps", Int, false),
+            ("rx-bps-burst", Int, false),
+            ("rx-pps", Int, false),
+            ("rx-pps-burst", Int, false),
+            ("tx-bps", Int, false),
+            ("tx-bps-burst", Int, false),
+            ("tx-pps", Int, false),
+            ("tx-pps-burst", Int, false),
+        ],
+        run: |session, args| {
+            let name = s(args, "name").unwrap_or_default().to_string();
+            let rx = rate_limit_args(args, "rx")?;
+            let tx = rate_limit_args(args, "tx")?;
+            vm(session, Request::SetNetRateLimit { name, rx, tx })
+        },
+    },
+    CommandSpec {
+        name: "__dev.moat_query-net-rate-limits",
+        args: &[],
+        run: |session, _| vm(session, Request::QueryNetRateLimits),
+    },
+    CommandSpec {
         name: "migrate",
         args: &[
             ("uri", Str, true),
@@ -416,6 +460,31 @@ pub const COMMANDS: &[CommandSpec] = &[
     },
 ];
 
+/// moat's command that sets a NIC's rate limits.
+pub const NET_RATE_LIMIT_COMMAND: &str = "__dev.moat_set-net-rate-limit";
+
+/// One direction's limits from `set-net-rate-limit`'s `DIR-bps`,
+/// `DIR-bps-burst`, `DIR-pps`, `DIR-pps-burst`: `None` when none is given
+/// (that direction keeps its limits); keys not given are 0 (no limit).
+fn rate_limit_args(args: &Args, dir: &str) -> Result<Option<moat_config::RateLimit>, QmpError> {
+    let mut l = moat_config::RateLimit::default();
+    let mut any = false;
+    for (key, field) in [
+        ("bps", &mut l.bytes_per_sec),
+        ("bps-burst", &mut l.bytes_burst),
+        ("pps", &mut l.packets_per_sec),
+        ("pps-burst", &mut l.packets_burst),
+    ] {
+        let k = format!("{dir}-{key}");
+        if let Some(v) = i(args, &k) {
+            *field = u64::try_from(v)
+                .map_err(|_| QmpError::generic(format!("'{k}' must not be negative")))?;
+            any = true;
+        }
+    }
+    Ok(any.then_some(l))
+}
+
 /// Events moat emits.
 pub const EVENTS: &[&str] = &[
     "STOP",
@@ -424,6 +493,7 @@ pub const EVENTS: &[&str] = &[
     "POWERDOWN",
     "SHUTDOWN",
     "BLOCK_IO_ERROR",
+    "NIC_RX_FILTER_CHANGED",
 ];
 
 pub use moat_sys::fdset::{FdStore, MAX_STORED_FDS};

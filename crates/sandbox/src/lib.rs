@@ -68,6 +68,7 @@ pub fn rules() -> BTreeMap<i64, Vec<SeccompRule>> {
     // reset), and the terminal's (raw mode, window size).
     let mut ioctl: Vec<SeccompRule> = kvm::all()
         .into_iter()
+        .chain(roles::net_ioctls())
         .map(|(req, _)| rule(vec![cond(1, SeccompCmpOp::Eq, req)]))
         .collect();
     // (The termios2 forms are what rustix uses to restore the terminal.)

@@ -119,7 +119,13 @@ fn main_thread() -> Vec<(i64, &'static str)> {
 pub(crate) fn all_lists() -> Vec<(i64, &'static str)> {
     let mut v = any_thread();
     v.extend(main_thread());
-    for role in [Role::Vcpu, Role::BlockIo, Role::Monitor, Role::Io] {
+    for role in [
+        Role::Vcpu,
+        Role::BlockIo,
+        Role::NetIo,
+        Role::Monitor,
+        Role::Io,
+    ] {
         v.extend(role_allowed(role));
     }
     v
@@ -155,6 +161,21 @@ fn role_allowed(role: Role) -> Vec<(i64, &'static str)> {
             (
                 libc::SYS_ppoll,
                 "waiting for the queue notification or a stop",
+            ),
+        ],
+        Role::NetIo => vec![
+            (libc::SYS_readv, "frames from the tap or socket"),
+            (libc::SYS_writev, "frames to the tap or socket"),
+            (libc::SYS_recvfrom, "frames from a stream socket"),
+            (libc::SYS_sendto, "frames to a stream socket"),
+            (libc::SYS_sendmsg, "frames to a stream socket (writev)"),
+            (
+                libc::SYS_poll,
+                "waiting for frames, queue notifications or a stop",
+            ),
+            (
+                libc::SYS_ppoll,
+                "waiting for frames, queue notifications or a stop",
             ),
         ],
         Role::Monitor => {
@@ -217,8 +238,24 @@ fn role_allowed(role: Role) -> Vec<(i64, &'static str)> {
 fn ioctls(role: Role) -> Vec<(u64, &'static str)> {
     match role {
         Role::Vcpu => crate::kvm::vcpu(),
+        // The guest's offloads and queue pairs, applied to the tap.
+        Role::NetIo => vec![
+            (
+                libc::TUNSETOFFLOAD,
+                "TUNSETOFFLOAD: the offloads the guest set",
+            ),
+            (
+                libc::TUNSETQUEUE,
+                "TUNSETQUEUE: queue pairs the guest enabled",
+            ),
+        ],
         Role::Monitor | Role::Io | Role::BlockIo => vec![],
     }
+}
+
+/// The tap ioctls network threads make (the process-wide list allows them).
+pub(crate) fn net_ioctls() -> Vec<(u64, &'static str)> {
+    ioctls(Role::NetIo)
 }
 
 /// One role's rules: syscall -> conditions (empty: any arguments).
@@ -261,6 +298,7 @@ fn compile(role: Role, on_violation: Violation) -> Result<BpfProgram, String> {
 pub struct RoleFilters {
     vcpu: BpfProgram,
     block_io: BpfProgram,
+    net_io: BpfProgram,
     monitor: BpfProgram,
     io: BpfProgram,
 }
@@ -270,6 +308,7 @@ impl RoleFilters {
         Ok(RoleFilters {
             vcpu: compile(Role::Vcpu, on_violation)?,
             block_io: compile(Role::BlockIo, on_violation)?,
+            net_io: compile(Role::NetIo, on_violation)?,
             monitor: compile(Role::Monitor, on_violation)?,
             io: compile(Role::Io, on_violation)?,
         })
@@ -280,6 +319,7 @@ impl RoleFilters {
         let prog = match role {
             Role::Vcpu => &self.vcpu,
             Role::BlockIo => &self.block_io,
+            Role::NetIo => &self.net_io,
             Role::Monitor => &self.monitor,
             Role::Io => &self.io,
         };
@@ -451,6 +491,7 @@ mod tests {
             ("main", with(main_thread())),
             ("vcpu", with(role_allowed(Role::Vcpu))),
             ("block", with(role_allowed(Role::BlockIo))),
+            ("net", with(role_allowed(Role::NetIo))),
             ("monitor", with(role_allowed(Role::Monitor))),
             ("io", with(role_allowed(Role::Io))),
         ] {

@@ -12,6 +12,9 @@ pub enum Role {
     Vcpu,
     /// A disk's I/O thread: reads and writes its image.
     BlockIo,
+    /// A network interface's queue-pair thread: reads and writes its tap
+    /// or stream socket.
+    NetIo,
     /// Monitor listeners, clients and TLS relays.
     Monitor,
     /// Console and signal threads.

@@ -10,9 +10,11 @@ pub mod bus;
 pub mod control;
 pub mod cpuid;
 mod machine;
+pub mod nic;
 pub mod vcpu;
 
 pub use machine::Machine;
+pub use nic::Nic;
 
 use bus::PlatformBus;
 use control::VcpuSet;
@@ -31,6 +33,8 @@ use moat_devices::rtc::Rtc;
 use moat_devices::serial::Console;
 use moat_devices::virtio::block::Block;
 use moat_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
+use moat_devices::virtio::net::{Net, NetPort};
+use moat_devices::virtio::VirtioDevice;
 use moat_devices::{IrqLine, RequestSink, VmRequest};
 use moat_sys::lock;
 use std::sync::mpsc::Sender;
@@ -137,13 +141,15 @@ impl Disk {
 }
 
 /// What every boot of the VM starts from: kernel and initrd bytes (read
-/// once), the command line, and the opened disks.
+/// once), the command line, the opened disks and network interfaces.
 #[derive(Debug, Clone)]
 pub struct BootImages {
     pub kernel: Vec<u8>,
     pub initrd: Option<Vec<u8>>,
     pub cmdline: String,
     pub disks: Vec<Disk>,
+    /// The interfaces, in device order after the disks.
+    pub nics: Vec<NetPort>,
 }
 
 /// A built VM, ready to run.
@@ -232,7 +238,7 @@ impl Vm {
 
         let t = &cfg.smp;
         let apic_ids: Vec<u32> = (0..t.cpus).map(|i| cpuid::apic_id(t, i)).collect();
-        let virtio: Vec<(u64, u32)> = (0..images.disks.len())
+        let virtio: Vec<(u64, u32)> = (0..images.disks.len() + images.nics.len())
             .map(|i| {
                 moat_boot::layout::virtio_slot(i).ok_or(VmError::Io(std::io::Error::other(
                     "too many virtio devices",
@@ -288,14 +294,20 @@ impl Vm {
             AcpiPm::new(sink),
             Ged::new(ged_irq),
         );
-        for (disk, &(base, irq)) in images.disks.iter().zip(&virtio) {
-            let dev = Block::new(
+        let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for disk in &images.disks {
+            devices.push(Box::new(Block::new(
                 disk.image.clone(),
                 &disk.serial,
                 disk.discard,
                 disk.link.clone(),
-            )?;
-            let t = MmioTransport::new(Box::new(dev), mem.clone(), IrqLine::new()?)?;
+            )?));
+        }
+        for port in &images.nics {
+            devices.push(Box::new(Net::new(port)?));
+        }
+        for (dev, &(base, irq)) in devices.into_iter().zip(&virtio) {
+            let t = MmioTransport::new(dev, mem.clone(), IrqLine::new()?)?;
             kvm("KVM_IRQFD (virtio)", vm.register_irqfd(&t.irq().0, irq))?;
             for (q, evt) in t.notify_fds().iter().enumerate() {
                 kvm(

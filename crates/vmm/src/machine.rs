@@ -7,10 +7,10 @@
 //! inputs; the machine (its disks, console, CMOS RAM and run state) stays.
 
 use crate::control::VcpuSet;
-use crate::{BootImages, Disk, FdStore, Platform, Vm, VmError, VmEvent};
+use crate::{BootImages, Disk, FdStore, Nic, Platform, Vm, VmError, VmEvent};
 use moat_api::{
-    ApiError, BlockDevice, BlockNode, BlockStats, Call, Client, Event, EventSink, ImageInfo, Reply,
-    Request, RunState,
+    ApiError, BlockDevice, BlockNode, BlockStats, Call, Client, Event, EventSink, ImageInfo,
+    NetRateInfo, Reply, Request, RunState, RxFilterInfo,
 };
 use moat_config::{Backing, DriveConfig, DriveFormat, ImageLayer, VmConfig};
 use moat_sys::lock;
@@ -61,6 +61,7 @@ pub struct Machine {
     platform: Platform,
     drives: Vec<Drive>,
     nodes: Vec<Node>,
+    nics: Vec<Nic>,
     fds: Arc<Mutex<FdStore>>,
     state: RunState,
     no_reboot: bool,
@@ -102,6 +103,33 @@ fn read_image(opt: &str, path: &Path, limit: u64, fds: &FdStore) -> Result<Vec<u
         return Err(ctx(&"grew beyond guest RAM while reading"));
     }
     Ok(data)
+}
+
+/// A NIC's receive filter as QEMU 7.2's virtio-net reports it: VLAN
+/// filtering is not offered (no CTRL_VLAN), so every VLAN passes and all
+/// 4096 are listed; `broadcast-allowed` carries QEMU's value (which is the
+/// driver's NOBCAST flag, as query-rx-filter has always reported it).
+fn rx_filter_info(n: &Nic) -> RxFilterInfo {
+    let (f, mac) = n.port.link().query_filter();
+    let state = |none: bool, all: bool| match (none, all) {
+        (true, _) => "none",
+        (false, true) => "all",
+        _ => "normal",
+    };
+    RxFilterInfo {
+        name: n.name.clone(),
+        promiscuous: f.promiscuous,
+        multicast: state(f.no_multicast, f.all_multicast),
+        unicast: state(f.no_unicast, f.all_unicast),
+        vlan: "all",
+        broadcast_allowed: f.no_broadcast,
+        multicast_overflow: f.multicast_overflow,
+        unicast_overflow: f.unicast_overflow,
+        main_mac: mac,
+        vlan_table: (0..4096u16).rev().collect(),
+        unicast_table: f.unicast,
+        multicast_table: f.multicast,
+    }
 }
 
 /// QEMU's automatic block node name of the `index`th drive.
@@ -149,9 +177,16 @@ fn block_node(name: &str, driver: &str, cfg: &DriveConfig, size: u64) -> BlockNo
 
 impl Machine {
     /// Everything the VM needs, opened: kernel and initrd read (and the
-    /// kernel validated), the drives, /dev/kvm and the console.
-    /// `demo` is the kernel to boot when the configuration names none.
-    pub fn new(cfg: VmConfig, fds: Arc<Mutex<FdStore>>, demo: &[u8]) -> Result<Machine, VmError> {
+    /// kernel validated), the drives, /dev/kvm and the console; `nics` are
+    /// the interfaces [`crate::nic::open`] opened (before moat closed what
+    /// it inherited). `demo` is the kernel to boot when the configuration
+    /// names none.
+    pub fn new(
+        cfg: VmConfig,
+        fds: Arc<Mutex<FdStore>>,
+        nics: Vec<Nic>,
+        demo: &[u8],
+    ) -> Result<Machine, VmError> {
         let (kernel, initrd, disks) = {
             let store = lock(&fds);
             let kernel = match &cfg.kernel {
@@ -202,6 +237,7 @@ impl Machine {
                 DEMO_CMDLINE.to_string()
             },
             disks,
+            nics: nics.iter().map(|n| n.port.clone()).collect(),
         };
         let platform = Platform::new(&cfg)?;
         let (tx, rx) = mpsc::channel();
@@ -210,6 +246,7 @@ impl Machine {
             platform,
             drives,
             nodes: Vec::new(),
+            nics,
             fds,
             state: if cfg.start_paused {
                 RunState::Prelaunch
@@ -241,9 +278,23 @@ impl Machine {
         Client::new(move |call| lock(&tx).send(VmEvent::Api(call)).is_ok())
     }
 
-    /// Send events to `sink`, the disks' I/O errors among them.
+    /// Send events to `sink`, the disks' I/O errors and the NICs' filter
+    /// changes among them.
     pub fn set_events(&mut self, sink: Arc<dyn EventSink>) {
         self.events = sink.clone();
+        for n in &self.nics {
+            let (sink, name, path) = (
+                sink.clone(),
+                n.has_id.then(|| n.name.clone()),
+                n.path.clone(),
+            );
+            n.port.link().on_filter_change(Box::new(move || {
+                sink.emit(Event::NicRxFilterChanged {
+                    name: name.clone(),
+                    path: path.clone(),
+                })
+            }));
+        }
         for (i, d) in self.drives.iter().enumerate() {
             let (sink, device, node) = (sink.clone(), d.name.clone(), node_name(i));
             // A guest can cause errors at will: at most ten events a second
@@ -456,8 +507,91 @@ impl Machine {
                     .map_err(ApiError::generic),
                 None,
             ),
+            Request::SetLink { .. }
+            | Request::QueryRxFilter { .. }
+            | Request::SetNetRateLimit { .. }
+            | Request::QueryNetRateLimits => (self.net(request), None),
             other => (self.block(other), None),
         }
+    }
+
+    /// The network requests.
+    fn net(&mut self, request: Request) -> Result<Reply, ApiError> {
+        match request {
+            // QEMU finds the NIC or the netdev by name; either way the
+            // guest sees the link change.
+            Request::SetLink { name, up } => {
+                let nic = self
+                    .nics
+                    .iter()
+                    .find(|n| n.name == name || n.netdev == name)
+                    .ok_or_else(|| {
+                        ApiError::device_not_found(format!("Device '{name}' not found"))
+                    })?;
+                nic.port.link().set_up(up);
+                Ok(Reply::Done)
+            }
+            Request::QueryRxFilter { name } => {
+                if let Some(name) = &name {
+                    if !self.nics.iter().any(|n| &n.name == name) {
+                        return Err(ApiError::generic(
+                            if self.nics.iter().any(|n| &n.netdev == name) {
+                                format!("net client({name}) isn't a NIC")
+                            } else {
+                                format!("invalid net client name: {name}")
+                            },
+                        ));
+                    }
+                }
+                Ok(Reply::RxFilters(
+                    self.nics
+                        .iter()
+                        .filter(|n| name.as_ref().is_none_or(|x| *x == n.name))
+                        .map(rx_filter_info)
+                        .collect(),
+                ))
+            }
+            Request::SetNetRateLimit { name, rx, tx } => {
+                let nic = self.nic(&name)?;
+                let (old_rx, old_tx) = nic.port.link().limits();
+                nic.port
+                    .link()
+                    .set_limits(rx.unwrap_or(old_rx), tx.unwrap_or(old_tx));
+                Ok(Reply::Done)
+            }
+            Request::QueryNetRateLimits => Ok(Reply::NetRates(
+                self.nics
+                    .iter()
+                    .map(|n| {
+                        let link = n.port.link();
+                        let (rx, tx) = link.limits();
+                        let s = link.stats();
+                        let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                        NetRateInfo {
+                            name: n.name.clone(),
+                            rx,
+                            tx,
+                            rx_bytes: g(&s.rx_bytes),
+                            rx_frames: g(&s.rx_frames),
+                            rx_dropped: g(&s.rx_dropped),
+                            tx_bytes: g(&s.tx_bytes),
+                            tx_frames: g(&s.tx_frames),
+                            tx_dropped: g(&s.tx_dropped),
+                        }
+                    })
+                    .collect(),
+            )),
+            other => Err(ApiError::generic(format!(
+                "{other:?}: not a network request"
+            ))),
+        }
+    }
+
+    fn nic(&self, name: &str) -> Result<&Nic, ApiError> {
+        self.nics
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| ApiError::device_not_found(format!("Device '{name}' not found")))
     }
 
     /// The block requests: they need no vCPU.

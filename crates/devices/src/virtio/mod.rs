@@ -2,6 +2,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use crate::IrqLine;
 use std::sync::atomic::{AtomicU32, Ordering};
