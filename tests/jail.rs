@@ -172,6 +172,9 @@ fn stop_jail(mut jailer: std::process::Child) -> (Option<i32>, String) {
     (status.code(), err)
 }
 
+/// With `--tap`, moat-jail (root) makes the tap inside that namespace and
+/// hands moat (nobody, no capabilities) its descriptor; the guest's
+/// virtio-net comes up on it.
 #[test]
 fn a_jailed_vm_joins_a_named_network_namespace() {
     let Some((_dir, base)) = jail_scratch("jail-netns") else {
@@ -183,7 +186,7 @@ fn a_jailed_vm_joins_a_named_network_namespace() {
     let ns = format!("/run/netns/{name}");
     let id = format!("n{}", std::process::id());
     let guest = format!("{TEST_PVH}:/guest.elf");
-    let (jailer, pid, _) = start_jail(&jail_args(
+    let (jailer, pid, console) = start_jail(&jail_args(
         &id,
         &base,
         &[
@@ -191,11 +194,15 @@ fn a_jailed_vm_joins_a_named_network_namespace() {
             &guest,
             "--netns",
             &ns,
+            "--tap",
+            "jn0:jt0",
             "--",
             "-kernel",
             "/guest.elf",
             "-append",
-            "action=count",
+            "net=1 action=count",
+            "-device",
+            "virtio-net-device,netdev=jn0",
             "-nodefaults",
             "-serial",
             "stdio",
@@ -203,10 +210,34 @@ fn a_jailed_vm_joins_a_named_network_namespace() {
     ));
     let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
     let named = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&ns).unwrap());
+    let in_ns = Command::new("ip")
+        .args(["-n", &name, "link", "show", "jt0"])
+        .output()
+        .unwrap();
+    let on_host = Command::new("ip")
+        .args(["link", "show", "jt0"])
+        .output()
+        .unwrap();
+    let tun_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter(|e| {
+            // (The tap's iff line in fdinfo: moat's view of the path
+            // differs, /dev/net/tun being outside its root.)
+            std::fs::read_to_string(
+                Path::new(&format!("/proc/{pid}/fdinfo")).join(e.as_ref().unwrap().file_name()),
+            )
+            .is_ok_and(|i| i.contains("iff:\tjt0"))
+        })
+        .count();
     let (code, err) = stop_jail(jailer);
     let _ = Command::new("ip").args(["netns", "del", &name]).status();
     assert_eq!(theirs, PathBuf::from(format!("net:[{named}]")));
     assert_eq!(code, Some(0), "{err}");
+    assert!(in_ns.status.success(), "the tap is not in the namespace");
+    assert!(!on_host.status.success(), "the tap is on the host");
+    assert_eq!(tun_fds, 1, "moat holds {tun_fds} tap descriptors");
+    assert!(console.contains("net: 1 devices"), "{console}");
+    assert!(console.contains("link up"), "{console}");
 }
 
 #[test]
@@ -443,6 +474,22 @@ fn bad_input_is_refused_and_leaves_nothing() {
             "moat-jail's own",
         ),
         (vec!["--memory-max".into(), "lots".into()], "integer"),
+        (
+            vec!["--tap".into(), "1n:t0".into()],
+            "not a valid netdev id",
+        ),
+        (
+            vec!["--tap".into(), "n0:a/b".into()],
+            "not an interface name",
+        ),
+        (
+            vec!["--tap".into(), format!("n0:{}", "t".repeat(16))],
+            "not an interface name",
+        ),
+        (
+            vec!["--tap".into(), "n0:t0:99".into()],
+            "QUEUES must be 1 to 16",
+        ),
         (vec!["--cpu-quota-us".into(), "-5".into()], "integer"),
         (vec!["--pids-max".into(), "0".into()], "at least one"),
         (

@@ -99,6 +99,8 @@ pub struct NetRateInfo {
     pub tx_bytes: u64,
     pub tx_frames: u64,
     pub tx_dropped: u64,
+    /// Frames each queue pair moved: (received, sent).
+    pub queues: Vec<(u64, u64)>,
 }
 
 /// The VM's run state (QEMU's RunState, the part moat has).

@@ -25,6 +25,11 @@ Removes the cgroup and the root when moat ends; exits with moat's status.
                           e.g. contrib/apparmor/moat-jailed
   --netns PATH            join this network namespace (e.g. /var/run/netns/NAME)
   --new-netns             a new, empty network namespace
+  --tap ID:IFNAME[:QUEUES]  open (or create) the tap IFNAME in moat's network
+                          namespace, as root, with QUEUES queues (default 1), and
+                          hand it to moat as -netdev tap,id=ID,fds=...; add
+                          -device virtio-net-device,netdev=ID (moat never needs
+                          CAP_NET_ADMIN)
   --cgroup-version 1|2|auto   (default auto: v2 where its controllers are enabled)
   --parent-cgroup NAME    cgroup parent of the VM's cgroup (default moat)
   --cpu-quota-us N        CPU time per period (with --cpu-period-us, default 100000)
@@ -56,6 +61,51 @@ pub struct PassFd {
     /// (device, inode) of the file when its path was checked: what is
     /// opened later must be the same file.
     pub identity: (u64, u64),
+}
+
+/// `--tap ID:IFNAME[:QUEUES]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapSpec {
+    pub id: String,
+    pub ifname: String,
+    pub queues: usize,
+}
+
+fn tap_spec(opt: &str, v: &str) -> Result<TapSpec, String> {
+    let mut parts = v.splitn(3, ':');
+    let (Some(id), Some(ifname)) = (parts.next(), parts.next()) else {
+        return Err(format!("{opt} {v}: expected ID:IFNAME[:QUEUES]"));
+    };
+    // QEMU's id rule: a letter, then letters, digits, '-', '.', '_'.
+    let mut b = id.bytes();
+    if !(b.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_')))
+    {
+        return Err(format!("{opt} {v}: '{id}' is not a valid netdev id"));
+    }
+    if ifname.is_empty()
+        || ifname.len() > 15
+        || !ifname
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
+    {
+        return Err(format!(
+            "{opt} {v}: '{ifname}' is not an interface name (1-15 of A-Z a-z 0-9 - . _)"
+        ));
+    }
+    let queues = match parts.next() {
+        None => 1,
+        Some(q) => q
+            .parse::<usize>()
+            .ok()
+            .filter(|q| (1..=16).contains(q))
+            .ok_or_else(|| format!("{opt} {v}: QUEUES must be 1 to 16"))?,
+    };
+    Ok(TapSpec {
+        id: id.to_string(),
+        ifname: ifname.to_string(),
+        queues,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +154,7 @@ pub struct JailConfig {
     pub binds: Vec<Bind>,
     pub fds: Vec<PassFd>,
     pub netns: Netns,
+    pub taps: Vec<TapSpec>,
     pub cgroup_version: CgroupVersion,
     pub parent_cgroup: String,
     pub apparmor_profile: Option<String>,
@@ -292,6 +343,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut binds = vec![];
     let mut fds = vec![];
     let mut netns = Netns::Host;
+    let mut taps: Vec<TapSpec> = vec![];
     let mut cgroup_version = CgroupVersion::Auto;
     let mut parent_cgroup = "moat".to_string();
     let mut apparmor_profile = None;
@@ -332,6 +384,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "--rw",
             "--add-fd",
             "--netns",
+            "--tap",
             "--cgroup-version",
             "--parent-cgroup",
             "--apparmor-profile",
@@ -409,6 +462,13 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 let p = PathBuf::from(&v);
                 check_host_path(opt, &p)?;
                 netns = Netns::Join(p);
+            }
+            "--tap" => {
+                let t = tap_spec(opt, &v)?;
+                if taps.iter().any(|x| x.id == t.id || x.ifname == t.ifname) {
+                    return Err(format!("{opt} {v}: id or interface given twice"));
+                }
+                taps.push(t);
             }
             "--cgroup-version" => {
                 cgroup_version = match v.as_str() {
@@ -492,6 +552,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
         binds,
         fds,
         netns,
+        taps,
         cgroup_version,
         parent_cgroup,
         apparmor_profile,

@@ -258,6 +258,9 @@ struct ChildPlan {
     gid: u32,
     netns: Option<OwnedFd>,
     new_netns: bool,
+    /// Taps to open in moat's network namespace: (name, queues); their
+    /// descriptors follow `passed`.
+    taps: Vec<(String, usize)>,
     procs: Vec<OwnedFd>,
     /// (source, destination inside the root, writable, exec allowed,
     /// symlinks allowed in the source: only the loader's library paths).
@@ -339,6 +342,15 @@ fn child_setup(plan: ChildPlan) -> Result<std::convert::Infallible, String> {
             flags |= libc::CLONE_NEWNET;
         }
         check("unshare", libc::unshare(flags))?;
+        // The taps, opened as root in moat's network namespace (made if
+        // missing) while /dev/net/tun is still at hand: moat gets their
+        // descriptors and needs no CAP_NET_ADMIN.
+        let mut taps: Vec<OwnedFd> = vec![];
+        for (name, queues) in &plan.taps {
+            let queues = moat_net::Tap::open(name, *queues, true)
+                .map_err(|e| format!("--tap {name}: {e}"))?;
+            taps.extend(queues.into_iter().map(moat_net::Tap::into_fd));
+        }
         // Nothing mounted from here on propagates back to the host.
         check(
             "making / private",
@@ -434,9 +446,11 @@ fn child_setup(plan: ChildPlan) -> Result<std::convert::Infallible, String> {
             libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
             None,
         )?;
+        let mut passed: Vec<&OwnedFd> = plan.passed.iter().collect();
+        passed.extend(taps.iter());
         // The passed descriptors become 3, 4, ...; all others close at exec.
         let mut temps = vec![];
-        for f in &plan.passed {
+        for f in passed {
             let t = libc::fcntl(f.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1024);
             if t < 0 {
                 return Err(os_err("dup"));
@@ -553,6 +567,20 @@ pub fn run(cfg: &JailConfig) -> Result<i32, String> {
         moat_args.push("-add-fd".to_string());
         moat_args.push(format!("fd={},set={}", 3 + i, f.set));
     }
+    // The taps' descriptors come after the files' (the child opens them).
+    let mut next_fd = 3 + passed.len();
+    for t in &cfg.taps {
+        let fds: Vec<String> = (next_fd..next_fd + t.queues)
+            .map(|f| f.to_string())
+            .collect();
+        next_fd += t.queues;
+        moat_args.push("-netdev".to_string());
+        moat_args.push(format!(
+            "tap,id={},fds={},vnet_hdr=on,script=no,downscript=no",
+            t.id,
+            fds.join(":")
+        ));
+    }
     moat_args.extend(cfg.moat_args.iter().cloned());
     // Made in this order, removed in reverse (by the guards' drops).
     let jail = JailDir::create(&cfg.base_dir, &cfg.id)?;
@@ -596,6 +624,11 @@ pub fn run(cfg: &JailConfig) -> Result<i32, String> {
             gid: cfg.gid,
             netns,
             new_netns: cfg.netns == Netns::New,
+            taps: cfg
+                .taps
+                .iter()
+                .map(|t| (t.ifname.clone(), t.queues))
+                .collect(),
             procs: cg.procs_files()?,
             binds,
             nodes: vec![

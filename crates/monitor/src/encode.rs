@@ -72,6 +72,7 @@ fn net_rate(r: &NetRateInfo) -> Value {
         "tx": limits(&r.tx),
         "rx-bytes": r.rx_bytes, "rx-frames": r.rx_frames, "rx-dropped": r.rx_dropped,
         "tx-bytes": r.tx_bytes, "tx-frames": r.tx_frames, "tx-dropped": r.tx_dropped,
+        "queues": r.queues.iter().map(|(rx, tx)| json!({"rx-frames": rx, "tx-frames": tx})).collect::<Vec<_>>(),
     })
 }
 

@@ -132,6 +132,11 @@ impl Tap {
         })
     }
 
+    /// The queue's descriptor, to hand to another process (moat-jail).
+    pub fn into_fd(self) -> OwnedFd {
+        self.file.into()
+    }
+
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name

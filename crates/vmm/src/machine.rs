@@ -577,6 +577,10 @@ impl Machine {
                             tx_bytes: g(&s.tx_bytes),
                             tx_frames: g(&s.tx_frames),
                             tx_dropped: g(&s.tx_dropped),
+                            queues: s.per_pair[..n.port.pairs()]
+                                .iter()
+                                .map(|(r, t)| (g(r), g(t)))
+                                .collect(),
                         }
                     })
                     .collect(),

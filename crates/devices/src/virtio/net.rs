@@ -129,6 +129,8 @@ pub struct NetStats {
     pub tx_bytes: AtomicU64,
     pub rx_dropped: AtomicU64,
     pub tx_dropped: AtomicU64,
+    /// Frames each queue pair moved (received, sent).
+    pub per_pair: [(AtomicU64, AtomicU64); MAX_QUEUE_PAIRS],
 }
 
 /// What an interface shares with the rest of moat, across guest resets:
@@ -830,6 +832,7 @@ impl Worker {
                         match sent {
                             Ok(_) => {
                                 stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                                stats.per_pair[self.index].1.fetch_add(1, Ordering::Relaxed);
                                 stats.tx_bytes.fetch_add(frame_len, Ordering::Relaxed);
                             }
                             Err(e) => {
@@ -898,6 +901,7 @@ impl Worker {
                 Delivery::Done => {
                     used = true;
                     stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    stats.per_pair[self.index].0.fetch_add(1, Ordering::Relaxed);
                     stats
                         .rx_bytes
                         .fetch_add((len - VNET_HDR_LEN) as u64, Ordering::Relaxed);
