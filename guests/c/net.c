@@ -40,6 +40,7 @@
 
 struct vq {
     u16 qsize, last_used, avail_idx, index;
+    u16 kicked_idx; /* avail_idx at the last notify */
     volatile struct vdesc *desc;
     volatile u16 *avail;
     volatile u16 *used;
@@ -74,6 +75,7 @@ static int vq_init(u64 base, u16 index, struct vq *q, u8 *ring, u16 qsize) {
     q->index = index;
     q->last_used = 0;
     q->avail_idx = 0;
+    q->kicked_idx = 0;
     memset(ring, 0, 16384);
     q->desc = (volatile struct vdesc *)ring;
     q->avail = (volatile u16 *)(ring + 16 * qsize);
@@ -98,7 +100,26 @@ static void vq_push(struct vq *q, u16 head) {
     barrier();
 }
 
-static void vq_kick(struct vnet *n, struct vq *q) { vmmio_write(n->base, 0x50, q->index); }
+/* Notify the device, always (the notify storm's way). */
+static void vq_notify(struct vnet *n, struct vq *q) {
+    q->kicked_idx = q->avail_idx;
+    vmmio_write(n->base, 0x50, q->index);
+}
+
+/* Notify the device of what was pushed since the last notify, as Linux
+ * does: with EVENT_IDX only when the device's avail_event (after the used
+ * ring) asks for it (virtio 1.2, 2.7.10), so a device that forgets to
+ * update avail_event is not woken again. */
+static void vq_kick(struct vnet *n, struct vq *q) {
+    if (n->features & 1UL << F_EVENT_IDX) {
+        __asm__ volatile("mfence" ::: "memory");
+        u16 event = q->used[2 + 4 * q->qsize];
+        u16 old = q->kicked_idx, new = q->avail_idx;
+        q->kicked_idx = new;
+        if ((u16)(new - event - 1) >= (u16)(new - old)) return;
+    }
+    vmmio_write(n->base, 0x50, q->index);
+}
 
 /* The next used element, if any: its id and length. */
 static int vq_pop(struct vq *q, u32 *id, u32 *len) {
@@ -209,8 +230,6 @@ static int send_frame(struct vnet *n, int p, const u8 *data, u32 len) {
     q->desc[slot] = (struct vdesc){ (u64)b, HDR + len, 0, 0 };
     vq_push(q, slot);
     n->tx_next[p]++;
-    /* (With EVENT_IDX moat would say when to notify; always notifying is
-     * simpler and also correct.) */
     vq_kick(n, q);
     return 1;
 }
@@ -286,7 +305,7 @@ static void hostile(struct vnet *n) {
         n->tx_next[0] = q->last_used;
     }
     /* A notify storm on every queue. */
-    for (int i = 0; i < 300; i++) { vq_kick(n, &n->tx[0]); vq_kick(n, &n->rx[0]); vq_kick(n, &n->ctrl); }
+    for (int i = 0; i < 300; i++) { vq_notify(n, &n->tx[0]); vq_notify(n, &n->rx[0]); vq_notify(n, &n->ctrl); }
     /* Control queue: unknown class and command, short data, a MAC table
      * whose count runs past the chain, more pairs than offered, zero pairs. */
     u8 data[64];
@@ -402,8 +421,9 @@ void net_checks(const char *cmdline) {
     if (cmdline_get(cmdline, "net", v, sizeof v)) NCHECK(found == (int)parse_num(v), "found %d virtio-net devices, expected %s", found, v);
     if (found == 0) return;
     u64 want = 1UL << F_MAC | 1UL << F_STATUS | 1UL << F_CTRL_VQ | 1UL << F_CTRL_RX | 1UL << F_MRG | 1UL << F_MQ |
-               1UL << F_MTU | 1UL << F_CTRL_MAC;
+               1UL << F_MTU | 1UL << F_CTRL_MAC | 1UL << F_EVENT_IDX;
     if (cmdline_get(cmdline, "net_nomrg", v, sizeof v)) want &= ~(1UL << F_MRG);
+    if (cmdline_get(cmdline, "net_noevidx", v, sizeof v)) want &= ~(1UL << F_EVENT_IDX);
     int pairs = cmdline_get(cmdline, "net_pairs", v, sizeof v) ? (int)parse_num(v) : 1;
     int bigrx = cmdline_get(cmdline, "net_bigrx", v, sizeof v);
     int r = vnet_init(&net, bases[0], want, pairs, bigrx);

@@ -685,7 +685,7 @@ impl Worker {
             let mut again = self.process_tx(a)?;
             again |= self.process_rx(a)?;
             if let Some((q, _)) = &mut a.ctrl {
-                process_ctrl(&a.mem, q, &a.interrupt, &self.shared, a.features)?;
+                again |= process_ctrl(&a.mem, q, &a.interrupt, &self.shared, a.features)?;
             }
             if again {
                 continue; // a batch ended with more to do
@@ -1068,23 +1068,41 @@ fn process_ctrl(
     interrupt: &Interrupt,
     shared: &Shared,
     features: u64,
-) -> Result<(), Broken> {
+) -> Result<bool, Broken> {
     let mut used = false;
+    let mut more = false;
     let mut done = 0;
-    while let Some(chain) = q.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let written = ctrl_command(mem, chain, shared, features);
-        q.add_used(mem, head, written)?;
-        used = true;
-        done += 1;
-        if done == usize::from(q.size()) {
-            break; // the rest on the next pass
+    // As for transmit: with EVENT_IDX the driver notifies again only once
+    // avail_event (which enable_notification moves) says so, so the queue
+    // is looked at once more after asking. (Linux spins waiting for each
+    // command's ack: a missed notify hangs its CPU.)
+    'refill: loop {
+        q.disable_notification(mem)?;
+        let mut served = false;
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            served = true;
+            if done == usize::from(q.size()) {
+                q.go_to_previous_position();
+                more = true; // the rest on the next pass
+                break 'refill;
+            }
+            let head = chain.head_index();
+            let written = ctrl_command(mem, chain, shared, features);
+            q.add_used(mem, head, written)?;
+            used = true;
+            done += 1;
+        }
+        if !q.enable_notification(mem)? {
+            break;
+        }
+        if !served {
+            return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
         }
     }
     if used && q.needs_notification(mem)? {
         interrupt.trigger(INT_VRING);
     }
-    Ok(())
+    Ok(more)
 }
 
 /// One control command: its ack written in the chain's last writable byte;
@@ -1260,4 +1278,60 @@ fn poll(fds: &[(BorrowedFd<'_>, libc::c_short)], timeout: Option<Duration>) -> V
             Err(_) => return vec![true; fds.len()],
         }
     }
+}
+
+/// One queue pair's worker, without its thread: the `virtio_net` fuzz
+/// target's way in. Runs `rounds` passes of transmit, receive and control
+/// processing over `mem` and the queues given, with `port`'s first
+/// backend, as a worker thread would between two waits.
+#[doc(hidden)]
+pub fn fuzz_worker(
+    port: &NetPort,
+    mem: GuestMemoryMmap,
+    queues: [Option<Queue>; 3],
+    features: u64,
+    rounds: usize,
+) -> std::io::Result<()> {
+    let shared = Arc::new(Shared {
+        port: port.clone(),
+        active_pairs: AtomicUsize::new(1),
+        wakes: (0..port.pairs())
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map(Arc::new))
+            .collect::<std::io::Result<_>>()?,
+    });
+    let [rx, tx, ctrl] = queues;
+    let mut a = Activation {
+        mem,
+        rx,
+        tx,
+        rx_notify: EventFd::new(libc::EFD_NONBLOCK)?,
+        tx_notify: EventFd::new(libc::EFD_NONBLOCK)?,
+        ctrl: match ctrl {
+            Some(q) => Some((q, EventFd::new(libc::EFD_NONBLOCK)?)),
+            None => None,
+        },
+        interrupt: Arc::new(Interrupt::new(crate::IrqLine::new()?)),
+        features,
+        kill: EventFd::new(libc::EFD_NONBLOCK)?,
+        stopping: Arc::default(),
+        needs_reset: Arc::new(|| {}),
+    };
+    let mut w = Worker::new(0, shared.clone());
+    for _ in 0..rounds {
+        let pass = (|| {
+            w.process_tx(&mut a)?;
+            w.process_rx(&mut a)?;
+            if let Some((q, _)) = &mut a.ctrl {
+                process_ctrl(&a.mem, q, &a.interrupt, &shared, a.features)?;
+            }
+            Ok::<_, Broken>(())
+        })();
+        if pass.is_err() {
+            break; // DEVICE_NEEDS_RESET: the worker would wait for a reset
+        }
+        // The guest may have refilled: as a notify would.
+        w.rx_starved = false;
+        let _ = w.backend().flush();
+    }
+    Ok(())
 }
