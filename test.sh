@@ -24,7 +24,8 @@ PACKAGES=(
     e2fsprogs       # mkfs.ext4/e2fsck: filesystems a guest writes
     openssl         # certificates for the TLS monitor tests; s_client
     apparmor        # apparmor_parser: moat's profile in the Tier 2 host
-    iproute2        # ip netns: moat-jail's --netns test
+    iproute2        # ip netns, taps: moat-jail's --netns test, Tier 2 network
+    passt           # the user-mode network peer of -netdev stream (Tier 2)
     util-linux      # mount, setpriv
     gcc binutils    # build the test guests (guests/build.rs)
 )

@@ -20,6 +20,17 @@ M="/moat/moat -run-with user=65534:65534"
 L2="-kernel /l2/vmlinuz -initrd /l2/initrd.gz"
 CMD="console=ttyS0 quiet loglevel=3 panic=-1"
 now() { cut -d' ' -f1 /proc/uptime; }
+IP=/sbin/ip
+QMP=/moat/qmp
+# wait_line FILE TEXT [PID]: until FILE has TEXT (or PID ends; 3 minutes at most).
+wait_line() {
+    for _ in $(seq 1800); do
+        grep -q "$2" "$1" 2>/dev/null && return 0
+        [ -n "$3" ] && ! kill -0 "$3" 2>/dev/null && return 1
+        usleep 100000
+    done
+    return 1
+}
 
 # bench LABEL CMD...: run CMD, timestamp each console line, track peak RSS.
 bench() {
@@ -97,6 +108,74 @@ for s in $(cat /scenarios); do
             echo "TIER2 jail moat-jail exit $jrc"
             echo "TIER2 jail left [$(ls /srv/jail)] [$(ls /sys/fs/cgroup/moat 2>/dev/null | grep tier2)]"
             ;;
+        net)
+            # A two-queue tap in the namespace "vm" (10.9.0.1): ping, 64 MiB
+            # each way checked by SHA-256 on both ends, both queue pairs
+            # used, the link taken down and up through QMP.
+            insmod /modules/tun.ko
+            mkdir -p /run /var && ln -sf /run /var/run && mount -t tmpfs run /run
+            $IP netns add vm
+            $IP -n vm link set lo up
+            # (nsenter, not "ip netns exec": that remounts /sys for each
+            # command, and three of them at once once left L1 stuck in the
+            # kernel for minutes.)
+            VM="nsenter --net=/run/netns/vm"
+            $VM $IP tuntap add dev tap0 mode tap multi_queue
+            $IP -n vm addr add 10.9.0.1/24 dev tap0
+            $IP -n vm link set tap0 up
+            dd if=/dev/urandom of=/tmp/to-guest.bin bs=1M count=64 2>/dev/null
+            echo "TIER2 net to-guest sha256 $(sha256sum /tmp/to-guest.bin | cut -d' ' -f1)"
+            # (Each server's own end runs under -e: busybox nc ends a
+            # connection at the first EOF of either side.)
+            $VM nc -l -p 5001 -e sh -c 'cat > /tmp/from-guest.bin' &
+            $VM nc -l -p 5002 -e cat /tmp/to-guest.bin &
+            $VM $M -M microvm -m 512M -smp 2 $L2 -append "$CMD moat.test=net" -nographic -no-reboot \
+                -netdev tap,id=n0,ifname=tap0,queues=2,script=no,downscript=no \
+                -device virtio-net-device,netdev=n0,mq=on,id=net0 \
+                -qmp unix:/tmp/qmp.sock,server=on,wait=off > /tmp/net.out 2>&1 &
+            mpid=$!
+            tail -f /tmp/net.out &
+            tpid=$!
+            if wait_line /tmp/net.out "L2: link wait" $mpid; then
+                echo "TIER2 net stats $($QMP /tmp/qmp.sock '{"execute":"__dev.moat_query-net-rate-limits"}')"
+                $QMP /tmp/qmp.sock '{"execute":"set_link","arguments":{"name":"net0","up":false}}' > /dev/null
+                wait_line /tmp/net.out "L2: carrier 0" $mpid
+                $QMP /tmp/qmp.sock '{"execute":"set_link","arguments":{"name":"n0","up":true}}' > /dev/null
+            fi
+            wait $mpid
+            mrc=$?
+            sleep 2; kill $tpid
+            dmesg | grep -q 'soft lockup' && dmesg | tail -40
+            echo "TIER2 net from-guest sha256 $(sha256sum /tmp/from-guest.bin | cut -d' ' -f1)"
+            rm -f /tmp/to-guest.bin /tmp/from-guest.bin
+            (exit $mrc) ;;
+        net-passt)
+            # -netdev stream to Debian's passt: the way an unprivileged user
+            # gets a network. passt takes its addresses from L1's (a dummy
+            # interface with a default route) and maps the gateway to L1.
+            insmod /modules/dummy.ko
+            # (dummy.ko makes dummy0 itself. passt maps the gateway's
+            # address to L1's loopback.)
+            $IP link set lo up
+            $IP addr add 10.8.0.1/24 dev dummy0
+            $IP link set dummy0 up
+            $IP route add default via 10.8.0.254 dev dummy0
+            echo "hello from L1 through passt" > /tmp/hello
+            nc -l -p 5003 < /tmp/hello > /tmp/passt-got &
+            # (passt sandboxes itself with pivot_root, which the initramfs
+            # root refuses, and a user namespace, which a chroot may not
+            # make: it runs in its own mount namespace whose root is a
+            # bind mount of L1's, moved over / as switch_root does.)
+            unshare -m sh -c 'mkdir -p /passtroot && mount -o rbind / /passtroot && cd /passtroot &&
+                mount -o move . / && exec chroot . /moat/passt -f -1 -4 -e -s /tmp/passt.sock' > /tmp/passt.log 2>&1 &
+            wait_line /tmp/passt.log "listening\|UNIX domain socket bound" || sleep 2
+            $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=dhcp" -nographic -no-reboot \
+                -netdev stream,id=p0,server=off,addr.type=unix,addr.path=/tmp/passt.sock \
+                -device virtio-net-device,netdev=p0
+            mrc=$?
+            echo "TIER2 net-passt L1 got: $(cat /tmp/passt-got)"
+            grep -v syslog /tmp/passt.log
+            (exit $mrc) ;;
         bench-moat)
             bench moat $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
         bench-qemu)

@@ -23,6 +23,9 @@ need busybox busybox-static
 need cpio cpio
 need apt-get apt
 need apparmor_parser apparmor
+need ip iproute2
+need passt passt
+need gcc gcc
 MOAT_JAIL=$(readlink -f "${MOAT_JAIL:-$(dirname "$MOAT")/moat-jail}")
 
 # --- the Debian cloud kernel (used as both L1 and L2) -----------------------
@@ -36,7 +39,8 @@ mk_busybox_root() {
     local root=$1
     rm -rf "$root" && mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,lib,lib64}
     cp "$(command -v busybox)" "$root/bin/busybox"
-    for a in sh mount umount cat echo grep wc ls insmod poweroff reboot sleep usleep mkdir mkfifo kill date dmesg tr cut head tail seq readlink; do
+    for a in ps sh mount umount cat echo grep wc ls insmod poweroff reboot sleep usleep mkdir mkfifo kill date dmesg tr cut head tail seq readlink \
+             dd sha256sum nc ping taskset udhcpc rm nsenter chroot unshare; do
         ln -sf busybox "$root/bin/$a"
     done
 }
@@ -67,7 +71,21 @@ VIRTIO_MODS="drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko"
 
 L2ROOT=$WORK/l2root
 mk_busybox_root "$L2ROOT"
-copy_mods "$L2ROOT" $VIRTIO_MODS drivers/virtio/virtio_mmio.ko drivers/block/virtio_blk.ko
+copy_mods "$L2ROOT" $VIRTIO_MODS drivers/virtio/virtio_mmio.ko drivers/block/virtio_blk.ko \
+    net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko
+# busybox ip (the L2 side of the network scenarios) and udhcpc's script.
+ln -sf busybox "$L2ROOT/bin/ip"
+cat > "$L2ROOT/bin/dhcp.sh" <<'DHCP'
+#!/bin/sh
+case $1 in
+bound|renew)
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    ip link set "$interface" up
+    [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
+    echo "L2: dhcp $ip/${mask:-24} router $router" ;;
+esac
+DHCP
+chmod +x "$L2ROOT/bin/dhcp.sh"
 copy_bin "$L2ROOT" /usr/sbin/mke2fs /sbin/mke2fs
 cp /etc/mke2fs.conf "$L2ROOT/etc/"
 cat > "$L2ROOT/init" <<'L2INIT'
@@ -92,6 +110,40 @@ case " $(cat /proc/cmdline) " in
     dd if=/dev/urandom of=/mnt/a/random.bin bs=64k count=64 2>/dev/null
     echo "L2: random sha256 $(sha256sum /mnt/a/random.bin | cut -d' ' -f1)"
     umount /mnt/a && umount /mnt/b && sync && echo "L2: unmounted"
+    ;;
+*" moat.test=net "*)
+    # A tap in L1's network namespace "vm" (10.9.0.1) with two queues.
+    for m in virtio_ring virtio virtio_mmio failover net_failover virtio_net; do insmod /modules/$m.ko || echo "L2: insmod $m failed"; done
+    sleep 1
+    ip link set lo up
+    ip addr add 10.9.0.2/24 dev eth0 && ip link set eth0 up
+    echo "L2: net queues $(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
+    ping -c 3 -W 10 10.9.0.1 > /dev/null && echo "L2: ping ok"
+    dd if=/dev/urandom of=/tmp/up.bin bs=1M count=64 2>/dev/null
+    echo "L2: up sha256 $(sha256sum /tmp/up.bin | cut -d' ' -f1)"
+    # One flow from each CPU, so that both queue pairs carry traffic.
+    taskset 2 nc 10.9.0.1 5001 < /tmp/up.bin && echo "L2: upload done"
+    rm /tmp/up.bin
+    taskset 1 nc 10.9.0.1 5002 < /dev/null > /tmp/down.bin
+    echo "L2: down sha256 $(sha256sum /tmp/down.bin | cut -d' ' -f1) bytes $(wc -c < /tmp/down.bin)"
+    rm /tmp/down.bin
+    # L1 takes the link down and up through QMP.
+    echo "L2: link wait"
+    for i in $(seq 600); do [ "$(cat /sys/class/net/eth0/carrier)" = 0 ] && break; usleep 100000; done
+    echo "L2: carrier $(cat /sys/class/net/eth0/carrier)"
+    for i in $(seq 600); do [ "$(cat /sys/class/net/eth0/carrier)" = 1 ] && break; usleep 100000; done
+    echo "L2: carrier $(cat /sys/class/net/eth0/carrier)"
+    ping -c 1 -W 10 10.9.0.1 > /dev/null && echo "L2: ping after link up ok"
+    ;;
+*" moat.test=dhcp "*)
+    # -netdev stream to passt in L1: an address by DHCP, then L1's server.
+    for m in virtio_ring virtio virtio_mmio failover net_failover virtio_net; do insmod /modules/$m.ko || echo "L2: insmod $m failed"; done
+    sleep 1
+    ip link set lo up
+    ip link set eth0 up
+    udhcpc -i eth0 -n -q -t 10 -s /bin/dhcp.sh > /dev/null 2>&1 || echo "L2: dhcp failed"
+    gw=$(ip route | grep default | cut -d' ' -f3)
+    echo "L2: passt says $(echo 'hello from L2' | nc $gw 5003)"
     ;;
 *" moat.test=linger "*)
     # Stay up a while, so L1 can look at the jailed moat from outside.
@@ -120,11 +172,18 @@ mk_busybox_root "$L1ROOT"
 mkdir -p "$L1ROOT/modules" "$L1ROOT/l2" "$L1ROOT/moat"
 copy_mods "$L1ROOT" virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko $VIRTIO_MODS \
     drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko \
-    drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko
+    drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko drivers/net/tun.ko drivers/net/dummy.ko
 cp "$MOAT" "$L1ROOT/moat/moat"
 # moat-jail, and AppArmor's parser with moat's profile (the jail scenario).
 cp "$MOAT_JAIL" "$L1ROOT/moat/moat-jail"
 copy_bin "$L1ROOT" "$(command -v apparmor_parser)" /sbin/apparmor_parser
+# The network scenarios: iproute2 (namespaces, taps), passt, a QMP client.
+copy_bin "$L1ROOT" "$(command -v ip)" /sbin/ip
+copy_bin "$L1ROOT" "$(command -v passt)" /moat/passt
+# (passt, started as root, drops to the user "nobody".)
+echo "nobody:x:65534:65534:nobody:/nonexistent:/bin/false" > "$L1ROOT/etc/passwd"
+echo "nogroup:x:65534:" > "$L1ROOT/etc/group"
+gcc -static -O2 -o "$L1ROOT/moat/qmp" "$HERE/qmp.c"
 mkdir -p "$L1ROOT/etc/apparmor.d/abi"
 cp /etc/apparmor.d/abi/3.0 "$L1ROOT/etc/apparmor.d/abi/"
 cp "$HERE/../contrib/apparmor/moat-jailed" "$L1ROOT/moat/apparmor-moat-jailed"
