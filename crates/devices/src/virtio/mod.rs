@@ -61,6 +61,24 @@ impl Interrupt {
 }
 
 /// What a virtio device provides to the transport.
+/// Read `data.len()` bytes of a configuration space `config` from
+/// `offset`; bytes past its end read as zero (the guest picks the offset).
+pub(crate) fn read_config_bytes<T: vm_memory::ByteValued>(
+    config: &T,
+    offset: u64,
+    data: &mut [u8],
+) {
+    let c = config.as_slice();
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| c.get(o))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     fn features(&self) -> u64;

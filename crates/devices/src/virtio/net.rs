@@ -487,16 +487,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config();
-        let c = vm_memory::ByteValued::as_slice(&config);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| c.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&self.config(), offset, data);
     }
 
     /// The configuration space is read-only for a VERSION_1 driver (the
@@ -781,83 +772,61 @@ impl Worker {
             return Ok(false);
         }
         let mem = &a.mem;
+        let stopping = &a.stopping;
         let vnet = self.shared.port.vnet_hdr;
         let shared = self.shared.clone();
         let link = shared.link();
         let stats = link.stats();
-        let mut used = false;
-        let mut more = false;
         let mut done = 0;
-        'refill: loop {
-            q.disable_notification(mem)?;
-            let mut served = false;
-            while let Some(chain) = q.pop_descriptor_chain(mem) {
-                served = true;
-                if done == BATCH || a.stopping.load(Ordering::Relaxed) {
-                    q.go_to_previous_position();
-                    more = !a.stopping.load(Ordering::Relaxed);
-                    break 'refill;
+        drain_queue(mem, q, &a.interrupt, |chain| {
+            if done == BATCH || stopping.load(Ordering::Relaxed) {
+                return Took::PutBack {
+                    more: !stopping.load(Ordering::Relaxed),
+                };
+            }
+            let can_send = !self.dead && self.active();
+            if can_send && self.backend().wants_write() {
+                // The backend has output waiting: wait until it is writable.
+                return Took::PutBack { more: false };
+            }
+            done += 1;
+            let len = read_chain(mem, chain, &mut self.tx_buf);
+            match len.filter(|&l| l > VNET_HDR_LEN) {
+                // Malformed (no frame after the header, too long for a
+                // frame, outside RAM), or nowhere to go: dropped.
+                None => {
+                    stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                let can_send = !self.dead && self.active();
-                if can_send && lock(&self.shared.port.backends[self.index]).wants_write() {
-                    // The backend has output waiting: wait until it is writable.
-                    q.go_to_previous_position();
-                    break 'refill;
+                Some(_) if !link.is_up() || !can_send => {
+                    stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
                 }
-                let head = chain.head_index();
-                let len = read_chain(mem, chain, &mut self.tx_buf);
-                let frame_ok = len.filter(|&l| l > VNET_HDR_LEN);
-                match frame_ok {
-                    // Malformed (no frame after the header, too long for a
-                    // frame, outside RAM), or nowhere to go: dropped.
-                    None => {
-                        stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                Some(len) => {
+                    let frame_len = (len - VNET_HDR_LEN) as u64;
+                    if let Some(wait) = lock(&link.inner.tx).admit(frame_len, Instant::now()) {
+                        self.tx_wait_until = Some(Instant::now() + wait);
+                        return Took::PutBack { more: false };
                     }
-                    Some(_) if !link.is_up() || !can_send => {
-                        stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(len) => {
-                        let frame_len = (len - VNET_HDR_LEN) as u64;
-                        if let Some(wait) = lock(&link.inner.tx).admit(frame_len, Instant::now()) {
-                            q.go_to_previous_position();
-                            self.tx_wait_until = Some(Instant::now() + wait);
-                            break 'refill;
+                    let frame = if vnet {
+                        &self.tx_buf[..len]
+                    } else {
+                        &self.tx_buf[VNET_HDR_LEN..len]
+                    };
+                    let sent = lock(&shared.port.backends[self.index]).send(frame);
+                    match sent {
+                        Ok(_) => {
+                            stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                            stats.per_pair[self.index].1.fetch_add(1, Ordering::Relaxed);
+                            stats.tx_bytes.fetch_add(frame_len, Ordering::Relaxed);
                         }
-                        let frame = if vnet {
-                            &self.tx_buf[..len]
-                        } else {
-                            &self.tx_buf[VNET_HDR_LEN..len]
-                        };
-                        let sent = self.backend().send(frame);
-                        match sent {
-                            Ok(_) => {
-                                stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                                stats.per_pair[self.index].1.fetch_add(1, Ordering::Relaxed);
-                                stats.tx_bytes.fetch_add(frame_len, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                                self.backend_failed(&e);
-                            }
+                        Err(e) => {
+                            stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                            self.backend_failed(&e);
                         }
                     }
                 }
-                q.add_used(mem, head, 0)?;
-                used = true;
-                done += 1;
             }
-            if !q.enable_notification(mem)? {
-                break;
-            }
-            if !served {
-                // The ring says more is there, yet none could be taken.
-                return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
-            }
-        }
-        if used && q.needs_notification(mem)? {
-            a.interrupt.trigger(INT_VRING);
-        }
-        Ok(more)
+            Took::Used(0)
+        })
     }
 
     /// Move frames from the backend to the guest's receive buffers, at most
@@ -1069,33 +1038,63 @@ fn process_ctrl(
     shared: &Shared,
     features: u64,
 ) -> Result<bool, Broken> {
+    let size = usize::from(q.size());
+    let mut done = 0;
+    drain_queue(mem, q, interrupt, |chain| {
+        if done == size {
+            return Took::PutBack { more: true }; // the rest on the next pass
+        }
+        done += 1;
+        Took::Used(ctrl_command(mem, chain, shared, features))
+    })
+}
+
+/// What a queue's consumer did with a chain.
+enum Took {
+    /// Done with: returned to the driver with this many bytes written.
+    Used(u32),
+    /// Not now: put back on the ring, and the pass ends (`more`: there is
+    /// more to do at once, rather than after a wait).
+    PutBack { more: bool },
+}
+
+/// Hand a queue's chains to `each` until the ring is empty or `each`
+/// puts one back; interrupt the driver if any were used. Whether more may
+/// be waiting. Once the ring looks empty the device asks to be notified and
+/// looks once more: with EVENT_IDX the driver notifies again only when
+/// avail_event (which asking moves) says so, and Linux spins waiting for
+/// each control command's ack, so a chain missed here hangs its CPU.
+fn drain_queue<'m>(
+    mem: &'m GuestMemoryMmap,
+    q: &mut Queue,
+    interrupt: &Interrupt,
+    mut each: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Took,
+) -> Result<bool, Broken> {
     let mut used = false;
     let mut more = false;
-    let mut done = 0;
-    // As for transmit: with EVENT_IDX the driver notifies again only once
-    // avail_event (which enable_notification moves) says so, so the queue
-    // is looked at once more after asking. (Linux spins waiting for each
-    // command's ack: a missed notify hangs its CPU.)
     'refill: loop {
         q.disable_notification(mem)?;
         let mut served = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             served = true;
-            if done == usize::from(q.size()) {
-                q.go_to_previous_position();
-                more = true; // the rest on the next pass
-                break 'refill;
-            }
             let head = chain.head_index();
-            let written = ctrl_command(mem, chain, shared, features);
-            q.add_used(mem, head, written)?;
-            used = true;
-            done += 1;
+            match each(chain) {
+                Took::Used(len) => {
+                    q.add_used(mem, head, len)?;
+                    used = true;
+                }
+                Took::PutBack { more: m } => {
+                    q.go_to_previous_position();
+                    more = m;
+                    break 'refill;
+                }
+            }
         }
         if !q.enable_notification(mem)? {
             break;
         }
         if !served {
+            // The ring says more is there, yet none could be taken.
             return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
         }
     }
