@@ -8,7 +8,8 @@
 //! fixed-size bounce buffer, never an allocation sized by the guest.
 
 use super::{
-    Interrupt, VirtioDevice, INT_VRING, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+    ActivationThread, Interrupt, Stop, VirtioDevice, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 use moat_block::throttle::Throttle;
 use moat_block::{BlockError, DiskImage};
@@ -16,7 +17,6 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -132,58 +132,13 @@ struct Activation {
     needs_reset: Arc<dyn Fn() + Send + Sync>,
 }
 
-/// The device's I/O thread: started with the device (by the thread that
-/// builds the VM, not by a vCPU, so vCPU threads never create threads),
-/// it serves one activation after another until the device is dropped.
-/// Activations queue up in order, so a new one starts only after the
-/// previous one has let go of its queue and guest memory.
-struct IoThread {
-    start: Option<std::sync::mpsc::Sender<Activation>>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl IoThread {
-    fn spawn() -> std::io::Result<IoThread> {
-        let (start, activations) = std::sync::mpsc::channel::<Activation>();
-        let handle = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || {
-                moat_sys::role::enter(moat_sys::role::Role::BlockIo);
-                for mut a in activations {
-                    a.worker.run(&a.notify, &*a.needs_reset);
-                }
-            })?;
-        Ok(IoThread {
-            start: Some(start),
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for IoThread {
-    fn drop(&mut self) {
-        self.start = None;
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// How the device tells its worker to stop: a flag checked between
-/// requests and between bounce-buffer chunks, and an eventfd that wakes it
-/// from a wait.
-struct Stop {
-    flag: Arc<AtomicBool>,
-    event: EventFd,
-}
-
 /// The virtio-blk device model.
 pub struct Block {
     disk: Arc<dyn DiskImage>,
     link: DriveLink,
     serial: [u8; 20],
     discard: Discard,
-    io: IoThread,
+    io: ActivationThread<Activation>,
     /// Set while active: stops the worker.
     stop: Option<Stop>,
 }
@@ -209,7 +164,11 @@ impl Block {
             link,
             serial: s,
             discard,
-            io: IoThread::spawn()?,
+            io: ActivationThread::spawn(
+                "virtio-blk".into(),
+                moat_sys::role::Role::BlockIo,
+                |mut a: Activation| a.worker.run(&a.notify, &*a.needs_reset),
+            )?,
             stop: None,
         })
     }
@@ -274,10 +233,7 @@ impl VirtioDevice for Block {
         let (Some(queue), Some(notify)) = (queues.pop(), notify.pop()) else {
             return Err(std::io::Error::other("virtio-blk has one queue"));
         };
-        let stop = Stop {
-            flag: Arc::new(AtomicBool::new(false)),
-            event: EventFd::new(libc::EFD_NONBLOCK)?,
-        };
+        let stop = Stop::new()?;
         let worker = Worker {
             mem,
             queue,
@@ -296,11 +252,7 @@ impl VirtioDevice for Block {
             notify,
             needs_reset,
         };
-        let sent = match &self.io.start {
-            Some(s) => s.send(activation).is_ok(),
-            None => false,
-        };
-        if !sent {
+        if !self.io.activate(activation) {
             return Err(std::io::Error::other("virtio-blk: the I/O thread is gone"));
         }
         self.stop = Some(stop);
@@ -313,8 +265,7 @@ impl VirtioDevice for Block {
     /// next activation starts only after it has stopped.
     fn reset(&mut self) {
         if let Some(stop) = self.stop.take() {
-            stop.flag.store(true, Ordering::SeqCst);
-            let _ = stop.event.write(1);
+            stop.stop();
         }
     }
 }

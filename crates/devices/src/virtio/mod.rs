@@ -6,6 +6,7 @@ pub mod net;
 
 use crate::IrqLine;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -61,6 +62,75 @@ impl Interrupt {
 }
 
 /// What a virtio device provides to the transport.
+/// A device's I/O thread: started with the device (by the thread that
+/// builds the VM, not by a vCPU, so vCPU threads never create threads), it
+/// serves one activation after another until the device is dropped.
+/// Activations queue up in order, so a new one starts only after the
+/// previous one has let go of its queues and guest memory. Dropping it
+/// ends the thread once its current activation has stopped.
+pub(crate) struct ActivationThread<A> {
+    start: Option<std::sync::mpsc::Sender<A>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<A: Send + 'static> ActivationThread<A> {
+    /// A thread named `name` that enters `role`, then calls `serve` with
+    /// each activation.
+    pub(crate) fn spawn(
+        name: String,
+        role: moat_sys::role::Role,
+        mut serve: impl FnMut(A) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let (start, activations) = std::sync::mpsc::channel::<A>();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            moat_sys::role::enter(role);
+            for a in activations {
+                serve(a);
+            }
+        })?;
+        Ok(ActivationThread {
+            start: Some(start),
+            handle: Some(handle),
+        })
+    }
+
+    /// Hand the thread an activation; false if it is gone.
+    pub(crate) fn activate(&self, a: A) -> bool {
+        self.start.as_ref().is_some_and(|s| s.send(a).is_ok())
+    }
+}
+
+impl<A> Drop for ActivationThread<A> {
+    fn drop(&mut self) {
+        self.start = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// How a device tells an activation's worker to stop: a flag the worker
+/// checks between units of work, and an eventfd that wakes it from a wait.
+pub(crate) struct Stop {
+    pub(crate) flag: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) event: EventFd,
+}
+
+impl Stop {
+    pub(crate) fn new() -> std::io::Result<Stop> {
+        Ok(Stop {
+            flag: Arc::default(),
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Tell the worker to stop, without waiting for it.
+    pub(crate) fn stop(&self) {
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.event.write(1);
+    }
+}
+
 /// Read `data.len()` bytes of a configuration space `config` from
 /// `offset`; bytes past its end read as zero (the guest picks the offset).
 pub(crate) fn read_config_bytes<T: vm_memory::ByteValued>(

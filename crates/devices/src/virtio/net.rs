@@ -21,7 +21,9 @@
 //! backends, the link, the limits); a [`Net`] device and its threads are
 //! made for each boot over it.
 
-use super::{Interrupt, VirtioDevice, INT_CONFIG, INT_VRING, VIRTIO_RING_F_EVENT_IDX};
+use super::{
+    ActivationThread, Interrupt, Stop, VirtioDevice, INT_CONFIG, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
+};
 use moat_net::rate::{Limits, RateLimiter};
 use moat_net::{Backend, Offloads, FRAME_MAX, VNET_HDR_LEN};
 use moat_sys::lock;
@@ -29,7 +31,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
@@ -320,12 +321,6 @@ impl NetPort {
     }
 }
 
-/// How a device tells a worker to stop: a flag and an eventfd that wakes it.
-struct Stop {
-    flag: Arc<AtomicBool>,
-    event: EventFd,
-}
-
 /// One activation of a queue pair. A queue the driver did not make ready
 /// is `None` and never touched.
 struct Activation {
@@ -341,21 +336,6 @@ struct Activation {
     kill: EventFd,
     stopping: Arc<AtomicBool>,
     needs_reset: Arc<dyn Fn() + Send + Sync>,
-}
-
-/// A queue pair's thread, which serves its activations one after another.
-struct PairThread {
-    start: Option<std::sync::mpsc::Sender<Activation>>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Drop for PairThread {
-    fn drop(&mut self) {
-        self.start = None;
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 /// What the pairs' workers of one device share.
@@ -387,7 +367,7 @@ impl Shared {
 /// The virtio-net device model of one boot.
 pub struct Net {
     shared: Arc<Shared>,
-    threads: Vec<PairThread>,
+    threads: Vec<ActivationThread<Activation>>,
     stops: Vec<Stop>,
 }
 
@@ -411,21 +391,12 @@ impl Net {
         });
         let threads = (0..port.pairs())
             .map(|i| {
-                let (start, activations) = std::sync::mpsc::channel::<Activation>();
-                let shared = shared.clone();
-                let handle = std::thread::Builder::new()
-                    .name(format!("virtio-net{i}"))
-                    .spawn(move || {
-                        moat_sys::role::enter(moat_sys::role::Role::NetIo);
-                        let mut w = Worker::new(i, shared);
-                        for a in activations {
-                            w.run(a);
-                        }
-                    })?;
-                Ok(PairThread {
-                    start: Some(start),
-                    handle: Some(handle),
-                })
+                let mut w = Worker::new(i, shared.clone());
+                ActivationThread::spawn(
+                    format!("virtio-net{i}"),
+                    moat_sys::role::Role::NetIo,
+                    move |a| w.run(a),
+                )
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         port.link.reset_filter();
@@ -539,10 +510,7 @@ impl VirtioDevice for Net {
             else {
                 return Err(std::io::Error::other("virtio-net: missing queues"));
             };
-            let stop = Stop {
-                flag: Arc::new(AtomicBool::new(false)),
-                event: EventFd::new(libc::EFD_NONBLOCK)?,
-            };
+            let stop = Stop::new()?;
             let a = Activation {
                 mem: mem.clone(),
                 rx: queues[2 * i].take(),
@@ -556,11 +524,7 @@ impl VirtioDevice for Net {
                 stopping: stop.flag.clone(),
                 needs_reset: needs_reset.clone(),
             };
-            let sent = self.threads[i]
-                .start
-                .as_ref()
-                .is_some_and(|s| s.send(a).is_ok());
-            if !sent {
+            if !self.threads[i].activate(a) {
                 return Err(std::io::Error::other("virtio-net: an I/O thread is gone"));
             }
             self.stops.push(stop);
@@ -571,8 +535,7 @@ impl VirtioDevice for Net {
     /// Tell the workers to stop, without waiting (see `VirtioDevice::reset`).
     fn reset(&mut self) {
         for stop in self.stops.drain(..) {
-            stop.flag.store(true, Ordering::SeqCst);
-            let _ = stop.event.write(1);
+            stop.stop();
         }
         *lock(&self.shared.link().inner.interrupt) = None;
         self.shared.link().reset_filter();
