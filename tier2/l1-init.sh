@@ -129,6 +129,7 @@ for s in $(cat /scenarios); do
             # connection at the first EOF of either side.)
             $VM nc -l -p 5001 -e sh -c 'cat > /tmp/from-guest.bin' &
             $VM nc -l -p 5002 -e cat /tmp/to-guest.bin &
+            : > /tmp/net.out
             $VM $M -M microvm -m 512M -smp 2 $L2 -append "$CMD moat.test=net" -nographic -no-reboot \
                 -netdev tap,id=n0,ifname=tap0,queues=2,script=no,downscript=no \
                 -device virtio-net-device,netdev=n0,mq=on,id=net0 \
@@ -142,8 +143,18 @@ for s in $(cat /scenarios); do
                 wait_line /tmp/net.out "L2: carrier 0" $mpid
                 $QMP /tmp/qmp.sock '{"execute":"set_link","arguments":{"name":"n0","up":true}}' > /dev/null
             fi
+            # (At most 5 minutes in all, so a hang shows here, not as the
+            # whole run's timeout.)
+            ( sleep 300; kill -0 $mpid 2>/dev/null || exit 0
+              echo "TIER2 net stuck $($QMP /tmp/qmp.sock '{"execute":"__dev.moat_query-net-rate-limits"}')"
+              for t in /proc/$mpid/task/*; do echo "TIER2 net stuck thread $(cat $t/comm) $(cut -d' ' -f3,14,15 $t/stat) $(cat $t/wchan)"; done
+              $VM $IP -s link show tap0; $VM cat /proc/net/tcp; ps; dmesg | grep -i -E 'oom|killed' | tail -5
+              echo "TIER2 net stuck $($QMP /tmp/qmp.sock '{"execute":"__dev.moat_query-net-rate-limits"}')"
+              kill $mpid 2>/dev/null && echo "TIER2 net moat killed after 300 s" ) &
+            dog=$!
             wait $mpid
             mrc=$?
+            kill $dog
             sleep 2; kill $tpid
             dmesg | grep -q 'soft lockup' && dmesg | tail -40
             echo "TIER2 net from-guest sha256 $(sha256sum /tmp/from-guest.bin | cut -d' ' -f1)"
@@ -176,6 +187,30 @@ for s in $(cat /scenarios); do
             echo "TIER2 net-passt L1 got: $(cat /tmp/passt-got)"
             grep -v syslog /tmp/passt.log
             (exit $mrc) ;;
+        bench-net-moat|bench-net-qemu)
+            # bench/net.sh: the same guest with moat's virtio-net and with
+            # QEMU's (vhost=off), each on a one-queue tap in the namespace
+            # "bn" (10.9.1.1).
+            if [ ! -e /run/netns/bn ]; then
+                insmod /modules/tun.ko 2>/dev/null
+                mkdir -p /run /var && ln -sf /run /var/run && mount -t tmpfs run /run
+                $IP netns add bn
+                $IP -n bn link set lo up
+                nsenter --net=/run/netns/bn $IP tuntap add dev tapb mode tap
+                $IP -n bn addr add 10.9.1.1/24 dev tapb
+                $IP -n bn link set tapb up
+            fi
+            BN="nsenter --net=/run/netns/bn"
+            $BN nc -l -p 5001 -e sh -c 'cat > /dev/null' &
+            $BN nc -l -p 5002 -e sh -c 'dd if=/dev/zero bs=64k count=1024 2>/dev/null' &
+            if [ $s = bench-net-moat ]; then
+                $BN $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=netbench" -nographic -no-reboot \
+                    -netdev tap,id=n0,ifname=tapb,script=no,downscript=no -device virtio-net-device,netdev=n0
+            else
+                $BN qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 256M -smp 2 $L2 \
+                    -append "$CMD moat.test=netbench" -nodefaults -serial stdio -nographic -no-reboot \
+                    -netdev tap,id=n0,ifname=tapb,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0
+            fi ;;
         bench-moat)
             bench moat $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
         bench-qemu)

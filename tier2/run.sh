@@ -145,6 +145,21 @@ case " $(cat /proc/cmdline) " in
     gw=$(ip route | grep default | cut -d' ' -f3)
     echo "L2: passt says $(echo 'hello from L2' | nc $gw 5003)"
     ;;
+*" moat.test=netbench "*)
+    # bench/net.sh: ping round trips, then 64 MiB up and 64 MiB down over
+    # TCP to L1 (10.9.1.1), each timed by L2's clock.
+    for m in virtio_ring virtio virtio_mmio failover net_failover virtio_net; do insmod /modules/$m.ko || echo "L2: insmod $m failed"; done
+    ip link set lo up
+    ip addr add 10.9.1.2/24 dev eth0 && ip link set eth0 up
+    ping -c 3 -W 10 10.9.1.1 > /dev/null
+    echo "L2: netbench rtt $(ping -c 20 -i 0.2 10.9.1.1 | grep round-trip | cut -d/ -f4)"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    dd if=/dev/zero bs=64k count=1024 2>/dev/null | nc 10.9.1.1 5001
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    echo "L2: netbench up $((64 << 20)) $t0 $t1"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    echo "L2: netbench down $(nc 10.9.1.1 5002 < /dev/null | wc -c) $t0 $(cut -d' ' -f1 /proc/uptime)"
+    ;;
 *" moat.test=linger "*)
     # Stay up a while, so L1 can look at the jailed moat from outside.
     sleep 8

@@ -61,7 +61,6 @@ impl Interrupt {
     }
 }
 
-/// What a virtio device provides to the transport.
 /// A device's I/O thread: started with the device (by the thread that
 /// builds the VM, not by a vCPU, so vCPU threads never create threads), it
 /// serves one activation after another until the device is dropped.
@@ -149,6 +148,7 @@ pub(crate) fn read_config_bytes<T: vm_memory::ByteValued>(
     }
 }
 
+/// What a virtio device provides to the transport.
 pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     fn features(&self) -> u64;
