@@ -243,12 +243,7 @@ pub fn parse_mac(opt: &str, arg: &str, v: &str) -> Result<[u8; 6], CliError> {
 /// `rx-bps`, `rx-bps-burst`, `rx-pps`, `rx-pps-burst`, and `tx-…`.
 fn parse_limits(opt: &str, kv: &mut KeyVals, dir: &str) -> Result<RateLimit, CliError> {
     let mut l = RateLimit::default();
-    for (key, field) in [
-        ("bps", &mut l.bytes_per_sec),
-        ("bps-burst", &mut l.bytes_burst),
-        ("pps", &mut l.packets_per_sec),
-        ("pps-burst", &mut l.packets_burst),
-    ] {
+    for (key, field) in RateLimit::KEYS.into_iter().zip(l.fields_mut()) {
         let k = format!("{dir}-{key}");
         if let Some(v) = kv.take(&k) {
             *field = keyval::parse_u64(opt, &k, &v)?;

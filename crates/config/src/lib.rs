@@ -351,6 +351,33 @@ pub struct RateLimit {
     pub packets_burst: u64,
 }
 
+impl RateLimit {
+    /// The keys that name its fields, after the direction (`rx-bps`,
+    /// `tx-pps-burst`...), as the command line, QMP's arguments and its
+    /// replies spell them.
+    pub const KEYS: [&'static str; 4] = ["bps", "bps-burst", "pps", "pps-burst"];
+
+    /// Its fields, in the order of [`RateLimit::KEYS`].
+    pub fn fields(&self) -> [u64; 4] {
+        [
+            self.bytes_per_sec,
+            self.bytes_burst,
+            self.packets_per_sec,
+            self.packets_burst,
+        ]
+    }
+
+    /// Its fields, mutably, in the order of [`RateLimit::KEYS`].
+    pub fn fields_mut(&mut self) -> [&mut u64; 4] {
+        [
+            &mut self.bytes_per_sec,
+            &mut self.bytes_burst,
+            &mut self.packets_per_sec,
+            &mut self.packets_burst,
+        ]
+    }
+}
+
 /// Where a network interface's frames go (`-netdev`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetBackendConfig {

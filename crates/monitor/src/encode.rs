@@ -63,8 +63,12 @@ fn rx_filter(f: &RxFilterInfo) -> Value {
 /// moat's query-net-rate-limits entry: limits by the keys that set them.
 fn net_rate(r: &NetRateInfo) -> Value {
     let limits = |l: &moat_config::RateLimit| {
-        json!({"bps": l.bytes_per_sec, "bps-burst": l.bytes_burst,
-               "pps": l.packets_per_sec, "pps-burst": l.packets_burst})
+        let keys = moat_config::RateLimit::KEYS.into_iter();
+        Value::Object(
+            keys.map(String::from)
+                .zip(l.fields().map(Value::from))
+                .collect(),
+        )
     };
     json!({
         "name": r.name,

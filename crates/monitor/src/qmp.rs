@@ -469,12 +469,7 @@ pub const NET_RATE_LIMIT_COMMAND: &str = "__dev.moat_set-net-rate-limit";
 fn rate_limit_args(args: &Args, dir: &str) -> Result<Option<moat_config::RateLimit>, QmpError> {
     let mut l = moat_config::RateLimit::default();
     let mut any = false;
-    for (key, field) in [
-        ("bps", &mut l.bytes_per_sec),
-        ("bps-burst", &mut l.bytes_burst),
-        ("pps", &mut l.packets_per_sec),
-        ("pps-burst", &mut l.packets_burst),
-    ] {
+    for (key, field) in moat_config::RateLimit::KEYS.into_iter().zip(l.fields_mut()) {
         let k = format!("{dir}-{key}");
         if let Some(v) = i(args, &k) {
             *field = u64::try_from(v)
