@@ -67,9 +67,10 @@ fn run(cmd: &str, args: &[&str]) -> (bool, String) {
 /// One boot of the nested host serves every scenario (it is the slow part).
 #[test]
 fn debian_linux_under_moat() {
-    let r = run_tier2(&["boot-smp2", "boot-acpi-off", "blk", "jail"]);
+    let r = run_tier2(&["boot-smp2", "boot-acpi-off", "blk", "jail", "rng"]);
     boots_to_userspace_with_two_cpus_and_acpi_poweroff(&r);
     virtio_blk_with_ext4(&r);
+    virtio_rng_feeds_hwrng_within_its_limit(&r);
     jailed_on_cgroup_v2_with_apparmor(&r);
 }
 
@@ -141,6 +142,28 @@ fn virtio_net_to_passt_over_a_stream(r: &HashMap<String, String>) {
 /// moat-jail on a host with cgroup v2 and AppArmor (L1): the L2 kernel
 /// boots under a jailed moat whose cgroup, AppArmor profile, namespaces,
 /// credentials and root L1 inspects from outside; nothing is left after.
+/// Linux's virtio_rng is the hwrng core's current source, and
+/// `max-bytes=8192,period=1000` holds: 32 KiB take at least three more
+/// windows after the first (by the guest's clock).
+fn virtio_rng_feeds_hwrng_within_its_limit(r: &HashMap<String, String>) {
+    let t = &r["rng"];
+    assert!(t.contains("EXIT 0"), "{t}");
+    let current = after(t, "L2: rng current ");
+    assert!(
+        current.starts_with("virtio_rng.0 available virtio_rng.0 virtio_rng.1"),
+        "{t}"
+    );
+    let read: Vec<f64> = after(t, "L2: rng read ")
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(read[0], 32768.0, "{t}");
+    let secs = read[2] - read[1];
+    assert!(secs >= 3.0, "32 KiB in {secs} s: over 8 KiB/s\n{t}");
+    let zeros: u32 = after(t, "L2: rng zeros ").trim().parse().unwrap();
+    assert!(zeros < 100, "{zeros} zero bytes of 4096\n{t}");
+}
+
 fn jailed_on_cgroup_v2_with_apparmor(r: &HashMap<String, String>) {
     let j = &r["jail"];
     assert!(j.contains("TIER2 jail profile loaded"), "{j}");

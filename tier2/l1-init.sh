@@ -68,6 +68,10 @@ for s in $(cat /scenarios); do
             $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=blk" -nographic -no-reboot \
                 -drive file=/dev/vda,format=qcow2,if=virtio,serial=moat-l2-data \
                 -drive file=/dev/vdb,format=raw,if=virtio,readonly=on ;;
+        rng)
+            $M -M microvm -m 256M -smp 1 $L2 -append "$CMD moat.test=rng" -nographic -no-reboot \
+                -object rng-random,id=r0,filename=/dev/urandom \
+                -device virtio-rng-device,rng=r0,max-bytes=8192,period=1000 -device virtio-rng-device ;;
         boot-acpi-off)
             $M -M microvm,acpi=off -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
         jail)

@@ -72,7 +72,8 @@ VIRTIO_MODS="drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko"
 L2ROOT=$WORK/l2root
 mk_busybox_root "$L2ROOT"
 copy_mods "$L2ROOT" $VIRTIO_MODS drivers/virtio/virtio_mmio.ko drivers/block/virtio_blk.ko \
-    net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko
+    net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko \
+    drivers/char/hw_random/virtio-rng.ko
 # busybox ip (the L2 side of the network scenarios) and udhcpc's script.
 ln -sf busybox "$L2ROOT/bin/ip"
 cat > "$L2ROOT/bin/dhcp.sh" <<'DHCP'
@@ -159,6 +160,17 @@ case " $(cat /proc/cmdline) " in
     echo "L2: netbench up $((64 << 20)) $t0 $t1"
     t0=$(cut -d' ' -f1 /proc/uptime)
     echo "L2: netbench down $(nc 10.9.1.1 5002 < /dev/null | wc -c) $t0 $(cut -d' ' -f1 /proc/uptime)"
+    ;;
+*" moat.test=rng "*)
+    # Two virtio-rng devices: the kernel's hwrng core picks the first; it
+    # is limited to 8 KiB per second, so 32 KiB take at least 3 s.
+    for m in virtio_ring virtio virtio_mmio virtio-rng; do insmod /modules/$m.ko || echo "L2: insmod $m failed"; done
+    sleep 1
+    echo "L2: rng current $(cat /sys/class/misc/hw_random/rng_current) available $(cat /sys/class/misc/hw_random/rng_available)"
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    n=$(dd if=/dev/hwrng bs=4096 count=8 iflag=fullblock 2>/dev/null | wc -c)
+    echo "L2: rng read $n $t0 $(cut -d' ' -f1 /proc/uptime)"
+    echo "L2: rng zeros $(dd if=/dev/hwrng bs=4096 count=1 2>/dev/null | tr -dc '\000' | wc -c)"
     ;;
 *" moat.test=linger "*)
     # Stay up a while, so L1 can look at the jailed moat from outside.

@@ -30,6 +30,7 @@
  *                    it works on them; "wedge: reset returned" after the
  *                    status write (the device must not hold the vCPU)
  *   net=N, net_*     virtio-net: see net.c
+ *   rng=N, rng_*     virtio-rng: see rng.c
  * It prints "cmdline: ..." and then PASS or FAIL lines. */
 #include "lib.h"
 #include "virtio.h"
@@ -342,6 +343,8 @@ void guest_main(u64 info, u32 kind) {
     blk_checks(bi.cmdline);
     net_checks(bi.cmdline);
     failures += net_failures();
+    rng_checks(bi.cmdline);
+    failures += rng_failures();
 
     if (cmdline_get(bi.cmdline, "pio_loop", v, sizeof v))   /* N port writes: N exits */
         for (u64 i = 0, n = parse_num(v); i < n; i++) outb(0x80, 0);

@@ -38,6 +38,9 @@ int vblk_scan(u64 *bases, int max);
 /* The virtio-net tests (net.c). */
 void net_checks(const char *cmdline);
 int net_failures(void);
+/* The virtio-rng tests (rng.c). */
+void rng_checks(const char *cmdline);
+int rng_failures(void);
 /* Initialise with `qsize` queue entries using ring memory `ring` (16 KiB, 4 KiB aligned).
  * Returns 0, or a negative step number on failure. */
 int vblk_init(struct vblk *b, u64 base, u16 qsize, u8 *ring);

@@ -53,6 +53,8 @@ struct Parser {
     /// netdev id, the option's text).
     netdevs: Vec<NetdevConfig>,
     nics: Vec<(net::NicKeys, String, String)>,
+    /// virtio-rng devices waiting for their `-object` (and the option's text).
+    rngs: Vec<(RngConfig, String)>,
     /// `-h` or `-version`: stop and do that.
     done: Option<Action>,
 }
@@ -233,11 +235,16 @@ impl Parser {
 
     fn device(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
         let mut kv = net::keyvals(opt, arg, "driver")?;
-        const OFFERED: &str = "moat offers virtio-blk-device and virtio-net-device";
+        const OFFERED: &str =
+            "moat offers virtio-blk-device, virtio-net-device and virtio-rng-device";
         match kv.take("driver").as_deref() {
             Some("virtio-blk-device") | Some("virtio-blk") => {}
             Some("virtio-net-device") => return self.net_device(opt, arg, kv),
-            Some(d @ ("virtio-net-pci" | "virtio-net" | "virtio-blk-pci")) => {
+            Some("virtio-rng-device") => return self.rng_device(opt, arg, kv),
+            Some(
+                d @ ("virtio-net-pci" | "virtio-net" | "virtio-blk-pci" | "virtio-rng-pci"
+                | "virtio-rng"),
+            ) => {
                 return Err(CliError::new(
                     opt,
                     arg,
@@ -299,6 +306,58 @@ impl Parser {
         let keys = net::parse_nic_keys(opt, arg, &mut kv)?;
         kv.finish(opt, arg)?;
         self.nics.push((keys, netdev, arg.to_string()));
+        Ok(())
+    }
+
+    /// `-device virtio-rng-device,rng=ID,max-bytes=N,period=MS` (QEMU's
+    /// keys and defaults; the backend is resolved once every `-object` is
+    /// known, as QEMU creates objects before devices).
+    fn rng_device(
+        &mut self,
+        opt: &str,
+        arg: &str,
+        mut kv: keyval::KeyVals,
+    ) -> Result<(), CliError> {
+        let id = kv.take("id");
+        let object = kv.take("rng");
+        let max_bytes = match kv.take("max-bytes") {
+            None => moat_config::RNG_DEFAULT_MAX_BYTES,
+            Some(v) => keyval::parse_u64(opt, "max-bytes", &v)
+                .ok()
+                .filter(|&n| i64::try_from(n).is_ok())
+                .ok_or_else(|| {
+                    CliError::new(
+                        opt,
+                        arg,
+                        "'max-bytes' parameter must be non-negative, and less than 2^63",
+                    )
+                })?,
+        };
+        let period_ms = match kv.take("period") {
+            None => moat_config::RNG_DEFAULT_PERIOD_MS,
+            Some(v) => keyval::parse_u64(opt, "period", &v).and_then(|n| {
+                u32::try_from(n)
+                    .map_err(|_| CliError::new(opt, arg, "Parameter 'period' expects uint32_t"))
+            })?,
+        };
+        if period_ms == 0 {
+            return Err(CliError::new(
+                opt,
+                arg,
+                "'period' parameter expects a positive integer",
+            ));
+        }
+        kv.finish(opt, arg)?;
+        self.rngs.push((
+            RngConfig {
+                id,
+                object,
+                source: RngSource::Builtin,
+                max_bytes,
+                period_ms,
+            },
+            arg.to_string(),
+        ));
         Ok(())
     }
 
@@ -435,7 +494,39 @@ impl Parser {
         for n in &self.netdevs {
             log::warn!("-netdev id={}: no device uses it", n.id);
         }
-        if cfg.drives.len() + cfg.nics.len() > MAX_VIRTIO_DEVICES {
+        for (mut rng, arg) in std::mem::take(&mut self.rngs) {
+            if let Some(id) = &rng.object {
+                let in_use = cfg.rngs.iter().any(|r| r.object.as_ref() == Some(id));
+                match cfg.objects.iter().find(|o| o.id() == id) {
+                    Some(Object::Rng { source, .. }) if !in_use => rng.source = source.clone(),
+                    Some(Object::Rng { .. }) => {
+                        return Err(CliError::new(
+                            "-device",
+                            &arg,
+                            &format!(
+                                "Property 'virtio-rng-device.rng' can't take value '{id}', it's in use"
+                            ),
+                        ))
+                    }
+                    Some(_) => {
+                        return Err(CliError::new(
+                            "-device",
+                            &arg,
+                            &format!("Invalid parameter type for 'rng', expected: rng-backend ('{id}' is not one)"),
+                        ))
+                    }
+                    None => {
+                        return Err(CliError::new(
+                            "-device",
+                            &arg,
+                            &format!("Property 'virtio-rng-device.rng' can't find value '{id}'"),
+                        ))
+                    }
+                }
+            }
+            cfg.rngs.push(rng);
+        }
+        if cfg.drives.len() + cfg.nics.len() + cfg.rngs.len() > MAX_VIRTIO_DEVICES {
             return Err(CliError::new(
                 "-device",
                 "",
@@ -1357,7 +1448,18 @@ fn parse_object(opt: &str, arg: &str) -> Result<Object, CliError> {
             }
             Object::AuthzList { id, default_allow, rules }
         }
-        t => return Err(CliError::new(opt, arg, &format!("unsupported object type '{t}' (moat offers tls-creds-x509, authz-simple, authz-list)"))),
+        "rng-random" => {
+            // QEMU's default file; moat reads only the kernel's two
+            // random devices (any other file would leak into the guest).
+            let filename = text(take("filename"), "filename")?.unwrap_or_else(|| moat_config::RNG_DEVICES[0].into());
+            if !moat_config::RNG_DEVICES.contains(&filename.as_str()) {
+                return Err(CliError::new(opt, arg, &format!("rng-random: filename '{filename}' refused: moat reads only /dev/urandom or /dev/random (any other file would leak into the guest)")));
+            }
+            Object::Rng { id, source: RngSource::Device(PathBuf::from(filename)) }
+        }
+        "rng-builtin" => Object::Rng { id, source: RngSource::Builtin },
+        "rng-egd" => return Err(CliError::new(opt, arg, "rng-egd connects to an entropy daemon, which moat does not do (use rng-builtin or rng-random)")),
+        t => return Err(CliError::new(opt, arg, &format!("unsupported object type '{t}' (moat offers tls-creds-x509, authz-simple, authz-list, rng-random, rng-builtin)"))),
     };
     if let Some((k, _)) = props.first() {
         return Err(CliError::new(opt, arg, &format!("Invalid parameter '{k}'")));
@@ -1608,6 +1710,68 @@ mod tests {
             c.uuid.as_deref(),
             Some("12345678-abcd-1234-abcd-1234567890ab")
         );
+    }
+
+    #[test]
+    fn rng_devices_and_backends() {
+        // QEMU's defaults: the built-in source, no limit in practice.
+        let r = &cfg(&["-device", "virtio-rng-device"]).rngs[0];
+        assert_eq!(r.source, RngSource::Builtin);
+        assert_eq!((r.max_bytes, r.period_ms), (i64::MAX as u64, 65536));
+        // Objects may come after the device, as in QEMU.
+        let c = cfg(&[
+            "-device",
+            "virtio-rng-device,rng=r0,max-bytes=1024,period=1000,id=rng0",
+            "-object",
+            "rng-random,id=r0,filename=/dev/random",
+            "-object",
+            r#"{"qom-type":"rng-builtin","id":"b"}"#,
+            "-device",
+            "virtio-rng-device,rng=b",
+        ]);
+        assert_eq!(c.rngs[0].source, RngSource::Device("/dev/random".into()));
+        assert_eq!((c.rngs[0].max_bytes, c.rngs[0].period_ms), (1024, 1000));
+        assert_eq!(c.rngs[0].id.as_deref(), Some("rng0"));
+        assert_eq!(c.rngs[1].source, RngSource::Builtin);
+        // rng-random reads /dev/urandom unless told otherwise.
+        let c = cfg(&[
+            "-object",
+            "rng-random,id=r",
+            "-device",
+            "virtio-rng-device,rng=r",
+        ]);
+        assert_eq!(c.rngs[0].source, RngSource::Device("/dev/urandom".into()));
+        // Refusals.
+        assert!(err(&["-object", "rng-random,id=r,filename=/etc/shadow"]).contains("leak"));
+        assert!(
+            err(&["-object", "rng-random,id=r,filename=/dev/../etc/passwd"]).contains("refused")
+        );
+        assert!(err(&["-object", "rng-egd,id=r,chardev=c"]).contains("daemon"));
+        assert!(err(&["-device", "virtio-rng-device,rng=nope"]).contains("can't find value 'nope'"));
+        assert!(err(&["-device", "virtio-rng-device,period=0"]).contains("positive integer"));
+        assert!(
+            err(&["-device", "virtio-rng-device,max-bytes=9223372036854775808"])
+                .contains("less than 2^63")
+        );
+        assert!(err(&["-device", "virtio-rng-device,max-bytes=-1"]).contains("less than 2^63"));
+        assert!(err(&["-device", "virtio-rng-device,bogus=1"]).contains("'bogus'"));
+        assert!(err(&["-device", "virtio-rng-pci"]).contains("PCI"));
+        let twice = [
+            "-object",
+            "rng-builtin,id=b",
+            "-device",
+            "virtio-rng-device,rng=b",
+            "-device",
+            "virtio-rng-device,rng=b",
+        ];
+        assert!(err(&twice).contains("in use"));
+        let wrong = [
+            "-object",
+            "authz-simple,id=a,identity=x",
+            "-device",
+            "virtio-rng-device,rng=a",
+        ];
+        assert!(err(&wrong).contains("rng-backend"));
     }
 
     #[test]

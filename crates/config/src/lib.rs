@@ -406,6 +406,38 @@ pub struct NetdevConfig {
 /// The most queue pairs of one interface.
 pub const MAX_NET_QUEUES: usize = 16;
 
+/// Where a virtio-rng device's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RngSource {
+    /// `-object rng-random,filename=`: `/dev/urandom` or `/dev/random`
+    /// (QEMU reads any file; moat refuses others: reading an arbitrary
+    /// file into a guest leaks it).
+    Device(PathBuf),
+    /// `-object rng-builtin` (and no `rng=`): the host kernel's getrandom(2).
+    Builtin,
+}
+
+/// The device files an `rng-random` object may read.
+pub const RNG_DEVICES: [&str; 2] = ["/dev/urandom", "/dev/random"];
+/// QEMU's default `period` of virtio-rng: 2^16 ms.
+pub const RNG_DEFAULT_PERIOD_MS: u32 = 1 << 16;
+/// QEMU's default `max-bytes`: INT64_MAX (no limit in practice).
+pub const RNG_DEFAULT_MAX_BYTES: u64 = i64::MAX as u64;
+
+/// An entropy device: `-device virtio-rng-device,rng=,max-bytes=,period=`.
+/// The guest gets at most `max_bytes` in each `period_ms` window (QEMU's
+/// semantics: a window opens at the first request after the last one
+/// closed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RngConfig {
+    pub id: Option<String>,
+    /// The backend object's id (`None`: the built-in one QEMU makes).
+    pub object: Option<String>,
+    pub source: RngSource,
+    pub max_bytes: u64,
+    pub period_ms: u32,
+}
+
 /// A network interface: `-device virtio-net-device,netdev=` (or `-nic`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicConfig {
@@ -462,6 +494,8 @@ pub enum Object {
         default_allow: bool,
         rules: Vec<AuthzRule>,
     },
+    /// `rng-random` and `rng-builtin`: a virtio-rng backend.
+    Rng { id: String, source: RngSource },
 }
 
 impl Object {
@@ -469,7 +503,8 @@ impl Object {
         match self {
             Object::TlsCredsX509 { id, .. }
             | Object::AuthzSimple { id, .. }
-            | Object::AuthzList { id, .. } => id,
+            | Object::AuthzList { id, .. }
+            | Object::Rng { id, .. } => id,
         }
     }
 }
@@ -529,6 +564,8 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     /// virtio-net interfaces, in device order (after the disks).
     pub nics: Vec<NicConfig>,
+    /// virtio-rng devices, in device order (after the interfaces).
+    pub rngs: Vec<RngConfig>,
 }
 
 impl VmConfig {
@@ -580,6 +617,7 @@ impl Default for VmConfig {
             objects: Vec::new(),
             drives: Vec::new(),
             nics: Vec::new(),
+            rngs: Vec::new(),
         }
     }
 }

@@ -119,13 +119,7 @@ fn main_thread() -> Vec<(i64, &'static str)> {
 pub(crate) fn all_lists() -> Vec<(i64, &'static str)> {
     let mut v = any_thread();
     v.extend(main_thread());
-    for role in [
-        Role::Vcpu,
-        Role::BlockIo,
-        Role::NetIo,
-        Role::Monitor,
-        Role::Io,
-    ] {
+    for &role in Role::ALL {
         v.extend(role_allowed(role));
     }
     v
@@ -176,6 +170,17 @@ fn role_allowed(role: Role) -> Vec<(i64, &'static str)> {
             (
                 libc::SYS_ppoll,
                 "waiting for frames, queue notifications or a stop",
+            ),
+        ],
+        // (read and getrandom are every thread's.)
+        Role::RngIo => vec![
+            (
+                libc::SYS_poll,
+                "waiting for requests, the source, the rate limit or a stop",
+            ),
+            (
+                libc::SYS_ppoll,
+                "waiting for requests, the source, the rate limit or a stop",
             ),
         ],
         Role::Monitor => {
@@ -249,7 +254,7 @@ fn ioctls(role: Role) -> Vec<(u64, &'static str)> {
                 "TUNSETQUEUE: queue pairs the guest enabled",
             ),
         ],
-        Role::Monitor | Role::Io | Role::BlockIo => vec![],
+        Role::Monitor | Role::Io | Role::BlockIo | Role::RngIo => vec![],
     }
 }
 
@@ -295,34 +300,24 @@ fn compile(role: Role, on_violation: Violation) -> Result<BpfProgram, String> {
 }
 
 /// The compiled filter of every role, made once.
-pub struct RoleFilters {
-    vcpu: BpfProgram,
-    block_io: BpfProgram,
-    net_io: BpfProgram,
-    monitor: BpfProgram,
-    io: BpfProgram,
-}
+pub struct RoleFilters(Vec<(Role, BpfProgram)>);
 
 impl RoleFilters {
     pub fn new(on_violation: Violation) -> Result<RoleFilters, String> {
-        Ok(RoleFilters {
-            vcpu: compile(Role::Vcpu, on_violation)?,
-            block_io: compile(Role::BlockIo, on_violation)?,
-            net_io: compile(Role::NetIo, on_violation)?,
-            monitor: compile(Role::Monitor, on_violation)?,
-            io: compile(Role::Io, on_violation)?,
-        })
+        Role::ALL
+            .iter()
+            .map(|&r| Ok((r, compile(r, on_violation)?)))
+            .collect::<Result<_, String>>()
+            .map(RoleFilters)
     }
 
     /// Stack `role`'s filter on the calling thread.
     pub fn apply(&self, role: Role) -> Result<(), String> {
-        let prog = match role {
-            Role::Vcpu => &self.vcpu,
-            Role::BlockIo => &self.block_io,
-            Role::NetIo => &self.net_io,
-            Role::Monitor => &self.monitor,
-            Role::Io => &self.io,
-        };
+        let (_, prog) = self
+            .0
+            .iter()
+            .find(|(r, _)| *r == role)
+            .ok_or_else(|| format!("no filter for {role:?}"))?;
         seccompiler::apply_filter(prog).map_err(|e| format!("seccomp ({role:?}): {e}"))
     }
 }

@@ -15,10 +15,23 @@ pub enum Role {
     /// A network interface's queue-pair thread: reads and writes its tap
     /// or stream socket.
     NetIo,
+    /// A virtio-rng device's thread: reads its entropy source.
+    RngIo,
     /// Monitor listeners, clients and TLS relays.
     Monitor,
     /// Console and signal threads.
     Io,
+}
+
+impl Role {
+    pub const ALL: &'static [Role] = &[
+        Role::Vcpu,
+        Role::BlockIo,
+        Role::NetIo,
+        Role::RngIo,
+        Role::Monitor,
+        Role::Io,
+    ];
 }
 
 type Hook = Box<dyn Fn(Role) -> Result<(), String> + Send + Sync>;

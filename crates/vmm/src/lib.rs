@@ -34,6 +34,7 @@ use moat_devices::serial::Console;
 use moat_devices::virtio::block::Block;
 use moat_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use moat_devices::virtio::net::{Net, NetPort};
+use moat_devices::virtio::rng::{Rng, RngPort};
 use moat_devices::virtio::VirtioDevice;
 use moat_devices::{IrqLine, RequestSink, VmRequest};
 use moat_sys::lock;
@@ -150,6 +151,8 @@ pub struct BootImages {
     pub disks: Vec<Disk>,
     /// The interfaces, in device order after the disks.
     pub nics: Vec<NetPort>,
+    /// The entropy devices' sources and limits, after the interfaces.
+    pub rngs: Vec<RngPort>,
 }
 
 /// A built VM, ready to run.
@@ -238,13 +241,14 @@ impl Vm {
 
         let t = &cfg.smp;
         let apic_ids: Vec<u32> = (0..t.cpus).map(|i| cpuid::apic_id(t, i)).collect();
-        let virtio: Vec<(u64, u32)> = (0..images.disks.len() + images.nics.len())
-            .map(|i| {
-                moat_boot::layout::virtio_slot(i).ok_or(VmError::Io(std::io::Error::other(
-                    "too many virtio devices",
-                )))
-            })
-            .collect::<Result<_, _>>()?;
+        let virtio: Vec<(u64, u32)> =
+            (0..images.disks.len() + images.nics.len() + images.rngs.len())
+                .map(|i| {
+                    moat_boot::layout::virtio_slot(i).ok_or(VmError::Io(std::io::Error::other(
+                        "too many virtio devices",
+                    )))
+                })
+                .collect::<Result<_, _>>()?;
         let machine = MachineDesc {
             apic_ids: apic_ids.clone(),
             acpi: cfg.acpi,
@@ -305,6 +309,9 @@ impl Vm {
         }
         for port in &images.nics {
             devices.push(Box::new(Net::new(port)?));
+        }
+        for port in &images.rngs {
+            devices.push(Box::new(Rng::new(port)?));
         }
         for (dev, &(base, irq)) in devices.into_iter().zip(&virtio) {
             let t = MmioTransport::new(dev, mem.clone(), IrqLine::new()?)?;

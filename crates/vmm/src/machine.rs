@@ -13,6 +13,7 @@ use moat_api::{
     NetRateInfo, Reply, Request, RunState, RxFilterInfo,
 };
 use moat_config::{Backing, DriveConfig, DriveFormat, ImageLayer, VmConfig};
+use moat_devices::virtio::rng::RngPort;
 use moat_sys::lock;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -238,6 +239,20 @@ impl Machine {
             },
             disks,
             nics: nics.iter().map(|n| n.port.clone()).collect(),
+            rngs: cfg
+                .rngs
+                .iter()
+                .map(|r| {
+                    RngPort::open(r).map_err(|e| {
+                        VmError::Image(match &r.source {
+                            moat_config::RngSource::Device(p) => {
+                                format!("rng-random {}: {e}", p.display())
+                            }
+                            moat_config::RngSource::Builtin => format!("rng-builtin: {e}"),
+                        })
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         };
         let platform = Platform::new(&cfg)?;
         let (tx, rx) = mpsc::channel();

@@ -224,15 +224,13 @@ impl VirtioDevice for Block {
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
-        mut queues: Vec<Queue>,
-        mut notify: Vec<EventFd>,
+        queues: Vec<Queue>,
+        notify: Vec<EventFd>,
         interrupt: Arc<Interrupt>,
         _acked_features: u64,
         needs_reset: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<()> {
-        let (Some(queue), Some(notify)) = (queues.pop(), notify.pop()) else {
-            return Err(std::io::Error::other("virtio-blk has one queue"));
-        };
+        let (queue, notify) = super::one_queue(queues, notify, "virtio-blk")?;
         let stop = Stop::new()?;
         let worker = Worker {
             mem,

@@ -3,11 +3,14 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod rng;
 
 use crate::IrqLine;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use virtio_queue::Queue;
+use std::time::Duration;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -145,6 +148,127 @@ pub(crate) fn read_config_bytes<T: vm_memory::ByteValued>(
             .and_then(|o| c.get(o))
             .copied()
             .unwrap_or(0);
+    }
+}
+
+/// The driver broke the ring protocol: DEVICE_NEEDS_RESET.
+#[derive(Debug)]
+pub(crate) struct Broken(pub(crate) virtio_queue::Error);
+
+impl From<virtio_queue::Error> for Broken {
+    fn from(e: virtio_queue::Error) -> Self {
+        Broken(e)
+    }
+}
+
+/// What a queue's consumer did with a chain.
+pub(crate) enum Took {
+    /// Done with: returned to the driver with this many bytes written.
+    Used(u32),
+    /// Not now: put back on the ring, and the pass ends (`more`: there is
+    /// more to do at once, rather than after a wait).
+    PutBack { more: bool },
+}
+
+/// Hand a queue's chains to `each` until the ring is empty or `each`
+/// puts one back; interrupt the driver if any were used. Whether more may
+/// be waiting. Once the ring looks empty the device asks to be notified and
+/// looks once more: with EVENT_IDX the driver notifies again only when
+/// avail_event (which asking moves) says so, and Linux spins waiting for
+/// each control command's ack, so a chain missed here hangs its CPU.
+pub(crate) fn drain_queue<'m>(
+    mem: &'m GuestMemoryMmap,
+    q: &mut Queue,
+    interrupt: &Interrupt,
+    mut each: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Took,
+) -> Result<bool, Broken> {
+    let mut used = false;
+    let mut more = false;
+    'refill: loop {
+        q.disable_notification(mem)?;
+        let mut served = false;
+        while let Some(chain) = q.pop_descriptor_chain(mem) {
+            served = true;
+            let head = chain.head_index();
+            match each(chain) {
+                Took::Used(len) => {
+                    q.add_used(mem, head, len)?;
+                    used = true;
+                }
+                Took::PutBack { more: m } => {
+                    q.go_to_previous_position();
+                    more = m;
+                    break 'refill;
+                }
+            }
+        }
+        if !q.enable_notification(mem)? {
+            break;
+        }
+        if !served {
+            // The ring says more is there, yet none could be taken.
+            return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
+        }
+    }
+    if used && q.needs_notification(mem)? {
+        interrupt.trigger(INT_VRING);
+    }
+    Ok(more)
+}
+
+/// poll(2) `fds` (descriptor, events) for up to
+/// `timeout` (forever: None); which have events.
+pub(crate) fn poll(
+    fds: &[(BorrowedFd<'_>, libc::c_short)],
+    timeout: Option<Duration>,
+) -> Vec<bool> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut p: Vec<PollFd> = fds
+        .iter()
+        .map(|(fd, ev)| PollFd::new(fd, PollFlags::from_bits_truncate(*ev as _)))
+        .collect();
+    // At least 100 µs, so a wait for a rate limit never spins.
+    let ts = timeout.map(|t| {
+        let t = t.max(Duration::from_micros(100));
+        Timespec {
+            tv_sec: t.as_secs() as i64,
+            tv_nsec: i64::from(t.subsec_nanos()),
+        }
+    });
+    loop {
+        match rustix::event::poll(&mut p, ts.as_ref()) {
+            Ok(_) => {
+                return p
+                    .iter()
+                    .zip(fds)
+                    .map(|(x, _)| !x.revents().is_empty())
+                    .collect()
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return vec![true; fds.len()],
+        }
+    }
+}
+
+/// An eventfd as a borrowed descriptor (vmm-sys-util's EventFd has no AsFd).
+pub(crate) fn efd(e: &EventFd) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor is `e`'s, open for as long as the borrow of `e`.
+    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
+}
+
+/// The queue and notifier of a device that has one queue.
+pub(crate) fn one_queue(
+    mut queues: Vec<Queue>,
+    mut notify: Vec<EventFd>,
+    device: &str,
+) -> std::io::Result<(Queue, EventFd)> {
+    match (
+        queues.pop(),
+        notify.pop(),
+        queues.is_empty() && notify.is_empty(),
+    ) {
+        (Some(q), Some(n), true) => Ok((q, n)),
+        _ => Err(std::io::Error::other(format!("{device} has one queue"))),
     }
 }
 

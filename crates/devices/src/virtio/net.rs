@@ -22,7 +22,8 @@
 //! made for each boot over it.
 
 use super::{
-    ActivationThread, Interrupt, Stop, VirtioDevice, INT_CONFIG, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, efd, poll, ActivationThread, Broken, Interrupt, Stop, Took, VirtioDevice,
+    INT_CONFIG, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
 use moat_net::rate::{Limits, RateLimiter};
 use moat_net::{Backend, Offloads, FRAME_MAX, VNET_HDR_LEN};
@@ -31,7 +32,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
@@ -548,16 +549,6 @@ impl Drop for Net {
     }
 }
 
-/// The driver broke the ring protocol: DEVICE_NEEDS_RESET.
-#[derive(Debug)]
-struct Broken(virtio_queue::Error);
-
-impl From<virtio_queue::Error> for Broken {
-    fn from(e: virtio_queue::Error) -> Self {
-        Broken(e)
-    }
-}
-
 /// One queue pair's worker: its two frame buffers, and what it waits for.
 struct Worker {
     index: usize,
@@ -1012,61 +1003,6 @@ fn process_ctrl(
     })
 }
 
-/// What a queue's consumer did with a chain.
-enum Took {
-    /// Done with: returned to the driver with this many bytes written.
-    Used(u32),
-    /// Not now: put back on the ring, and the pass ends (`more`: there is
-    /// more to do at once, rather than after a wait).
-    PutBack { more: bool },
-}
-
-/// Hand a queue's chains to `each` until the ring is empty or `each`
-/// puts one back; interrupt the driver if any were used. Whether more may
-/// be waiting. Once the ring looks empty the device asks to be notified and
-/// looks once more: with EVENT_IDX the driver notifies again only when
-/// avail_event (which asking moves) says so, and Linux spins waiting for
-/// each control command's ack, so a chain missed here hangs its CPU.
-fn drain_queue<'m>(
-    mem: &'m GuestMemoryMmap,
-    q: &mut Queue,
-    interrupt: &Interrupt,
-    mut each: impl FnMut(DescriptorChain<&'m GuestMemoryMmap>) -> Took,
-) -> Result<bool, Broken> {
-    let mut used = false;
-    let mut more = false;
-    'refill: loop {
-        q.disable_notification(mem)?;
-        let mut served = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            served = true;
-            let head = chain.head_index();
-            match each(chain) {
-                Took::Used(len) => {
-                    q.add_used(mem, head, len)?;
-                    used = true;
-                }
-                Took::PutBack { more: m } => {
-                    q.go_to_previous_position();
-                    more = m;
-                    break 'refill;
-                }
-            }
-        }
-        if !q.enable_notification(mem)? {
-            break;
-        }
-        if !served {
-            // The ring says more is there, yet none could be taken.
-            return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
-        }
-    }
-    if used && q.needs_notification(mem)? {
-        interrupt.trigger(INT_VRING);
-    }
-    Ok(more)
-}
-
 /// One control command: its ack written in the chain's last writable byte;
 /// how many bytes were written (0 when there was nowhere to write).
 fn ctrl_command(
@@ -1203,43 +1139,6 @@ fn read_mac_table(r: &mut Reader<'_>) -> Option<(Vec<[u8; 6]>, bool)> {
         }
     }
     Some((table, overflow))
-}
-
-/// An eventfd as a borrowed descriptor (vmm-sys-util's EventFd has no AsFd).
-fn efd(e: &EventFd) -> BorrowedFd<'_> {
-    // SAFETY: the descriptor is `e`'s, open for as long as the borrow of `e`.
-    unsafe { BorrowedFd::borrow_raw(e.as_raw_fd()) }
-}
-
-/// poll(2) `fds` (descriptor, events) for up to
-/// `timeout` (forever: None); which have events.
-fn poll(fds: &[(BorrowedFd<'_>, libc::c_short)], timeout: Option<Duration>) -> Vec<bool> {
-    use rustix::event::{PollFd, PollFlags, Timespec};
-    let mut p: Vec<PollFd> = fds
-        .iter()
-        .map(|(fd, ev)| PollFd::new(fd, PollFlags::from_bits_truncate(*ev as _)))
-        .collect();
-    // At least 100 µs, so a wait for a rate limit never spins.
-    let ts = timeout.map(|t| {
-        let t = t.max(Duration::from_micros(100));
-        Timespec {
-            tv_sec: t.as_secs() as i64,
-            tv_nsec: i64::from(t.subsec_nanos()),
-        }
-    });
-    loop {
-        match rustix::event::poll(&mut p, ts.as_ref()) {
-            Ok(_) => {
-                return p
-                    .iter()
-                    .zip(fds)
-                    .map(|(x, _)| !x.revents().is_empty())
-                    .collect()
-            }
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return vec![true; fds.len()],
-        }
-    }
 }
 
 /// One queue pair's worker, without its thread: the `virtio_net` fuzz
