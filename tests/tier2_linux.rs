@@ -67,24 +67,21 @@ fn run(cmd: &str, args: &[&str]) -> (bool, String) {
 /// One boot of the nested host serves every scenario (it is the slow part).
 #[test]
 fn debian_linux_under_moat() {
-    let r = run_tier2(&["boot-smp2", "boot-acpi-off", "blk", "jail", "rng"]);
+    let r = run_tier2(&[
+        "boot-smp2",
+        "boot-acpi-off",
+        "blk",
+        "jail",
+        "rng",
+        "net",
+        "net-passt",
+    ]);
     boots_to_userspace_with_two_cpus_and_acpi_poweroff(&r);
     virtio_blk_with_ext4(&r);
     virtio_rng_feeds_hwrng_within_its_limit(&r);
-    jailed_on_cgroup_v2_with_apparmor(&r);
-}
-
-/// Linux's virtio_net under moat in the nested host: a two-queue tap and
-/// passt. Ignored for now (run it with `cargo test --release --test
-/// tier2_linux -- --ignored`): in four runs of six the 64 MiB upload
-/// stalled with the guest's vCPUs halted and moat's queues idle (issue 13's
-/// note); the scenario prints "TIER2 net stuck" diagnostics when it does.
-#[test]
-#[ignore = "the Tier 2 upload stalls intermittently; see issue 13"]
-fn debian_linux_virtio_net() {
-    let r = run_tier2(&["net", "net-passt"]);
     virtio_net_on_a_two_queue_tap(&r);
     virtio_net_to_passt_over_a_stream(&r);
+    jailed_on_cgroup_v2_with_apparmor(&r);
 }
 
 /// Linux's virtio_net on a two-queue tap in a network namespace of L1:

@@ -428,25 +428,19 @@ impl Worker {
         let mem = self.mem.clone();
         loop {
             self.queue.disable_notification(&mem)?;
-            let mut served = false;
-            while let Some(chain) = self.queue.pop_descriptor_chain(&mem) {
+            while let Some(chain) = super::next_chain(&mem, &mut self.queue)? {
                 if self.stopped() {
                     return Ok(()); // the device is resetting
                 }
-                served = true;
                 let head = chain.head_index();
                 let Some(len) = self.request(&mem, chain) else {
                     return Ok(()); // the device is resetting
                 };
                 self.queue.add_used(&mem, head, len)?;
             }
+            // (The driver may have published more since: look again.)
             if !self.queue.enable_notification(&mem)? {
                 break;
-            }
-            if !served {
-                // The ring claims requests it does not hold (an avail index
-                // too far ahead): a protocol violation, not a reason to spin.
-                return Err(virtio_queue::Error::InvalidAvailRingIndex);
             }
         }
         if self.queue.needs_notification(&mem)? {

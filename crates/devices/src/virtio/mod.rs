@@ -170,6 +170,18 @@ pub(crate) enum Took {
     PutBack { more: bool },
 }
 
+/// The next available chain, if any. An avail index more than the ring's
+/// size ahead is the driver's error (`pop_descriptor_chain` would log it
+/// and report an empty ring, and the caller, seeing the index move, would
+/// look again forever). An index that moves between two looks is not an
+/// error: the driver publishes whenever it likes.
+pub(crate) fn next_chain<'m>(
+    mem: &'m GuestMemoryMmap,
+    q: &mut Queue,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, virtio_queue::Error> {
+    Ok(q.iter(mem)?.next())
+}
+
 /// Hand a queue's chains to `each` until the ring is empty or `each`
 /// puts one back; interrupt the driver if any were used. Whether more may
 /// be waiting. Once the ring looks empty the device asks to be notified and
@@ -186,9 +198,7 @@ pub(crate) fn drain_queue<'m>(
     let mut more = false;
     'refill: loop {
         q.disable_notification(mem)?;
-        let mut served = false;
-        while let Some(chain) = q.pop_descriptor_chain(mem) {
-            served = true;
+        while let Some(chain) = next_chain(mem, q)? {
             let head = chain.head_index();
             match each(chain) {
                 Took::Used(len) => {
@@ -202,12 +212,10 @@ pub(crate) fn drain_queue<'m>(
                 }
             }
         }
+        // (More may have come since the ring looked empty: the driver
+        // publishes at any time, so look again.)
         if !q.enable_notification(mem)? {
             break;
-        }
-        if !served {
-            // The ring says more is there, yet none could be taken.
-            return Err(virtio_queue::Error::InvalidAvailRingIndex.into());
         }
     }
     if used && q.needs_notification(mem)? {
@@ -295,4 +303,91 @@ pub trait VirtioDevice: Send {
     /// nothing more to the old queues, and the next activation must not
     /// start before it has stopped.
     fn reset(&mut self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A driver that publishes while the device drains (as every driver
+    /// does): the device takes every chain and never calls the index that
+    /// moved between two of its looks an error. (It once did, and Linux's
+    /// virtio_net stalled on the queue pair whose thread gave up.)
+    #[test]
+    fn a_driver_publishing_meanwhile_is_not_an_error() {
+        const SIZE: u16 = 16;
+        const TOTAL: u32 = 300_000;
+        let (desc, avail, used, buf) = (0u64, 0x1000u64, 0x2000u64, 0x3000u64);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        for i in 0..u64::from(SIZE) {
+            mem.write_obj(buf + 64 * i, GuestAddress(desc + 16 * i))
+                .unwrap();
+            mem.write_obj(64u32, GuestAddress(desc + 16 * i + 8))
+                .unwrap();
+        }
+        let mut q = Queue::new(SIZE).unwrap();
+        q.set_desc_table_address(Some(desc as u32), Some(0));
+        q.set_avail_ring_address(Some(avail as u32), Some(0));
+        q.set_used_ring_address(Some(used as u32), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(&mem));
+        let interrupt = Interrupt::new(crate::IrqLine::new().unwrap());
+        let driver = {
+            let mem = mem.clone();
+            std::thread::spawn(move || {
+                let mut idx: u16 = 0;
+                for _ in 0..TOTAL {
+                    // Room on the ring: at most SIZE chains outstanding.
+                    while idx.wrapping_sub(
+                        mem.load::<u16>(GuestAddress(used + 2), Ordering::Acquire)
+                            .unwrap(),
+                    ) >= SIZE
+                    {
+                        std::hint::spin_loop();
+                    }
+                    let slot = u64::from(idx % SIZE);
+                    mem.store(
+                        idx % SIZE,
+                        GuestAddress(avail + 4 + 2 * slot),
+                        Ordering::Relaxed,
+                    )
+                    .unwrap();
+                    idx = idx.wrapping_add(1);
+                    mem.store(idx, GuestAddress(avail + 2), Ordering::Release)
+                        .unwrap();
+                }
+            })
+        };
+        let mut taken = 0u32;
+        while taken < TOTAL {
+            drain_queue(&mem, &mut q, &interrupt, |_| {
+                taken += 1;
+                Took::Used(0)
+            })
+            .unwrap_or_else(|e| panic!("after {taken} chains: {e:?}"));
+        }
+        driver.join().unwrap();
+    }
+
+    /// An avail index more than the ring's size ahead is the driver's
+    /// error (DEVICE_NEEDS_RESET), not a ring to look at forever.
+    #[test]
+    fn an_avail_index_past_the_ring_is_an_error() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(0), Some(0));
+        q.set_avail_ring_address(Some(0x1000), Some(0));
+        q.set_used_ring_address(Some(0x2000), Some(0));
+        q.set_ready(true);
+        mem.store(1000u16, GuestAddress(0x1002), Ordering::Release)
+            .unwrap();
+        let interrupt = Interrupt::new(crate::IrqLine::new().unwrap());
+        let r = drain_queue(&mem, &mut q, &interrupt, |_| Took::Used(0));
+        assert!(
+            matches!(r, Err(Broken(virtio_queue::Error::InvalidAvailRingIndex))),
+            "{r:?}"
+        );
+    }
 }

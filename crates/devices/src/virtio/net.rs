@@ -833,7 +833,7 @@ impl Worker {
                 Delivery::NoRoom => {
                     // Ask to be told when buffers come, then look once more
                     // (they may have come meanwhile).
-                    if q.enable_notification(mem)? {
+                    if notify_past_avail(mem, q)? {
                         q.disable_notification(mem)?;
                     } else {
                         self.rx_starved = true;
@@ -900,6 +900,32 @@ impl Worker {
     }
 }
 
+/// Ask the driver to notify when it makes a buffer available past those
+/// the ring holds now; whether some came meanwhile. (`enable_notification`
+/// asks only past `next_avail`: with EVENT_IDX a device that put chains
+/// back, too few for a frame, would never hear of more and would have to
+/// poll the ring.)
+fn notify_past_avail(mem: &GuestMemoryMmap, q: &mut Queue) -> Result<bool, Broken> {
+    q.enable_notification(mem)?;
+    let idx = q.avail_idx(mem, Ordering::Acquire)?;
+    if q.event_idx_enabled() {
+        // avail_event: the u16 after the used ring's elements (2.7.10).
+        let at = q
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(q.size()))
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        vm_memory::Bytes::store(
+            mem,
+            idx.0.to_le(),
+            vm_memory::GuestAddress(at),
+            Ordering::Release,
+        )
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    Ok(q.avail_idx(mem, Ordering::Acquire)? != idx)
+}
+
 enum Delivery {
     Done,
     /// No receive buffers now: the frame waits.
@@ -923,7 +949,7 @@ fn deliver(
     let mut chains: Vec<(u16, Writer<'_>, usize)> = Vec::new();
     let mut room = 0usize;
     while room < len {
-        let Some(chain) = q.pop_descriptor_chain(mem) else {
+        let Some(chain) = super::next_chain(mem, q)? else {
             if chains.is_empty() {
                 return Ok(Delivery::NoRoom);
             }
