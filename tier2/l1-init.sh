@@ -181,9 +181,18 @@ for s in $(cat /scenarios); do
             # root refuses, and a user namespace, which a chroot may not
             # make: it runs in its own mount namespace whose root is a
             # bind mount of L1's, moved over / as switch_root does.)
-            unshare -m sh -c 'mkdir -p /passtroot && mount -o rbind / /passtroot && cd /passtroot &&
-                mount -o move . / && exec chroot . /moat/passt -f -1 -4 -e -s /tmp/passt.sock' > /tmp/passt.log 2>&1 &
-            wait_line /tmp/passt.log "listening\|UNIX domain socket bound" || sleep 2
+            # (Bounded waits, and one more try: passt once never bound its
+            # socket here, and an unbounded wait hung the whole run.)
+            for try in 1 2; do
+                rm -f /tmp/passt.sock
+                unshare -m sh -c 'mkdir -p /passtroot && mount -o rbind / /passtroot && cd /passtroot &&
+                    mount -o move . / && exec chroot . /moat/passt -f -1 -4 -e -s /tmp/passt.sock' > /tmp/passt.log 2>&1 &
+                ppid=$!
+                for _ in $(seq 300); do [ -S /tmp/passt.sock ] && break; usleep 100000; done
+                [ -S /tmp/passt.sock ] && break
+                echo "TIER2 net-passt: passt did not bind its socket (try $try):"; cat /tmp/passt.log; ps
+                kill $ppid 2>/dev/null
+            done
             $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=dhcp" -nographic -no-reboot \
                 -netdev stream,id=p0,server=off,addr.type=unix,addr.path=/tmp/passt.sock \
                 -device virtio-net-device,netdev=p0

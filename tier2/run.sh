@@ -83,7 +83,7 @@ bound|renew)
     ip addr add "$ip/${mask:-24}" dev "$interface"
     ip link set "$interface" up
     [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface"
-    echo "L2: dhcp $ip/${mask:-24} router $router" ;;
+    echo "L2: dhcp $ip/${mask:-24} router $router" > /tmp/dhcp.lease ;;
 esac
 DHCP
 chmod +x "$L2ROOT/bin/dhcp.sh"
@@ -143,6 +143,8 @@ case " $(cat /proc/cmdline) " in
     ip link set lo up
     ip link set eth0 up
     udhcpc -i eth0 -n -q -t 10 -s /bin/dhcp.sh > /dev/null 2>&1 || echo "L2: dhcp failed"
+    # (udhcpc's output, the script's included, goes nowhere.)
+    cat /tmp/dhcp.lease
     gw=$(ip route | grep default | cut -d' ' -f3)
     echo "L2: passt says $(echo 'hello from L2' | nc $gw 5003)"
     ;;
