@@ -39,13 +39,15 @@ for line in sys.stdin:
         cur[m.group(1) + "_MBps"] = mb / secs if secs > 0 and int(m.group(2)) > 0 else 0.0
 keys = ["up_MBps", "down_MBps", "rtt_ms"]
 ok = True
+# (A run whose transfer did not finish is reported and left out.)
 for who, rs in runs.items():
     for i, r in enumerate(rs):
-        print(who, "run", i + 1, " ".join(f"{k}={r.get(k, float(\"nan\")):.2f}" for k in keys))
-        ok &= all(k in r for k in keys)
-if not ok or not runs["moat"] or not runs["qemu"]:
-    sys.exit("bench/net.sh: a run did not finish (see tier2 output)")
+        print(who, "run", i + 1, " ".join("%s=%.2f" % (k, r.get(k, float("nan"))) for k in keys))
+runs = {w: [r for r in rs if all(k in r for k in keys)] for w, rs in runs.items()}
+if not runs["moat"] or not runs["qemu"]:
+    sys.exit("bench/net.sh: no complete run of one of them (see tier2 output)")
 med = {w: {k: statistics.median(r[k] for r in rs) for k in keys} for w, rs in runs.items()}
 for k in keys:
-    print(f"median {k}: moat {med[\"moat\"][k]:.2f} qemu {med[\"qemu\"][k]:.2f} ratio moat/qemu {med[\"moat\"][k] / med[\"qemu\"][k]:.2f}")
+    m, q = med["moat"][k], med["qemu"][k]
+    print("median %s: moat %.2f qemu %.2f ratio moat/qemu %.2f" % (k, m, q, m / q))
 ' || { echo "$OUT" | tail -40; exit 1; }

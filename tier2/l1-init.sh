@@ -214,6 +214,8 @@ for s in $(cat /scenarios); do
                 $IP -n bn link set tapb up
             fi
             BN="nsenter --net=/run/netns/bn"
+            # (A run whose guest never connected leaves its servers behind.)
+            pkill -f "nc -l -p 500[12]" 2>/dev/null; sleep 1
             $BN nc -l -p 5001 -e sh -c 'cat > /dev/null' &
             $BN nc -l -p 5002 -e sh -c 'dd if=/dev/zero bs=64k count=1024 2>/dev/null' &
             if [ $s = bench-net-moat ]; then

@@ -40,7 +40,7 @@ mk_busybox_root() {
     rm -rf "$root" && mkdir -p "$root"/{bin,sbin,proc,sys,dev,tmp,etc,lib,lib64}
     cp "$(command -v busybox)" "$root/bin/busybox"
     for a in ps sh mount umount cat echo grep wc ls insmod poweroff reboot sleep usleep mkdir mkfifo kill date dmesg tr cut head tail seq readlink \
-             dd sha256sum nc ping taskset udhcpc rm nsenter chroot unshare; do
+             dd sha256sum nc ping taskset udhcpc rm nsenter chroot unshare pkill; do
         ln -sf busybox "$root/bin/$a"
     done
 }

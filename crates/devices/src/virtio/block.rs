@@ -8,7 +8,7 @@
 //! fixed-size bounce buffer, never an allocation sized by the guest.
 
 use super::{
-    ActivationThread, Interrupt, Stop, VirtioDevice, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
+    ActivationThread, Interrupt, VirtioDevice, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use moat_block::throttle::Throttle;
@@ -139,8 +139,6 @@ pub struct Block {
     serial: [u8; 20],
     discard: Discard,
     io: ActivationThread<Activation>,
-    /// Set while active: stops the worker.
-    stop: Option<Stop>,
 }
 
 impl std::fmt::Debug for Block {
@@ -169,7 +167,6 @@ impl Block {
                 moat_sys::role::Role::BlockIo,
                 |mut a: Activation| a.worker.run(&a.notify, &*a.needs_reset),
             )?,
-            stop: None,
         })
     }
 
@@ -231,30 +228,28 @@ impl VirtioDevice for Block {
         needs_reset: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<()> {
         let (queue, notify) = super::one_queue(queues, notify, "virtio-blk")?;
-        let stop = Stop::new()?;
-        let worker = Worker {
-            mem,
-            queue,
-            disk: self.disk.clone(),
-            serial: self.serial,
-            discard: self.discard,
-            interrupt,
-            // Room to start the buffer on a 4 KiB boundary (O_DIRECT, cache=none).
-            bounce: vec![0u8; BOUNCE + 4096],
-            link: self.link.clone(),
-            kill: stop.event.try_clone()?,
-            stopping: stop.flag.clone(),
-        };
-        let activation = Activation {
-            worker,
-            notify,
-            needs_reset,
-        };
-        if !self.io.activate(activation) {
-            return Err(std::io::Error::other("virtio-blk: the I/O thread is gone"));
-        }
-        self.stop = Some(stop);
-        Ok(())
+        let disk = self.disk.clone();
+        let (serial, discard, link) = (self.serial, self.discard, self.link.clone());
+        self.io.activate(|stop| {
+            let worker = Worker {
+                mem,
+                queue,
+                disk,
+                serial,
+                discard,
+                interrupt,
+                // Room to start the buffer on a 4 KiB boundary (O_DIRECT, cache=none).
+                bounce: vec![0u8; BOUNCE + 4096],
+                link,
+                kill: stop.event.try_clone()?,
+                stopping: stop.flag.clone(),
+            };
+            Ok(Activation {
+                worker,
+                notify,
+                needs_reset,
+            })
+        })
     }
 
     /// Tell the worker to stop, without waiting for it: a vCPU must never
@@ -262,15 +257,7 @@ impl VirtioDevice for Block {
     /// bounce-buffer chunk and posts nothing more to the old queue; the
     /// next activation starts only after it has stopped.
     fn reset(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            stop.stop();
-        }
-    }
-}
-
-impl Drop for Block {
-    fn drop(&mut self) {
-        self.reset();
+        self.io.stop();
     }
 }
 

@@ -68,11 +68,14 @@ impl Interrupt {
 /// builds the VM, not by a vCPU, so vCPU threads never create threads), it
 /// serves one activation after another until the device is dropped.
 /// Activations queue up in order, so a new one starts only after the
-/// previous one has let go of its queues and guest memory. Dropping it
-/// ends the thread once its current activation has stopped.
+/// previous one has let go of its queues and guest memory. Each activation
+/// comes with a [`Stop`] the thread keeps; dropping the thread stops the
+/// current activation and ends the thread.
 pub(crate) struct ActivationThread<A> {
     start: Option<std::sync::mpsc::Sender<A>>,
     handle: Option<std::thread::JoinHandle<()>>,
+    /// How to stop the activation being served.
+    stop: Option<Stop>,
 }
 
 impl<A: Send + 'static> ActivationThread<A> {
@@ -93,17 +96,42 @@ impl<A: Send + 'static> ActivationThread<A> {
         Ok(ActivationThread {
             start: Some(start),
             handle: Some(handle),
+            stop: None,
         })
     }
 
-    /// Hand the thread an activation; false if it is gone.
-    pub(crate) fn activate(&self, a: A) -> bool {
-        self.start.as_ref().is_some_and(|s| s.send(a).is_ok())
+    /// Hand the thread an activation made with its stop (the worker keeps
+    /// the flag and a duplicate of the event).
+    pub(crate) fn activate(
+        &mut self,
+        make: impl FnOnce(&Stop) -> std::io::Result<A>,
+    ) -> std::io::Result<()> {
+        let stop = Stop::new()?;
+        let a = make(&stop)?;
+        let sent = match &self.start {
+            Some(s) => s.send(a).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(std::io::Error::other("a device's I/O thread is gone"));
+        }
+        self.stop = Some(stop);
+        Ok(())
+    }
+
+    /// Tell the current activation's worker to stop, without waiting.
+    pub(crate) fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            s.stop();
+        }
     }
 }
 
 impl<A> Drop for ActivationThread<A> {
     fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            s.stop();
+        }
         self.start = None;
         if let Some(h) = self.handle.take() {
             let _ = h.join();

@@ -22,8 +22,8 @@
 //! made for each boot over it.
 
 use super::{
-    drain_queue, efd, poll, ActivationThread, Broken, Interrupt, Stop, Took, VirtioDevice,
-    INT_CONFIG, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
+    drain_queue, efd, poll, ActivationThread, Broken, Interrupt, Took, VirtioDevice, INT_CONFIG,
+    INT_VRING, VIRTIO_RING_F_EVENT_IDX,
 };
 use moat_net::rate::{Limits, RateLimiter};
 use moat_net::{Backend, Offloads, FRAME_MAX, VNET_HDR_LEN};
@@ -369,7 +369,6 @@ impl Shared {
 pub struct Net {
     shared: Arc<Shared>,
     threads: Vec<ActivationThread<Activation>>,
-    stops: Vec<Stop>,
 }
 
 impl std::fmt::Debug for Net {
@@ -401,11 +400,7 @@ impl Net {
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         port.link.reset_filter();
-        Ok(Net {
-            shared,
-            threads,
-            stops: Vec::new(),
-        })
+        Ok(Net { shared, threads })
     }
 
     fn pairs(&self) -> usize {
@@ -504,39 +499,37 @@ impl VirtioDevice for Net {
         } else {
             1
         };
-        self.stops.clear();
         for i in 0..used_pairs {
             let (Some(rx_notify), Some(tx_notify)) =
                 (notify[2 * i].take(), notify[2 * i + 1].take())
             else {
                 return Err(std::io::Error::other("virtio-net: missing queues"));
             };
-            let stop = Stop::new()?;
-            let a = Activation {
-                mem: mem.clone(),
-                rx: queues[2 * i].take(),
-                tx: queues[2 * i + 1].take(),
-                rx_notify,
-                tx_notify,
-                ctrl: if i == 0 { ctrl.take() } else { None },
-                interrupt: interrupt.clone(),
-                features,
-                kill: stop.event.try_clone()?,
-                stopping: stop.flag.clone(),
-                needs_reset: needs_reset.clone(),
-            };
-            if !self.threads[i].activate(a) {
-                return Err(std::io::Error::other("virtio-net: an I/O thread is gone"));
-            }
-            self.stops.push(stop);
+            let (rx, tx) = (queues[2 * i].take(), queues[2 * i + 1].take());
+            let ctrl = if i == 0 { ctrl.take() } else { None };
+            self.threads[i].activate(|stop| {
+                Ok(Activation {
+                    mem: mem.clone(),
+                    rx,
+                    tx,
+                    rx_notify,
+                    tx_notify,
+                    ctrl,
+                    interrupt: interrupt.clone(),
+                    features,
+                    kill: stop.event.try_clone()?,
+                    stopping: stop.flag.clone(),
+                    needs_reset: needs_reset.clone(),
+                })
+            })?;
         }
         Ok(())
     }
 
     /// Tell the workers to stop, without waiting (see `VirtioDevice::reset`).
     fn reset(&mut self) {
-        for stop in self.stops.drain(..) {
-            stop.stop();
+        for t in &mut self.threads {
+            t.stop();
         }
         *lock(&self.shared.link().inner.interrupt) = None;
         self.shared.link().reset_filter();

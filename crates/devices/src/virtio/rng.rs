@@ -15,9 +15,7 @@
 //! [`MAX_PER_REQUEST`] bytes through one fixed buffer, so nothing is sized
 //! by the guest.
 
-use super::{
-    drain_queue, efd, poll, ActivationThread, Broken, Interrupt, Stop, Took, VirtioDevice,
-};
+use super::{drain_queue, efd, poll, ActivationThread, Broken, Interrupt, Took, VirtioDevice};
 use moat_sys::lock;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -189,7 +187,6 @@ struct Activation {
 /// The device of one boot, over an [`RngPort`].
 pub struct Rng {
     thread: ActivationThread<Activation>,
-    stop: Option<Stop>,
 }
 
 impl Rng {
@@ -209,7 +206,7 @@ impl Rng {
                 }
             },
         )?;
-        Ok(Rng { thread, stop: None })
+        Ok(Rng { thread })
     }
 }
 
@@ -246,34 +243,22 @@ impl VirtioDevice for Rng {
         if !queue.ready() {
             return Ok(());
         }
-        let stop = Stop::new()?;
-        let a = Activation {
-            mem,
-            queue,
-            notify,
-            interrupt,
-            kill: stop.event.try_clone()?,
-            stopping: stop.flag.clone(),
-            needs_reset,
-        };
-        if !self.thread.activate(a) {
-            return Err(std::io::Error::other("virtio-rng: its thread is gone"));
-        }
-        self.stop = Some(stop);
-        Ok(())
+        self.thread.activate(|stop| {
+            Ok(Activation {
+                mem,
+                queue,
+                notify,
+                interrupt,
+                kill: stop.event.try_clone()?,
+                stopping: stop.flag.clone(),
+                needs_reset,
+            })
+        })
     }
 
     /// Tell the worker to stop, without waiting (see `VirtioDevice::reset`).
     fn reset(&mut self) {
-        if let Some(s) = self.stop.take() {
-            s.stop();
-        }
-    }
-}
-
-impl Drop for Rng {
-    fn drop(&mut self) {
-        self.reset();
+        self.thread.stop();
     }
 }
 
