@@ -13,7 +13,7 @@
 //! frame is taken until it has gone (flow control, as QEMU's stream netdev).
 
 use crate::FRAME_MAX;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
@@ -118,14 +118,17 @@ impl Stream {
         }
         let len = (frame.len() as u32).to_be_bytes();
         let total = 4 + frame.len();
-        let sent = match self
-            .sock
-            .write_vectored(&[IoSlice::new(&len), IoSlice::new(frame)])
-        {
+        // (MSG_NOSIGNAL: a peer that went away is an error here, never a
+        // SIGPIPE, whatever the process does with that signal.)
+        let sent = match rustix::net::sendmsg(
+            &self.sock,
+            &[IoSlice::new(&len), IoSlice::new(frame)],
+            &mut rustix::net::SendAncillaryBuffer::default(),
+            rustix::net::SendFlags::NOSIGNAL,
+        ) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-            Err(e) => return Err(e),
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => 0,
+            Err(e) => return Err(e.into()),
         };
         if sent < total {
             self.out.clear();
@@ -142,11 +145,12 @@ impl Stream {
 
     pub fn flush(&mut self) -> io::Result<()> {
         while self.wants_write() {
-            match self.sock.write(&self.out[self.out_pos..]) {
+            let rest = &self.out[self.out_pos..];
+            match rustix::net::send(&self.sock, rest, rustix::net::SendFlags::NOSIGNAL) {
                 Ok(n) => self.out_pos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(rustix::io::Errno::AGAIN) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         self.out.clear();
@@ -164,6 +168,30 @@ impl AsFd for Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// A peer that went away is an error (EPIPE), not a SIGPIPE, even in
+    /// a process that does not ignore that signal (libFuzzer's main does
+    /// not; Rust's, which this harness uses, does, so the test puts the
+    /// default action back while it runs).
+    #[test]
+    fn a_gone_peer_is_an_error_not_a_signal() {
+        let (mut s, peer) = pair();
+        drop(peer);
+        // SAFETY: setting a signal's disposition to a constant action.
+        let old = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        let frame = [0u8; 60];
+        let mut r = Ok(true);
+        for _ in 0..4 {
+            r = s.send(&frame);
+            if r.is_err() {
+                break;
+            }
+        }
+        // SAFETY: as above, putting back what was there.
+        unsafe { libc::signal(libc::SIGPIPE, old) };
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EPIPE));
+    }
 
     fn pair() -> (Stream, UnixStream) {
         let (a, b) = UnixStream::pair().unwrap();
