@@ -14,7 +14,6 @@ use super::{
 use moat_block::throttle::Throttle;
 use moat_block::{BlockError, DiskImage};
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
@@ -361,39 +360,16 @@ fn aligned(buf: &mut [u8]) -> &mut [u8] {
     }
 }
 
-fn wait(fds: &[&EventFd]) -> Vec<bool> {
-    wait_for(fds, -1)
-}
-
-/// poll() the eventfds for up to `timeout_ms` (-1: forever); which are ready.
-fn wait_for(fds: &[&EventFd], timeout_ms: i32) -> Vec<bool> {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let timeout = u64::try_from(timeout_ms).ok().map(|ms| Timespec {
-        tv_sec: (ms / 1000) as i64,
-        tv_nsec: ((ms % 1000) * 1_000_000) as i64,
-    });
-    // SAFETY: the descriptors belong to `fds`, which outlive the borrows.
-    let borrowed: Vec<_> = fds
-        .iter()
-        .map(|e| unsafe { std::os::fd::BorrowedFd::borrow_raw(e.as_raw_fd()) })
-        .collect();
-    let mut p: Vec<PollFd> = borrowed
-        .iter()
-        .map(|fd| PollFd::new(fd, PollFlags::IN))
-        .collect();
-    loop {
-        match poll(&mut p, timeout.as_ref()) {
-            Ok(_) => return p.iter().map(|x| !x.revents().is_empty()).collect(),
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return vec![true; fds.len()],
-        }
-    }
+/// Wait until one of the eventfds is readable (or `timeout` passes); which are.
+fn wait(fds: &[&EventFd], timeout: Option<std::time::Duration>) -> Vec<bool> {
+    let fds: Vec<_> = fds.iter().map(|e| (super::efd(e), libc::POLLIN)).collect();
+    super::poll(&fds, timeout)
 }
 
 impl Worker {
     fn run(&mut self, notify: &EventFd, needs_reset: &(dyn Fn() + Send + Sync)) {
         loop {
-            let ready = wait(&[notify, &self.kill]);
+            let ready = wait(&[notify, &self.kill], None);
             if ready[1] {
                 return;
             }
@@ -404,7 +380,7 @@ impl Worker {
                     "virtio-blk: the driver broke the queue protocol ({e:?}); device needs reset"
                 );
                 needs_reset();
-                let _ = wait(&[&self.kill]);
+                let _ = wait(&[&self.kill], None);
                 return;
             }
         }
@@ -449,8 +425,11 @@ impl Worker {
             .throttle
             .admit(write, bytes, std::time::Instant::now())
         {
-            let ms = d.as_millis().clamp(1, 1000) as i32;
-            if wait_for(&[&self.kill], ms)[0] {
+            let d = d.clamp(
+                std::time::Duration::from_millis(1),
+                std::time::Duration::from_secs(1),
+            );
+            if wait(&[&self.kill], Some(d))[0] {
                 return false;
             }
         }
