@@ -319,7 +319,7 @@ impl Worker {
     ) -> Result<Wait, Broken> {
         let mut wait = Wait::Queue;
         let mut done = 0;
-        let port = self.port.clone();
+        let port = &self.port;
         let buf = &mut self.buf;
         let more = drain_queue(mem, q, interrupt, |chain| {
             if done == BATCH || stopping.load(Ordering::Relaxed) {
