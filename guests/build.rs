@@ -90,8 +90,8 @@ fn main() {
     let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("c");
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     for f in [
-        "entry.S", "lib.c", "lib.h", "demo.c", "test.c", "net.c", "rng.c", "virtio.c", "virtio.h",
-        "bench.S", "link.ld",
+        "entry.S", "lib.c", "lib.h", "demo.c", "test.c", "net.c", "rng.c", "vsock.c", "virtio.c",
+        "virtio.h", "bench.S", "link.ld",
     ] {
         println!("cargo:rerun-if-changed=c/{f}");
     }
@@ -101,7 +101,9 @@ fn main() {
     link(
         &src,
         &pvh,
-        &["entry.S", "lib.c", "virtio.c", "net.c", "rng.c", "test.c"],
+        &[
+            "entry.S", "lib.c", "virtio.c", "net.c", "rng.c", "vsock.c", "test.c",
+        ],
     );
     run(Command::new("objcopy")
         .args(["--remove-section=.note.Xen"])

@@ -38,13 +38,6 @@
 #define F_CTRL_MAC 23
 #define F_EVENT_IDX 29
 
-struct vq {
-    u16 qsize, last_used, avail_idx, index;
-    u16 kicked_idx; /* avail_idx at the last notify */
-    volatile struct vdesc *desc;
-    volatile u16 *avail;
-    volatile u16 *used;
-};
 
 struct vnet {
     u64 base, features;
@@ -65,83 +58,6 @@ static int failures_net;
 
 int net_failures(void) { return failures_net; }
 
-static int vq_init(u64 base, u16 index, struct vq *q, u8 *ring, u16 qsize) {
-    vmmio_write(base, 0x30, index);
-    if (vmmio_read(base, 0x44) != 0) return -1;
-    u32 max = vmmio_read(base, 0x34);
-    if (max == 0) return -2;
-    if (qsize > max) qsize = (u16)max;
-    q->qsize = qsize;
-    q->index = index;
-    q->last_used = 0;
-    q->avail_idx = 0;
-    q->kicked_idx = 0;
-    memset(ring, 0, 16384);
-    q->desc = (volatile struct vdesc *)ring;
-    q->avail = (volatile u16 *)(ring + 16 * qsize);
-    q->used = (volatile u16 *)(ring + 8192);
-    vmmio_write(base, 0x38, qsize);
-    vmmio_write(base, 0x80, (u32)(u64)q->desc);
-    vmmio_write(base, 0x84, (u32)((u64)q->desc >> 32));
-    vmmio_write(base, 0x90, (u32)(u64)q->avail);
-    vmmio_write(base, 0x94, (u32)((u64)q->avail >> 32));
-    vmmio_write(base, 0xa0, (u32)(u64)q->used);
-    vmmio_write(base, 0xa4, (u32)((u64)q->used >> 32));
-    vmmio_write(base, 0x44, 1);
-    return 0;
-}
-
-/* Make descriptor `head` available (no notify). */
-static void vq_push(struct vq *q, u16 head) {
-    q->avail[2 + q->avail_idx % q->qsize] = head;
-    barrier();
-    q->avail_idx++;
-    q->avail[1] = q->avail_idx;
-    barrier();
-}
-
-/* Notify the device, always (the notify storm's way). */
-static void vq_notify(struct vnet *n, struct vq *q) {
-    q->kicked_idx = q->avail_idx;
-    vmmio_write(n->base, 0x50, q->index);
-}
-
-/* Notify the device of what was pushed since the last notify, as Linux
- * does: with EVENT_IDX only when the device's avail_event (after the used
- * ring) asks for it (virtio 1.2, 2.7.10), so a device that forgets to
- * update avail_event is not woken again. */
-static void vq_kick(struct vnet *n, struct vq *q) {
-    if (n->features & 1UL << F_EVENT_IDX) {
-        __asm__ volatile("mfence" ::: "memory");
-        u16 event = q->used[2 + 4 * q->qsize];
-        u16 old = q->kicked_idx, new = q->avail_idx;
-        q->kicked_idx = new;
-        if ((u16)(new - event - 1) >= (u16)(new - old)) return;
-    }
-    vmmio_write(n->base, 0x50, q->index);
-}
-
-/* The next used element, if any: its id and length. */
-static int vq_pop(struct vq *q, u32 *id, u32 *len) {
-    if (q->used[1] == q->last_used) return 0;
-    barrier();
-    volatile u32 *e = (volatile u32 *)(q->used + 2) + 2 * (q->last_used % q->qsize);
-    *id = e[0];
-    *len = e[1];
-    q->last_used++;
-    return 1;
-}
-
-/* Wait for the next used element; 0 on timeout, -2 on DEVICE_NEEDS_RESET. */
-static int vq_wait(struct vnet *n, struct vq *q, u32 *id, u32 *len) {
-    for (u64 spins = 0;; spins++) {
-        if (vq_pop(q, id, len)) return 1;
-        if (spins > 20000000UL) return 0;
-        if (spins % 1024 == 0 && (vmmio_read(n->base, 0x70) & 0x40)) return -2;
-        cpu_relax();
-    }
-}
-
 u16 vnet_status(u64 base) { return (u16)(vmmio_read(base, 0x104) >> 16); }
 
 static void post_rx(struct vnet *n, int p, u16 d) {
@@ -160,9 +76,9 @@ static int ctrl_cmd(struct vnet *n, u8 class, u8 cmd, const void *data, u32 len)
     q->desc[0] = (struct vdesc){ (u64)ctrlbuf, 2 + len, VDESC_NEXT, 1 };
     q->desc[1] = (struct vdesc){ (u64)ctrlbuf + 2048, 1, VDESC_WRITE, 0 };
     vq_push(q, 0);
-    vq_kick(n, q);
+    vq_kick(q);
     u32 id, l;
-    if (vq_wait(n, q, &id, &l) <= 0) return -1;
+    if (vq_wait(q, &id, &l) <= 0) return -1;
     return ctrlbuf[2048];
 }
 
@@ -194,18 +110,18 @@ int vnet_init(struct vnet *n, u64 base, u64 want, int pairs, int bigrx) {
     n->bufsize = bigrx ? BIG_BUF : SMALL_BUF;
     u16 rxq = bigrx ? (u16)(NET_QSIZE * SMALL_BUF / BIG_BUF) : NET_QSIZE;
     for (int p = 0; p < n->pairs; p++) {
-        if (vq_init(base, (u16)(2 * p), &n->rx[p], net_rings[2 * p], rxq)) return -4;
-        if (vq_init(base, (u16)(2 * p + 1), &n->tx[p], net_rings[2 * p + 1], NET_QSIZE)) return -5;
+        if (vq_init(base, (u16)(2 * p), &n->rx[p], net_rings[2 * p], rxq, n->features >> F_EVENT_IDX & 1)) return -4;
+        if (vq_init(base, (u16)(2 * p + 1), &n->tx[p], net_rings[2 * p + 1], NET_QSIZE, n->features >> F_EVENT_IDX & 1)) return -5;
         n->tx_next[p] = 0;
     }
     if (f >> F_CTRL_VQ & 1) {
         u16 ci = (f >> F_MQ & 1) ? (u16)(2 * n->max_pairs) : 2;
-        if (vq_init(base, ci, &n->ctrl, net_rings[2 * MAX_PAIRS], 16)) return -6;
+        if (vq_init(base, ci, &n->ctrl, net_rings[2 * MAX_PAIRS], 16, n->features >> F_EVENT_IDX & 1)) return -6;
     }
     vmmio_write(base, 0x70, 1 | 2 | 8 | 4);
     for (int p = 0; p < n->pairs; p++) {
         for (u16 d = 0; d < n->rx[p].qsize; d++) post_rx(n, p, d);
-        vq_kick(n, &n->rx[p]);
+        vq_kick(&n->rx[p]);
     }
     if (n->pairs > 1) {
         u16 np = (u16)n->pairs;
@@ -221,7 +137,7 @@ static int send_frame(struct vnet *n, int p, const u8 *data, u32 len) {
     u16 slot = n->tx_next[p] % q->qsize;
     if ((u16)(n->tx_next[p] - q->last_used) >= q->qsize) {
         u32 id, l;
-        if (vq_wait(n, q, &id, &l) <= 0) return 0;
+        if (vq_wait(q, &id, &l) <= 0) return 0;
     }
     u8 *b = txmem[p][slot];
     memset(b, 0, HDR);
@@ -230,7 +146,7 @@ static int send_frame(struct vnet *n, int p, const u8 *data, u32 len) {
     q->desc[slot] = (struct vdesc){ (u64)b, HDR + len, 0, 0 };
     vq_push(q, slot);
     n->tx_next[p]++;
-    vq_kick(n, q);
+    vq_kick(q);
     return 1;
 }
 
@@ -249,7 +165,7 @@ static int recv_frame(struct vnet *n, int p) {
     }
     post_rx(n, p, (u16)id);
     if (len < HDR) {               /* a frame the device dropped: the buffer came back empty */
-        vq_kick(n, q);
+        vq_kick(q);
         return -1;
     }
     for (u16 i = 1; i < count; i++) {
@@ -263,7 +179,7 @@ static int recv_frame(struct vnet *n, int p) {
         total += len;
         post_rx(n, p, (u16)id);
     }
-    vq_kick(n, q);
+    vq_kick(q);
     return (int)total;
 }
 
@@ -299,13 +215,13 @@ static void hostile(struct vnet *n) {
         q->desc[0] = cases[c][0];
         q->desc[1] = cases[c][1];
         vq_push(q, 0);
-        vq_kick(n, q);
-        r = vq_wait(n, q, &id, &len);
+        vq_kick(q);
+        r = vq_wait(q, &id, &len);
         NCHECK(r == 1 && id == 0, "hostile tx case %u: %d", c, r);
         n->tx_next[0] = q->last_used;
     }
     /* A notify storm on every queue. */
-    for (int i = 0; i < 300; i++) { vq_notify(n, &n->tx[0]); vq_notify(n, &n->rx[0]); vq_notify(n, &n->ctrl); }
+    for (int i = 0; i < 300; i++) { vq_notify(&n->tx[0]); vq_notify(&n->rx[0]); vq_notify(&n->ctrl); }
     /* Control queue: unknown class and command, short data, a MAC table
      * whose count runs past the chain, more pairs than offered, zero pairs. */
     u8 data[64];
@@ -324,16 +240,16 @@ static void hostile(struct vnet *n) {
     ctrlbuf[2048] = 0xee;
     n->ctrl.desc[0] = (struct vdesc){ (u64)ctrlbuf, 3, 0, 0 };
     vq_push(&n->ctrl, 0);
-    vq_kick(n, &n->ctrl);
-    r = vq_wait(n, &n->ctrl, &id, &len);
+    vq_kick(&n->ctrl);
+    r = vq_wait(&n->ctrl, &id, &len);
     NCHECK(r == 1 && len == 0, "ack-less control chain: %d len %u", r, len);
     /* A good one still works: promiscuous on. */
     data[0] = 1;
     NCHECK(ctrl_cmd(n, 0, 0, data, 1) == 0, "promiscuous refused after the attacks");
     /* A head index beyond the ring: DEVICE_NEEDS_RESET, then a re-init works. */
     vq_push(q, 200);
-    vq_kick(n, q);
-    r = vq_wait(n, q, &id, &len);
+    vq_kick(q);
+    r = vq_wait(q, &id, &len);
     NCHECK(r == -2, "out-of-range head: no DEVICE_NEEDS_RESET (%d)", r);
     printf_serial("net: hostile done\n");
 }

@@ -345,6 +345,8 @@ void guest_main(u64 info, u32 kind) {
     failures += net_failures();
     rng_checks(bi.cmdline);
     failures += rng_failures();
+    vsock_checks(bi.cmdline);
+    failures += vsock_failures();
 
     if (cmdline_get(bi.cmdline, "pio_loop", v, sizeof v))   /* N port writes: N exits */
         for (u64 i = 0, n = parse_num(v); i < n; i++) outb(0x80, 0);

@@ -100,3 +100,77 @@ int vblk_request(struct vblk *b, u32 type, u64 sector, void *data, u32 len, int 
     if (r < 0) return r;
     return status_byte;
 }
+
+int vq_init(u64 base, u16 index, struct vq *q, u8 *ring, u16 qsize, int event_idx) {
+    vmmio_write(base, 0x30, index);
+    if (vmmio_read(base, 0x44) != 0) return -1;
+    u32 max = vmmio_read(base, 0x34);
+    if (max == 0) return -2;
+    if (qsize > max) qsize = (u16)max;
+    q->base = base;
+    q->event_idx = event_idx;
+    q->qsize = qsize;
+    q->index = index;
+    q->last_used = 0;
+    q->avail_idx = 0;
+    q->kicked_idx = 0;
+    memset(ring, 0, 16384);
+    q->desc = (volatile struct vdesc *)ring;
+    q->avail = (volatile u16 *)(ring + 16 * qsize);
+    q->used = (volatile u16 *)(ring + 8192);
+    vmmio_write(base, 0x38, qsize);
+    vmmio_write(base, 0x80, (u32)(u64)q->desc);
+    vmmio_write(base, 0x84, (u32)((u64)q->desc >> 32));
+    vmmio_write(base, 0x90, (u32)(u64)q->avail);
+    vmmio_write(base, 0x94, (u32)((u64)q->avail >> 32));
+    vmmio_write(base, 0xa0, (u32)(u64)q->used);
+    vmmio_write(base, 0xa4, (u32)((u64)q->used >> 32));
+    vmmio_write(base, 0x44, 1);
+    return 0;
+}
+
+void vq_push(struct vq *q, u16 head) {
+    q->avail[2 + q->avail_idx % q->qsize] = head;
+    barrier();
+    q->avail_idx++;
+    q->avail[1] = q->avail_idx;
+    barrier();
+}
+
+void vq_notify(struct vq *q) {
+    q->kicked_idx = q->avail_idx;
+    vmmio_write(q->base, 0x50, q->index);
+}
+
+/* With EVENT_IDX only when the device's avail_event (after the used ring)
+ * asks for it (virtio 1.2, 2.7.10), so a device that forgets to update
+ * avail_event is not woken again. */
+void vq_kick(struct vq *q) {
+    if (q->event_idx) {
+        __asm__ volatile("mfence" ::: "memory");
+        u16 event = q->used[2 + 4 * q->qsize];
+        u16 old = q->kicked_idx, new = q->avail_idx;
+        q->kicked_idx = new;
+        if ((u16)(new - event - 1) >= (u16)(new - old)) return;
+    }
+    vmmio_write(q->base, 0x50, q->index);
+}
+
+int vq_pop(struct vq *q, u32 *id, u32 *len) {
+    if (q->used[1] == q->last_used) return 0;
+    barrier();
+    volatile u32 *e = (volatile u32 *)(q->used + 2) + 2 * (q->last_used % q->qsize);
+    *id = e[0];
+    *len = e[1];
+    q->last_used++;
+    return 1;
+}
+
+int vq_wait(struct vq *q, u32 *id, u32 *len) {
+    for (u64 spins = 0;; spins++) {
+        if (vq_pop(q, id, len)) return 1;
+        if (spins > 20000000UL) return 0;
+        if (spins % 1024 == 0 && (vmmio_read(q->base, 0x70) & 0x40)) return -2;
+        cpu_relax();
+    }
+}

@@ -29,6 +29,30 @@ struct vblk {
     u64 capacity;          /* sectors */
 };
 
+/* A split virtqueue of a polling driver (net.c, vsock.c). */
+struct vq {
+    u64 base;
+    int event_idx;  /* EVENT_IDX negotiated: notify only as avail_event asks */
+    u16 qsize, last_used, avail_idx, index;
+    u16 kicked_idx; /* avail_idx at the last notify */
+    volatile struct vdesc *desc;
+    volatile u16 *avail;
+    volatile u16 *used;
+};
+/* Set up queue `index` of the device at `base` in `ring` (16 KiB, 4 KiB
+ * aligned): 0, or a negative step. */
+int vq_init(u64 base, u16 index, struct vq *q, u8 *ring, u16 qsize, int event_idx);
+/* Make descriptor `head` available (no notify). */
+void vq_push(struct vq *q, u16 head);
+/* Notify the device, always (the notify storm's way). */
+void vq_notify(struct vq *q);
+/* Notify of what was pushed since the last notify, as Linux does. */
+void vq_kick(struct vq *q);
+/* The next used element, if any: its id and length. */
+int vq_pop(struct vq *q, u32 *id, u32 *len);
+/* Wait for the next used element; 0 on timeout, -2 on DEVICE_NEEDS_RESET. */
+int vq_wait(struct vq *q, u32 *id, u32 *len);
+
 u32 vmmio_read(u64 base, u32 off);
 void vmmio_write(u64 base, u32 off, u32 v);
 /* Find virtio devices of type `id`; returns how many (bases in `bases`). */
@@ -38,6 +62,9 @@ int vblk_scan(u64 *bases, int max);
 /* The virtio-net tests (net.c). */
 void net_checks(const char *cmdline);
 int net_failures(void);
+/* The virtio-vsock tests (vsock.c). */
+void vsock_checks(const char *cmdline);
+int vsock_failures(void);
 /* The virtio-rng tests (rng.c). */
 void rng_checks(const char *cmdline);
 int rng_failures(void);

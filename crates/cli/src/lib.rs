@@ -236,11 +236,24 @@ impl Parser {
     fn device(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
         let mut kv = net::keyvals(opt, arg, "driver")?;
         const OFFERED: &str =
-            "moat offers virtio-blk-device, virtio-net-device and virtio-rng-device";
+            "moat offers virtio-blk-device, virtio-net-device, virtio-rng-device and virtio-vsock-device";
         match kv.take("driver").as_deref() {
             Some("virtio-blk-device") | Some("virtio-blk") => {}
             Some("virtio-net-device") => return self.net_device(opt, arg, kv),
             Some("virtio-rng-device") => return self.rng_device(opt, arg, kv),
+            Some("virtio-vsock-device") => return self.vsock_device(opt, arg, kv),
+            Some(
+                d @ ("vhost-vsock-device" | "vhost-vsock-pci" | "vhost-user-vsock-device"
+                | "vhost-user-vsock-pci"),
+            ) => {
+                return Err(CliError::new(
+                    opt,
+                    arg,
+                    &format!(
+                        "'{d}' hands the guest's sockets to the host kernel (/dev/vhost-vsock) or to a separate daemon; moat's vsock is in the VMM: use -device virtio-vsock-device,guest-cid=N,uds-path=PATH"
+                    ),
+                ))
+            }
             Some(
                 d @ ("virtio-net-pci" | "virtio-net" | "virtio-blk-pci" | "virtio-rng-pci"
                 | "virtio-rng"),
@@ -306,6 +319,57 @@ impl Parser {
         let keys = net::parse_nic_keys(opt, arg, &mut kv)?;
         kv.finish(opt, arg)?;
         self.nics.push((keys, netdev, arg.to_string()));
+        Ok(())
+    }
+
+    /// `-device virtio-vsock-device,guest-cid=N,uds-path=PATH[,id=ID]`:
+    /// one per VM (a Linux guest drives only one).
+    fn vsock_device(
+        &mut self,
+        opt: &str,
+        arg: &str,
+        mut kv: keyval::KeyVals,
+    ) -> Result<(), CliError> {
+        let id = kv.take("id");
+        let cid = kv
+            .take("guest-cid")
+            .ok_or_else(|| CliError::new(opt, arg, "Parameter 'guest-cid' is missing"))?;
+        let guest_cid = keyval::parse_u64(opt, "guest-cid", &cid)?;
+        if !(3..=moat_config::VSOCK_MAX_CID).contains(&guest_cid) {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!(
+                    "guest-cid property must be greater than 2 and at most {}",
+                    moat_config::VSOCK_MAX_CID
+                ),
+            ));
+        }
+        let uds_path = kv
+            .take("uds-path")
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| CliError::new(opt, arg, "Parameter 'uds-path' is missing"))?;
+        kv.finish(opt, arg)?;
+        // `<path>_<port>` must still fit a sockaddr_un (108 bytes with NUL).
+        if uds_path.len() + "_4294967295".len() >= 108 {
+            return Err(CliError::new(
+                opt,
+                arg,
+                "uds-path is too long for a UNIX socket address (with _<port> it must stay under 108 bytes)",
+            ));
+        }
+        if self.cfg.vsock.is_some() {
+            return Err(CliError::new(
+                opt,
+                arg,
+                "only one virtio-vsock-device per VM (a guest drives only one)",
+            ));
+        }
+        self.cfg.vsock = Some(moat_config::VsockConfig {
+            id,
+            guest_cid,
+            uds_path: PathBuf::from(uds_path),
+        });
         Ok(())
     }
 
@@ -526,7 +590,9 @@ impl Parser {
             }
             cfg.rngs.push(rng);
         }
-        if cfg.drives.len() + cfg.nics.len() + cfg.rngs.len() > MAX_VIRTIO_DEVICES {
+        if cfg.drives.len() + cfg.nics.len() + cfg.rngs.len() + usize::from(cfg.vsock.is_some())
+            > MAX_VIRTIO_DEVICES
+        {
             return Err(CliError::new(
                 "-device",
                 "",
@@ -1710,6 +1776,40 @@ mod tests {
             c.uuid.as_deref(),
             Some("12345678-abcd-1234-abcd-1234567890ab")
         );
+    }
+
+    #[test]
+    fn vsock_device() {
+        let c = cfg(&[
+            "-device",
+            "virtio-vsock-device,guest-cid=3,uds-path=/run/v.sock,id=vs0",
+        ]);
+        let v = c.vsock.as_ref().unwrap();
+        assert_eq!((v.guest_cid, v.id.as_deref()), (3, Some("vs0")));
+        assert_eq!(v.port_path(52), PathBuf::from("/run/v.sock_52"));
+        assert_eq!(v.seqpacket_path(), PathBuf::from("/run/v.sock.seqpacket"));
+        assert!(c
+            .unix_socket_paths()
+            .contains(&PathBuf::from("/run/v.sock")));
+        for bad in [
+            "guest-cid=2,uds-path=/v",
+            "guest-cid=4294967295,uds-path=/v",
+        ] {
+            let e = err(&["-device", &format!("virtio-vsock-device,{bad}")]);
+            assert!(e.contains("greater than 2"), "{e}");
+        }
+        assert!(err(&["-device", "virtio-vsock-device,uds-path=/v"]).contains("'guest-cid'"));
+        assert!(err(&["-device", "virtio-vsock-device,guest-cid=3"]).contains("'uds-path'"));
+        let long = format!(
+            "virtio-vsock-device,guest-cid=3,uds-path=/{}",
+            "a".repeat(100)
+        );
+        assert!(err(&["-device", &long]).contains("too long"));
+        let one = "virtio-vsock-device,guest-cid=3,uds-path=/v";
+        assert!(err(&["-device", one, "-device", one]).contains("only one"));
+        let e = err(&["-device", "vhost-vsock-device,guest-cid=3"]);
+        assert!(e.contains("virtio-vsock-device,guest-cid="), "{e}");
+        assert!(err(&["-device", "vhost-vsock-pci,guest-cid=3"]).contains("/dev/vhost-vsock"));
     }
 
     #[test]

@@ -438,6 +438,41 @@ pub struct RngConfig {
     pub period_ms: u32,
 }
 
+/// The host's CID: where every guest packet must go.
+pub const VSOCK_HOST_CID: u64 = 2;
+/// The highest guest CID (`u32::MAX` is VMADDR_CID_ANY).
+pub const VSOCK_MAX_CID: u64 = u32::MAX as u64 - 1;
+
+/// A host-guest socket device: `-device
+/// virtio-vsock-device,guest-cid=N,uds-path=PATH` (moat's own; the
+/// protocol on the host side is Firecracker's and Cloud Hypervisor's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub id: Option<String>,
+    /// 3 ..= [`VSOCK_MAX_CID`].
+    pub guest_cid: u64,
+    /// moat listens here for host-initiated stream connections
+    /// (`CONNECT <port>\n`); guest connections to port P go to
+    /// `<uds_path>_<P>`.
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// Where moat listens for host-initiated SEQPACKET connections.
+    pub fn seqpacket_path(&self) -> PathBuf {
+        let mut p = self.uds_path.clone().into_os_string();
+        p.push(".seqpacket");
+        PathBuf::from(p)
+    }
+
+    /// Where a guest connection to `port` goes.
+    pub fn port_path(&self, port: u32) -> PathBuf {
+        let mut p = self.uds_path.clone().into_os_string();
+        p.push(format!("_{port}"));
+        PathBuf::from(p)
+    }
+}
+
 /// A network interface: `-device virtio-net-device,netdev=` (or `-nic`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicConfig {
@@ -566,6 +601,8 @@ pub struct VmConfig {
     pub nics: Vec<NicConfig>,
     /// virtio-rng devices, in device order (after the interfaces).
     pub rngs: Vec<RngConfig>,
+    /// The virtio-vsock device (after the rng devices).
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -581,6 +618,10 @@ impl VmConfig {
             .collect();
         if let Some(SerialBackend::UnixServer { path, .. }) = &self.serial {
             v.push(path.clone());
+        }
+        if let Some(vs) = &self.vsock {
+            v.push(vs.uds_path.clone());
+            v.push(vs.seqpacket_path());
         }
         v
     }
@@ -618,6 +659,7 @@ impl Default for VmConfig {
             drives: Vec::new(),
             nics: Vec::new(),
             rngs: Vec::new(),
+            vsock: None,
         }
     }
 }

@@ -78,6 +78,23 @@ impl Policy {
                 }
             }
         }
+        // The vsock device connects to `<uds-path>_<port>` (inside the
+        // chroot, if there is one).
+        if let Some(dir) = cfg.vsock.as_ref().and_then(|v| {
+            let dir = v.uds_path.parent()?;
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            let dir = match &cfg.chroot {
+                Some(root) => root.join(dir.strip_prefix("/").unwrap_or(dir)),
+                None => dir.to_path_buf(),
+            };
+            std::fs::canonicalize(dir).ok()
+        }) {
+            files.connect_unix_in.push(dir);
+        }
         let log_only = std::env::var_os("MOAT_SECCOMP_LOG").is_some_and(|v| v == "1");
         Policy {
             enabled: cfg.sandbox,

@@ -8,7 +8,8 @@
 //! pid file goes at exit, as QEMU's does). Every other file access that
 //! Landlock can control is denied, with the best ABI the kernel offers;
 //! from ABI 6, signals to other processes and connections to abstract UNIX
-//! sockets made outside moat are denied too.
+//! sockets made outside moat are denied too, and from ABI 9 connections to
+//! UNIX sockets by path anywhere but the vsock device's directory.
 
 use std::path::PathBuf;
 
@@ -26,6 +27,9 @@ pub struct FsPolicy {
     pub devices: Vec<PathBuf>,
     /// Directories where files may be removed (the pid file's).
     pub remove_in: Vec<PathBuf>,
+    /// Directories whose UNIX sockets may be connected to (the vsock
+    /// device's); kernels with Landlock ABI 9 deny every other.
+    pub connect_unix_in: Vec<PathBuf>,
 }
 
 /// The newest ABI this code knows; older kernels get what they support.
@@ -42,6 +46,8 @@ pub fn ruleset(p: &FsPolicy) -> Result<RulesetCreated, String> {
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(ABI_USED))
         .map_err(|x| e("ruleset", &x))?
+        .handle_access(AccessFs::ResolveUnix)
+        .map_err(|x| e("ruleset", &x))?
         .scope(Scope::from_all(ABI_USED))
         .map_err(|x| e("scope", &x))?
         .create()
@@ -56,6 +62,11 @@ pub fn ruleset(p: &FsPolicy) -> Result<RulesetCreated, String> {
             p.remove_in
                 .iter()
                 .map(|d| (d, BitFlags::from(AccessFs::RemoveFile))),
+        )
+        .chain(
+            p.connect_unix_in
+                .iter()
+                .map(|d| (d, BitFlags::from(AccessFs::ResolveUnix))),
         );
     for (path, access) in rules {
         let name = path.display().to_string();
@@ -130,6 +141,7 @@ mod tests {
             read_write: vec![dir.join("rw.img")],
             devices: vec![],
             remove_in: vec![dir.join("run")],
+            connect_unix_in: vec![dir.join("run")],
         };
         let rs = ruleset(&policy).unwrap();
         let c = |f: &str| CString::new(dir.join(f).to_str().unwrap()).unwrap();

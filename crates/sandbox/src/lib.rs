@@ -11,7 +11,8 @@
 //! That list, in [`rules`], is the union of the per-role lists in `roles`
 //! (each syscall with its reason); argument filters narrow the risky ones:
 //! `ioctl` only the KVM requests moat makes, by number, and the terminal's;
-//! `socketpair` only AF_UNIX (no `socket` at all); `clone` only for threads
+//! `socketpair` only AF_UNIX, `socket` only AF_UNIX stream or seqpacket
+//! sockets, non-blocking (the vsock thread's); `clone` only for threads
 //! (`clone3`, whose flags a filter cannot see, answers ENOSYS so the C
 //! library falls back to `clone`); `mmap`/`mprotect` never `PROT_EXEC`;
 //! `tgkill` only to moat's own threads with the vCPU kick or SIGABRT;
@@ -87,8 +88,24 @@ pub fn rules() -> BTreeMap<i64, Vec<SeccompRule>> {
         ioctl.push(rule(vec![cond(1, SeccompCmpOp::Eq, req)]));
     }
     m.insert(libc::SYS_ioctl, ioctl);
-    // socketpair: UNIX domain only (TLS relays). socket() itself is in no
-    // role's list: every socket moat uses exists before the guest runs.
+    // socket: only the vsock thread's connections (its role alone lists
+    // it): AF_UNIX, stream or seqpacket, non-blocking and close-on-exec.
+    if m.contains_key(&libc::SYS_socket) {
+        let flags = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+        m.insert(
+            libc::SYS_socket,
+            [libc::SOCK_STREAM, libc::SOCK_SEQPACKET]
+                .into_iter()
+                .map(|t| {
+                    rule(vec![
+                        cond(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64),
+                        cond(1, SeccompCmpOp::Eq, t as u64 | flags),
+                    ])
+                })
+                .collect(),
+        );
+    }
+    // socketpair: UNIX domain only (TLS relays).
     if m.contains_key(&libc::SYS_socketpair) {
         m.insert(
             libc::SYS_socketpair,
@@ -327,6 +344,12 @@ mod tests {
                 libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr());
                 libc::close(sv[0]);
                 libc::close(sv[1]);
+                let s = libc::socket(
+                    libc::AF_UNIX,
+                    libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                );
+                libc::close(s);
                 let p = libc::mmap(
                     std::ptr::null_mut(),
                     4096,
@@ -355,7 +378,7 @@ mod tests {
     #[test]
     fn unlisted_syscalls_kill_the_process() {
         type Case = (&'static str, fn() -> i32);
-        let cases: [Case; 13] = [
+        let cases: [Case; 14] = [
             ("execve", || {
                 let path = c"/bin/true";
                 let argv = [path.as_ptr(), std::ptr::null()];
@@ -389,8 +412,17 @@ mod tests {
                 0
             }),
             // SAFETY: a raw system call the filter under test stops first.
-            ("socket AF_UNIX", || unsafe {
+            ("socket AF_UNIX blocking", || unsafe {
                 libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                0
+            }),
+            // SAFETY: a raw system call the filter under test stops first.
+            ("socket AF_UNIX datagram", || unsafe {
+                libc::socket(
+                    libc::AF_UNIX,
+                    libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                );
                 0
             }),
             // SAFETY: a raw system call the filter under test stops first.

@@ -183,6 +183,26 @@ fn role_allowed(role: Role) -> Vec<(i64, &'static str)> {
                 "waiting for requests, the source, the rate limit or a stop",
             ),
         ],
+        Role::VsockIo => vec![
+            (
+                libc::SYS_socket,
+                "connections to <uds-path>_<port> (AF_UNIX stream or seqpacket only, checked globally)",
+            ),
+            (libc::SYS_connect, "connections to <uds-path>_<port>"),
+            (libc::SYS_accept4, "host connections on the device's listeners"),
+            (libc::SYS_recvfrom, "host socket bytes"),
+            (libc::SYS_sendto, "bytes to host sockets"),
+            (libc::SYS_shutdown, "the guest shut its sending side"),
+            (libc::SYS_setsockopt, "SO_SNDBUF of SEQPACKET connections"),
+            (
+                libc::SYS_poll,
+                "waiting for queues, host sockets, a deadline or a stop",
+            ),
+            (
+                libc::SYS_ppoll,
+                "waiting for queues, host sockets, a deadline or a stop",
+            ),
+        ],
         Role::Monitor => {
             let mut v = threads();
             v.extend([
@@ -254,7 +274,7 @@ fn ioctls(role: Role) -> Vec<(u64, &'static str)> {
                 "TUNSETQUEUE: queue pairs the guest enabled",
             ),
         ],
-        Role::Monitor | Role::Io | Role::BlockIo | Role::RngIo => vec![],
+        Role::Monitor | Role::Io | Role::BlockIo | Role::RngIo | Role::VsockIo => vec![],
     }
 }
 

@@ -17,6 +17,29 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Bind a listening UNIX socket that only its owner can use (mode 0600 from
 /// the moment it exists), replacing a stale socket but never any other file.
 pub fn bind_unix_private(path: &Path) -> Result<UnixListener, String> {
+    bind_private(path, || UnixListener::bind(path).map_err(|e| e.to_string()))
+}
+
+/// As [`bind_unix_private`], a listening `SOCK_SEQPACKET` socket
+/// (non-blocking), which std does not offer.
+pub fn bind_unix_seqpacket_private(path: &Path) -> Result<std::os::fd::OwnedFd, String> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    bind_private(path, || {
+        let fd = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .map_err(|e| e.to_string())?;
+        let addr = SocketAddrUnix::new(path).map_err(|e| e.to_string())?;
+        rustix::net::bind(&fd, &addr).map_err(|e| e.to_string())?;
+        rustix::net::listen(&fd, 128).map_err(|e| e.to_string())?;
+        Ok(fd)
+    })
+}
+
+fn bind_private<T>(path: &Path, bind: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             std::fs::remove_file(path).map_err(|e| format!("removing stale socket: {e}"))?;
@@ -26,7 +49,7 @@ pub fn bind_unix_private(path: &Path) -> Result<UnixListener, String> {
     }
     use rustix::fs::Mode;
     let old = rustix::process::umask(Mode::from_bits_truncate(0o177));
-    let l = UnixListener::bind(path).map_err(|e| e.to_string());
+    let l = bind();
     rustix::process::umask(old);
     let l = l?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))

@@ -17,6 +17,9 @@ pub enum Role {
     NetIo,
     /// A virtio-rng device's thread: reads its entropy source.
     RngIo,
+    /// The virtio-vsock device's thread: relays the guest's connections to
+    /// UNIX sockets under its configured path.
+    VsockIo,
     /// Monitor listeners, clients and TLS relays.
     Monitor,
     /// Console and signal threads.
@@ -29,6 +32,7 @@ impl Role {
         Role::BlockIo,
         Role::NetIo,
         Role::RngIo,
+        Role::VsockIo,
         Role::Monitor,
         Role::Io,
     ];

@@ -35,6 +35,7 @@ use moat_devices::virtio::block::Block;
 use moat_devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY};
 use moat_devices::virtio::net::{Net, NetPort};
 use moat_devices::virtio::rng::{Rng, RngPort};
+use moat_devices::virtio::vsock::{Vsock, VsockPort};
 use moat_devices::virtio::VirtioDevice;
 use moat_devices::{IrqLine, RequestSink, VmRequest};
 use moat_sys::lock;
@@ -153,6 +154,8 @@ pub struct BootImages {
     pub nics: Vec<NetPort>,
     /// The entropy devices' sources and limits, after the interfaces.
     pub rngs: Vec<RngPort>,
+    /// The vsock device's listeners, last.
+    pub vsock: Option<VsockPort>,
 }
 
 /// A built VM, ready to run.
@@ -241,14 +244,16 @@ impl Vm {
 
         let t = &cfg.smp;
         let apic_ids: Vec<u32> = (0..t.cpus).map(|i| cpuid::apic_id(t, i)).collect();
-        let virtio: Vec<(u64, u32)> =
-            (0..images.disks.len() + images.nics.len() + images.rngs.len())
-                .map(|i| {
-                    moat_boot::layout::virtio_slot(i).ok_or(VmError::Io(std::io::Error::other(
-                        "too many virtio devices",
-                    )))
-                })
-                .collect::<Result<_, _>>()?;
+        let virtio: Vec<(u64, u32)> = (0..images.disks.len()
+            + images.nics.len()
+            + images.rngs.len()
+            + usize::from(images.vsock.is_some()))
+            .map(|i| {
+                moat_boot::layout::virtio_slot(i).ok_or(VmError::Io(std::io::Error::other(
+                    "too many virtio devices",
+                )))
+            })
+            .collect::<Result<_, _>>()?;
         let machine = MachineDesc {
             apic_ids: apic_ids.clone(),
             acpi: cfg.acpi,
@@ -312,6 +317,9 @@ impl Vm {
         }
         for port in &images.rngs {
             devices.push(Box::new(Rng::new(port)?));
+        }
+        if let Some(port) = &images.vsock {
+            devices.push(Box::new(Vsock::new(port)?));
         }
         for (dev, &(base, irq)) in devices.into_iter().zip(&virtio) {
             let t = MmioTransport::new(dev, mem.clone(), IrqLine::new()?)?;

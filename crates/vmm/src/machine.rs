@@ -14,6 +14,7 @@ use moat_api::{
 };
 use moat_config::{Backing, DriveConfig, DriveFormat, ImageLayer, VmConfig};
 use moat_devices::virtio::rng::RngPort;
+use moat_devices::virtio::vsock::VsockPort;
 use moat_sys::lock;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -253,6 +254,11 @@ impl Machine {
                     })
                 })
                 .collect::<Result<_, _>>()?,
+            vsock: cfg
+                .vsock
+                .as_ref()
+                .map(|v| VsockPort::open(v).map_err(|e| VmError::Image(format!("vsock: {e}"))))
+                .transpose()?,
         };
         let platform = Platform::new(&cfg)?;
         let (tx, rx) = mpsc::channel();

@@ -4,6 +4,7 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use crate::IrqLine;
 use std::os::fd::{AsRawFd, BorrowedFd};
