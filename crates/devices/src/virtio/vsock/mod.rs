@@ -313,3 +313,49 @@ impl Worker {
         Ok((more, !put_back && mux.has_rx()))
     }
 }
+
+/// Serve `rounds` passes over both queues, which the caller set up (the
+/// `virtio_vsock` fuzz target's way in), with `port`'s paths.
+#[doc(hidden)]
+pub fn fuzz_serve(
+    port: &VsockPort,
+    mem: &GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    seqpacket: bool,
+    rounds: usize,
+) -> bool {
+    let events = || EventFd::new(libc::EFD_NONBLOCK);
+    let (Ok(irq), Ok(n0), Ok(n1), Ok(n2), Ok(kill)) = (
+        crate::IrqLine::new(),
+        events(),
+        events(),
+        events(),
+        events(),
+    ) else {
+        return false;
+    };
+    let mut a = Activation {
+        mem: mem.clone(),
+        rx,
+        tx,
+        notify: [n0, n1, n2],
+        interrupt: Arc::new(Interrupt::new(irq)),
+        kill,
+        stopping: Arc::default(),
+        needs_reset: Arc::new(|| {}),
+        seqpacket,
+    };
+    let mut w = Worker {
+        port: port.clone(),
+        bounce: vec![0; packet::MAX_PKT_DATA],
+    };
+    let mut mux = Muxer::new(port.cid, &port.base, seqpacket);
+    for _ in 0..rounds {
+        if w.tx_pass(&mut a, &mut mux).is_err() || w.rx_pass(&mut a, &mut mux).is_err() {
+            return false;
+        }
+        mux.expire(Instant::now());
+    }
+    true
+}
