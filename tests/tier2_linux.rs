@@ -75,12 +75,14 @@ fn debian_linux_under_moat() {
         "rng",
         "net",
         "net-passt",
+        "vsock",
     ]);
     boots_to_userspace_with_two_cpus_and_acpi_poweroff(&r);
     virtio_blk_with_ext4(&r);
     virtio_rng_feeds_hwrng_within_its_limit(&r);
     virtio_net_on_a_two_queue_tap(&r);
     virtio_net_to_passt_over_a_stream(&r);
+    virtio_vsock_both_ways_and_seqpacket(&r);
     jailed_on_cgroup_v2_with_apparmor(&r);
 }
 
@@ -136,9 +138,6 @@ fn virtio_net_to_passt_over_a_stream(r: &HashMap<String, String>) {
     assert!(p.contains("EXIT 0 "), "{p}");
 }
 
-/// moat-jail on a host with cgroup v2 and AppArmor (L1): the L2 kernel
-/// boots under a jailed moat whose cgroup, AppArmor profile, namespaces,
-/// credentials and root L1 inspects from outside; nothing is left after.
 /// Linux's virtio_rng is the hwrng core's current source, and
 /// `max-bytes=8192,period=1000` holds: 32 KiB take at least three more
 /// windows after the first (by the guest's clock).
@@ -161,6 +160,44 @@ fn virtio_rng_feeds_hwrng_within_its_limit(r: &HashMap<String, String>) {
     assert!(zeros < 100, "{zeros} zero bytes of 4096\n{t}");
 }
 
+/// Linux's vsock over moat's virtio-vsock-device: 64 MiB each way on a
+/// connection from L1 into the guest (Firecracker's CONNECT protocol) and
+/// on one from the guest to a UNIX listener in L1, the same stream hash
+/// at both ends; SEQPACKET messages up to 100000 bytes come back whole.
+fn virtio_vsock_both_ways_and_seqpacket(r: &HashMap<String, String>) {
+    let v = &r["vsock"];
+    // Every sender hashes the same pseudo-random stream (tier2/vsock.c);
+    // each receiver must print the hash its sender printed.
+    let hash = |key: &str, dir: &str| -> String {
+        let line = after(v, key);
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let i = w
+            .iter()
+            .position(|x| *x == dir)
+            .unwrap_or_else(|| panic!("{key}{dir}: {v}"));
+        assert_eq!(w[i + 1], (64u32 << 20).to_string(), "{key}{dir}: {v}");
+        w[i + 3].to_string()
+    };
+    let sent = hash("TIER2 vsock host-in ", "sent");
+    assert_eq!(sent.len(), 8, "{v}");
+    for (key, dir) in [
+        ("L2: vsock in ", "recv"),
+        ("L2: vsock in ", "sent"),
+        ("TIER2 vsock host-in ", "recv"),
+        ("L2: vsock out ", "sent"),
+        ("TIER2 vsock host-out listening ", "recv"),
+        ("TIER2 vsock host-out listening ", "sent"),
+        ("L2: vsock out ", "recv"),
+    ] {
+        assert_eq!(hash(key, dir), sent, "{key}{dir}: {v}");
+    }
+    assert!(v.contains("L2: vsock seq seq 7 of 7 messages whole"), "{v}");
+    assert!(v.contains("EXIT 0 "), "{v}");
+}
+
+/// moat-jail on a host with cgroup v2 and AppArmor (L1): the L2 kernel
+/// boots under a jailed moat whose cgroup, AppArmor profile, namespaces,
+/// credentials and root L1 inspects from outside; nothing is left after.
 fn jailed_on_cgroup_v2_with_apparmor(r: &HashMap<String, String>) {
     let j = &r["jail"];
     assert!(j.contains("TIER2 jail profile loaded"), "{j}");

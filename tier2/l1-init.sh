@@ -226,6 +226,57 @@ for s in $(cat /scenarios); do
                     -append "$CMD moat.test=netbench" -nodefaults -serial stdio -nographic -no-reboot \
                     -netdev tap,id=n0,ifname=tapb,script=no,downscript=no,vhost=off -device virtio-net-device,netdev=n0
             fi ;;
+        vsock)
+            # The host ends of tier2/vsock.c: a listener for the guest's
+            # stream (port 5000) and a SEQPACKET echo (port 5001), both
+            # open to moat's user (it connects after dropping to nobody);
+            # then 64 MiB each way on a connection into the guest.
+            ( umask 0; exec /moat/vsockt serve unix:/tmp/v.sock_5000 $((64 << 20)) ) > /tmp/vs-out.log 2>&1 &
+            ( umask 0; exec /moat/vsockt seq-echo unix:/tmp/v.sock_5001 ) > /dev/null 2>&1 &
+            epid=$!
+            : > /tmp/vs.out
+            $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=vsock" -nographic -no-reboot \
+                -device virtio-vsock-device,guest-cid=3,uds-path=/tmp/v.sock > /tmp/vs.out 2>&1 &
+            mpid=$!
+            tail -f /tmp/vs.out &
+            tpid=$!
+            if wait_line /tmp/vs.out "L2: vsock listening" $mpid; then
+                echo "TIER2 vsock host-in $(/moat/vsockt connect unix-connect:/tmp/v.sock:1234 $((64 << 20)) 2>&1 | tr '\n' ' ')"
+            fi
+            ( sleep 300; kill $mpid 2>/dev/null && echo "TIER2 vsock moat killed after 300 s" ) &
+            dog=$!
+            wait $mpid
+            mrc=$?
+            kill $dog $epid
+            sleep 1; kill $tpid
+            echo "TIER2 vsock host-out $(tr '\n' ' ' < /tmp/vs-out.log)"
+            (exit $mrc) ;;
+        bench-vsock-moat|bench-vsock-qemu)
+            # bench/vsock.sh: the guest sends and receives 64 MiB and makes
+            # 2000 round trips, with moat's vsock (UNIX sockets here) and
+            # with QEMU's vhost-vsock-device (AF_VSOCK here).
+            pkill -f vsockt 2>/dev/null; sleep 1
+            if [ $s = bench-vsock-moat ]; then
+                A=unix:/tmp/b.sock_
+            else
+                for m in vsock vhost_iotlb vhost vhost_vsock; do insmod /modules/$m.ko 2>/dev/null; done
+                A=vsock:4294967295:
+            fi
+            ( umask 0; exec /moat/vsockt serve ${A}5000 $((64 << 20)) ) > /tmp/vb.log 2>&1 &
+            ( umask 0; exec /moat/vsockt echo ${A}5002 ) > /dev/null 2>&1 &
+            epid=$!
+            sleep 1
+            if [ $s = bench-vsock-moat ]; then
+                $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=vsockbench" -nographic -no-reboot \
+                    -device virtio-vsock-device,guest-cid=3,uds-path=/tmp/b.sock
+            else
+                [ -c /dev/vhost-vsock ] || echo "TIER2 bench-vsock-qemu: no /dev/vhost-vsock in the test host"
+                qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 256M -smp 2 $L2 \
+                    -append "$CMD moat.test=vsockbench" -nodefaults -serial stdio -nographic -no-reboot \
+                    -device vhost-vsock-device,guest-cid=3
+            fi
+            kill $epid 2>/dev/null
+            echo "TIER2 $s host $(tr '\n' ' ' < /tmp/vb.log)" ;;
         bench-moat)
             bench moat $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
         bench-qemu)

@@ -73,7 +73,11 @@ L2ROOT=$WORK/l2root
 mk_busybox_root "$L2ROOT"
 copy_mods "$L2ROOT" $VIRTIO_MODS drivers/virtio/virtio_mmio.ko drivers/block/virtio_blk.ko \
     net/core/failover.ko drivers/net/net_failover.ko drivers/net/virtio_net.ko \
-    drivers/char/hw_random/virtio-rng.ko
+    drivers/char/hw_random/virtio-rng.ko \
+    net/vmw_vsock/vsock.ko net/vmw_vsock/vmw_vsock_virtio_transport_common.ko \
+    net/vmw_vsock/vmw_vsock_virtio_transport.ko
+# The vsock test program (both ends; see tier2/vsock.c).
+gcc -static -O2 -o "$L2ROOT/bin/vsockt" "$HERE/vsock.c"
 # busybox ip (the L2 side of the network scenarios) and udhcpc's script.
 ln -sf busybox "$L2ROOT/bin/ip"
 cat > "$L2ROOT/bin/dhcp.sh" <<'DHCP'
@@ -174,6 +178,31 @@ case " $(cat /proc/cmdline) " in
     echo "L2: rng read $n $t0 $(cut -d' ' -f1 /proc/uptime)"
     echo "L2: rng zeros $(dd if=/dev/hwrng bs=4096 count=1 2>/dev/null | tr -dc '\000' | wc -c)"
     ;;
+*" moat.test=vsock "*)
+    # 64 MiB each way on a connection from L1 (to port 1234) and on one to
+    # L1 (port 5000), then SEQPACKET messages echoed by L1 (port 5001).
+    for m in virtio_ring virtio virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
+        insmod /modules/$m.ko || echo "L2: insmod $m failed"
+    done
+    sleep 1
+    vsockt serve vsock:4294967295:1234 $((64 << 20)) > /tmp/in.log 2>&1 &
+    spid=$!
+    for i in $(seq 100); do grep -q listening /tmp/in.log && break; usleep 100000; done
+    echo "L2: vsock listening"
+    echo "L2: vsock out $(vsockt connect vsock:2:5000 $((64 << 20)) 2>&1 | tr '\n' ' ')"
+    echo "L2: vsock seq $(vsockt seq vsock:2:5001 2>&1 | tr '\n' ' ')"
+    wait $spid
+    echo "L2: vsock in $(grep -v listening /tmp/in.log | tr '\n' ' ')"
+    ;;
+*" moat.test=vsockbench "*)
+    # bench/vsock.sh: 64 MiB each way and 2000 round trips to L1 (CID 2).
+    for m in virtio_ring virtio virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
+        insmod /modules/$m.ko || echo "L2: insmod $m failed"
+    done
+    sleep 1
+    echo "L2: vsockbench $(vsockt connect vsock:2:5000 $((64 << 20)) 2>&1 | tr '\n' ' ')"
+    echo "L2: vsockbench $(vsockt rtt vsock:2:5002 2000 2>&1 | tr '\n' ' ')"
+    ;;
 *" moat.test=linger "*)
     # Stay up a while, so L1 can look at the jailed moat from outside.
     sleep 8
@@ -201,8 +230,10 @@ mk_busybox_root "$L1ROOT"
 mkdir -p "$L1ROOT/modules" "$L1ROOT/l2" "$L1ROOT/moat"
 copy_mods "$L1ROOT" virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko $VIRTIO_MODS \
     drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko \
-    drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko drivers/net/tun.ko drivers/net/dummy.ko
+    drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko drivers/net/tun.ko drivers/net/dummy.ko \
+    net/vmw_vsock/vsock.ko drivers/vhost/vhost_iotlb.ko drivers/vhost/vhost.ko drivers/vhost/vhost_vsock.ko
 cp "$MOAT" "$L1ROOT/moat/moat"
+cp "$L2ROOT/bin/vsockt" "$L1ROOT/moat/vsockt"
 # moat-jail, and AppArmor's parser with moat's profile (the jail scenario).
 cp "$MOAT_JAIL" "$L1ROOT/moat/moat-jail"
 copy_bin "$L1ROOT" "$(command -v apparmor_parser)" /sbin/apparmor_parser
