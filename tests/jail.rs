@@ -537,3 +537,64 @@ fn bad_input_is_refused_and_leaves_nothing() {
     assert!(err.contains("writable by group or others"), "{err}");
     assert_eq!(cgroups_named("vm"), Vec::<PathBuf>::new());
 }
+
+/// virtio-vsock in the jail: moat makes its listener inside the jail's
+/// root (a `--rw` directory, so the host reaches it by path), and a guest
+/// connection to port 5000 reaches a listener the host put in the same
+/// directory, through moat's sandbox as nobody.
+#[test]
+fn a_jailed_vsock_reaches_host_listeners_by_path() {
+    let Some((dir, base)) = jail_scratch("jail-vsock") else {
+        return;
+    };
+    let run = dir.join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(run.join("v.sock_5000")).unwrap();
+    // moat runs as nobody: the socket must be writable for it.
+    std::fs::set_permissions(
+        run.join("v.sock_5000"),
+        std::fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    let id = format!("v{}", std::process::id());
+    let guest = format!("{TEST_PVH}:/guest.elf");
+    let rw = format!("{}:/run", run.display());
+    let (jailer, _pid, console) = start_jail(&jail_args(
+        &id,
+        &base,
+        &[
+            "--ro",
+            &guest,
+            "--rw",
+            &rw,
+            "--",
+            "-kernel",
+            "/guest.elf",
+            "-append",
+            "vsock=3 vsock_connect=5000 action=count",
+            "-device",
+            "virtio-vsock-device,guest-cid=3,uds-path=/run/v.sock",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ],
+    ));
+    let made = std::fs::symlink_metadata(run.join("v.sock"));
+    let (code, err) = stop_jail(jailer);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(console.contains("vsock: stream ok"), "{console}");
+    assert!(
+        made.is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())),
+        "moat's listener is not in the jail's /run"
+    );
+}
