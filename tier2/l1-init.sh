@@ -259,10 +259,13 @@ for s in $(cat /scenarios); do
             if [ $s = bench-vsock-moat ]; then
                 A=unix:/tmp/b.sock_
             else
-                for m in vsock vhost_iotlb vhost vhost_vsock; do insmod /modules/$m.ko 2>/dev/null; done
+                for m in vsock vmw_vsock_virtio_transport_common vhost_iotlb vhost vhost_vsock; do
+                    [ -c /dev/vhost-vsock ] || insmod /modules/$m.ko 2>/dev/null
+                done
                 A=vsock:4294967295:
             fi
             ( umask 0; exec /moat/vsockt serve ${A}5000 $((64 << 20)) ) > /tmp/vb.log 2>&1 &
+            spid=$!
             ( umask 0; exec /moat/vsockt echo ${A}5002 ) > /dev/null 2>&1 &
             epid=$!
             sleep 1
@@ -275,7 +278,7 @@ for s in $(cat /scenarios); do
                     -append "$CMD moat.test=vsockbench" -nodefaults -serial stdio -nographic -no-reboot \
                     -device vhost-vsock-device,guest-cid=3
             fi
-            kill $epid 2>/dev/null
+            kill $spid $epid 2>/dev/null; wait $spid $epid 2>/dev/null
             echo "TIER2 $s host $(tr '\n' ' ' < /tmp/vb.log)" ;;
         bench-moat)
             bench moat $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;

@@ -231,7 +231,8 @@ mkdir -p "$L1ROOT/modules" "$L1ROOT/l2" "$L1ROOT/moat"
 copy_mods "$L1ROOT" virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko $VIRTIO_MODS \
     drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko \
     drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko drivers/net/tun.ko drivers/net/dummy.ko \
-    net/vmw_vsock/vsock.ko drivers/vhost/vhost_iotlb.ko drivers/vhost/vhost.ko drivers/vhost/vhost_vsock.ko
+    net/vmw_vsock/vsock.ko net/vmw_vsock/vmw_vsock_virtio_transport_common.ko \
+    drivers/vhost/vhost_iotlb.ko drivers/vhost/vhost.ko drivers/vhost/vhost_vsock.ko
 cp "$MOAT" "$L1ROOT/moat/moat"
 cp "$L2ROOT/bin/vsockt" "$L1ROOT/moat/vsockt"
 # moat-jail, and AppArmor's parser with moat's profile (the jail scenario).

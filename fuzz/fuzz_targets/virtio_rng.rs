@@ -2,9 +2,9 @@
 //! the guest controls every descriptor and ring index, and the quota
 //! (from the input) runs out part-way or not at all.
 #![no_main]
+mod queue;
 use libfuzzer_sys::fuzz_target;
 use moat_devices::virtio::rng::fuzz_serve;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM: usize = 64 * 1024;
@@ -18,17 +18,9 @@ fuzz_target!(|data: &[u8]| {
     let (head, guest) = data.split_at(HEAD);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let _ = mem.write_slice(&guest[..guest.len().min(MEM)], GuestAddress(0));
-    let addr = |b: u8, align: u64| u64::from(b) * 256 / align * align;
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(1 << (head[3] & 7).max(1));
-    q.set_desc_table_address(Some(addr(head[0], 16) as u32), None);
-    q.set_avail_ring_address(Some(addr(head[1], 2) as u32), None);
-    q.set_used_ring_address(Some(addr(head[2], 4) as u32), None);
-    q.set_event_idx(head[4] & 1 == 1);
-    q.set_ready(true);
-    if !q.is_valid(&mem) {
+    let Some(mut q) = queue::queue(&mem, head[0..5].try_into().unwrap()) else {
         return;
-    }
+    };
     // No limit, or a few bytes to a few KiB per (long) window.
     let quota = match head[5] {
         0 => u64::MAX >> 1,

@@ -4,10 +4,10 @@
 //! device's path has a listener (which never accepts), so connection
 //! requests reach real sockets.
 #![no_main]
+mod queue;
 use libfuzzer_sys::fuzz_target;
 use moat_devices::virtio::vsock::{fuzz_serve, VsockPort};
 use std::sync::OnceLock;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MEM: usize = 64 * 1024;
@@ -32,18 +32,6 @@ fn port() -> &'static VsockPort {
         .0
 }
 
-fn queue(mem: &GuestMemoryMmap, h: &[u8]) -> Option<Queue> {
-    let addr = |b: u8, align: u64| u64::from(b) * 256 / align * align;
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(1 << (h[3] & 7).max(1));
-    q.set_desc_table_address(Some(addr(h[0], 16) as u32), None);
-    q.set_avail_ring_address(Some(addr(h[1], 2) as u32), None);
-    q.set_used_ring_address(Some(addr(h[2], 4) as u32), None);
-    q.set_event_idx(h[4] & 1 == 1);
-    q.set_ready(true);
-    q.is_valid(mem).then_some(q)
-}
-
 fuzz_target!(|data: &[u8]| {
     if data.len() < HEAD {
         return;
@@ -51,7 +39,9 @@ fuzz_target!(|data: &[u8]| {
     let (head, guest) = data.split_at(HEAD);
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
     let _ = mem.write_slice(&guest[..guest.len().min(MEM)], GuestAddress(0));
-    let (Some(rx), Some(tx)) = (queue(&mem, &head[0..5]), queue(&mem, &head[5..10])) else {
+    let rx = queue::queue(&mem, head[0..5].try_into().unwrap());
+    let tx = queue::queue(&mem, head[5..10].try_into().unwrap());
+    let (Some(rx), Some(tx)) = (rx, tx) else {
         return;
     };
     let _ = fuzz_serve(port(), &mem, rx, tx, head[10] & 1 == 1, 1 + usize::from(head[11] % 4));

@@ -86,22 +86,9 @@ static int ctrl_cmd(struct vnet *n, u8 class, u8 cmd, const void *data, u32 len)
  * queue pairs. 0, or a negative step. */
 int vnet_init(struct vnet *n, u64 base, u64 want, int pairs, int bigrx) {
     n->base = base;
-    vmmio_write(base, 0x70, 0);
-    if (vmmio_read(base, 0x70) != 0) return -1;
-    vmmio_write(base, 0x70, 1 | 2);
-    vmmio_write(base, 0x14, 0);
-    u64 f = vmmio_read(base, 0x10);
-    vmmio_write(base, 0x14, 1);
-    f |= (u64)vmmio_read(base, 0x10) << 32;
-    if (!(f >> 32 & 1)) return -2;
-    f &= want | (1UL << 32);
-    n->features = f;
-    vmmio_write(base, 0x24, 0);
-    vmmio_write(base, 0x20, (u32)f);
-    vmmio_write(base, 0x24, 1);
-    vmmio_write(base, 0x20, (u32)(f >> 32));
-    vmmio_write(base, 0x70, 1 | 2 | 8);
-    if (!(vmmio_read(base, 0x70) & 8)) return -3;
+    int e = virtio_negotiate(base, want, &n->features);
+    if (e) return e;
+    u64 f = n->features;
     n->max_pairs = (f >> F_MQ & 1) ? (int)(vmmio_read(base, 0x108) & 0xffff) : 1;
     n->pairs = pairs < n->max_pairs ? pairs : n->max_pairs;
     if (n->pairs > MAX_PAIRS) n->pairs = MAX_PAIRS;

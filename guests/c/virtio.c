@@ -101,6 +101,26 @@ int vblk_request(struct vblk *b, u32 type, u64 sector, void *data, u32 len, int 
     return status_byte;
 }
 
+int virtio_negotiate(u64 base, u64 want, u64 *features) {
+    vmmio_write(base, 0x70, 0);
+    if (vmmio_read(base, 0x70) != 0) return -1;
+    vmmio_write(base, 0x70, 1 | 2);
+    vmmio_write(base, 0x14, 0);
+    u64 f = vmmio_read(base, 0x10);
+    vmmio_write(base, 0x14, 1);
+    f |= (u64)vmmio_read(base, 0x10) << 32;
+    if (!(f >> 32 & 1)) return -2;                 /* VERSION_1 */
+    f &= want | 1UL << 32;
+    *features = f;
+    vmmio_write(base, 0x24, 0);
+    vmmio_write(base, 0x20, (u32)f);
+    vmmio_write(base, 0x24, 1);
+    vmmio_write(base, 0x20, (u32)(f >> 32));
+    vmmio_write(base, 0x70, 1 | 2 | 8);
+    if (!(vmmio_read(base, 0x70) & 8)) return -3;
+    return 0;
+}
+
 int vq_init(u64 base, u16 index, struct vq *q, u8 *ring, u16 qsize, int event_idx) {
     vmmio_write(base, 0x30, index);
     if (vmmio_read(base, 0x44) != 0) return -1;

@@ -39,6 +39,9 @@ struct vq {
     volatile u16 *avail;
     volatile u16 *used;
 };
+/* Reset the device at `base` and agree on VERSION_1 and those of `want` it
+ * offers (in `features`), up to FEATURES_OK: 0, or a negative step. */
+int virtio_negotiate(u64 base, u64 want, u64 *features);
 /* Set up queue `index` of the device at `base` in `ring` (16 KiB, 4 KiB
  * aligned): 0, or a negative step. */
 int vq_init(u64 base, u16 index, struct vq *q, u8 *ring, u16 qsize, int event_idx);

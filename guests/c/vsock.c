@@ -84,21 +84,10 @@ static void post_rx(struct vsock *s, u16 d) {
 
 static int vsock_init(struct vsock *s, u64 base) {
     s->base = base;
-    vmmio_write(base, 0x70, 0);
-    if (vmmio_read(base, 0x70) != 0) return -1;
-    vmmio_write(base, 0x70, 1 | 2);
-    vmmio_write(base, 0x14, 0);
-    u64 f = vmmio_read(base, 0x10);
-    vmmio_write(base, 0x14, 1);
-    f |= (u64)vmmio_read(base, 0x10) << 32;
-    if (!(f >> 32 & 1) || !(f >> F_SEQPACKET & 1)) return -2;
-    f &= 1UL << 32 | 1UL << F_SEQPACKET | 1UL << F_EVENT_IDX;
-    vmmio_write(base, 0x24, 0);
-    vmmio_write(base, 0x20, (u32)f);
-    vmmio_write(base, 0x24, 1);
-    vmmio_write(base, 0x20, (u32)(f >> 32));
-    vmmio_write(base, 0x70, 1 | 2 | 8);
-    if (!(vmmio_read(base, 0x70) & 8)) return -3;
+    u64 f;
+    int e = virtio_negotiate(base, 1UL << F_SEQPACKET | 1UL << F_EVENT_IDX, &f);
+    if (e) return e;
+    if (!(f >> F_SEQPACKET & 1)) return -2;
     int evidx = f >> F_EVENT_IDX & 1;
     if (vq_init(base, 0, &s->rx, vs_rings[0], QSIZE, evidx)) return -4;
     if (vq_init(base, 1, &s->tx, vs_rings[1], 2 * TXSLOTS, evidx)) return -5;

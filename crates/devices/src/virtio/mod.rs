@@ -184,6 +184,20 @@ pub(crate) fn read_config_bytes<T: vm_memory::ByteValued>(
 #[derive(Debug)]
 pub(crate) struct Broken(pub(crate) virtio_queue::Error);
 
+impl Broken {
+    /// Set DEVICE_NEEDS_RESET and wait for the stop the driver's reset
+    /// brings (`kill`). Guest-triggered, so logged at debug level only: a
+    /// guest cannot flood the host's log.
+    pub(crate) fn needs_reset(self, device: &str, needs_reset: &dyn Fn(), kill: &EventFd) {
+        log::debug!(
+            "{device}: the driver broke the ring protocol ({:?}); device needs reset",
+            self.0
+        );
+        needs_reset();
+        poll(&[(efd(kill), libc::POLLIN)], None);
+    }
+}
+
 impl From<virtio_queue::Error> for Broken {
     fn from(e: virtio_queue::Error) -> Self {
         Broken(e)

@@ -597,13 +597,8 @@ impl Worker {
             // One queue pair until the guest enables more.
             let _ = b.set_enabled(self.index == 0);
         }
-        if let Err(Broken(e)) = self.serve(&mut a) {
-            // Guest-triggered: debug level, so a guest cannot flood the host log.
-            log::debug!(
-                "virtio-net: the driver broke the ring protocol ({e:?}); device needs reset"
-            );
-            (a.needs_reset)();
-            poll(&[(efd(&a.kill), libc::POLLIN)], None);
+        if let Err(e) = self.serve(&mut a) {
+            e.needs_reset("virtio-net", &*a.needs_reset, &a.kill);
         }
     }
 

@@ -199,10 +199,8 @@ impl Rng {
             "virtio-rng".into(),
             moat_sys::role::Role::RngIo,
             move |mut a: Activation| {
-                if let Err(Broken(e)) = w.serve(&mut a) {
-                    log::debug!("virtio-rng: the driver broke the ring protocol ({e:?})");
-                    (a.needs_reset)();
-                    poll(&[(efd(&a.kill), libc::POLLIN)], None);
+                if let Err(e) = w.serve(&mut a) {
+                    e.needs_reset("virtio-rng", &*a.needs_reset, &a.kill);
                 }
             },
         )?;

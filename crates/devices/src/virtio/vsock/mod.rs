@@ -91,10 +91,8 @@ impl Vsock {
             "virtio-vsock".into(),
             moat_sys::role::Role::VsockIo,
             move |mut a: Activation| {
-                if let Err(Broken(e)) = w.serve(&mut a) {
-                    log::debug!("virtio-vsock: the driver broke the ring protocol ({e:?})");
-                    (a.needs_reset)();
-                    poll(&[(efd(&a.kill), libc::POLLIN)], None);
+                if let Err(e) = w.serve(&mut a) {
+                    e.needs_reset("virtio-vsock", &*a.needs_reset, &a.kill);
                 }
             },
         )?;
