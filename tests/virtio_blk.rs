@@ -4,6 +4,9 @@
 mod common;
 use common::*;
 use moat_guests::TEST_PVH;
+use serde_json::json;
+use std::io::Read;
+use std::process::Stdio;
 
 fn pattern(len: usize, seed: u32) -> Vec<u8> {
     (0..len as u32)
@@ -312,4 +315,113 @@ fn sigterm_ends_moat_while_a_reset_disk_is_busy() {
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     assert!(exit_within(&mut child, GUARD).success());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The host disk fills up under a guest's writes: with QEMU's default
+/// `werror=enospc` the VM stops (BLOCK_IO_ERROR with action "stop", then
+/// STOP; query-status "io-error", query-block "nospace"), and once space is
+/// freed `cont` retries the held request: every byte the guest wrote is in
+/// the image. (A tmpfs with a size limit is the full disk; needs root.)
+#[test]
+fn a_full_host_disk_stops_the_vm_and_cont_loses_nothing() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = scratch("enospc");
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "moat-enospc"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(mount.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let img = mnt.join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    // Fill the tmpfs, then give back 128 KiB: the guest's first writes fit,
+    // a later one meets ENOSPC.
+    let filler = mnt.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0x55; 4096]).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - (128 << 10)).unwrap();
+    }
+    let qmp = dir.join("qmp.sock");
+    const LEN: u64 = 512 << 10;
+    let mut child = Reaped(
+        moat_command()
+            .args(["-kernel", TEST_PVH, "-append"])
+            .arg(format!("blk=1 blk_fill={LEN} action=poweroff"))
+            .args(["-drive"])
+            .arg(format!("file={},format=raw,if=virtio", img.display()))
+            .args(["-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut q = Qmp::connect(&qmp);
+    let event = |q: &mut Qmp, name: &str| loop {
+        let m = q.message();
+        if m["event"] == name {
+            return m;
+        }
+    };
+    let err = event(&mut q, "BLOCK_IO_ERROR");
+    let d = &err["data"];
+    assert_eq!(
+        (&d["operation"], &d["action"], &d["nospace"]),
+        (&json!("write"), &json!("stop"), &json!(true)),
+        "{err}"
+    );
+    assert_eq!(d["reason"], "No space left on device", "{err}");
+    event(&mut q, "STOP");
+    assert_eq!(
+        q.execute("query-status")["return"],
+        json!({"running": false, "singlestep": false, "status": "io-error"})
+    );
+    assert_eq!(
+        q.execute("query-block")["return"][0]["io-status"],
+        "nospace"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(q.execute("cont")["return"], json!({}));
+    let status = child.0.wait().unwrap();
+    let mut out = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(status.success(), "{status:?}\n{out}");
+    assert!(
+        out.contains("RESULT: PASS") && !out.contains("FAIL"),
+        "{out}"
+    );
+    let data = std::fs::read(&img).unwrap();
+    let want = format!("blk: filled {LEN} fnv {:x}", fnv1a(&data[..LEN as usize]));
+    assert!(out.contains(&want), "{want}\n{out}");
+    // Every byte is the pattern the guest wrote (the hash above is of the
+    // image; this says it is the guest's data, not whatever was there).
+    for (i, b) in data[..LEN as usize].iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(*b, (i * 13 + i / 4099) as u8, "byte {i}");
+    }
 }

@@ -19,6 +19,8 @@
  *                    blk_write=1 (writes sectors 8..15 with a pattern, flushes),
  *                    blk_oob=1 (a read past the end fails); on the second:
  *                    blk_ro=1 (it is read-only: writes fail)
+ *   blk_fill=BYTES   write BYTES of a pattern from sector 0 (every write must
+ *                    succeed), flush, read back: "blk: filled BYTES fnv X"
  *   blk_storm=N      N pseudo-random 4 KiB writes (0: forever), see blk_checks;
  *                    blk_noflush=1: never flush (moat must at exit)
  *   blk_bench=MODE   endless I/O for bench/io.py (blk_bs=SIZE); virtio_base=,
@@ -212,6 +214,26 @@ static void blk_checks(const char *cmdline) {
         memset(blkbuf, 0, 4096);
         r = vblk_request(&b, VBLK_T_IN, 8, blkbuf, 4096, 1, &used);
         CHECK(r == 0 && blkbuf[4095] == (u8)(4095 * 7 + 3), "read back after write failed");
+    }
+    if (cmdline_get(cmdline, "blk_fill", v, sizeof v)) {
+        /* Write BYTES of a pattern from sector 0 in 64 KiB requests (each
+         * must succeed: a host disk that fills up stops the VM until the
+         * space is there), flush, read it all back: its FNV-1a. */
+        u64 len = parse_num(v), done;
+        for (done = 0; done < len; done += sizeof blkbuf) {
+            for (u32 i = 0; i < sizeof blkbuf; i++) blkbuf[i] = (u8)((done + i) * 13 + (done + i) / 4099);
+            r = vblk_request(&b, VBLK_T_OUT, done / 512, blkbuf, sizeof blkbuf, 0, &used);
+            CHECK(r == 0, "fill: write at %lu: status %d", done, r);
+        }
+        r = vblk_request(&b, VBLK_T_FLUSH, 0, 0, 0, 0, &used);
+        CHECK(r == 0, "fill: flush: status %d", r);
+        u32 h = 2166136261u;
+        for (done = 0; done < len; done += sizeof blkbuf) {
+            r = vblk_request(&b, VBLK_T_IN, done / 512, blkbuf, sizeof blkbuf, 1, &used);
+            CHECK(r == 0, "fill: read at %lu: status %d", done, r);
+            for (u32 i = 0; i < sizeof blkbuf; i++) { h ^= blkbuf[i]; h *= 16777619u; }
+        }
+        printf_serial("blk: filled %lu fnv %x\n", len, h);
     }
     if (cmdline_get(cmdline, "blk_bench", v, sizeof v)) {
         /* I/O without end for bench/io.py: seqread|seqwrite|randread|randwrite

@@ -495,8 +495,10 @@ def test_block_io_error_event(moat, tmp_path):
         img = mnt / "disk.img"
         with open(img, "wb") as f:
             f.truncate(64 << 20)  # sparse: the guest's writes fill the tmpfs
+        # werror=report (the default, enospc, stops the VM: see
+        # tests/virtio_blk.rs).
         m = moat(append="blk=1 blk_storm=2000 action=count",
-                 extra=["-drive", f"file={img},format=raw,if=none,id=disk0",
+                 extra=["-drive", f"file={img},format=raw,if=none,id=disk0,werror=report",
                         "-device", "virtio-blk-device,drive=disk0"])
         q = connect(m)
         ev = event(q, "BLOCK_IO_ERROR")

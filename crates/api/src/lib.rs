@@ -110,6 +110,9 @@ pub enum RunState {
     Prelaunch,
     Running,
     Paused,
+    /// Stopped by a disk's host I/O error (`werror=`/`rerror=`); `cont`
+    /// retries the request.
+    IoError,
 }
 
 impl RunState {
@@ -119,6 +122,7 @@ impl RunState {
             RunState::Prelaunch => "prelaunch",
             RunState::Running => "running",
             RunState::Paused => "paused",
+            RunState::IoError => "io-error",
         }
     }
 }
@@ -166,6 +170,8 @@ pub struct BlockDevice {
     pub index: usize,
     pub node: BlockNode,
     pub throttle: ThrottleLimits,
+    /// "ok", or "failed"/"nospace" while a host error keeps the VM stopped.
+    pub io_status: &'static str,
 }
 
 /// A drive's I/O counters (query-blockstats).
@@ -249,6 +255,8 @@ pub enum Event {
         write: bool,
         nospace: bool,
         reason: String,
+        /// "report", "ignore" or "stop".
+        action: &'static str,
     },
     /// The guest changed a NIC's receive filter (sent once until
     /// query-rx-filter is run).

@@ -278,6 +278,8 @@ impl Parser {
             .take("drive")
             .ok_or_else(|| CliError::new(opt, arg, "Parameter 'drive' is missing"))?;
         let serial = kv.take("serial");
+        let werror = on_error(opt, arg, &mut kv, false)?;
+        let rerror = on_error(opt, arg, &mut kv, true)?;
         kv.take("id");
         kv.finish(opt, arg)?;
         let (d, used) = self
@@ -303,6 +305,8 @@ impl Parser {
         if serial.is_some() {
             d.serial = serial;
         }
+        d.werror = werror.unwrap_or(d.werror);
+        d.rerror = rerror.unwrap_or(d.rerror);
         self.cfg.drives.push(d);
         Ok(())
     }
@@ -984,6 +988,8 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
             ))
         }
     };
+    let werror = on_error(opt, arg, &mut kv, false)?.unwrap_or(moat_config::WERROR_DEFAULT);
+    let rerror = on_error(opt, arg, &mut kv, true)?.unwrap_or(moat_config::RERROR_DEFAULT);
     let id = kv.take("id");
     let serial = kv.take("serial");
     if let Some(m) = kv.take("media") {
@@ -1013,9 +1019,29 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
             cache,
             discard_unmap,
             serial,
+            werror,
+            rerror,
         },
         virtio,
     ))
+}
+
+/// `werror=` (`read`: `rerror=`), QEMU's values and message.
+fn on_error(
+    opt: &str,
+    arg: &str,
+    kv: &mut keyval::KeyVals,
+    read: bool,
+) -> Result<Option<moat_config::OnError>, CliError> {
+    let key = if read { "rerror" } else { "werror" };
+    kv.take(key)
+        .map(|v| {
+            moat_config::OnError::parse(&v, read).ok_or_else(|| {
+                let what = if read { "read" } else { "write" };
+                CliError::new(opt, arg, &format!("'{v}' invalid {what} error action"))
+            })
+        })
+        .transpose()
 }
 
 fn parse_format(opt: &str, arg: &str, key: &str, f: &str) -> Result<DriveFormat, CliError> {
@@ -1776,6 +1802,29 @@ mod tests {
             c.uuid.as_deref(),
             Some("12345678-abcd-1234-abcd-1234567890ab")
         );
+    }
+
+    #[test]
+    fn drive_error_actions() {
+        use moat_config::OnError;
+        let d = &cfg(&["-drive", "file=/d.img,format=raw"]).drives[0];
+        assert_eq!((d.werror, d.rerror), (OnError::Enospc, OnError::Report));
+        let d = &cfg(&["-drive", "file=/d.img,format=raw,werror=stop,rerror=ignore"]).drives[0];
+        assert_eq!((d.werror, d.rerror), (OnError::Stop, OnError::Ignore));
+        let c = cfg(&[
+            "-drive",
+            "file=/d.img,format=raw,if=none,id=d0,werror=report",
+            "-device",
+            "virtio-blk-device,drive=d0,rerror=stop",
+        ]);
+        assert_eq!(
+            (c.drives[0].werror, c.drives[0].rerror),
+            (OnError::Report, OnError::Stop)
+        );
+        let e = err(&["-drive", "file=/d.img,format=raw,rerror=enospc"]);
+        assert!(e.contains("'enospc' invalid read error action"), "{e}");
+        let e = err(&["-drive", "file=/d.img,format=raw,werror=bogus"]);
+        assert!(e.contains("'bogus' invalid write error action"), "{e}");
     }
 
     #[test]

@@ -327,7 +327,41 @@ pub struct DriveConfig {
     /// `discard=unmap` (true) or `ignore`.
     pub discard_unmap: bool,
     pub serial: Option<String>,
+    /// `werror=` (default `enospc`) and `rerror=` (default `report`).
+    pub werror: OnError,
+    pub rerror: OnError,
 }
+
+/// What a host I/O error under a guest request does (QEMU's
+/// BlockdevOnError, `-drive werror=,rerror=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The guest's request fails.
+    Report,
+    /// The guest's request succeeds as if nothing happened.
+    Ignore,
+    /// The VM stops (run state `io-error`); `cont` retries the request.
+    Stop,
+    /// Stop on ENOSPC (the host ran out of space), report anything else.
+    Enospc,
+}
+
+impl OnError {
+    /// QEMU's name; `read` refuses `enospc` as QEMU does.
+    pub fn parse(v: &str, read: bool) -> Option<OnError> {
+        match v {
+            "report" => Some(OnError::Report),
+            "ignore" => Some(OnError::Ignore),
+            "stop" => Some(OnError::Stop),
+            "enospc" if !read => Some(OnError::Enospc),
+            _ => None,
+        }
+    }
+}
+
+/// QEMU's defaults.
+pub const WERROR_DEFAULT: OnError = OnError::Enospc;
+pub const RERROR_DEFAULT: OnError = OnError::Report;
 
 impl DriveConfig {
     /// The drive's image as the top layer of its chain.

@@ -182,7 +182,7 @@ fn block_device(d: &BlockDevice) -> Value {
         "locked": false,
         "removable": false,
         "type": "unknown",
-        "io-status": "ok",
+        "io-status": d.io_status,
         "inserted": inserted,
     })
 }
@@ -225,12 +225,13 @@ pub fn event(e: &Event) -> (&'static str, Option<Value>) {
             write,
             nospace,
             reason,
+            action,
         } => (
             "BLOCK_IO_ERROR",
             Some(json!({
                 "device": device, "node-name": node_name,
                 "operation": if *write { "write" } else { "read" },
-                "action": "report", "nospace": nospace, "reason": reason,
+                "action": action, "nospace": nospace, "reason": reason,
             })),
         ),
         Event::NicRxFilterChanged { name, path } => {

@@ -931,6 +931,8 @@ pub fn blockdev_args(
         cache,
         discard_unmap,
         serial: None,
+        werror: moat_config::WERROR_DEFAULT,
+        rerror: moat_config::RERROR_DEFAULT,
     };
     Ok((node.to_string(), drive))
 }

@@ -396,6 +396,8 @@ mod tests {
             cache: moat_config::CacheMode::Writeback,
             discard_unmap: false,
             serial: None,
+            werror: moat_config::WERROR_DEFAULT,
+            rerror: moat_config::RERROR_DEFAULT,
         };
         cfg.drives.push(d.clone());
         d.file = "/dev/fdset/3".into();

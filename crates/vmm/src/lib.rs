@@ -85,6 +85,8 @@ pub enum VmEvent {
     },
     /// SIGINT, SIGTERM or SIGHUP.
     Signal(i32),
+    /// A disk's host I/O error whose action is to stop the VM.
+    IoErrorStop,
     /// A front end's request.
     Api(moat_api::Call),
 }
@@ -132,7 +134,7 @@ impl Disk {
         Ok(Disk {
             image: moat_block::open(d, fds)?,
             serial: d.serial.clone().unwrap_or_default(),
-            link: moat_devices::virtio::block::DriveLink::new(d.throttle),
+            link: moat_devices::virtio::block::DriveLink::new(d.throttle, d.werror, d.rerror)?,
             discard: if d.discard_unmap {
                 moat_devices::virtio::block::Discard::Unmap
             } else {

@@ -13,6 +13,7 @@ use moat_api::{
     NetRateInfo, Reply, Request, RunState, RxFilterInfo,
 };
 use moat_config::{Backing, DriveConfig, DriveFormat, ImageLayer, VmConfig};
+use moat_devices::virtio::block;
 use moat_devices::virtio::rng::RngPort;
 use moat_devices::virtio::vsock::VsockPort;
 use moat_sys::lock;
@@ -318,24 +319,35 @@ impl Machine {
         }
         for (i, d) in self.drives.iter().enumerate() {
             let (sink, device, node) = (sink.clone(), d.name.clone(), node_name(i));
+            let tx = Mutex::new(self.tx.clone());
             // A guest can cause errors at will: at most ten events a second
             // per drive, so it cannot flood the monitor clients (stricter
-            // than QEMU, which does not limit BLOCK_IO_ERROR).
+            // than QEMU, which does not limit BLOCK_IO_ERROR). An error
+            // that stops the VM is always told (it cannot repeat before a
+            // `cont`), and then the VM stops, as QEMU orders them.
             let last = Mutex::new(None::<Instant>);
             let _ = d.disk.link.errors.set(Box::new(move |e| {
                 let now = Instant::now();
-                let mut last = lock(&last);
-                if last.is_some_and(|t| now.duration_since(t) < Duration::from_millis(100)) {
-                    return;
+                let stop = e.action == block::ErrorAction::Stop;
+                {
+                    let mut last = lock(&last);
+                    let recent =
+                        last.is_some_and(|t| now.duration_since(t) < Duration::from_millis(100));
+                    if !recent || stop {
+                        *last = Some(now);
+                        sink.emit(Event::BlockIoError {
+                            device: device.clone(),
+                            node_name: node.clone(),
+                            write: e.write,
+                            nospace: e.nospace,
+                            reason: e.reason,
+                            action: e.action.name(),
+                        });
+                    }
                 }
-                *last = Some(now);
-                sink.emit(Event::BlockIoError {
-                    device: device.clone(),
-                    node_name: node.clone(),
-                    write: e.write,
-                    nospace: e.nospace,
-                    reason: e.reason,
-                });
+                if stop {
+                    let _ = lock(&tx).send(VmEvent::IoErrorStop);
+                }
             }));
         }
     }
@@ -463,6 +475,15 @@ impl Machine {
                     why,
                 } if g == generation => return Err(VmError::VcpuFailed { cpu, why }),
                 VmEvent::Signal(s) => return Ok(Ending::Signal(s)),
+                // (Already stopped: the request waits for `cont` all the same.)
+                VmEvent::IoErrorStop if self.state == RunState::Running => {
+                    if vcpus.pause() {
+                        self.state = RunState::IoError;
+                        self.events.emit(Event::Stop);
+                    } else {
+                        log::warn!("a disk error could not stop the VM: a vCPU did not stop");
+                    }
+                }
                 VmEvent::Api(Call { request, reply }) => {
                     let (answer, ending) = self.handle(request, vm, vcpus);
                     let _ = reply.send(answer);
@@ -499,6 +520,11 @@ impl Machine {
                     vcpus.resume();
                     self.state = RunState::Running;
                     self.events.emit(Event::Resume);
+                }
+                // Requests a host error held are tried again (QEMU retries
+                // them whenever the VM starts running).
+                for d in &self.drives {
+                    d.disk.link.resumed();
                 }
                 (Ok(Reply::Done), None)
             }
@@ -636,6 +662,11 @@ impl Machine {
                             d.disk.image.size(),
                         ),
                         throttle: d.disk.link.throttle.limits(),
+                        io_status: match d.disk.link.io_status.load(Ordering::SeqCst) {
+                            block::IO_STATUS_NOSPACE => "nospace",
+                            block::IO_STATUS_FAILED => "failed",
+                            _ => "ok",
+                        },
                     })
                     .collect(),
             )),

@@ -16,7 +16,7 @@ use moat_block::{BlockError, DiskImage};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -77,6 +77,25 @@ fn bump(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
 
+/// What was done about one host I/O error (QEMU's BlockErrorAction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorAction {
+    Report,
+    Ignore,
+    /// The request waits; the VM stops until `cont`, which retries it.
+    Stop,
+}
+
+impl ErrorAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorAction::Report => "report",
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Stop => "stop",
+        }
+    }
+}
+
 /// A host I/O error under a guest request (QMP's `BLOCK_IO_ERROR`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IoErrorReport {
@@ -85,7 +104,13 @@ pub struct IoErrorReport {
     pub nospace: bool,
     /// strerror() text, as QEMU reports it.
     pub reason: String,
+    pub action: ErrorAction,
 }
+
+/// A drive's `io-status` (query-block): ok, or why it stopped the VM.
+pub const IO_STATUS_OK: u8 = 0;
+pub const IO_STATUS_FAILED: u8 = 1;
+pub const IO_STATUS_NOSPACE: u8 = 2;
 
 /// Where a drive's I/O errors go; set once the monitor exists.
 pub type ErrorSink = Arc<std::sync::OnceLock<Box<dyn Fn(IoErrorReport) + Send + Sync>>>;
@@ -96,6 +121,14 @@ pub struct DriveLink {
     pub stats: Arc<BlockStats>,
     pub throttle: Arc<Throttle>,
     pub errors: ErrorSink,
+    /// `werror=` and `rerror=`.
+    pub werror: moat_config::OnError,
+    pub rerror: moat_config::OnError,
+    /// Written when the VM runs again (`cont`): a request that stopped it
+    /// is retried.
+    pub resume: Arc<EventFd>,
+    /// `IO_STATUS_*`, reset to ok by `cont`.
+    pub io_status: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl std::fmt::Debug for DriveLink {
@@ -108,12 +141,38 @@ impl std::fmt::Debug for DriveLink {
 }
 
 impl DriveLink {
-    pub fn new(limits: moat_block::throttle::ThrottleLimits) -> DriveLink {
-        DriveLink {
+    pub fn new(
+        limits: moat_block::throttle::ThrottleLimits,
+        werror: moat_config::OnError,
+        rerror: moat_config::OnError,
+    ) -> std::io::Result<DriveLink> {
+        Ok(DriveLink {
             stats: Arc::default(),
             throttle: Arc::new(Throttle::new(limits)),
             errors: Arc::default(),
+            werror,
+            rerror,
+            resume: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            io_status: Arc::default(),
+        })
+    }
+
+    /// What QEMU does about a host error (blk_get_error_action).
+    pub fn action(&self, write: bool, nospace: bool) -> ErrorAction {
+        use moat_config::OnError;
+        match if write { self.werror } else { self.rerror } {
+            OnError::Report => ErrorAction::Report,
+            OnError::Ignore => ErrorAction::Ignore,
+            OnError::Stop => ErrorAction::Stop,
+            OnError::Enospc if nospace => ErrorAction::Stop,
+            OnError::Enospc => ErrorAction::Report,
         }
+    }
+
+    /// The VM runs again: requests that stopped it are retried.
+    pub fn resumed(&self) {
+        self.io_status.store(IO_STATUS_OK, Ordering::SeqCst);
+        let _ = self.resume.write(1);
     }
 }
 
@@ -281,6 +340,24 @@ enum ReqError {
     Status(u8),
     /// The device was reset while the request ran: nothing more is posted.
     Stopped,
+    /// The host failed the image I/O (not the guest's mistake): what
+    /// happens is `werror=`/`rerror=`'s call.
+    Host {
+        write: bool,
+        errno: Option<i32>,
+        reason: String,
+    },
+}
+
+/// How a request ended.
+enum Outcome {
+    /// Answered; this many bytes written to the guest's buffers.
+    Done(u32),
+    /// The device was reset meanwhile: nothing more is posted.
+    Stopped,
+    /// A host error stopped the VM: the request goes back on the ring and
+    /// is tried again when the VM runs.
+    Retry,
 }
 
 impl From<BlockError> for ReqError {
@@ -297,10 +374,10 @@ impl From<std::io::Error> for ReqError {
 }
 
 /// A host I/O error of the image (not a guest mistake such as a sector
-/// out of range or a write to a read-only drive): reported to the monitor.
-fn host_error(write: bool, e: BlockError, errors: &ErrorSink) -> ReqError {
-    if let BlockError::Io(io) = &e {
-        if let Some(sink) = errors.get() {
+/// out of range or a write to a read-only drive).
+fn host_error(write: bool, e: BlockError) -> ReqError {
+    match &e {
+        BlockError::Io(io) => {
             let errno = io.raw_os_error();
             let reason = match errno {
                 // SAFETY: strerror returns a pointer to a static or
@@ -310,14 +387,14 @@ fn host_error(write: bool, e: BlockError, errors: &ErrorSink) -> ReqError {
                     .into_owned(),
                 None => io.to_string(),
             };
-            sink(IoErrorReport {
+            ReqError::Host {
                 write,
-                nospace: errno == Some(libc::ENOSPC),
+                errno,
                 reason,
-            });
+            }
         }
+        _ => ReqError::from(e),
     }
-    ReqError::from(e)
 }
 
 /// One discard or write-zeroes segment (virtio 1.2, 5.2.6).
@@ -396,10 +473,22 @@ impl Worker {
                     return Ok(()); // the device is resetting
                 }
                 let head = chain.head_index();
-                let Some(len) = self.request(&mem, chain) else {
-                    return Ok(()); // the device is resetting
-                };
-                self.queue.add_used(&mem, head, len)?;
+                match self.request(&mem, chain) {
+                    Outcome::Done(len) => self.queue.add_used(&mem, head, len)?,
+                    Outcome::Stopped => return Ok(()),
+                    Outcome::Retry => {
+                        // Back on the ring, and later requests behind it:
+                        // they run in order once the VM runs again.
+                        self.queue.go_to_previous_position();
+                        if self.queue.needs_notification(&mem)? {
+                            self.interrupt.trigger(INT_VRING);
+                        }
+                        if wait(&[&self.link.resume, &self.kill], None)[1] {
+                            return Ok(());
+                        }
+                        let _ = self.link.resume.read();
+                    }
+                }
             }
             // (The driver may have published more since: look again.)
             if !self.queue.enable_notification(&mem)? {
@@ -436,34 +525,33 @@ impl Worker {
         true
     }
 
-    /// Execute one request; returns the bytes written to the guest, or
-    /// `None` when the device reset while the request waited for the throttle.
+    /// Execute one request.
     fn request(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Option<u32> {
+    ) -> Outcome {
         let (Ok(mut reader), Ok(mut writer)) = (
             Reader::<()>::new(mem, chain.clone()),
             Writer::<()>::new(mem, chain.clone()),
         ) else {
-            return Some(0);
+            return Outcome::Done(0);
         };
         let total = writer.available_bytes();
         if total == 0 {
-            return Some(0); // nowhere to put the status
+            return Outcome::Done(0); // nowhere to put the status
         }
         let Ok(mut status_w) = writer.split_at(total - 1) else {
-            return Some(0);
+            return Outcome::Done(0);
         };
         // The header is copied out of guest memory once: what picks the
         // throttle bucket is what runs (another vCPU may rewrite it).
         let mut hdr = [0u8; 16];
         if reader.read_exact(&mut hdr).is_err() {
             if status_w.write_all(&[S_IOERR]).is_err() {
-                return Some(0);
+                return Outcome::Done(0);
             }
-            return Some(1);
+            return Outcome::Done(1);
         }
         let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes([
@@ -489,7 +577,7 @@ impl Worker {
             _ => true,
         };
         if !admitted {
-            return None;
+            return Outcome::Stopped;
         }
         let result = match nsegs {
             Ok(n) => self.execute(kind, sector, &segs[..n], &mut reader, &mut writer),
@@ -498,7 +586,38 @@ impl Worker {
         let status = match result {
             Ok(()) => S_OK,
             Err(ReqError::Status(s)) => s,
-            Err(ReqError::Stopped) => return None,
+            Err(ReqError::Stopped) => return Outcome::Stopped,
+            Err(ReqError::Host {
+                write,
+                errno,
+                reason,
+            }) => {
+                let nospace = errno == Some(libc::ENOSPC);
+                let action = self.link.action(write, nospace);
+                if action == ErrorAction::Stop {
+                    // A `cont` before this error must not retry it at once.
+                    let _ = self.link.resume.read();
+                    let st = if nospace {
+                        IO_STATUS_NOSPACE
+                    } else {
+                        IO_STATUS_FAILED
+                    };
+                    self.link.io_status.store(st, Ordering::SeqCst);
+                }
+                if let Some(sink) = self.link.errors.get() {
+                    sink(IoErrorReport {
+                        write,
+                        nospace,
+                        reason,
+                        action,
+                    });
+                }
+                match action {
+                    ErrorAction::Report => S_IOERR,
+                    ErrorAction::Ignore => S_OK,
+                    ErrorAction::Stop => return Outcome::Retry,
+                }
+            }
         };
         let st = &self.link.stats;
         match (kind, status == S_OK) {
@@ -521,9 +640,9 @@ impl Worker {
             _ => {}
         }
         if status_w.write_all(&[status]).is_err() {
-            return Some(0);
+            return Outcome::Done(0);
         }
-        Some((writer.bytes_written() + 1) as u32)
+        Outcome::Done((writer.bytes_written() + 1) as u32)
     }
 
     /// Data of a read or write: whole sectors, inside the image.
@@ -559,7 +678,7 @@ impl Worker {
                     let n = (len - done).min(bounce.len() as u64) as usize;
                     self.disk
                         .read_at(&mut bounce[..n], offset + done)
-                        .map_err(|e| host_error(false, e, &self.link.errors))?;
+                        .map_err(|e| host_error(false, e))?;
                     writer.write_all(&bounce[..n])?;
                     done += n as u64;
                 }
@@ -581,15 +700,12 @@ impl Worker {
                     reader.read_exact(&mut bounce[..n])?;
                     self.disk
                         .write_at(&bounce[..n], offset + done)
-                        .map_err(|e| host_error(true, e, &self.link.errors))?;
+                        .map_err(|e| host_error(true, e))?;
                     done += n as u64;
                 }
                 Ok(())
             }
-            T_FLUSH => Ok(self
-                .disk
-                .flush()
-                .map_err(|e| host_error(true, e, &self.link.errors))?),
+            T_FLUSH => Ok(self.disk.flush().map_err(|e| host_error(true, e))?),
             T_GET_ID => {
                 let n = writer.available_bytes().min(20);
                 writer.write_all(&self.serial[..n])?;
@@ -618,7 +734,7 @@ impl Worker {
                     } else {
                         Ok(())
                     };
-                    r.map_err(|e| host_error(true, e, &self.link.errors))?;
+                    r.map_err(|e| host_error(true, e))?;
                 }
                 Ok(())
             }
@@ -649,10 +765,31 @@ mod tests {
             discard: Discard::Unmap,
             interrupt: Arc::new(Interrupt::new(IrqLine::new().unwrap())),
             bounce: vec![0; 4096],
-            link: DriveLink::new(Default::default()),
+            link: DriveLink::new(
+                Default::default(),
+                moat_config::WERROR_DEFAULT,
+                moat_config::RERROR_DEFAULT,
+            )
+            .unwrap(),
             kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             stopping: Arc::default(),
         }
+    }
+
+    /// QEMU's blk_get_error_action: enospc stops on ENOSPC only; the
+    /// others do what they say whatever the error.
+    #[test]
+    fn error_actions_follow_werror_and_rerror() {
+        use moat_config::OnError::*;
+        let link = |w, r| DriveLink::new(Default::default(), w, r).unwrap();
+        let l = link(Enospc, Report);
+        assert_eq!(l.action(true, true), ErrorAction::Stop);
+        assert_eq!(l.action(true, false), ErrorAction::Report);
+        assert_eq!(l.action(false, true), ErrorAction::Report);
+        let l = link(Ignore, Stop);
+        assert_eq!(l.action(true, true), ErrorAction::Ignore);
+        assert_eq!(l.action(false, false), ErrorAction::Stop);
+        assert_eq!(link(Report, Report).action(true, true), ErrorAction::Report);
     }
 
     fn desc(mem: &GuestMemoryMmap, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
