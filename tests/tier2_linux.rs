@@ -241,11 +241,13 @@ fn jailed_on_cgroup_v2_with_apparmor(r: &HashMap<String, String>) {
 }
 
 /// Linux finds both virtio-blk disks through ACPI, makes an ext4 file system
-/// on the qcow2 one and reads a file from the raw one; the host checks the
-/// result with qemu-img check, e2fsck and debugfs.
+/// on the qcow2 one (a `num-queues=2` device: blk-mq has a hardware queue
+/// per vCPU) and reads a file from the raw one; the host checks the result
+/// with qemu-img check, e2fsck and debugfs.
 fn virtio_blk_with_ext4(r: &HashMap<String, String>) {
     let b = &r["blk"];
     assert!(b.contains("L2: disks vda vdb"), "{b}");
+    assert!(b.contains("L2: vda queues 0 1 \n"), "{b}");
     assert!(
         b.contains("L2: vdb ro 1 size 32768 serial moat-l2-data"),
         "{b}"

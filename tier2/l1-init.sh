@@ -66,7 +66,8 @@ for s in $(cat /scenarios); do
         blk)
             sleep 1
             $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=blk" -nographic -no-reboot \
-                -drive file=/dev/vda,format=qcow2,if=virtio,serial=moat-l2-data \
+                -drive file=/dev/vda,format=qcow2,if=none,id=d0 \
+                -device virtio-blk-device,drive=d0,serial=moat-l2-data,num-queues=2 \
                 -drive file=/dev/vdb,format=raw,if=virtio,readonly=on ;;
         rng)
             $M -M microvm -m 256M -smp 1 $L2 -append "$CMD moat.test=rng" -nographic -no-reboot \

@@ -104,6 +104,7 @@ case " $(cat /proc/cmdline) " in
     for m in virtio_ring virtio virtio_mmio virtio_blk; do insmod /modules/$m.ko || echo "L2: insmod $m failed"; done
     sleep 1
     echo "L2: disks $(ls /sys/block | grep vd | tr '\n' ' ')"
+    echo "L2: vda queues $(ls /sys/block/vda/mq | tr '\n' ' ')"
     echo "L2: vdb ro $(cat /sys/block/vdb/ro) size $(cat /sys/block/vdb/size) serial $(cat /sys/block/vda/serial 2>/dev/null)"
     mkdir -p /mnt/a /mnt/b
     /sbin/mke2fs -t ext4 -q -F -L moatdata /dev/vda && echo "L2: mkfs ok"

@@ -34,12 +34,20 @@ fuzz_target!(|data: &[u8]| {
     let mut w = Worker {
         mem,
         queue: q,
+        index: 0,
         disk,
         serial: *b"fuzz-serial-01234567",
         discard: if data[6] & 1 == 1 { Discard::Unmap } else { Discard::Ignore },
         interrupt: Arc::new(Interrupt::new(IrqLine::new().unwrap())),
         bounce: vec![0; 4096],
-        link: DriveLink::new(Default::default()),
+        // (report: an error that stopped the VM would wait for a `cont`.)
+        link: DriveLink::new(
+            Default::default(),
+            moat_config::OnError::Report,
+            moat_config::OnError::Report,
+            1,
+        )
+        .unwrap(),
         kill: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap(),
         stopping: Arc::default(),
     };

@@ -19,6 +19,7 @@
  *                    blk_write=1 (writes sectors 8..15 with a pattern, flushes),
  *                    blk_oob=1 (a read past the end fails); on the second:
  *                    blk_ro=1 (it is read-only: writes fail)
+ *   blk_queue=N      use queue N of the first disk (negotiating MQ), not 0
  *   blk_fill=BYTES   write BYTES of a pattern from sector 0 (every write must
  *                    succeed), flush, read back: "blk: filled BYTES fnv X"
  *   blk_storm=N      N pseudo-random 4 KiB writes (0: forever), see blk_checks;
@@ -182,10 +183,13 @@ static void blk_checks(const char *cmdline) {
     if (cmdline_get(cmdline, "blk_hostile", v, sizeof v)) blk_hostile(bases[0]);
     if (cmdline_get(cmdline, "blk_wedge", v, sizeof v)) { blk_wedge(bases[0], (u32)parse_num(v)); return; }
     struct vblk b;
+    if (cmdline_get(cmdline, "blk_queue", v, sizeof v)) vblk_queue = (u16)parse_num(v);
     int r = vblk_init(&b, bases[0], 64, rings[0]);
+    vblk_queue = 0;
     CHECK(r == 0, "virtio-blk init failed at step %d", -r);
     if (r) return;
-    printf_serial("blk: capacity %lu sectors, features %lx\n", b.capacity, b.features);
+    printf_serial("blk: capacity %lu sectors, features %lx, queues %u\n", b.capacity, b.features,
+                  vmmio_read(bases[0], 0x100 + 32) >> 16);
     u32 used;
     if (cmdline_get(cmdline, "blk_len", v, sizeof v)) {
         u64 len = parse_num(v), done = 0;

@@ -18,8 +18,11 @@ int virtio_scan(u32 id, u64 *bases, int max) {
 
 int vblk_scan(u64 *bases, int max) { return virtio_scan(2, bases, max); }
 
+u16 vblk_queue;
+
 int vblk_init(struct vblk *b, u64 base, u16 qsize, u8 *ring) {
     b->base = base;
+    b->qindex = vblk_queue;
     vmmio_write(base, 0x70, 0);
     if (vmmio_read(base, 0x70) != 0) return -1;
     vmmio_write(base, 0x70, 1);
@@ -31,12 +34,12 @@ int vblk_init(struct vblk *b, u64 base, u16 qsize, u8 *ring) {
     b->features = f;
     if (!(f >> 32 & 1)) return -2;                 /* VERSION_1 */
     vmmio_write(base, 0x24, 0);
-    vmmio_write(base, 0x20, 0);                    /* no optional features */
+    vmmio_write(base, 0x20, b->qindex ? 1u << 12 : 0);   /* MQ, or nothing optional */
     vmmio_write(base, 0x24, 1);
     vmmio_write(base, 0x20, 1);                    /* VERSION_1 */
     vmmio_write(base, 0x70, 1 | 2 | 8);
     if (!(vmmio_read(base, 0x70) & 8)) return -3;
-    vmmio_write(base, 0x30, 0);
+    vmmio_write(base, 0x30, b->qindex);
     if (vmmio_read(base, 0x44) != 0) return -4;
     u32 max = vmmio_read(base, 0x34);
     if (max == 0) return -5;
@@ -66,7 +69,7 @@ int vblk_submit(struct vblk *b, u16 head, u32 *used_len) {
     barrier();
     b->avail[1] = (u16)(idx + 1);
     barrier();
-    vmmio_write(b->base, 0x50, 0);
+    vmmio_write(b->base, 0x50, b->qindex);
     for (u64 spins = 0; b->used[1] == b->last_used; spins++) {
         if (spins > 50000000UL) return -1;
         if (spins % 1024 == 0 && (vmmio_read(b->base, 0x70) & 0x40)) return -2;   /* DEVICE_NEEDS_RESET */

@@ -27,7 +27,11 @@ struct vblk {
     volatile u16 *used;    /* flags, idx, then {u32 id, u32 len}[] */
     u64 features;
     u64 capacity;          /* sectors */
+    u16 qindex;            /* the queue used */
 };
+/* The queue vblk_init sets up (0 unless a test asks for another: then it
+ * negotiates VIRTIO_BLK_F_MQ and leaves queue 0 unused). */
+extern u16 vblk_queue;
 
 /* A split virtqueue of a polling driver (net.c, vsock.c). */
 struct vq {

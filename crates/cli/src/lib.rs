@@ -280,6 +280,32 @@ impl Parser {
         let serial = kv.take("serial");
         let werror = on_error(opt, arg, &mut kv, false)?;
         let rerror = on_error(opt, arg, &mut kv, true)?;
+        let num_queues = match kv.take("num-queues") {
+            None => 1,
+            Some(v) => {
+                let n = keyval::parse_u64(opt, "num-queues", &v)?;
+                if n == 0 {
+                    return Err(CliError::new(
+                        opt,
+                        arg,
+                        "num-queues property must be larger than 0",
+                    ));
+                }
+                u16::try_from(n)
+                    .ok()
+                    .filter(|&n| n <= moat_config::MAX_BLK_QUEUES)
+                    .ok_or_else(|| {
+                        CliError::new(
+                            opt,
+                            arg,
+                            &format!(
+                                "num-queues property must be <= {} (one moat thread each)",
+                                moat_config::MAX_BLK_QUEUES
+                            ),
+                        )
+                    })?
+            }
+        };
         kv.take("id");
         kv.finish(opt, arg)?;
         let (d, used) = self
@@ -307,6 +333,7 @@ impl Parser {
         }
         d.werror = werror.unwrap_or(d.werror);
         d.rerror = rerror.unwrap_or(d.rerror);
+        d.num_queues = num_queues;
         self.cfg.drives.push(d);
         Ok(())
     }
@@ -1021,6 +1048,7 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
             serial,
             werror,
             rerror,
+            num_queues: 1,
         },
         virtio,
     ))
@@ -1821,6 +1849,23 @@ mod tests {
             (c.drives[0].werror, c.drives[0].rerror),
             (OnError::Report, OnError::Stop)
         );
+        let c = cfg(&[
+            "-drive",
+            "file=/d.img,format=raw,if=none,id=d0",
+            "-device",
+            "virtio-blk-device,drive=d0,num-queues=4",
+        ]);
+        assert_eq!(c.drives[0].num_queues, 4);
+        let q = |n: &str| {
+            err(&[
+                "-drive",
+                "file=/d.img,format=raw,if=none,id=d0",
+                "-device",
+                &format!("virtio-blk-device,drive=d0,num-queues={n}"),
+            ])
+        };
+        assert!(q("0").contains("larger than 0"));
+        assert!(q("17").contains("<= 16"));
         let e = err(&["-drive", "file=/d.img,format=raw,rerror=enospc"]);
         assert!(e.contains("'enospc' invalid read error action"), "{e}");
         let e = err(&["-drive", "file=/d.img,format=raw,werror=bogus"]);

@@ -330,7 +330,13 @@ pub struct DriveConfig {
     /// `werror=` (default `enospc`) and `rerror=` (default `report`).
     pub werror: OnError,
     pub rerror: OnError,
+    /// `-device virtio-blk-device,num-queues=` (QEMU's default for the
+    /// virtio-mmio device: 1); one I/O thread each.
+    pub num_queues: u16,
 }
+
+/// The most queues of one disk (QEMU allows 1024; each is a moat thread).
+pub const MAX_BLK_QUEUES: u16 = 16;
 
 /// What a host I/O error under a guest request does (QEMU's
 /// BlockdevOnError, `-drive werror=,rerror=`).

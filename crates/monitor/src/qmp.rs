@@ -933,6 +933,7 @@ pub fn blockdev_args(
         serial: None,
         werror: moat_config::WERROR_DEFAULT,
         rerror: moat_config::RERROR_DEFAULT,
+        num_queues: 1,
     };
     Ok((node.to_string(), drive))
 }

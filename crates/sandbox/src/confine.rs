@@ -398,6 +398,7 @@ mod tests {
             serial: None,
             werror: moat_config::WERROR_DEFAULT,
             rerror: moat_config::RERROR_DEFAULT,
+            num_queues: 1,
         };
         cfg.drives.push(d.clone());
         d.file = "/dev/fdset/3".into();

@@ -134,7 +134,12 @@ impl Disk {
         Ok(Disk {
             image: moat_block::open(d, fds)?,
             serial: d.serial.clone().unwrap_or_default(),
-            link: moat_devices::virtio::block::DriveLink::new(d.throttle, d.werror, d.rerror)?,
+            link: moat_devices::virtio::block::DriveLink::new(
+                d.throttle,
+                d.werror,
+                d.rerror,
+                d.num_queues,
+            )?,
             discard: if d.discard_unmap {
                 moat_devices::virtio::block::Discard::Unmap
             } else {

@@ -38,6 +38,7 @@ pub const F_BLK_SIZE: u64 = 1 << vb::VIRTIO_BLK_F_BLK_SIZE;
 pub const F_FLUSH: u64 = 1 << vb::VIRTIO_BLK_F_FLUSH;
 pub const F_DISCARD: u64 = 1 << vb::VIRTIO_BLK_F_DISCARD;
 pub const F_WRITE_ZEROES: u64 = 1 << vb::VIRTIO_BLK_F_WRITE_ZEROES;
+pub const F_MQ: u64 = 1 << vb::VIRTIO_BLK_F_MQ;
 
 pub const T_IN: u32 = vb::VIRTIO_BLK_T_IN;
 pub const T_OUT: u32 = vb::VIRTIO_BLK_T_OUT;
@@ -124,9 +125,9 @@ pub struct DriveLink {
     /// `werror=` and `rerror=`.
     pub werror: moat_config::OnError,
     pub rerror: moat_config::OnError,
-    /// Written when the VM runs again (`cont`): a request that stopped it
-    /// is retried.
-    pub resume: Arc<EventFd>,
+    /// One per queue, written when the VM runs again (`cont`): a request
+    /// that stopped it is retried.
+    pub resume: Arc<Vec<EventFd>>,
     /// `IO_STATUS_*`, reset to ok by `cont`.
     pub io_status: Arc<std::sync::atomic::AtomicU8>,
 }
@@ -145,14 +146,18 @@ impl DriveLink {
         limits: moat_block::throttle::ThrottleLimits,
         werror: moat_config::OnError,
         rerror: moat_config::OnError,
+        queues: u16,
     ) -> std::io::Result<DriveLink> {
+        let resume = (0..queues.max(1))
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<_>>()?;
         Ok(DriveLink {
             stats: Arc::default(),
             throttle: Arc::new(Throttle::new(limits)),
             errors: Arc::default(),
             werror,
             rerror,
-            resume: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+            resume: Arc::new(resume),
             io_status: Arc::default(),
         })
     }
@@ -172,7 +177,9 @@ impl DriveLink {
     /// The VM runs again: requests that stopped it are retried.
     pub fn resumed(&self) {
         self.io_status.store(IO_STATUS_OK, Ordering::SeqCst);
-        let _ = self.resume.write(1);
+        for r in self.resume.iter() {
+            let _ = r.write(1);
+        }
     }
 }
 
@@ -196,7 +203,8 @@ pub struct Block {
     link: DriveLink,
     serial: [u8; 20],
     discard: Discard,
-    io: ActivationThread<Activation>,
+    /// One I/O thread per queue.
+    io: Vec<ActivationThread<Activation>>,
 }
 
 impl std::fmt::Debug for Block {
@@ -215,16 +223,21 @@ impl Block {
         let mut s = [0u8; 20];
         let n = serial.len().min(20);
         s[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        let io = (0..link.resume.len())
+            .map(|_| {
+                ActivationThread::spawn(
+                    "virtio-blk".into(),
+                    moat_sys::role::Role::BlockIo,
+                    |mut a: Activation| a.worker.run(&a.notify, &*a.needs_reset),
+                )
+            })
+            .collect::<std::io::Result<_>>()?;
         Ok(Block {
             disk,
             link,
             serial: s,
             discard,
-            io: ActivationThread::spawn(
-                "virtio-blk".into(),
-                moat_sys::role::Role::BlockIo,
-                |mut a: Activation| a.worker.run(&a.notify, &*a.needs_reset),
-            )?,
+            io,
         })
     }
 
@@ -235,7 +248,7 @@ impl Block {
             size_max: SIZE_MAX,
             seg_max: SEG_MAX,
             blk_size: SECTOR as u32,
-            num_queues: 1,
+            num_queues: self.io.len() as u16,
             max_discard_sectors: max_sectors,
             max_discard_seg: MAX_DISCARD_SEG,
             discard_sector_alignment: 1,
@@ -258,6 +271,9 @@ impl VirtioDevice for Block {
             | F_FLUSH
             | VIRTIO_RING_F_INDIRECT_DESC
             | VIRTIO_RING_F_EVENT_IDX;
+        if self.io.len() > 1 {
+            f |= F_MQ;
+        }
         if self.disk.read_only() {
             f |= F_RO;
         } else {
@@ -267,7 +283,7 @@ impl VirtioDevice for Block {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE]
+        vec![QUEUE_SIZE; self.io.len()]
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -285,29 +301,46 @@ impl VirtioDevice for Block {
         _acked_features: u64,
         needs_reset: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<()> {
-        let (queue, notify) = super::one_queue(queues, notify, "virtio-blk")?;
-        let disk = self.disk.clone();
-        let (serial, discard, link) = (self.serial, self.discard, self.link.clone());
-        self.io.activate(|stop| {
-            let worker = Worker {
-                mem,
-                queue,
-                disk,
-                serial,
-                discard,
-                interrupt,
-                // Room to start the buffer on a 4 KiB boundary (O_DIRECT, cache=none).
-                bounce: vec![0u8; BOUNCE + 4096],
-                link,
-                kill: stop.event.try_clone()?,
-                stopping: stop.flag.clone(),
-            };
-            Ok(Activation {
-                worker,
-                notify,
-                needs_reset,
-            })
-        })
+        if queues.len() != self.io.len() || notify.len() != queues.len() {
+            return Err(std::io::Error::other("virtio-blk: wrong number of queues"));
+        }
+        // (Without MQ the driver uses queue 0 alone; the others stay idle.)
+        for (index, ((queue, notify), io)) in queues
+            .into_iter()
+            .zip(notify)
+            .zip(self.io.iter_mut())
+            .enumerate()
+        {
+            if !queue.ready() {
+                continue;
+            }
+            let disk = self.disk.clone();
+            let (serial, discard, link) = (self.serial, self.discard, self.link.clone());
+            let (mem, interrupt, needs_reset) =
+                (mem.clone(), interrupt.clone(), needs_reset.clone());
+            io.activate(|stop| {
+                let worker = Worker {
+                    mem,
+                    queue,
+                    index,
+                    disk,
+                    serial,
+                    discard,
+                    interrupt,
+                    // Room to start the buffer on a 4 KiB boundary (O_DIRECT, cache=none).
+                    bounce: vec![0u8; BOUNCE + 4096],
+                    link,
+                    kill: stop.event.try_clone()?,
+                    stopping: stop.flag.clone(),
+                };
+                Ok(Activation {
+                    worker,
+                    notify,
+                    needs_reset,
+                })
+            })?;
+        }
+        Ok(())
     }
 
     /// Tell the worker to stop, without waiting for it: a vCPU must never
@@ -315,7 +348,9 @@ impl VirtioDevice for Block {
     /// bounce-buffer chunk and posts nothing more to the old queue; the
     /// next activation starts only after it has stopped.
     fn reset(&mut self) {
-        self.io.stop();
+        for io in &mut self.io {
+            io.stop();
+        }
     }
 }
 
@@ -323,6 +358,8 @@ impl VirtioDevice for Block {
 pub struct Worker {
     pub mem: GuestMemoryMmap,
     pub queue: Queue,
+    /// Which of the device's queues.
+    pub index: usize,
     pub disk: Arc<dyn DiskImage>,
     pub serial: [u8; 20],
     pub discard: Discard,
@@ -483,10 +520,11 @@ impl Worker {
                         if self.queue.needs_notification(&mem)? {
                             self.interrupt.trigger(INT_VRING);
                         }
-                        if wait(&[&self.link.resume, &self.kill], None)[1] {
+                        let resume = &self.link.resume[self.index];
+                        if wait(&[resume, &self.kill], None)[1] {
                             return Ok(());
                         }
-                        let _ = self.link.resume.read();
+                        let _ = resume.read();
                     }
                 }
             }
@@ -596,7 +634,7 @@ impl Worker {
                 let action = self.link.action(write, nospace);
                 if action == ErrorAction::Stop {
                     // A `cont` before this error must not retry it at once.
-                    let _ = self.link.resume.read();
+                    let _ = self.link.resume[self.index].read();
                     let st = if nospace {
                         IO_STATUS_NOSPACE
                     } else {
@@ -765,10 +803,12 @@ mod tests {
             discard: Discard::Unmap,
             interrupt: Arc::new(Interrupt::new(IrqLine::new().unwrap())),
             bounce: vec![0; 4096],
+            index: 0,
             link: DriveLink::new(
                 Default::default(),
                 moat_config::WERROR_DEFAULT,
                 moat_config::RERROR_DEFAULT,
+                1,
             )
             .unwrap(),
             kill: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
@@ -781,7 +821,7 @@ mod tests {
     #[test]
     fn error_actions_follow_werror_and_rerror() {
         use moat_config::OnError::*;
-        let link = |w, r| DriveLink::new(Default::default(), w, r).unwrap();
+        let link = |w, r| DriveLink::new(Default::default(), w, r, 1).unwrap();
         let l = link(Enospc, Report);
         assert_eq!(l.action(true, true), ErrorAction::Stop);
         assert_eq!(l.action(true, false), ErrorAction::Report);
