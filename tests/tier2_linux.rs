@@ -7,14 +7,31 @@ use std::process::Command;
 /// Run the nested host once for `scenarios`; return each scenario's console
 /// text (and, under "", the whole console).
 fn run_tier2(scenarios: &[&str]) -> HashMap<String, String> {
-    let out = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tier2/run.sh"))
-        .arg(env!("CARGO_BIN_EXE_moat"))
-        .env("MOAT_JAIL", env!("CARGO_BIN_EXE_moat-jail"))
-        .args(scenarios)
-        .output()
-        .expect("running tier2/run.sh");
-    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let nested = || {
+        let out = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tier2/run.sh"))
+            .arg(env!("CARGO_BIN_EXE_moat"))
+            .env("MOAT_JAIL", env!("CARGO_BIN_EXE_moat-jail"))
+            .args(scenarios)
+            .output()
+            .expect("running tier2/run.sh");
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        (out, text)
+    };
+    let start = std::time::Instant::now();
+    let (mut out, mut text) = nested();
+    // The emulated test host itself (QEMU/TCG) has died silently mid-run
+    // (twice in many runs, never twice in a row): one more boot then, and
+    // every scenario's result is still asserted below. (Not after a run
+    // that went to run.sh's timeout: that is a hang to report, and a second
+    // one would take the whole CI budget.)
+    if !text.contains("TIER2 done") && start.elapsed() < std::time::Duration::from_secs(600) {
+        eprintln!(
+            "tier2: the nested host died before the end (status {:?}); running it once more. Its console:\n{text}",
+            out.status
+        );
+        (out, text) = nested();
+    }
     assert!(
         text.contains("TIER2 setup ok"),
         "nested test host did not come up (status {:?}):\n{text}\n{}",
