@@ -20,9 +20,10 @@ fn run_tier2(scenarios: &[&str]) -> HashMap<String, String> {
     };
     let start = std::time::Instant::now();
     let (mut out, mut text) = nested();
-    // The emulated test host itself (QEMU/TCG) has died silently mid-run
-    // (twice in many runs, never twice in a row): one more boot then, and
-    // every scenario's result is still asserted below. (Not after a run
+    // The emulated test host itself (QEMU/TCG) has died silently mid-run,
+    // or its kernel soft-locked (it then panics: softlockup_panic in
+    // run.sh), a few times in many runs, never twice in a row: one more
+    // boot then, and every scenario's result is still asserted below. (Not after a run
     // that went to run.sh's timeout: that is a hang to report, and a second
     // one would take the whole CI budget.)
     if !text.contains("TIER2 done") && start.elapsed() < std::time::Duration::from_secs(600) {

@@ -291,10 +291,14 @@ echo "hello from the host, via mkfs.ext4 -d" > "$WORK/hostfs/from-host.txt"
 mkfs.ext4 -q -F -d "$WORK/hostfs" "$HOSTFS" 16M
 
 # --- boot L1 under TCG with emulated SVM ------------------------------------
+# (softlockup_panic: L1's kernel has soft-locked under TCG now and then, both
+# CPUs stuck in the kernel for good, once in moat-jail's setup; a panic ends
+# the run at once instead of at the timeout, and tests/tier2_linux.rs boots
+# the test host once more.)
 timeout --kill-after=10 "${MOAT_TIER2_TIMEOUT:-900}" qemu-system-x86_64 \
     -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm -smp 2 -m 2048 \
     -kernel "$VMLINUZ" -initrd "$WORK/l1-initrd.gz" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 softlockup_panic=1" \
     -drive file="$DATA",format=raw,if=virtio -drive file="$HOSTFS",format=raw,if=virtio,readonly=on \
     -nographic -no-reboot -nodefaults -serial stdio 2>"$WORK/qemu-l1.log"
 rc=$?
