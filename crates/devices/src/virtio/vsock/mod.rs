@@ -18,7 +18,6 @@ use super::{drain_queue, efd, poll, ActivationThread, Broken, Interrupt, Took, V
 use muxer::{Kind, Muxer, Target};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,8 +34,7 @@ const BATCH: usize = 64;
 /// What outlives a boot: the guest's CID and the listening sockets.
 #[derive(Debug, Clone)]
 pub struct VsockPort {
-    cid: u64,
-    base: PathBuf,
+    cfg: moat_config::VsockConfig,
     stream: Arc<UnixListener>,
     seqpacket: Arc<OwnedFd>,
 }
@@ -53,8 +51,7 @@ impl VsockPort {
         let seqpacket = moat_sys::bind_unix_seqpacket_private(&sp)
             .map_err(|e| format!("{}: {e}", sp.display()))?;
         Ok(VsockPort {
-            cid: cfg.guest_cid,
-            base: cfg.uds_path.clone(),
+            cfg: cfg.clone(),
             stream: Arc::new(stream),
             seqpacket: Arc::new(seqpacket),
         })
@@ -97,7 +94,7 @@ impl Vsock {
             },
         )?;
         Ok(Vsock {
-            cid: port.cid,
+            cid: port.cfg.guest_cid,
             thread,
         })
     }
@@ -181,7 +178,7 @@ enum Wake {
 
 impl Worker {
     fn serve(&mut self, a: &mut Activation) -> Result<(), Broken> {
-        let mut mux = Muxer::new(self.port.cid, &self.port.base, a.seqpacket);
+        let mut mux = Muxer::new(&self.port.cfg, a.seqpacket);
         loop {
             if a.stopping.load(Ordering::SeqCst) {
                 return Ok(());
@@ -348,7 +345,7 @@ pub fn fuzz_serve(
         port: port.clone(),
         bounce: vec![0; packet::MAX_PKT_DATA],
     };
-    let mut mux = Muxer::new(port.cid, &port.base, seqpacket);
+    let mut mux = Muxer::new(&port.cfg, seqpacket);
     for _ in 0..rounds {
         if w.tx_pass(&mut a, &mut mux).is_err() || w.rx_pass(&mut a, &mut mux).is_err() {
             return false;

@@ -21,7 +21,6 @@ use rustix::net::{RecvFlags, SendFlags, SocketAddrUnix, SocketFlags, SocketType}
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// The receive buffer moat advertises on each connection.
@@ -276,9 +275,9 @@ pub enum Target {
 
 /// One activation's connections.
 pub struct Muxer {
-    cid: u64,
+    /// The guest's CID and the paths its connections go to.
+    cfg: moat_config::VsockConfig,
     seqpacket: bool,
-    base: PathBuf,
     /// Keyed (moat's port, the guest's port).
     conns: HashMap<(u32, u32), Conn>,
     pending: Vec<Pending>,
@@ -290,21 +289,16 @@ pub struct Muxer {
 }
 
 impl Muxer {
-    pub fn new(cid: u64, base: &Path, seqpacket: bool) -> Muxer {
+    pub fn new(cfg: &moat_config::VsockConfig, seqpacket: bool) -> Muxer {
         Muxer {
-            cid,
+            cfg: cfg.clone(),
             seqpacket,
-            base: base.to_path_buf(),
             conns: HashMap::new(),
             pending: Vec::new(),
             control: VecDeque::new(),
             next_port: LOCAL_PORT_FIRST,
             turn: 0,
         }
-    }
-
-    pub fn connections(&self) -> usize {
-        self.conns.len()
     }
 
     /// Room for the replies a transmitted packet may cause.
@@ -319,7 +313,7 @@ impl Muxer {
     fn header(&self, key: (u32, u32), kind: Kind, op: u16) -> Header {
         Header::default()
             .with_src_cid(moat_config::VSOCK_HOST_CID)
-            .with_dst_cid(self.cid)
+            .with_dst_cid(self.cfg.guest_cid)
             .with_src_port(key.0)
             .with_dst_port(key.1)
             .with_type(kind.type_())
@@ -337,7 +331,7 @@ impl Muxer {
 
     /// A packet from the guest's transmit queue.
     pub fn from_guest(&mut self, h: &Header, data: &[u8]) {
-        if h.src_cid() != self.cid {
+        if h.src_cid() != self.cfg.guest_cid {
             log::debug!("virtio-vsock: dropped a packet from another CID ({h:?})");
             return;
         }
@@ -399,7 +393,7 @@ impl Muxer {
     /// A packet whose data did not fit its chain or the size limit: its
     /// connection is reset, or the sender answered RST.
     pub fn malformed(&mut self, h: &Header) {
-        if h.src_cid() != self.cid {
+        if h.src_cid() != self.cfg.guest_cid {
             return;
         }
         let key = (h.dst_port(), h.src_port());
@@ -421,8 +415,7 @@ impl Muxer {
             self.control.push_back(h.reply(OP_RST));
             return;
         }
-        let mut path = self.base.clone().into_os_string();
-        path.push(format!("_{}", key.0));
+        let path = self.cfg.port_path(key.0);
         let sock = rustix::net::socket_with(
             rustix::net::AddressFamily::UNIX,
             kind.socket_type(),
@@ -430,14 +423,14 @@ impl Muxer {
             None,
         )
         .and_then(|s| {
-            let addr = SocketAddrUnix::new(Path::new(&path))?;
+            let addr = SocketAddrUnix::new(&path)?;
             rustix::net::connect(&s, &addr)?;
             Ok(s)
         });
         let sock = match sock {
             Ok(s) => s,
             Err(e) => {
-                log::debug!("virtio-vsock: {}: {e}", Path::new(&path).display());
+                log::debug!("virtio-vsock: {}: {e}", path.display());
                 self.control.push_back(h.reply(OP_RST));
                 return;
             }
