@@ -9,6 +9,19 @@ for m in irqbypass kvm kvm-amd virtio_ring virtio virtio_pci_modern_dev virtio_p
     insmod /modules/$m.ko || echo "TIER2 setup insmod $m failed"
 done
 [ -c /dev/kvm ] || { echo "TIER2 setup no /dev/kvm"; poweroff -f; }
+# cgroup v2 as on a systemd host: the cpu, memory and pids controllers on,
+# and a cgroup with a CPU quota, made now while nothing else runs. The first
+# memory cgroup and the first quota turn kernel static keys on, which
+# patches kernel code on every CPU; under QEMU's TCG a CPU has been left
+# spinning at a patched site when that happened in moat-jail's setup (soft
+# lockups at memcg_kmem_enabled's sites in kmem_cache_alloc and
+# free_pcp_prepare, the test host then hung or panicked). A real host has
+# done this long before moat runs.
+mount -t cgroup2 none /sys/fs/cgroup
+echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
+mkdir /sys/fs/cgroup/system
+echo "1000000 100000" > /sys/fs/cgroup/system/cpu.max
+echo 1G > /sys/fs/cgroup/system/memory.max
 echo "TIER2 setup ok"
 # Nothing here types into the guests: moat's stdin is /dev/null, not the
 # console tty (a CI run once saw L1's kernel spin in a tty read of moat's
@@ -78,7 +91,6 @@ for s in $(cat /scenarios); do
         jail)
             # moat-jail on a cgroup v2 host with AppArmor: the L2 kernel runs
             # under moat, jailed, while L1 looks at it from outside.
-            mount -t cgroup2 none /sys/fs/cgroup
             mount -t securityfs none /sys/kernel/security
             /sbin/apparmor_parser -r /moat/apparmor-moat-jailed && echo "TIER2 jail profile loaded"
             mkdir -p /srv/jail

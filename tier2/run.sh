@@ -295,12 +295,47 @@ mkfs.ext4 -q -F -d "$WORK/hostfs" "$HOSTFS" 16M
 # CPUs stuck in the kernel for good, once in moat-jail's setup; a panic ends
 # the run at once instead of at the timeout, and tests/tier2_linux.rs boots
 # the test host once more.)
+# The console goes to a file that is echoed as it grows; when nothing new
+# appears for ${MOAT_TIER2_STALL:-240} s (the longest quiet stretch of a good
+# run is far shorter), the test host is stopped at once with "TIER2
+# stalled", rather than at the timeout: L1 has hung under TCG with no
+# soft-lockup report at all, and tests/tier2_linux.rs boots it once more.
+CONSOLE=$WORK/console.log
+: > "$CONSOLE"
 timeout --kill-after=10 "${MOAT_TIER2_TIMEOUT:-900}" qemu-system-x86_64 \
     -machine q35 -accel tcg,thread=multi -cpu EPYC,+svm -smp 2 -m 2048 \
     -kernel "$VMLINUZ" -initrd "$WORK/l1-initrd.gz" \
     -append "console=ttyS0 quiet loglevel=3 panic=-1 softlockup_panic=1" \
     -drive file="$DATA",format=raw,if=virtio -drive file="$HOSTFS",format=raw,if=virtio,readonly=on \
-    -nographic -no-reboot -nodefaults -serial stdio 2>"$WORK/qemu-l1.log"
-rc=$?
+    -nographic -no-reboot -nodefaults -serial stdio </dev/null >"$CONSOLE" 2>"$WORK/qemu-l1.log" &
+qpid=$!
+tail -n +1 -f --pid=$qpid "$CONSOLE" &
+tpid=$!
+STALL=${MOAT_TIER2_STALL:-240}
+size=0
+last=$SECONDS
+quiet=0
+stalled=0
+while kill -0 $qpid 2>/dev/null; do
+    sleep 2
+    now_size=$(stat -c %s "$CONSOLE")
+    if [ "$now_size" != "$size" ]; then
+        size=$now_size
+        last=$SECONDS
+    fi
+    [ $((SECONDS - last)) -gt $quiet ] && quiet=$((SECONDS - last))
+    if [ $((SECONDS - last)) -ge "$STALL" ]; then
+        sleep 1
+        echo "TIER2 stalled: no console output for $STALL s; stopping the test host"
+        kill $(cat /proc/$qpid/task/*/children 2>/dev/null) $qpid 2>/dev/null || true
+        stalled=1
+        break
+    fi
+done
+rc=0
+wait $qpid || rc=$?
+[ $stalled = 0 ] || rc=3
+wait $tpid 2>/dev/null || true
+echo "tier2: longest quiet stretch of the console: $quiet s" >&2
 echo "TIER2 host data image $DATA"
 exit $rc
