@@ -169,13 +169,18 @@ fn pump_input(mut src: impl Read, uart: Arc<Mutex<Uart>>) {
     }
 }
 
-/// Take everything queued, waiting up to `wait` for something to arrive.
-/// How long the backend thread lets output accumulate after waking, so that
-/// a guest writing byte by byte costs one host write per batch, not per byte.
+/// How long the backend thread lets output accumulate after waking while
+/// the guest is writing a stream, so that a guest writing byte by byte
+/// costs one host write per batch, not per byte.
 const COALESCE: Duration = Duration::from_micros(500);
+/// Output is a stream when the last write was this recent; the first bytes
+/// after a quiet spell go out at once (a boot's first line, a prompt, an
+/// answer typed at the console are not held back).
+const STREAMING: Duration = Duration::from_millis(5);
 
-/// Take everything queued, waiting up to `wait` for something to arrive.
-fn take(shared: &OutShared, wait: Duration) -> Vec<u8> {
+/// Take everything queued, waiting up to `wait` for something to arrive;
+/// when `streaming`, let more accumulate for [`COALESCE`] after waking.
+fn take(shared: &OutShared, wait: Duration, streaming: bool) -> Vec<u8> {
     let mut q = lock(&shared.buf);
     if q.is_empty() {
         shared.idle.store(true, Ordering::SeqCst);
@@ -185,7 +190,7 @@ fn take(shared: &OutShared, wait: Duration) -> Vec<u8> {
             .unwrap_or_else(|e| e.into_inner())
             .0;
         shared.idle.store(false, Ordering::SeqCst);
-        if !q.is_empty() {
+        if streaming && !q.is_empty() {
             drop(q);
             std::thread::sleep(COALESCE);
             q = lock(&shared.buf);
@@ -196,12 +201,17 @@ fn take(shared: &OutShared, wait: Duration) -> Vec<u8> {
 }
 
 fn spawn_writer(shared: Arc<OutShared>, mut sink: impl FnMut(&[u8]) + Send + 'static) {
-    moat_sys::gate::spawn_gated("serial-out", moat_sys::role::Role::Io, move || loop {
-        let bytes = take(&shared, Duration::from_millis(100));
-        if !bytes.is_empty() {
-            sink(&bytes);
+    moat_sys::gate::spawn_gated("serial-out", moat_sys::role::Role::Io, move || {
+        let mut last: Option<std::time::Instant> = None;
+        loop {
+            let streaming = last.is_some_and(|t| t.elapsed() < STREAMING);
+            let bytes = take(&shared, Duration::from_millis(100), streaming);
+            if !bytes.is_empty() {
+                sink(&bytes);
+                last = Some(std::time::Instant::now());
+            }
+            shared.busy.store(false, Ordering::SeqCst);
         }
-        shared.busy.store(false, Ordering::SeqCst);
     })
     .map(|_| ())
     .unwrap_or_else(|e| log::error!("serial: cannot start output thread: {e}"));
