@@ -43,6 +43,9 @@ fn log_init() {
         Ok("error") => log::LevelFilter::Error,
         _ => log::LevelFilter::Warn,
     };
+    if level >= log::LevelFilter::Debug {
+        moat_sys::timeline::enable();
+    }
     let _ = log::set_boxed_logger(Box::new(Stderr(level)));
     log::set_max_level(level);
 }
@@ -96,7 +99,9 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
         set_process_name(p);
     }
     moat_vmm::control::init_kick_signal()?;
+    moat_sys::timeline::mark("inherited descriptors");
     let mut machine = Machine::new(cfg.clone(), fds.clone(), nics, moat_guests::DEMO)?;
+    moat_sys::timeline::mark("images, disks, console and /dev/kvm opened");
     let _pidfile = match &cfg.pidfile {
         Some(p) => Some(moat_sys::PidFile::create(p).map_err(err)?),
         None => None,
@@ -130,6 +135,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
     };
     // Removed when run() returns, as QEMU removes them at exit.
     let _sockets = moat_sys::SocketFiles::note(cfg.unix_socket_paths());
+    moat_sys::timeline::mark("signal thread and monitors started");
     // Everything is open: confine the process before the guest runs.
     moat_sandbox::confine(&moat_sandbox::Policy::for_vm(&cfg, run_as)).map_err(err)?;
     // wait=on monitors: the guest starts once each has its first client
@@ -153,6 +159,7 @@ fn run(cfg: VmConfig) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     log_init();
+    moat_sys::timeline::mark("main");
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cfg = match moat_cli::parse_args(&args) {
         Ok(Action::Help) => {
@@ -171,7 +178,10 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Ok(Action::Run(cfg)) => *cfg,
+        Ok(Action::Run(cfg)) => {
+            moat_sys::timeline::mark("arguments parsed");
+            *cfg
+        }
         Err(e) => {
             eprintln!("moat: {e}");
             return ExitCode::FAILURE;

@@ -179,3 +179,45 @@ fn an_internal_error_dumps_registers_and_exits_1() {
         "{last}"
     );
 }
+
+/// The flags of the mapping of exactly `kib` KiB in process `pid` (moat's
+/// guest RAM), once it exists.
+fn guest_ram_flags(pid: u32, kib: u64) -> String {
+    let mut waited = Duration::ZERO;
+    loop {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        let mut size_ok = false;
+        for line in smaps.lines() {
+            if let Some(v) = line.strip_prefix("Size:") {
+                size_ok = v.trim() == format!("{kib} kB");
+            }
+            if let (true, Some(f)) = (size_ok, line.strip_prefix("VmFlags:")) {
+                return f.trim().to_string();
+            }
+        }
+        assert!(waited < HANG, "no {kib} KiB mapping in moat:\n{smaps}");
+        std::thread::sleep(Duration::from_millis(20));
+        waited += Duration::from_millis(20);
+    }
+}
+
+#[test]
+fn guest_ram_is_without_huge_pages_unless_thp_on() {
+    // (VmFlags: "nh" is MADV_NOHUGEPAGE, "hg" MADV_HUGEPAGE.)
+    for (machine, flag, not) in [("microvm", "nh", "hg"), ("microvm,thp=on", "hg", "nh")] {
+        let mut child = moat_command()
+            .args(["-S", "-M", machine, "-m", "72M", "-kernel", TEST_PVH])
+            .args(["-serial", "none"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let flags = guest_ram_flags(child.id(), 72 * 1024);
+        let _ = child.kill();
+        let _ = child.wait();
+        let flags: Vec<&str> = flags.split(' ').collect();
+        assert!(
+            flags.contains(&flag) && !flags.contains(&not),
+            "-M {machine}: guest RAM's flags {flags:?}"
+        );
+    }
+}

@@ -99,18 +99,6 @@ fn write(mem: &GuestMemoryMmap, addr: u64, data: &[u8]) -> Result<(), BootError>
         })
 }
 
-fn zero(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Result<(), BootError> {
-    const CHUNK: usize = 1 << 16;
-    let zeros = [0u8; CHUNK];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(CHUNK as u64) as usize;
-        write(mem, addr + off, &zeros[..n])?;
-        off += n as u64;
-    }
-    Ok(())
-}
-
 /// Choose the initrd's address: page aligned, as high as allowed, above the kernel.
 pub fn place_initrd(
     layout: &MemLayout,
@@ -132,6 +120,8 @@ pub fn place_initrd(
 }
 
 /// Write everything the guest needs to boot and return how to enter it.
+/// `mem` must be fresh, all zero (moat maps new memory for every boot):
+/// nothing is written where the guest expects zeros.
 pub fn load(
     mem: &GuestMemoryMmap,
     layout: &MemLayout,
@@ -168,8 +158,9 @@ pub fn load(
         Kernel::Elf(k) => {
             for s in &k.segments {
                 let from = s.offset as usize;
+                // (The rest up to memsz stays as it is: zero, since `mem` is
+                // fresh. Writing zeros would only fault those pages in.)
                 write(mem, s.paddr, &kernel_data[from..from + s.filesz as usize])?;
-                zero(mem, s.paddr + s.filesz, s.memsz - s.filesz)?;
             }
             (k.end(), u64::from(u32::MAX))
         }

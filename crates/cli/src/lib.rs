@@ -766,6 +766,9 @@ fn parse_machine(opt: &str, arg: &str, cfg: &mut VmConfig) -> Result<(), CliErro
     if let Some(v) = kv.take("accel") {
         check_accel(opt, arg, &v)?;
     }
+    if let Some(v) = kv.take("thp") {
+        cfg.thp = keyval::parse_bool(opt, "thp", &v)?;
+    }
     // QEMU microvm's optional legacy devices: moat's microvm always has them.
     for dev in ["rtc", "pit", "pic", "isa-serial"] {
         if let Some(v) = kv.take(dev) {
@@ -1593,8 +1596,10 @@ usage: moat [options]
 A virtual machine monitor for KVM that speaks a subset of qemu-system-x86_64's command line.
 With no -kernel, moat boots its built-in demo guest.
 
--M|-machine microvm[,acpi=on|off][,rtc=on][,pit=on][,pic=on][,isa-serial=on]
-                                    the machine (microvm is the only one)
+-M|-machine microvm[,acpi=on|off][,thp=on|off][,rtc=on][,pit=on][,pic=on][,isa-serial=on]
+                                    the machine (microvm is the only one); thp=on backs
+                                    guest RAM with transparent huge pages as QEMU does
+                                    (default off: RSS grows by 4K pages, not 2M)
 -accel kvm | -enable-kvm            KVM acceleration (tcg is refused: it gives no isolation)
 -cpu host                           expose the host CPU
 -m SIZE                             guest RAM (default 128M; suffixes K M G T, default M)
@@ -1716,6 +1721,10 @@ mod tests {
         );
         assert!(err(&["-machine", "pc"]).starts_with("-machine pc: unsupported machine"));
         assert!(err(&["-M", "microvm,acpi=maybe"]).contains("'acpi'"));
+        assert!(!cfg(&["-M", "microvm"]).thp);
+        assert!(cfg(&["-M", "microvm,thp=on"]).thp);
+        assert!(!cfg(&["-M", "thp=off"]).thp);
+        assert!(err(&["-M", "microvm,thp=2M"]).contains("'thp'"));
         assert!(err(&["-M", "microvm,foo=1"]).contains("'foo'"));
         assert!(err(&["-M", "microvm,rtc=off"]).contains("rtc=off"));
         assert!(cfg(&["-M", "microvm,rtc=on,pit=auto,pic=on,isa-serial=on"]).acpi);

@@ -607,6 +607,10 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Guest RAM in bytes (page aligned).
     pub mem_size: u64,
+    /// `-M microvm,thp=`: back guest RAM with transparent huge pages
+    /// (MADV_HUGEPAGE, as QEMU always asks) or never (MADV_NOHUGEPAGE, the
+    /// default: a guest's touched 4 KiB page costs the host 4 KiB, not 2 MiB).
+    pub thp: bool,
     pub smp: Topology,
     /// `None` boots the built-in demo guest.
     pub kernel: Option<PathBuf>,
@@ -671,6 +675,7 @@ impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
             acpi: true,
+            thp: false,
             mem_size: 128 << 20,
             smp: Topology {
                 cpus: 1,

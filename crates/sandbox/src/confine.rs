@@ -141,10 +141,12 @@ pub fn run(p: &Policy, s: &mut impl Steps) -> Result<(), String> {
         s.landlock_self(p.landlock_required)?;
     }
     s.open_gate(p.enabled, p.run_as.is_some());
+    moat_sys::timeline::mark("sandbox: landlock and privileges");
     if p.enabled {
         s.seccomp(p.violation)?;
     }
     s.release_gate();
+    moat_sys::timeline::mark("sandbox: seccomp");
     Ok(())
 }
 

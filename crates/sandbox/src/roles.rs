@@ -80,7 +80,10 @@ fn main_thread() -> Vec<(i64, &'static str)> {
     v.extend([
         (libc::SYS_eventfd2, "reset: device and interrupt eventfds"),
         (libc::SYS_fcntl, "reset: duplicating eventfds"),
-        (libc::SYS_pread64, "exit: qcow2 metadata write-back"),
+        (
+            libc::SYS_pread64,
+            "reset: kernel and initrd read again; exit: qcow2 metadata write-back",
+        ),
         (libc::SYS_pwrite64, "exit: qcow2 metadata write-back"),
         (libc::SYS_preadv, "exit: qcow2 metadata write-back (imago)"),
         (libc::SYS_pwritev, "exit: qcow2 metadata write-back (imago)"),

@@ -3,6 +3,7 @@
 pub mod fdset;
 pub mod gate;
 pub mod role;
+pub mod timeline;
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;

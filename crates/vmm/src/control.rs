@@ -285,8 +285,12 @@ impl VcpuSet {
         }
         let run: *mut kvm_bindings::kvm_run = vcpu.get_kvm_run();
         KVM_RUN.with(|p| p.set(run));
-        self.run(&mut vcpu, i, bus, tx, generation);
+        let mut counts = moat_sys::timeline::enabled().then(vcpu::ExitCounts::default);
+        self.run(&mut vcpu, i, bus, tx, generation, &mut counts);
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+        if let Some(c) = counts {
+            log::debug!("{}", c.report(i));
+        }
     }
 
     fn run(
@@ -296,8 +300,10 @@ impl VcpuSet {
         bus: &PlatformBus,
         tx: &Sender<VmEvent>,
         generation: u64,
+        counts: &mut Option<vcpu::ExitCounts>,
     ) {
         let cpu = i as u32;
+        let mut first = i == 0;
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return;
@@ -306,11 +312,23 @@ impl VcpuSet {
             if self.paused.load(Ordering::SeqCst) && !self.park(vcpu, i) {
                 return;
             }
-            let action = match vcpu.run() {
+            if first {
+                moat_sys::timeline::mark("vCPU 0 enters the guest");
+            }
+            let exit = vcpu.run();
+            if std::mem::take(&mut first) {
+                moat_sys::timeline::mark("vCPU 0's first exit");
+            }
+            let action = match exit {
                 Ok(kvm_ioctls::VcpuExit::InternalError) => {
                     ExitAction::Fail(vcpu::internal_error(vcpu))
                 }
-                Ok(exit) => vcpu::handle_exit(exit, bus),
+                Ok(exit) => {
+                    if let Some(c) = counts {
+                        c.note(&exit);
+                    }
+                    vcpu::handle_exit(exit, bus)
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     vcpu.set_kvm_immediate_exit(0);
                     continue;

@@ -102,11 +102,12 @@ pub struct Platform {
 }
 
 impl Platform {
-    pub fn new(cfg: &VmConfig) -> Result<Self, VmError> {
+    /// Start the console; `kvm` is /dev/kvm, opened.
+    pub fn new(cfg: &VmConfig, kvm: Kvm) -> Result<Self, VmError> {
         let console = Console::start(cfg.serial.as_ref(), IrqLine::new()?)
             .map_err(|e| VmError::Io(std::io::Error::other(e.to_string())))?;
         Ok(Platform {
-            kvm: Kvm::new().map_err(VmError::KvmOpen)?,
+            kvm,
             console,
             rtc: Arc::new(Mutex::new(Rtc::new())),
         })
@@ -149,12 +150,54 @@ impl Disk {
     }
 }
 
-/// What every boot of the VM starts from: kernel and initrd bytes (read
-/// once), the command line, the opened disks and network interfaces.
+/// A kernel or initrd. A file stays open and is read again for each boot,
+/// into a buffer dropped once the guest is loaded: moat never holds a copy
+/// beside the guest's while the guest runs (14 MiB for Debian's kernel
+/// alone, counted in moat's peak RSS when it was kept).
+#[derive(Debug, Clone)]
+pub enum GuestImage {
+    File {
+        file: Arc<std::fs::File>,
+        /// Its size when opened; a boot refuses a file that has changed.
+        len: u64,
+        /// The option and path, for messages.
+        name: String,
+    },
+    /// Built into moat (the demo guest).
+    Builtin(&'static [u8]),
+}
+
+impl GuestImage {
+    /// The image's bytes.
+    pub fn read(&self) -> Result<std::borrow::Cow<'static, [u8]>, VmError> {
+        match self {
+            GuestImage::Builtin(b) => Ok(std::borrow::Cow::Borrowed(b)),
+            GuestImage::File { file, len, name } => {
+                use std::os::unix::fs::FileExt;
+                let err = |why: String| VmError::Image(format!("{name}: {why}"));
+                let now = std::io::Seek::seek(&mut &**file, std::io::SeekFrom::End(0))
+                    .map_err(|e| err(e.to_string()))?;
+                if now != *len {
+                    return Err(err(format!(
+                        "its size changed since moat opened it ({len} bytes)"
+                    )));
+                }
+                // (len was checked against guest RAM when the file was opened.)
+                let mut data = vec![0u8; *len as usize];
+                file.read_exact_at(&mut data, 0)
+                    .map_err(|e| err(e.to_string()))?;
+                Ok(std::borrow::Cow::Owned(data))
+            }
+        }
+    }
+}
+
+/// What every boot of the VM starts from: kernel and initrd, the command
+/// line, the opened disks and network interfaces.
 #[derive(Debug, Clone)]
 pub struct BootImages {
-    pub kernel: Vec<u8>,
-    pub initrd: Option<Vec<u8>>,
+    pub kernel: GuestImage,
+    pub initrd: Option<GuestImage>,
     pub cmdline: String,
     pub disks: Vec<Disk>,
     /// The interfaces, in device order after the disks.
@@ -167,7 +210,7 @@ pub struct BootImages {
 
 /// A built VM, ready to run.
 pub struct Vm {
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     bus: Arc<PlatformBus>,
@@ -187,21 +230,51 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-fn create_memory(vm: &VmFd, layout: &MemLayout) -> Result<GuestMemoryMmap, VmError> {
+/// Map the guest's RAM (not yet known to KVM: see [`register_memory`]),
+/// with transparent huge pages or never as `thp` says (see `VmConfig::thp`).
+fn map_memory(layout: &MemLayout, thp: bool) -> Result<GuestMemoryMmap, VmError> {
     let ranges: Vec<(GuestAddress, usize)> = layout
         .ram_regions()
         .iter()
         .map(|&(a, s)| (GuestAddress(a), s as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
+    let err = |why: String| VmError::Memory {
         size: layout.mem_size >> 20,
-        why: e.to_string(),
-    })?;
+        why,
+    };
+    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()))?;
+    let advice = if thp {
+        libc::MADV_HUGEPAGE
+    } else {
+        libc::MADV_NOHUGEPAGE
+    };
+    for r in mem.iter() {
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| err(e.to_string()))?;
+        // SAFETY: advice on a mapping `mem` owns, of exactly its length;
+        // neither value changes what the memory holds.
+        if unsafe { libc::madvise(host.cast(), r.len() as usize, advice) } != 0 {
+            let e = std::io::Error::last_os_error();
+            // A kernel without THP refuses both; there is nothing to choose then.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(err(format!("madvise: {e}")));
+            }
+        }
+    }
+    Ok(mem)
+}
+
+/// Give KVM the guest's RAM, one slot per region. Each
+/// KVM_SET_USER_MEMORY_REGION waits out an SRCU grace period: 5-6 ms of
+/// the ~11 ms moat took to reach the guest on the nested development host,
+/// whatever the size (see [`Shell`]).
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, r) in mem.iter().enumerate() {
         let host = r
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| VmError::Memory {
-                size: layout.mem_size >> 20,
+                size: r.len() >> 20,
                 why: e.to_string(),
             })?;
         let region = kvm_userspace_memory_region {
@@ -212,24 +285,32 @@ fn create_memory(vm: &VmFd, layout: &MemLayout) -> Result<GuestMemoryMmap, VmErr
             userspace_addr: host as u64,
         };
         // SAFETY: `host` points to a live mapping of `r.len()` bytes owned by
-        // `mem`, which the returned value keeps alive as long as the VM.
+        // `mem`, which the VM keeps alive as long as itself.
         kvm("KVM_SET_USER_MEMORY_REGION", unsafe {
             vm.set_user_memory_region(region)
         })?;
     }
-    Ok(mem)
+    Ok(())
 }
 
-impl Vm {
-    /// Build a VM: memory, irqchip, PIT, devices, vCPUs, and load the guest.
-    pub fn build(
-        cfg: &VmConfig,
-        images: &BootImages,
-        platform: &Platform,
-        generation: u64,
-        events: Sender<VmEvent>,
-    ) -> Result<Vm, VmError> {
-        let kvm_sys = &platform.kvm;
+/// A boot's VM as far as KVM is concerned: the VM with its irqchip and
+/// PIT, and its RAM, mapped at once and given to KVM on a thread of its own
+/// ([`register_memory`] waits out an SRCU grace period). The first boot's
+/// shell is started while moat is still opening files and confining itself,
+/// so that wait overlaps them; [`Vm::build`] loads the guest and makes the
+/// devices and vCPUs meanwhile, and then joins the thread.
+#[derive(Debug)]
+pub struct Shell {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    layout: MemLayout,
+    slots: Option<std::thread::JoinHandle<Result<(), VmError>>>,
+}
+
+impl Shell {
+    /// Create the VM and map `mem_size` bytes of RAM; KVM is told of the RAM
+    /// on the thread "vm-memory" (inline if no thread can be made).
+    pub fn start(kvm_sys: &Kvm, mem_size: u64, thp: bool) -> Result<Shell, VmError> {
         let vm = kvm("KVM_CREATE_VM", kvm_sys.create_vm())?;
         kvm(
             "KVM_SET_IDENTITY_MAP_ADDR",
@@ -245,9 +326,82 @@ impl Vm {
             ..Default::default()
         };
         kvm("KVM_CREATE_PIT2", vm.create_pit2(pit))?;
+        moat_sys::timeline::mark("kvm: VM, irqchip and PIT");
+        let layout = MemLayout::new(mem_size);
+        let mem = map_memory(&layout, thp)?;
+        let vm = Arc::new(vm);
+        let (v, m) = (vm.clone(), mem.clone());
+        let slots = match std::thread::Builder::new()
+            .name("vm-memory".into())
+            .spawn(move || register_memory(&v, &m))
+        {
+            Ok(h) => Some(h),
+            Err(_) => {
+                register_memory(&vm, &mem)?;
+                None
+            }
+        };
+        Ok(Shell {
+            vm,
+            mem,
+            layout,
+            slots,
+        })
+    }
 
-        let layout = MemLayout::new(cfg.mem_size);
-        let mem = create_memory(&vm, &layout)?;
+    /// Wait until KVM knows the memory.
+    fn finish(self) -> Result<(Arc<VmFd>, GuestMemoryMmap), VmError> {
+        if let Some(h) = self.slots {
+            h.join().unwrap_or_else(|_| {
+                Err(VmError::Io(std::io::Error::other(
+                    "the memory thread panicked",
+                )))
+            })?;
+        }
+        moat_sys::timeline::mark("kvm: guest memory");
+        Ok((self.vm, self.mem))
+    }
+}
+
+impl Vm {
+    /// Build a VM on `shell` (made by [`Shell::start`]): load the guest,
+    /// make the devices and the vCPUs.
+    pub fn build(
+        cfg: &VmConfig,
+        images: &BootImages,
+        platform: &Platform,
+        generation: u64,
+        events: Sender<VmEvent>,
+        shell: Shell,
+    ) -> Result<Vm, VmError> {
+        // (The memory thread is joined even when this fails.)
+        let parts = Self::fill(cfg, images, platform, generation, &events, &shell);
+        let (vm, mem) = shell.finish()?;
+        let (vcpus, bus) = parts?;
+        Ok(Vm {
+            _vm: vm,
+            _mem: mem,
+            vcpus,
+            bus,
+            generation,
+            events,
+            topology: cfg.smp,
+            acpi: cfg.acpi,
+        })
+    }
+
+    /// The part of [`Vm::build`] that does not need KVM to know the memory:
+    /// load the guest, make the devices and the vCPUs.
+    fn fill(
+        cfg: &VmConfig,
+        images: &BootImages,
+        platform: &Platform,
+        generation: u64,
+        events: &Sender<VmEvent>,
+        shell: &Shell,
+    ) -> Result<(Vec<VcpuFd>, Arc<PlatformBus>), VmError> {
+        let kvm_sys = &platform.kvm;
+        let (vm, mem, layout) = (&*shell.vm, &shell.mem, &shell.layout);
 
         let t = &cfg.smp;
         let apic_ids: Vec<u32> = (0..t.cpus).map(|i| cpuid::apic_id(t, i)).collect();
@@ -267,13 +421,19 @@ impl Vm {
             virtio: virtio.clone(),
         };
         let entry = moat_boot::load(
-            &mem,
-            &layout,
-            &images.kernel,
-            images.initrd.as_deref(),
+            mem,
+            layout,
+            &images.kernel.read()?,
+            images
+                .initrd
+                .as_ref()
+                .map(GuestImage::read)
+                .transpose()?
+                .as_deref(),
             &images.cmdline,
             &machine,
         )?;
+        moat_sys::timeline::mark("guest loaded (kernel, initrd, ACPI)");
 
         // Devices.
         let sink: RequestSink = {
@@ -340,6 +500,7 @@ impl Vm {
             bus.virtio.push((base, Mutex::new(t)));
         }
         let bus = Arc::new(bus);
+        moat_sys::timeline::mark("devices");
 
         // vCPUs.
         let supported = kvm(
@@ -372,17 +533,9 @@ impl Vm {
             }
             vcpus.push(vcpu);
         }
+        moat_sys::timeline::mark("vCPUs set up");
         log::debug!("boot entry {entry:?}");
-        Ok(Vm {
-            _vm: vm,
-            _mem: mem,
-            vcpus,
-            bus,
-            generation,
-            events,
-            topology: *t,
-            acpi: cfg.acpi,
-        })
+        Ok((vcpus, bus))
     }
 
     /// Start the vCPUs (parked when `paused`).

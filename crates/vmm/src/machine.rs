@@ -7,7 +7,8 @@
 //! inputs; the machine (its disks, console, CMOS RAM and run state) stays.
 
 use crate::control::VcpuSet;
-use crate::{BootImages, Disk, FdStore, Nic, Platform, Vm, VmError, VmEvent};
+use crate::{BootImages, Disk, FdStore, GuestImage, Nic, Platform, Shell, Vm, VmError, VmEvent};
+use kvm_ioctls::Kvm;
 use moat_api::{
     ApiError, BlockDevice, BlockNode, BlockStats, Call, Client, Event, EventSink, ImageInfo,
     NetRateInfo, Reply, Request, RunState, RxFilterInfo,
@@ -75,6 +76,8 @@ pub struct Machine {
     /// Printed once the first VM is built (so that a setup error stays the
     /// only line moat prints).
     first_boot_note: Option<String>,
+    /// The first boot's VM, started in [`Machine::new`].
+    first_shell: Option<Shell>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -83,29 +86,28 @@ impl std::fmt::Debug for Machine {
     }
 }
 
-/// Read a guest image (a path, or /dev/fdset/N from -add-fd), refusing
+/// Open a guest image (a path, or /dev/fdset/N from -add-fd), refusing
 /// anything that could not fit in guest RAM.
-fn read_image(opt: &str, path: &Path, limit: u64, fds: &FdStore) -> Result<Vec<u8>, VmError> {
+fn open_image(opt: &str, path: &Path, limit: u64, fds: &FdStore) -> Result<GuestImage, VmError> {
     let ctx = |e: &dyn std::fmt::Display| VmError::Image(format!("{opt} {}: {e}", path.display()));
     let f = match fds.open_fdset(path, false) {
         Some(f) => f,
         None => std::fs::File::open(path),
     }
     .map_err(|e| ctx(&e))?;
-    let len = f.metadata().map_err(|e| ctx(&e))?.len();
+    // (The end, not the metadata's size: a block device has it too.)
+    let len = std::io::Seek::seek(&mut &f, std::io::SeekFrom::End(0)).map_err(|e| ctx(&e))?;
     if len > limit {
         return Err(ctx(&format!(
             "{len} bytes cannot fit in {} MiB of guest RAM",
             limit >> 20
         )));
     }
-    let mut data = Vec::with_capacity(len as usize);
-    std::io::Read::read_to_end(&mut std::io::Read::take(f, limit + 1), &mut data)
-        .map_err(|e| ctx(&e))?;
-    if data.len() as u64 > limit {
-        return Err(ctx(&"grew beyond guest RAM while reading"));
-    }
-    Ok(data)
+    Ok(GuestImage::File {
+        file: Arc::new(f),
+        len,
+        name: format!("{opt} {}", path.display()),
+    })
 }
 
 /// A NIC's receive filter as QEMU 7.2's virtio-net reports it: VLAN
@@ -188,24 +190,31 @@ impl Machine {
         cfg: VmConfig,
         fds: Arc<Mutex<FdStore>>,
         nics: Vec<Nic>,
-        demo: &[u8],
+        demo: &'static [u8],
     ) -> Result<Machine, VmError> {
+        // The first boot's VM, made while the rest is opened and moat
+        // confines itself (see Shell).
+        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+        let shell = Shell::start(&kvm, cfg.mem_size, cfg.thp)?;
         let (kernel, initrd, disks) = {
             let store = lock(&fds);
             let kernel = match &cfg.kernel {
-                Some(k) => read_image("-kernel", k, cfg.mem_size, &store)?,
-                None => demo.to_vec(),
+                Some(k) => open_image("-kernel", k, cfg.mem_size, &store)?,
+                None => GuestImage::Builtin(demo),
             };
             // Validate the kernel for this machine before opening anything else.
-            moat_boot::parse_kernel(&kernel, &moat_boot::layout::MemLayout::new(cfg.mem_size))
-                .map_err(|e| {
-                    VmError::Image(match &cfg.kernel {
-                        Some(k) => format!("-kernel {}: {e}", k.display()),
-                        None => format!("demo guest: {e}"),
-                    })
-                })?;
+            moat_boot::parse_kernel(
+                &kernel.read()?,
+                &moat_boot::layout::MemLayout::new(cfg.mem_size),
+            )
+            .map_err(|e| {
+                VmError::Image(match &cfg.kernel {
+                    Some(k) => format!("-kernel {}: {e}", k.display()),
+                    None => format!("demo guest: {e}"),
+                })
+            })?;
             let initrd = match &cfg.initrd {
-                Some(i) => Some(read_image("-initrd", i, cfg.mem_size, &store)?),
+                Some(i) => Some(open_image("-initrd", i, cfg.mem_size, &store)?),
                 None => None,
             };
             let disks = cfg
@@ -261,7 +270,7 @@ impl Machine {
                 .map(|v| VsockPort::open(v).map_err(|e| VmError::Image(format!("vsock: {e}"))))
                 .transpose()?,
         };
-        let platform = Platform::new(&cfg)?;
+        let platform = Platform::new(&cfg, kvm)?;
         let (tx, rx) = mpsc::channel();
         Ok(Machine {
             images,
@@ -281,6 +290,7 @@ impl Machine {
             tx,
             rx,
             first_boot_note: None,
+            first_shell: Some(shell),
         })
     }
 
@@ -374,12 +384,17 @@ impl Machine {
         let mut generation = 0;
         let outcome = loop {
             generation += 1;
+            let shell = match self.first_shell.take() {
+                Some(s) => s,
+                None => Shell::start(&self.platform.kvm, self.cfg.mem_size, self.cfg.thp)?,
+            };
             let mut vm = Vm::build(
                 &self.cfg,
                 &self.images,
                 &self.platform,
                 generation,
                 self.tx.clone(),
+                shell,
             )?;
             if let Some(note) = self.first_boot_note.take() {
                 eprintln!("{note}");

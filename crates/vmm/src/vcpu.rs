@@ -22,6 +22,40 @@ const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
 /// Handle one exit of KVM_RUN.
+/// A vCPU's exits counted by kind and port or address, kept under
+/// `MOAT_LOG=debug` and printed when the vCPU's thread ends: which exits a
+/// guest's boot costs, to find the avoidable ones.
+#[derive(Debug, Default)]
+pub struct ExitCounts(std::collections::HashMap<(&'static str, u64), u64>);
+
+impl ExitCounts {
+    pub fn note(&mut self, exit: &VcpuExit<'_>) {
+        let key = match exit {
+            VcpuExit::IoIn(port, _) => ("port in", u64::from(*port)),
+            VcpuExit::IoOut(port, _) => ("port out", u64::from(*port)),
+            VcpuExit::MmioRead(addr, _) => ("mmio read", *addr),
+            VcpuExit::MmioWrite(addr, _) => ("mmio write", *addr),
+            VcpuExit::Hlt => ("hlt", 0),
+            VcpuExit::Intr => ("intr", 0),
+            VcpuExit::IrqWindowOpen => ("irq window", 0),
+            _ => ("other", 0),
+        };
+        *self.0.entry(key).or_default() += 1;
+    }
+
+    /// One line per kind and address, the most frequent first.
+    pub fn report(&self, cpu: usize) -> String {
+        let mut v: Vec<_> = self.0.iter().collect();
+        v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let total: u64 = self.0.values().sum();
+        let mut s = format!("vCPU {cpu}: {total} exits");
+        for ((kind, addr), n) in v {
+            s += &format!("\n  {n:>9} {kind} {addr:#x}");
+        }
+        s
+    }
+}
+
 pub fn handle_exit(exit: VcpuExit<'_>, bus: &PlatformBus) -> ExitAction {
     match exit {
         VcpuExit::IoIn(port, data) => {
