@@ -12,32 +12,19 @@ would count the Python interpreter's pages too. Prints medians and ratios.
 
 Not a test: nothing here asserts on time.
 """
-import argparse, os, select, statistics, subprocess, sys, time
+import argparse, os, statistics, subprocess, sys, time
 
-from common import ROOT, bench_guest
+from common import ROOT, bench_guest, read_output
 
 
 def measure(argv):
     rss_file = f"/tmp/moat-bench-rss-{os.getpid()}"
     argv = ["/usr/bin/time", "-f", "%M", "-o", rss_file] + argv
-    t0 = time.perf_counter()
+    t0 = time.monotonic()
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    fd = p.stdout.fileno()
-    first = None
-    out = b""
-    while True:
-        r, _, _ = select.select([fd], [], [], 30)
-        if not r:
-            p.kill()
-            break
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        if first is None:
-            first = time.perf_counter() - t0
-        out += chunk
+    first, out = read_output(p, t0)
     _, status, _ = os.wait4(p.pid, 0)
-    total = time.perf_counter() - t0
+    total = time.monotonic() - t0
     with open(rss_file) as f:
         rss_kib = int(f.read().split()[-1])
     ok = os.waitstatus_to_exitcode(status) == 0 and b"hello from COM1" in out

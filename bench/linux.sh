@@ -4,12 +4,15 @@
 # nested test host (see tier2/). Prints per-run times (from process start:
 # first console byte, userspace reached, exit), peak RSS, and median ratios.
 #
-#   bench/linux.sh [RUNS]      (after cargo build --release)
+#   bench/linux.sh [RUNS]      (after cargo build --release; MOAT_BIN= for another binary)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${1:-3}
 SCEN=""
-for _ in $(seq "$RUNS"); do SCEN="$SCEN bench-moat bench-qemu"; done
-OUT=$(MOAT_TIER2_QEMU=1 bash "$ROOT/tier2/run.sh" "$ROOT/target/release/moat" $SCEN | tr -d '\r')
+for _ in $(seq "$RUNS"); do SCEN="$SCEN bench-moat bench-moat-thp bench-qemu"; done
+# Once more under MOAT_LOG=debug: the start's timeline and the exit counts.
+SCEN="$SCEN exits"
+OUT=$(MOAT_TIER2_QEMU=1 bash "$ROOT/tier2/run.sh" "${MOAT_BIN:-$ROOT/target/release/moat}" $SCEN | tr -d '\r')
+echo "$OUT" | sed -n '/TIER2 exits begin/,/TIER2 exits exit/p'
 echo "$OUT" | grep "TIER2 bench " || { echo "$OUT" | tail -40; exit 1; }
 echo "$OUT" | grep "TIER2 bench " | python3 "$ROOT/bench/summarize_linux.py"

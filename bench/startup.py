@@ -17,12 +17,11 @@ totals with QEMU.
 """
 import argparse
 import os
-import select
 import statistics
 import subprocess
 import time
 
-from common import ROOT, bench_guest
+from common import ROOT, bench_guest, read_output
 
 
 def one(argv):
@@ -31,23 +30,11 @@ def one(argv):
     t0 = time.monotonic()
     p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
-    first = None
-    out = b""
-    fd = p.stdout.fileno()
-    while True:
-        r, _, _ = select.select([fd], [], [], 30)
-        if not r:
-            p.kill()
-            break
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        if first is None:
-            first = (time.monotonic() - t0) * 1000
-        out += chunk
+    first, _ = read_output(p, t0)
     err = p.stderr.read().decode(errors="replace")
     if p.wait() != 0 or first is None:
         return None
+    first *= 1000
     phases = []
     for line in err.splitlines():
         parts = line.split(" ", 3)

@@ -23,7 +23,8 @@ for vmm, rs in rows.items():
     med[vmm] = m
     rcs = sorted(set(r[4] for r in rs))
     print("%-6s %13.2f %12.2f %8.2f %13.1f   (%d runs, exit codes %s)" % (vmm, *m, len(rs), rcs))
-if "moat" in med and "qemu" in med:
-    a, b = med["moat"], med["qemu"]
-    print("ratio moat/qemu: first byte %.2fx, userspace %.2fx, exit %.2fx, peak RSS %.2fx"
-          % tuple(x / y for x, y in zip(a, b)))
+for vmm in [v for v in med if v.startswith("moat")]:
+    if "qemu" in med:
+        a, b = med[vmm], med["qemu"]
+        print("ratio %s/qemu: first byte %.2fx, userspace %.2fx, exit %.2fx, peak RSS %.2fx"
+              % (vmm, *tuple(x / y for x, y in zip(a, b))))
