@@ -180,19 +180,25 @@ fn an_internal_error_dumps_registers_and_exits_1() {
     );
 }
 
-/// The flags of the mapping of exactly `kib` KiB in process `pid` (moat's
-/// guest RAM), once it exists.
-fn guest_ram_flags(pid: u32, kib: u64) -> String {
+/// The start address and flags of the mapping of exactly `kib` KiB in
+/// process `pid` (moat's guest RAM), once it exists.
+fn guest_ram_flags(pid: u32, kib: u64) -> (u64, String) {
     let mut waited = Duration::ZERO;
     loop {
         let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
         let mut size_ok = false;
+        let mut start = 0;
         for line in smaps.lines() {
+            if let Some(range) = line.split(' ').next().filter(|r| r.contains('-')) {
+                if let Ok(a) = u64::from_str_radix(range.split('-').next().unwrap(), 16) {
+                    start = a;
+                }
+            }
             if let Some(v) = line.strip_prefix("Size:") {
                 size_ok = v.trim() == format!("{kib} kB");
             }
             if let (true, Some(f)) = (size_ok, line.strip_prefix("VmFlags:")) {
-                return f.trim().to_string();
+                return (start, f.trim().to_string());
             }
         }
         assert!(waited < HANG, "no {kib} KiB mapping in moat:\n{smaps}");
@@ -202,16 +208,20 @@ fn guest_ram_flags(pid: u32, kib: u64) -> String {
 }
 
 #[test]
-fn guest_ram_is_without_huge_pages_unless_thp_on() {
+fn guest_ram_has_huge_pages_unless_thp_off() {
     // (VmFlags: "nh" is MADV_NOHUGEPAGE, "hg" MADV_HUGEPAGE.)
-    for (machine, flag, not) in [("microvm", "nh", "hg"), ("microvm,thp=on", "hg", "nh")] {
+    for (machine, flag, not) in [
+        ("microvm", "hg", "nh"),
+        ("microvm,thp=on", "hg", "nh"),
+        ("microvm,thp=off", "nh", "hg"),
+    ] {
         let mut child = moat_command()
             .args(["-S", "-M", machine, "-m", "72M", "-kernel", TEST_PVH])
             .args(["-serial", "none"])
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        let flags = guest_ram_flags(child.id(), 72 * 1024);
+        let (start, flags) = guest_ram_flags(child.id(), 72 * 1024);
         let _ = child.kill();
         let _ = child.wait();
         let flags: Vec<&str> = flags.split(' ').collect();
@@ -219,5 +229,10 @@ fn guest_ram_is_without_huge_pages_unless_thp_on() {
             flags.contains(&flag) && !flags.contains(&not),
             "-M {machine}: guest RAM's flags {flags:?}"
         );
+        // Huge pages reach the guest only where guest-physical and host
+        // addresses agree modulo 2 MiB (guest RAM starts at 0).
+        if flag == "hg" {
+            assert_eq!(start % (2 << 20), 0, "guest RAM at {start:#x}");
+        }
     }
 }

@@ -1597,9 +1597,9 @@ A virtual machine monitor for KVM that speaks a subset of qemu-system-x86_64's c
 With no -kernel, moat boots its built-in demo guest.
 
 -M|-machine microvm[,acpi=on|off][,thp=on|off][,rtc=on][,pit=on][,pic=on][,isa-serial=on]
-                                    the machine (microvm is the only one); thp=on backs
-                                    guest RAM with transparent huge pages as QEMU does
-                                    (default off: RSS grows by 4K pages, not 2M)
+                                    the machine (microvm is the only one); thp=off keeps
+                                    guest RAM off transparent huge pages (less RSS, slower
+                                    guest; default on, as QEMU)
 -accel kvm | -enable-kvm            KVM acceleration (tcg is refused: it gives no isolation)
 -cpu host                           expose the host CPU
 -m SIZE                             guest RAM (default 128M; suffixes K M G T, default M)
@@ -1721,7 +1721,7 @@ mod tests {
         );
         assert!(err(&["-machine", "pc"]).starts_with("-machine pc: unsupported machine"));
         assert!(err(&["-M", "microvm,acpi=maybe"]).contains("'acpi'"));
-        assert!(!cfg(&["-M", "microvm"]).thp);
+        assert!(cfg(&["-M", "microvm"]).thp);
         assert!(cfg(&["-M", "microvm,thp=on"]).thp);
         assert!(!cfg(&["-M", "thp=off"]).thp);
         assert!(err(&["-M", "microvm,thp=2M"]).contains("'thp'"));

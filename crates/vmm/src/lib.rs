@@ -41,7 +41,9 @@ use moat_devices::{IrqLine, RequestSink, VmRequest};
 use moat_sys::lock;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -99,6 +101,9 @@ pub struct Platform {
     /// /dev/kvm, opened once at startup: every boot's VM comes from it, so
     /// moat never opens /dev/kvm again (after a privilege drop it could not).
     pub kvm: Kvm,
+    /// KVM_CAP_TSC_DEADLINE_TIMER (asked before the sandbox, which does not
+    /// let KVM_CHECK_EXTENSION through).
+    pub tsc_deadline: bool,
 }
 
 impl Platform {
@@ -107,6 +112,7 @@ impl Platform {
         let console = Console::start(cfg.serial.as_ref(), IrqLine::new()?)
             .map_err(|e| VmError::Io(std::io::Error::other(e.to_string())))?;
         Ok(Platform {
+            tsc_deadline: kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer),
             kvm,
             console,
             rtc: Arc::new(Mutex::new(Rtc::new())),
@@ -230,19 +236,65 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// A transparent huge page.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Leave a hole of exactly `len` bytes at a 2 MiB-aligned address, fenced
+/// by PROT_NONE reservations on both sides, so that the next anonymous mmap
+/// of `len` bytes (vm-memory's) most likely lands there: KVM maps guest RAM
+/// with 2 MiB pages only where the guest-physical and host addresses agree
+/// modulo 2 MiB, and kernels before 6.7 do not align large mappings. QEMU
+/// aligns its RAM the same way. Returns the fences, to unmap afterwards.
+fn huge_aligned_hole(len: usize) -> Vec<(usize, usize)> {
+    let total = len + HUGE_PAGE;
+    // SAFETY: a new inaccessible reservation that nothing else refers to.
+    let r = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Vec::new();
+    }
+    let r = r as usize;
+    let hole = (r + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+    // SAFETY: unmapping part of the reservation just made.
+    unsafe { libc::munmap(hole as *mut libc::c_void, len) };
+    [(r, hole - r), (hole + len, r + total - hole - len)]
+        .into_iter()
+        .filter(|&(_, l)| l > 0)
+        .collect()
+}
+
 /// Map the guest's RAM (not yet known to KVM: see [`register_memory`]),
-/// with transparent huge pages or never as `thp` says (see `VmConfig::thp`).
+/// with transparent huge pages (each region 2 MiB-aligned) or never, as
+/// `thp` says (see `VmConfig::thp`).
 fn map_memory(layout: &MemLayout, thp: bool) -> Result<GuestMemoryMmap, VmError> {
-    let ranges: Vec<(GuestAddress, usize)> = layout
-        .ram_regions()
-        .iter()
-        .map(|&(a, s)| (GuestAddress(a), s as usize))
-        .collect();
     let err = |why: String| VmError::Memory {
         size: layout.mem_size >> 20,
         why,
     };
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| err(e.to_string()))?;
+    let mut regions = Vec::new();
+    for &(addr, size) in layout.ram_regions().iter() {
+        let fences = if thp {
+            huge_aligned_hole(size as usize)
+        } else {
+            Vec::new()
+        };
+        let region = GuestRegionMmap::from_range(GuestAddress(addr), size as usize, None);
+        for (a, l) in fences {
+            // SAFETY: the reservations made by huge_aligned_hole, used by
+            // nothing (PROT_NONE).
+            unsafe { libc::munmap(a as *mut libc::c_void, l) };
+        }
+        regions.push(region.map_err(|e| err(e.to_string()))?);
+    }
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?;
     let advice = if thp {
         libc::MADV_HUGEPAGE
     } else {
@@ -252,6 +304,9 @@ fn map_memory(layout: &MemLayout, thp: bool) -> Result<GuestMemoryMmap, VmError>
         let host = r
             .get_host_address(vm_memory::MemoryRegionAddress(0))
             .map_err(|e| err(e.to_string()))?;
+        if thp && !(host as usize).is_multiple_of(HUGE_PAGE) {
+            log::debug!("guest RAM at {host:?} is not 2 MiB-aligned: no huge pages for KVM there");
+        }
         // SAFETY: advice on a mapping `mem` owns, of exactly its length;
         // neither value changes what the memory holds.
         if unsafe { libc::madvise(host.cast(), r.len() as usize, advice) } != 0 {
@@ -503,10 +558,11 @@ impl Vm {
         moat_sys::timeline::mark("devices");
 
         // vCPUs.
-        let supported = kvm(
+        let mut supported = kvm(
             "KVM_GET_SUPPORTED_CPUID",
             kvm_sys.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
         )?;
+        cpuid::add_vm_features(&mut supported, platform.tsc_deadline);
         let mut vcpus = Vec::new();
         for i in 0..t.cpus {
             let vcpu = kvm(
