@@ -9,10 +9,15 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${1:-3}
 SCEN=""
-for _ in $(seq "$RUNS"); do SCEN="$SCEN bench-moat bench-moat-thp bench-qemu"; done
-# Once more under MOAT_LOG=debug: the start's timeline and the exit counts.
-SCEN="$SCEN exits"
+# (bzImage as Debian ships it, then the same kernel as an ELF vmlinux.)
+for _ in $(seq "$RUNS"); do
+    SCEN="$SCEN bench-moat bench-moat-nothp bench-qemu bench-moat-elf bench-moat-nothp-elf bench-qemu-elf"
+done
+# Once more under MOAT_LOG=debug: the start's timeline and the exit counts;
+# and where moat's resident memory is once the guest is up.
+SCEN="$SCEN exits rss"
 OUT=$(MOAT_TIER2_QEMU=1 bash "$ROOT/tier2/run.sh" "${MOAT_BIN:-$ROOT/target/release/moat}" $SCEN | tr -d '\r')
 echo "$OUT" | sed -n '/TIER2 exits begin/,/TIER2 exits exit/p'
+echo "$OUT" | grep "TIER2 rss "
 echo "$OUT" | grep "TIER2 bench " || { echo "$OUT" | tail -40; exit 1; }
 echo "$OUT" | grep "TIER2 bench " | python3 "$ROOT/bench/summarize_linux.py"

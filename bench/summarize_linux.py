@@ -24,7 +24,9 @@ for vmm, rs in rows.items():
     rcs = sorted(set(r[4] for r in rs))
     print("%-6s %13.2f %12.2f %8.2f %13.1f   (%d runs, exit codes %s)" % (vmm, *m, len(rs), rcs))
 for vmm in [v for v in med if v.startswith("moat")]:
-    if "qemu" in med:
-        a, b = med[vmm], med["qemu"]
-        print("ratio %s/qemu: first byte %.2fx, userspace %.2fx, exit %.2fx, peak RSS %.2fx"
-              % (vmm, *tuple(x / y for x, y in zip(a, b))))
+    # moat-X-elf against qemu-elf, the others against qemu.
+    q = "qemu-elf" if vmm.endswith("-elf") else "qemu"
+    if q in med:
+        a, b = med[vmm], med[q]
+        print("ratio %s/%s: first byte %.2fx, userspace %.2fx, exit %.2fx, peak RSS %.2fx"
+              % (vmm, q, *tuple(x / y for x, y in zip(a, b))))

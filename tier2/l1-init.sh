@@ -298,8 +298,34 @@ for s in $(cat /scenarios); do
             echo "TIER2 $s host $(tr '\n' ' ' < /tmp/vb.log)" ;;
         bench-moat)
             bench moat $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
-        bench-moat-thp)
-            bench moat-thp $M -M microvm,thp=on -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
+        bench-moat-elf)
+            bench moat-elf $M -M microvm -m 256M -smp 2 -kernel /l2/vmlinux -initrd /l2/initrd.gz \
+                -append "$CMD" -nographic -no-reboot ;;
+        bench-moat-nothp-elf)
+            bench moat-nothp-elf $M -M microvm,thp=off -m 256M -smp 2 -kernel /l2/vmlinux -initrd /l2/initrd.gz \
+                -append "$CMD" -nographic -no-reboot ;;
+        bench-qemu-elf)
+            bench qemu-elf qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 256M -smp 2 \
+                -kernel /l2/vmlinux -initrd /l2/initrd.gz \
+                -append "$CMD" -nodefaults -serial stdio -nographic -no-reboot ;;
+        bench-moat-nothp)
+            bench moat-nothp $M -M microvm,thp=off -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
+        rss)
+            # Where moat's resident memory is once the guest is up (read
+            # from L1 in /proc/PID/smaps; guest RAM is the 256 MiB mapping).
+            : > /tmp/rss.out
+            $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=linger" -nographic -no-reboot \
+                > /tmp/rss.out 2>&1 &
+            mpid=$!
+            wait_line /tmp/rss.out "L2: userspace reached" $mpid && sleep 2
+            awk '/^[0-9a-f]+-[0-9a-f]+ / { cur = ($6 == "") ? "anonymous" : ($6 ~ /\.so/) ? "libraries" : $6; next }
+                 /^Size:/ { if ($2 == 262144 && cur == "anonymous") cur = "guest-RAM" }
+                 /^Rss:/ { rss[cur] += $2; total += $2 }
+                 /^AnonHugePages:/ { huge[cur] += $2 }
+                 END { for (k in rss) if (rss[k] > 0) printf "TIER2 rss %s %d kB (huge pages %d kB)\n", k, rss[k], huge[k];
+                       printf "TIER2 rss total %d kB\n", total }' /proc/$mpid/smaps
+            echo "TIER2 rss $(grep -E 'VmHWM|Threads' /proc/$mpid/status | tr -s ' \t\n' '  ')"
+            wait $mpid ;;
         exits)
             # The boot's timeline and each vCPU's exits by kind and address.
             MOAT_LOG=debug $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot 2>&1 |

@@ -271,6 +271,16 @@ if [ "${MOAT_TIER2_QEMU:-0}" = 1 ]; then
     done
 fi
 cp "$VMLINUZ" "$L1ROOT/l2/vmlinuz"
+# The same kernel as an ELF vmlinux (PVH entry), for the *-elf benchmarks:
+# the bzImage's LZ4 payload, unpacked (lz4 stops with an error at the
+# bzImage's trailer, after the whole ELF).
+case " $* " in *-elf" "*)
+    need lz4 lz4
+    off=$(python3 -c "import sys; print(open(sys.argv[1],'rb').read().find(bytes([2,0x21,0x4c,0x18])))" "$VMLINUZ")
+    tail -c +$((off + 1)) "$VMLINUZ" | lz4 -dc > "$L1ROOT/l2/vmlinux" 2>/dev/null || true
+    [ "$(head -c 4 "$L1ROOT/l2/vmlinux" | od -An -c | tr -d ' ')" = "177ELF" ] ||
+        { echo "tier2: could not unpack vmlinux from $VMLINUZ" >&2; exit 2; } ;;
+esac
 cp "$WORK/l2-initrd.gz" "$L1ROOT/l2/initrd.gz"
 cp "$HERE/l1-init.sh" "$L1ROOT/init"
 chmod +x "$L1ROOT/init"
