@@ -295,26 +295,37 @@ fn map_memory(layout: &MemLayout, thp: bool) -> Result<GuestMemoryMmap, VmError>
         regions.push(region.map_err(|e| err(e.to_string()))?);
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| err(e.to_string()))?;
-    let advice = if thp {
-        libc::MADV_HUGEPAGE
-    } else {
-        libc::MADV_NOHUGEPAGE
-    };
-    for r in mem.iter() {
-        let host = r
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| err(e.to_string()))?;
-        if thp && !(host as usize).is_multiple_of(HUGE_PAGE) {
-            log::debug!("guest RAM at {host:?} is not 2 MiB-aligned: no huge pages for KVM there");
-        }
-        // SAFETY: advice on a mapping `mem` owns, of exactly its length;
-        // neither value changes what the memory holds.
-        if unsafe { libc::madvise(host.cast(), r.len() as usize, advice) } != 0 {
+    let advise = |host: *mut u8, len: usize, huge: bool| {
+        let advice = if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        // SAFETY: advice on (part of) a mapping `mem` owns; neither value
+        // changes what the memory holds.
+        if unsafe { libc::madvise(host.cast(), len, advice) } != 0 {
             let e = std::io::Error::last_os_error();
             // A kernel without THP refuses both; there is nothing to choose then.
             if e.raw_os_error() != Some(libc::EINVAL) {
                 return Err(err(format!("madvise: {e}")));
             }
+        }
+        Ok(())
+    };
+    for r in mem.iter() {
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| err(e.to_string()))?;
+        let len = r.len() as usize;
+        if thp && !(host as usize).is_multiple_of(HUGE_PAGE) {
+            log::debug!("guest RAM at {host:?} is not 2 MiB-aligned: no huge pages for KVM there");
+        }
+        advise(host, len, thp)?;
+        // The first 2 MiB (real-mode area, boot structures, all of a small
+        // guest) keep 4 KiB pages: a huge page there would cost a small
+        // guest 2 MiB for a few pages touched, and gains a large one nothing.
+        if thp && r.start_addr().0 == 0 && len > HUGE_PAGE {
+            advise(host, HUGE_PAGE, false)?;
         }
     }
     Ok(mem)
