@@ -312,16 +312,18 @@ for s in $(cat /scenarios); do
             bench moat-nothp $M -M microvm,thp=off -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
         rss)
             # Where moat's resident memory is once the guest is up (read
-            # from L1 in /proc/PID/smaps; guest RAM is the 256 MiB mapping).
+            # from L1 in /proc/PID/smaps; guest RAM is what moat madvised,
+            # VmFlags hg or nh).
             : > /tmp/rss.out
             $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=linger" -nographic -no-reboot \
                 > /tmp/rss.out 2>&1 &
             mpid=$!
             wait_line /tmp/rss.out "L2: userspace reached" $mpid && sleep 2
             awk '/^[0-9a-f]+-[0-9a-f]+ / { cur = ($6 == "") ? "anonymous" : ($6 ~ /\.so/) ? "libraries" : $6; next }
-                 /^Size:/ { if ($2 == 262144 && cur == "anonymous") cur = "guest-RAM" }
-                 /^Rss:/ { rss[cur] += $2; total += $2 }
-                 /^AnonHugePages:/ { huge[cur] += $2 }
+                 /^Rss:/ { r = $2 }
+                 /^AnonHugePages:/ { h = $2 }
+                 /^VmFlags:/ { if (cur == "anonymous" && / (hg|nh)/) cur = "guest-RAM";
+                               rss[cur] += r; huge[cur] += h; total += r }
                  END { for (k in rss) if (rss[k] > 0) printf "TIER2 rss %s %d kB (huge pages %d kB)\n", k, rss[k], huge[k];
                        printf "TIER2 rss total %d kB\n", total }' /proc/$mpid/smaps
             echo "TIER2 rss $(grep -E 'VmHWM|Threads' /proc/$mpid/status | tr -s ' \t\n' '  ')"
