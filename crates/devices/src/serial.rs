@@ -232,10 +232,15 @@ impl Console {
             None | Some(SerialBackend::Null) => {}
             Some(SerialBackend::Stdio) => {
                 saved_termios = stdin_raw();
-                spawn_writer(shared, |b| {
+                let mut told = false;
+                spawn_writer(shared, move |b| {
                     let mut o = std::io::stdout().lock();
-                    let _ = o.write_all(b);
-                    let _ = o.flush();
+                    if let Err(e) = o.write_all(b).and_then(|()| o.flush()) {
+                        // Said once: the guest's output is being lost.
+                        if !std::mem::replace(&mut told, true) {
+                            log::warn!("serial: writing the guest's output to stdout: {e}");
+                        }
+                    }
                 });
                 let u = uart.clone();
                 moat_sys::gate::spawn_gated("serial-in", moat_sys::role::Role::Io, move || {
