@@ -20,7 +20,7 @@ pub fn enabled() -> bool {
 
 /// Note that `phase` has been reached.
 pub fn mark(phase: &str) {
-    if ON.load(Ordering::Relaxed) {
+    if enabled() {
         let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
         eprintln!(
             "moat: timeline {}.{:06} {phase}",

@@ -168,17 +168,49 @@ pub enum GuestImage {
         len: u64,
         /// The option and path, for messages.
         name: String,
+        /// What [`GuestImage::check`] read at startup, kept for the first
+        /// boot so the image is not read twice before the guest runs.
+        kept: Arc<Mutex<Option<Vec<u8>>>>,
     },
     /// Built into moat (the demo guest).
     Builtin(&'static [u8]),
 }
 
 impl GuestImage {
+    /// A file, opened, of `len` bytes; `name` says which, in messages.
+    pub fn file(file: std::fs::File, len: u64, name: String) -> GuestImage {
+        GuestImage::File {
+            file: Arc::new(file),
+            len,
+            name,
+            kept: Arc::default(),
+        }
+    }
+
+    /// Check the image with `f` now, keeping what was read for the next
+    /// [`GuestImage::read`] (the first boot's).
+    pub fn check<T>(&self, f: impl FnOnce(&[u8]) -> T) -> Result<T, VmError> {
+        let data = self.read()?;
+        let checked = f(&data);
+        if let (GuestImage::File { kept, .. }, std::borrow::Cow::Owned(d)) = (self, data) {
+            *lock(kept) = Some(d);
+        }
+        Ok(checked)
+    }
+
     /// The image's bytes.
     pub fn read(&self) -> Result<std::borrow::Cow<'static, [u8]>, VmError> {
         match self {
             GuestImage::Builtin(b) => Ok(std::borrow::Cow::Borrowed(b)),
-            GuestImage::File { file, len, name } => {
+            GuestImage::File {
+                file,
+                len,
+                name,
+                kept,
+            } => {
+                if let Some(data) = lock(kept).take() {
+                    return Ok(std::borrow::Cow::Owned(data));
+                }
                 use std::os::unix::fs::FileExt;
                 let err = |why: String| VmError::Image(format!("{name}: {why}"));
                 let now = std::io::Seek::seek(&mut &**file, std::io::SeekFrom::End(0))

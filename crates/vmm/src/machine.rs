@@ -103,11 +103,11 @@ fn open_image(opt: &str, path: &Path, limit: u64, fds: &FdStore) -> Result<Guest
             limit >> 20
         )));
     }
-    Ok(GuestImage::File {
-        file: Arc::new(f),
+    Ok(GuestImage::file(
+        f,
         len,
-        name: format!("{opt} {}", path.display()),
-    })
+        format!("{opt} {}", path.display()),
+    ))
 }
 
 /// A NIC's receive filter as QEMU 7.2's virtio-net reports it: VLAN
@@ -203,16 +203,18 @@ impl Machine {
                 None => GuestImage::Builtin(demo),
             };
             // Validate the kernel for this machine before opening anything else.
-            moat_boot::parse_kernel(
-                &kernel.read()?,
-                &moat_boot::layout::MemLayout::new(cfg.mem_size),
-            )
-            .map_err(|e| {
-                VmError::Image(match &cfg.kernel {
-                    Some(k) => format!("-kernel {}: {e}", k.display()),
-                    None => format!("demo guest: {e}"),
-                })
-            })?;
+            // (The bytes read are kept for the first boot.)
+            kernel
+                .check(|k| {
+                    moat_boot::parse_kernel(k, &moat_boot::layout::MemLayout::new(cfg.mem_size))
+                        .map(|_| ())
+                })?
+                .map_err(|e| {
+                    VmError::Image(match &cfg.kernel {
+                        Some(k) => format!("-kernel {}: {e}", k.display()),
+                        None => format!("demo guest: {e}"),
+                    })
+                })?;
             let initrd = match &cfg.initrd {
                 Some(i) => Some(open_image("-initrd", i, cfg.mem_size, &store)?),
                 None => None,

@@ -21,7 +21,6 @@ const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 
-/// Handle one exit of KVM_RUN.
 /// A vCPU's exits counted by kind and port or address, kept under
 /// `MOAT_LOG=debug` and printed when the vCPU's thread ends: which exits a
 /// guest's boot costs, to find the avoidable ones.
@@ -56,6 +55,7 @@ impl ExitCounts {
     }
 }
 
+/// Handle one exit of KVM_RUN.
 pub fn handle_exit(exit: VcpuExit<'_>, bus: &PlatformBus) -> ExitAction {
     match exit {
         VcpuExit::IoIn(port, data) => {
