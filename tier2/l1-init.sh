@@ -296,20 +296,13 @@ for s in $(cat /scenarios); do
             fi
             kill $spid $epid 2>/dev/null; wait $spid $epid 2>/dev/null
             echo "TIER2 $s host $(tr '\n' ' ' < /tmp/vb.log)" ;;
-        bench-moat)
-            bench moat $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
-        bench-moat-elf)
-            bench moat-elf $M -M microvm -m 256M -smp 2 -kernel /l2/vmlinux -initrd /l2/initrd.gz \
-                -append "$CMD" -nographic -no-reboot ;;
-        bench-moat-nothp-elf)
-            bench moat-nothp-elf $M -M microvm,thp=off -m 256M -smp 2 -kernel /l2/vmlinux -initrd /l2/initrd.gz \
-                -append "$CMD" -nographic -no-reboot ;;
-        bench-qemu-elf)
-            bench qemu-elf qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 256M -smp 2 \
-                -kernel /l2/vmlinux -initrd /l2/initrd.gz \
-                -append "$CMD" -nodefaults -serial stdio -nographic -no-reboot ;;
-        bench-moat-nothp)
-            bench moat-nothp $M -M microvm,thp=off -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot ;;
+        bench-moat|bench-moat-nothp|bench-moat-elf|bench-moat-nothp-elf)
+            # -nothp: guest RAM without huge pages; -elf: the same kernel as
+            # an ELF vmlinux.
+            mach=microvm k="$L2"
+            case $s in *-nothp*) mach=microvm,thp=off ;; esac
+            case $s in *-elf) k="-kernel /l2/vmlinux -initrd /l2/initrd.gz" ;; esac
+            bench ${s#bench-} $M -M $mach -m 256M -smp 2 $k -append "$CMD" -nographic -no-reboot ;;
         rss)
             # Where moat's resident memory is once the guest is up (read
             # from L1 in /proc/PID/smaps; guest RAM is what moat madvised,
@@ -332,8 +325,10 @@ for s in $(cat /scenarios); do
             # The boot's timeline and each vCPU's exits by kind and address.
             MOAT_LOG=debug $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot 2>&1 |
                 grep -E "timeline|exits|^ +[0-9]+ " ;;
-        bench-qemu)
-            bench qemu qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 256M -smp 2 $L2 \
+        bench-qemu|bench-qemu-elf)
+            k="$L2"
+            case $s in *-elf) k="-kernel /l2/vmlinux -initrd /l2/initrd.gz" ;; esac
+            bench ${s#bench-} qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 256M -smp 2 $k \
                 -append "$CMD" -nodefaults -serial stdio -nographic -no-reboot ;;
         *) echo "unknown scenario $s" ;;
     esac

@@ -304,7 +304,7 @@ mkfs.ext4 -q -F -d "$WORK/hostfs" "$HOSTFS" 16M
 # (softlockup_panic: L1's kernel has soft-locked under TCG now and then, both
 # CPUs stuck in the kernel for good, once in moat-jail's setup; a panic ends
 # the run at once instead of at the timeout, and tests/tier2_linux.rs boots
-# the test host once more.)
+# the test host again.)
 # The console goes to a file that is echoed as it grows; when nothing new
 # appears for ${MOAT_TIER2_STALL:-240} s (the longest quiet stretch of a good
 # run is far shorter), the test host is stopped at once with "TIER2
