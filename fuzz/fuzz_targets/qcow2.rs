@@ -30,6 +30,13 @@ fuzz_target!(|data: &[u8]| {
         for off in [0, size / 2, size.saturating_sub(8192)] {
             let n = (size - off).min(buf.len() as u64) as usize;
             let _ = img.read_at(&mut buf[..n], off);
+            // The vectored path virtio-blk reads guest memory with.
+            let (a, b) = buf[..n].split_at_mut(n / 3);
+            let slices = [
+                vm_memory::VolatileSlice::from(a),
+                vm_memory::VolatileSlice::from(b),
+            ];
+            let _ = img.read_slices(&slices, off);
         }
         if writable && size >= 4096 {
             let pat = [0x5au8; 4096];

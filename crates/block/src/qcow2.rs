@@ -514,6 +514,19 @@ impl DiskImage for Qcow2Image {
         Ok(())
     }
 
+    fn read_slices(
+        &self,
+        bufs: &[vm_memory::VolatileSlice<'_>],
+        offset: u64,
+    ) -> Result<(), BlockError> {
+        let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
+        check_range(offset, total, self.size)?;
+        // (The guard keeps the guest memory mapped while imago uses it.)
+        let (iov, _guard) = imago::io_buffers::IoVectorMut::from_volatile_slice(bufs);
+        self.shared().readv(iov, offset)?;
+        Ok(())
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         check_write(self.read_only, offset, buf.len() as u64, self.size)?;
         self.shared().write(buf, offset)?;

@@ -4,8 +4,10 @@
 //!
 //! Every request is bounds-checked: descriptor addresses through
 //! `vm-memory` (via `virtio-queue`'s Reader/Writer), sectors against the
-//! image size, data lengths against the sector size; data moves through a
-//! fixed-size bounce buffer, never an allocation sized by the guest.
+//! image size, data lengths against the sector size. Reads go straight
+//! from the image into the guest's buffers ([`DiskImage::read_slices`], in
+//! batches of bounded size); writes move through a fixed-size bounce
+//! buffer. Nothing is allocated at a size the guest picks.
 
 use super::{
     ActivationThread, Interrupt, VirtioDevice, INT_VRING, VIRTIO_RING_F_EVENT_IDX,
@@ -17,7 +19,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const SECTOR: u64 = 512;
@@ -28,6 +30,10 @@ pub const SIZE_MAX: u32 = 1 << 20;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 pub const MAX_DISCARD_SEG: u32 = 32;
 const BOUNCE: usize = 256 * 1024;
+/// One read into guest memory covers at most this many bytes and buffers
+/// (the worker looks at its stop flag between them).
+const READ_BATCH_BYTES: usize = 1 << 20;
+const READ_BATCH_SLICES: usize = 64;
 
 use virtio_bindings::virtio_blk as vb;
 
@@ -618,11 +624,23 @@ impl Worker {
             return Outcome::Stopped;
         }
         let result = match nsegs {
-            Ok(n) => self.execute(kind, sector, &segs[..n], &mut reader, &mut writer),
+            Ok(n) => self.execute(
+                mem,
+                &chain,
+                kind,
+                sector,
+                &segs[..n],
+                &mut reader,
+                &mut writer,
+            ),
             Err(e) => Err(e),
         };
+        let mut written = 0;
         let status = match result {
-            Ok(()) => S_OK,
+            Ok(n) => {
+                written = n;
+                S_OK
+            }
             Err(ReqError::Status(s)) => s,
             Err(ReqError::Stopped) => return Outcome::Stopped,
             Err(ReqError::Host {
@@ -661,7 +679,7 @@ impl Worker {
         match (kind, status == S_OK) {
             (T_IN, true) => {
                 bump(&st.rd_operations, 1);
-                bump(&st.rd_bytes, writer.bytes_written() as u64);
+                bump(&st.rd_bytes, written as u64);
             }
             (T_IN, false) => bump(&st.failed_rd_operations, 1),
             (T_OUT, true) => {
@@ -680,7 +698,7 @@ impl Worker {
         if status_w.write_all(&[status]).is_err() {
             return Outcome::Done(0);
         }
-        Outcome::Done((writer.bytes_written() + 1) as u32)
+        Outcome::Done((written + 1) as u32)
     }
 
     /// Data of a read or write: whole sectors, inside the image.
@@ -692,35 +710,28 @@ impl Worker {
         Ok(())
     }
 
+    /// Execute a request; how many bytes went into the guest's buffers
+    /// (before the status byte).
+    #[allow(clippy::too_many_arguments)]
     fn execute(
         &mut self,
+        mem: &GuestMemoryMmap,
+        chain: &DescriptorChain<&GuestMemoryMmap>,
         kind: u32,
         sector: u64,
         segs: &[Segment],
         reader: &mut Reader<'_>,
         writer: &mut Writer<'_>,
-    ) -> Result<(), ReqError> {
+    ) -> Result<usize, ReqError> {
         let offset = sector
             .checked_mul(SECTOR)
             .ok_or(ReqError::Status(S_IOERR))?;
         match kind {
             T_IN => {
-                let len = writer.available_bytes() as u64;
-                self.check_data(offset, len)?;
-                let mut done = 0u64;
-                let bounce = aligned(&mut self.bounce);
-                while done < len {
-                    if self.stopping.load(Ordering::Relaxed) {
-                        return Err(ReqError::Stopped);
-                    }
-                    let n = (len - done).min(bounce.len() as u64) as usize;
-                    self.disk
-                        .read_at(&mut bounce[..n], offset + done)
-                        .map_err(|e| host_error(false, e))?;
-                    writer.write_all(&bounce[..n])?;
-                    done += n as u64;
-                }
-                Ok(())
+                let len = writer.available_bytes();
+                self.check_data(offset, len as u64)?;
+                self.read_into_guest(mem, chain, offset, len)?;
+                Ok(len)
             }
             T_OUT => {
                 if self.disk.read_only() {
@@ -741,13 +752,16 @@ impl Worker {
                         .map_err(|e| host_error(true, e))?;
                     done += n as u64;
                 }
-                Ok(())
+                Ok(0)
             }
-            T_FLUSH => Ok(self.disk.flush().map_err(|e| host_error(true, e))?),
+            T_FLUSH => {
+                self.disk.flush().map_err(|e| host_error(true, e))?;
+                Ok(0)
+            }
             T_GET_ID => {
                 let n = writer.available_bytes().min(20);
                 writer.write_all(&self.serial[..n])?;
-                Ok(())
+                Ok(n)
             }
             T_DISCARD | T_WRITE_ZEROES => {
                 if self.disk.read_only() {
@@ -774,10 +788,67 @@ impl Worker {
                     };
                     r.map_err(|e| host_error(true, e))?;
                 }
-                Ok(())
+                Ok(0)
             }
             _ => Err(ReqError::Status(S_UNSUPP)),
         }
+    }
+
+    /// Read `len` bytes of the image at `offset` into the chain's writable
+    /// buffers, in order (the status byte after them is not touched), in
+    /// batches of at most [`READ_BATCH_BYTES`] and [`READ_BATCH_SLICES`].
+    /// The chain is walked again here (the guest may have rewritten it since
+    /// the Writer measured it): what does not add up is an I/O error.
+    fn read_into_guest(
+        &self,
+        mem: &GuestMemoryMmap,
+        chain: &DescriptorChain<&GuestMemoryMmap>,
+        offset: u64,
+        len: usize,
+    ) -> Result<(), ReqError> {
+        let mut batch: Vec<VolatileSlice<'_>> = Vec::with_capacity(READ_BATCH_SLICES);
+        let mut batch_bytes = 0;
+        let mut at = offset;
+        let mut left = len;
+        let read = |batch: &mut Vec<VolatileSlice<'_>>, at: u64| -> Result<(), ReqError> {
+            if self.stopping.load(Ordering::Relaxed) {
+                return Err(ReqError::Stopped);
+            }
+            self.disk
+                .read_slices(batch, at)
+                .map_err(|e| host_error(false, e))?;
+            batch.clear();
+            Ok(())
+        };
+        for desc in chain.clone().filter(|d| d.is_write_only()) {
+            if left == 0 {
+                break;
+            }
+            let want = (desc.len() as usize).min(left);
+            for slice in mem.get_slices(desc.addr(), want) {
+                let mut slice = slice.map_err(|_| ReqError::Status(S_IOERR))?;
+                while !slice.is_empty() {
+                    let n = slice.len().min(READ_BATCH_BYTES - batch_bytes);
+                    let (head, tail) = slice.split_at(n).map_err(|_| ReqError::Status(S_IOERR))?;
+                    batch.push(head);
+                    batch_bytes += n;
+                    left -= n;
+                    slice = tail;
+                    if batch_bytes == READ_BATCH_BYTES || batch.len() == READ_BATCH_SLICES {
+                        read(&mut batch, at)?;
+                        at += batch_bytes as u64;
+                        batch_bytes = 0;
+                    }
+                }
+            }
+        }
+        if !batch.is_empty() {
+            read(&mut batch, at)?;
+        }
+        if left != 0 {
+            return Err(ReqError::Status(S_IOERR));
+        }
+        Ok(())
     }
 }
 
