@@ -13,6 +13,7 @@ use vm_memory::VolatileSlice;
 pub mod node;
 mod open;
 pub mod qcow2;
+pub mod qcow2_repair;
 pub mod throttle;
 
 pub use open::open;

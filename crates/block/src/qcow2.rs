@@ -20,11 +20,13 @@
 //!   line (QEMU's dotted `backing.*`/`data-file.*` keys); imago is opened with
 //!   its `DenyImplicitOpenGate` as a second lock. So an image can never make
 //!   moat read a host file the user did not name.
-//! - Clear refusals for what neither does: the dirty bit (lazy refcounts
-//!   left inconsistent: QEMU repairs on open, moat asks for `qemu-img check
-//!   -r all`), the corrupt bit (QEMU refuses read-write too; moat also
-//!   refuses read-only, because imago does), extended L2 entries (not in
-//!   imago 0.2), encryption.
+//! - **The dirty bit** (lazy refcounts left inconsistent by a crash), as
+//!   QEMU: a writable open repairs the refcounts and clears the bit first
+//!   ([`crate::qcow2_repair`]); a read-only open reads the image as it is,
+//!   without writing (refcounts do not matter to reads).
+//! - Clear refusals for what neither does: the corrupt bit (QEMU refuses
+//!   read-write too; moat also refuses read-only, because imago does),
+//!   extended L2 entries (not in imago 0.2), encryption.
 //!
 //! Three gaps of imago 0.2.6 are mended in its vendored copy
 //! (vendor/imago/MOAT-PATCHES.md): an unbounded recursion on hostile
@@ -65,6 +67,7 @@ const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 const EXT_ENCRYPTION: u32 = 0x0537_be77;
+const EXT_BITMAPS: u32 = 0x2385_2875;
 
 /// What the header says, after [`check`] accepted it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +81,10 @@ pub struct Header {
     /// The image keeps its data in an external file.
     pub external_data_file: bool,
     pub data_file_name: Option<String>,
+    /// The dirty bit is set: refcounts need a repair before writes.
+    pub dirty: bool,
+    /// Where the tables are (for that repair).
+    pub geometry: crate::qcow2_repair::Geometry,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -178,11 +185,8 @@ pub fn check(file: &File, file_len: u64) -> Result<Header, String> {
     if refcount_order > 6 {
         return Err(bad(format!("refcount_order {refcount_order} is above 6")));
     }
-    if incompat & INCOMPAT_DIRTY != 0 {
-        return Err(bad(
-            "the dirty bit is set (lazy refcounts not written back after a crash); repair it with `qemu-img check -r all`",
-        ));
-    }
+    let dirty = incompat & INCOMPAT_DIRTY != 0;
+    incompat &= !INCOMPAT_DIRTY;
     if incompat & INCOMPAT_CORRUPT != 0 {
         return Err(bad(
             "the corrupt bit is set; check it with `qemu-img check` and repair with -r all",
@@ -221,6 +225,7 @@ pub fn check(file: &File, file_len: u64) -> Result<Header, String> {
     let first = read_exact(file, 0, cluster.min(file_len))?;
     let mut backing_format = None;
     let mut data_file_name = None;
+    let mut bitmaps = false;
     let mut at = header_len;
     if version == 3 {
         loop {
@@ -247,6 +252,7 @@ pub fn check(file: &File, file_len: u64) -> Result<Header, String> {
                 EXT_BACKING_FORMAT => backing_format = Some(text()?),
                 EXT_DATA_FILE => data_file_name = Some(text()?),
                 EXT_ENCRYPTION => return Err(bad("encrypted images are not supported")),
+                EXT_BITMAPS => bitmaps = true,
                 _ => {}
             }
             at = data_at + len.next_multiple_of(8);
@@ -375,6 +381,18 @@ pub fn check(file: &File, file_len: u64) -> Result<Header, String> {
         backing_format,
         external_data_file,
         data_file_name,
+        dirty,
+        geometry: crate::qcow2_repair::Geometry {
+            cluster_bits,
+            l1_offset,
+            l1_entries,
+            rt_offset,
+            rt_clusters,
+            refcount_order,
+            snapshots: nb_snapshots,
+            bitmaps,
+            external_data_file,
+        },
     })
 }
 
@@ -433,6 +451,15 @@ pub fn open_layer(
 ) -> Result<Layer, String> {
     let file_len = crate::file_size(&file).map_err(|e| format!("{name}: {e}"))?;
     let header = check(&file, file_len).map_err(|e| format!("{name}: {e}"))?;
+    if header.dirty && writable {
+        let done = crate::qcow2_repair::repair(&file, file_len, &header.geometry)
+            .map_err(|e| format!("{name}: {e}"))?;
+        log::info!(
+            "{name}: the dirty bit was set: repaired {} refcount errors and {} leaked clusters",
+            done.errors,
+            done.leaks
+        );
+    }
     let mut builder = imago::qcow2::Qcow2::<imago::file::File>::builder(
         storage(file, writable).map_err(|e| format!("{name}: {e}"))?,
     )

@@ -532,6 +532,13 @@ impl Header {
             incompatible_features & IncompatibleFeatures::ExternalDataFile as u64 != 0;
         incompatible_features &= !(IncompatibleFeatures::ExternalDataFile as u64);
 
+        // moat patch: the dirty bit (lazy refcounts not written back) does not
+        // matter to a reader: a read-only open accepts it, as QEMU's does. (moat
+        // repairs the refcounts and clears the bit before a writable open.)
+        if !writable {
+            incompatible_features &= !(IncompatibleFeatures::Dirty as u64);
+        }
+
         let mut header = Header {
             v2: header,
             v3: v3header_base,
