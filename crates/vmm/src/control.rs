@@ -323,6 +323,18 @@ impl VcpuSet {
                 Ok(kvm_ioctls::VcpuExit::InternalError) => {
                     ExitAction::Fail(vcpu::internal_error(vcpu))
                 }
+                Ok(kvm_ioctls::VcpuExit::Shutdown) => {
+                    // A triple fault resets the machine, as on hardware (and
+                    // ends moat under -no-reboot); QEMU says nothing unless
+                    // asked (-d cpu_reset), moat under MOAT_LOG=info.
+                    if log::log_enabled!(log::Level::Info) {
+                        log::info!(
+                            "vCPU {cpu}: the guest triple-faulted (KVM_EXIT_SHUTDOWN); the machine resets\n{}",
+                            vcpu::dump(vcpu)
+                        );
+                    }
+                    ExitAction::Request(moat_devices::VmRequest::Reset)
+                }
                 Ok(exit) => {
                     if let Some(c) = counts {
                         c.note(&exit);
