@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def guest_file(name):
     """A guest image (guests/) from the release build."""
-    found = [p for p in glob.glob(f"{ROOT}/target/release/build/moat-guests-*/out/{name}")]
+    target = os.environ.get("CARGO_TARGET_DIR", f"{ROOT}/target")
+    found = [p for p in glob.glob(f"{target}/release/build/moat-guests-*/out/{name}")]
     if not found:
         sys.exit("build first: cargo build --release")
     return max(found, key=os.path.getmtime)  # the newest build

@@ -11,7 +11,7 @@ against the limit (the goal is within +-5% over a 10 s window).
 On this nested PVM host the guest's own CPL0 code is emulated slowly, so the
 numbers are lower than a real host's, but both VMMs run the same guest.
 
-    python3 bench/io.py [--window SECONDS] [--no-qemu]
+    python3 bench/io.py [--window SECONDS] [--no-qemu]     (MOAT_BIN= for another binary)
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ import time
 
 from common import ROOT, guest_file
 
-MOAT = f"{ROOT}/target/release/moat"
+MOAT = os.environ.get("MOAT_BIN", f"{ROOT}/target/release/moat")
 
 
 def qmp_blockstats(path):
