@@ -859,7 +859,7 @@ mod tests {
     use moat_block::MemImage;
     use vm_memory::{Bytes, GuestAddress};
 
-    fn worker(mem: &GuestMemoryMmap, disk: Arc<MemImage>) -> Worker {
+    fn worker(mem: &GuestMemoryMmap, disk: Arc<dyn DiskImage>) -> Worker {
         let mut q = Queue::new(QUEUE_SIZE).unwrap();
         q.set_size(8);
         q.set_desc_table_address(Some(0x1000), None);
@@ -936,6 +936,43 @@ mod tests {
         assert_eq!(mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 1); // used idx
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x3008)).unwrap(), 513); // used len
         assert_eq!(w.link.stats.rd_bytes.load(Ordering::Relaxed), 512);
+    }
+
+    /// A read into buffers of odd sizes, one crossing from one guest memory
+    /// region into the next and one holding the status byte after its data,
+    /// from a raw file (the preadv path).
+    #[test]
+    fn a_read_fills_buffers_across_regions_and_leaves_the_status_byte() {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x8000),
+            (GuestAddress(0x8000), 0x8000),
+        ])
+        .unwrap();
+        let bytes: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+        let path = std::env::temp_dir().join(format!("moat-blk-read-{}", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let disk = Arc::new(moat_block::RawImage::new(file, true).unwrap());
+        let mut w = worker(&mem, disk);
+        mem.write_obj(T_IN, GuestAddress(0x4000)).unwrap();
+        mem.write_obj(2u64, GuestAddress(0x4008)).unwrap(); // sector 2
+        mem.write_obj(0xeeu8, GuestAddress(0x5100)).unwrap();
+        desc(&mem, 0, 0x4000, 16, 1, 1);
+        desc(&mem, 1, 0x7f00, 0x300, 1 | 2, 2); // crosses 0x8000
+        desc(&mem, 2, 0x5000, 0x101, 2, 0); // 0x100 of data, then the status
+        mem.write_obj(0u16, GuestAddress(0x2004)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        w.process_queue().unwrap();
+        let mut got = vec![0u8; 0x400];
+        mem.read_slice(&mut got[..0x300], GuestAddress(0x7f00))
+            .unwrap();
+        mem.read_slice(&mut got[0x300..], GuestAddress(0x5000))
+            .unwrap();
+        assert!(got == bytes[1024..2048], "the data differs");
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x5100)).unwrap(), S_OK);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x3008)).unwrap(), 0x401); // used len
+        assert_eq!(w.link.stats.rd_bytes.load(Ordering::Relaxed), 1024);
     }
 
     /// A request at 0x4000 with data descriptors, status at 0x6000.
