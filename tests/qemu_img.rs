@@ -357,10 +357,8 @@ fn dirty_bit(img: &str) -> bool {
     u64::from_be_bytes(b[72..80].try_into().unwrap()) & 1 != 0
 }
 
-/// QEMU with lazy_refcounts=on killed (qemu-io's `sigraise 9`) right after
-/// `cmds`: the image is left with its dirty bit set and refcounts that
-/// qemu-img check finds wrong.
-fn crashed_lazy_image(img: &str, first: &[&str], cmds: &[&str]) {
+/// A qcow2 image with lazy_refcounts=on.
+fn create_lazy(img: &str, size: &str) {
     qemu_img(&[
         "create",
         "-q",
@@ -369,11 +367,15 @@ fn crashed_lazy_image(img: &str, first: &[&str], cmds: &[&str]) {
         "-o",
         "lazy_refcounts=on",
         img,
-        "64M",
+        size,
     ]);
-    for c in first {
-        qemu_io(img, "qcow2", c);
-    }
+}
+
+/// QEMU with lazy_refcounts=on killed (qemu-io's `sigraise 9`) right after
+/// `cmds`: the image is left with its dirty bit set and refcounts that
+/// qemu-img check finds wrong.
+fn crashed_lazy_image(img: &str, cmds: &[&str]) {
+    create_lazy(img, "64M");
     let mut args = vec!["-f", "qcow2"];
     for c in cmds {
         args.extend(["-c", c]);
@@ -392,7 +394,7 @@ fn a_dirty_image_is_repaired_by_a_writable_open_and_read_as_is_read_only() {
     let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
     // Missing refcounts (clusters and L2 tables in use that count 0).
     let img = p("errors.qcow2");
-    crashed_lazy_image(&img, &[], &["write -P 0x5a 0 3M", "write -P 0x33 40M 64k"]);
+    crashed_lazy_image(&img, &["write -P 0x5a 0 3M", "write -P 0x33 40M 64k"]);
     let mut want = vec![0u8; 64 << 20];
     want[..3 << 20].fill(0x5a);
     want[40 << 20..(40 << 20) + 65536].fill(0x33);
@@ -452,7 +454,7 @@ fn a_dirty_image_is_repaired_by_a_writable_open_and_read_as_is_read_only() {
 
     // An image this repair cannot walk is refused untouched, with the way out.
     let img = p("past-end.qcow2");
-    crashed_lazy_image(&img, &[], &["write -P 0x5a 0 64k"]);
+    crashed_lazy_image(&img, &["write -P 0x5a 0 64k"]);
     let mut b = std::fs::read(&img).unwrap();
     let l1 = u64::from_be_bytes(b[40..48].try_into().unwrap()) as usize;
     let l2 =
@@ -477,16 +479,7 @@ fn a_dirty_image_is_repaired_by_a_writable_open_and_read_as_is_read_only() {
 fn moat_writes_to_a_lazy_refcounts_image_leave_it_clean() {
     let dir = scratch("lazy");
     let img = dir.join("lazy.qcow2").to_str().unwrap().to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        &img,
-        "16M",
-    ]);
+    create_lazy(&img, "16M");
     let disk = open(&format!("file={img},format=qcow2")).unwrap();
     for i in 0..50u64 {
         disk.image.write_at(&noise(70_000, i), i * 300_000).unwrap();
