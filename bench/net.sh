@@ -6,7 +6,7 @@
 # host->guest (64 MiB each, busybox nc, timed by the guest's clock).
 # Prints per-run numbers and the median ratios moat/QEMU.
 #
-#   bench/net.sh [RUNS]      (after cargo build --release)
+#   bench/net.sh [RUNS]      (after cargo build --release; MOAT_BIN= for another binary)
 #
 # (Under the nested TCG host both are far slower than on hardware; the
 # ratio is what this measures. iperf3 is not used: the nested host and
@@ -16,7 +16,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 RUNS=${1:-3}
 SCEN=""
 for _ in $(seq "$RUNS"); do SCEN="$SCEN bench-net-moat bench-net-qemu"; done
-OUT=$(MOAT_TIER2_QEMU=1 bash "$ROOT/tier2/run.sh" "$ROOT/target/release/moat" $SCEN | tr -d '\r')
+OUT=$(MOAT_TIER2_QEMU=1 bash "$ROOT/tier2/run.sh" "${MOAT_BIN:-$ROOT/target/release/moat}" $SCEN | tr -d '\r')
 echo "$OUT" | python3 -c '
 import re, statistics, sys
 runs = {"moat": [], "qemu": []}
@@ -36,7 +36,9 @@ for line in sys.stdin:
     if m:
         secs = float(m.group(4)) - float(m.group(3))
         mb = int(m.group(2)) / 1e6
-        cur[m.group(1) + "_MBps"] = mb / secs if secs > 0 and int(m.group(2)) > 0 else 0.0
+        # (Only a whole transfer counts: a short one stalled or broke.)
+        if secs > 0 and int(m.group(2)) == 64 << 20:
+            cur[m.group(1) + "_MBps"] = mb / secs
 keys = ["up_MBps", "down_MBps", "rtt_ms"]
 ok = True
 # (A run whose transfer did not finish is reported and left out.)
