@@ -23,6 +23,9 @@ if command -v qemu-img >/dev/null; then
     done
     qemu-img convert -c -f raw -O qcow2 -o cluster_size=512 "$tmp/src" corpus/qcow2/seed-compressed >/dev/null
     qemu-img convert -c -f raw -O qcow2 -o cluster_size=512,compression_type=zstd "$tmp/src" corpus/qcow2/seed-zstd >/dev/null
+    # A dirty image (lazy refcounts, writer killed): the repair's input.
+    qemu-img create -q -f qcow2 -o cluster_size=512,lazy_refcounts=on corpus/qcow2/seed-dirty 64k
+    qemu-io -c "write -P 0x5a 0 20k" -c "sigraise 9" corpus/qcow2/seed-dirty >/dev/null 2>&1 || true
     rm -rf "$tmp"
 fi
 for t in $(cargo fuzz list); do

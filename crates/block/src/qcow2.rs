@@ -548,8 +548,13 @@ impl DiskImage for Qcow2Image {
     ) -> Result<(), BlockError> {
         let total = bufs.iter().map(|b| b.len() as u64).sum::<u64>();
         check_range(offset, total, self.size)?;
+        // imago's vectors may not hold empty buffers (found by fuzz/qcow2).
+        let bufs: Vec<_> = bufs.iter().filter(|b| !b.is_empty()).copied().collect();
+        if bufs.is_empty() {
+            return Ok(());
+        }
         // (The guard keeps the guest memory mapped while imago uses it.)
-        let (iov, _guard) = imago::io_buffers::IoVectorMut::from_volatile_slice(bufs);
+        let (iov, _guard) = imago::io_buffers::IoVectorMut::from_volatile_slice(&bufs);
         self.shared().readv(iov, offset)?;
         Ok(())
     }
