@@ -286,6 +286,9 @@ pub struct Muxer {
     next_port: u32,
     /// Where the next receive pass starts among the connections.
     turn: usize,
+    /// The connections' keys for one receive pass (kept, so a pass does
+    /// not allocate; at most as many as connections).
+    pass: Vec<(u32, u32)>,
 }
 
 impl Muxer {
@@ -298,6 +301,7 @@ impl Muxer {
             control: VecDeque::new(),
             next_port: LOCAL_PORT_FIRST,
             turn: 0,
+            pass: Vec::new(),
         }
     }
 
@@ -588,11 +592,26 @@ impl Muxer {
         let room = (w.available_bytes() - HEADER_SIZE)
             .min(MAX_PKT_DATA)
             .min(bounce.len());
-        let keys: Vec<(u32, u32)> = self.conns.keys().copied().collect();
+        let mut keys = std::mem::take(&mut self.pass);
+        keys.clear();
+        keys.extend(self.conns.keys().copied());
+        let got = self.one_packet(&keys, w, &mut bounce[..room]);
+        self.pass = keys;
+        got
+    }
+
+    /// The next packet of the connections `keys` (round robin from
+    /// `turn`) into `w`; a control header instead when a connection failed.
+    fn one_packet(
+        &mut self,
+        keys: &[(u32, u32)],
+        w: &mut virtio_queue::Writer<'_>,
+        bounce: &mut [u8],
+    ) -> Option<u32> {
         let n = keys.len();
         for i in 0..n {
             let key = keys[(self.turn + i) % n];
-            match self.conn_to_guest(key, w, &mut bounce[..room]) {
+            match self.conn_to_guest(key, w, bounce) {
                 Ok(Some(len)) => {
                     self.turn = (self.turn + i + 1) % n;
                     return Some(len);
