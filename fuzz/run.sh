@@ -25,7 +25,8 @@ if command -v qemu-img >/dev/null; then
     qemu-img convert -c -f raw -O qcow2 -o cluster_size=512,compression_type=zstd "$tmp/src" corpus/qcow2/seed-zstd >/dev/null
     # A dirty image (lazy refcounts, writer killed): the repair's input.
     qemu-img create -q -f qcow2 -o cluster_size=512,lazy_refcounts=on corpus/qcow2/seed-dirty 64k
-    qemu-io -c "write -P 0x5a 0 20k" -c "sigraise 9" corpus/qcow2/seed-dirty >/dev/null 2>&1 || true
+    # (In a subshell whose stderr is dropped: bash reports the kill.)
+    (qemu-io -c "write -P 0x5a 0 20k" -c "sigraise 9" corpus/qcow2/seed-dirty >/dev/null 2>&1 || true) 2>/dev/null
     rm -rf "$tmp"
 fi
 for t in $(cargo fuzz list); do
