@@ -486,6 +486,48 @@ def test_block_set_io_throttle(moat, tmp_path):
     q.close()
 
 
+def test_block_set_write_threshold(moat, tmp_path):
+    """QEMU's write threshold: the first write, write-zeroes or discard
+    ending past it raises BLOCK_WRITE_THRESHOLD once and disarms it."""
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * (4 << 20))
+    m = moat(append="blk=1 blk_storm=300 blk_noflush=1 action=count", paused=True,
+             extra=["-drive", f"file={img},format=raw,if=none,id=disk0",
+                    "-device", "virtio-blk-device,drive=disk0"])
+    q = connect(m)
+    node = q.cmd("query-block")[0]["inserted"]["node-name"]
+    assert q.cmd("query-named-block-nodes")[0]["write_threshold"] == 0
+    with pytest.raises(ExecuteError) as e:
+        q.cmd("block-set-write-threshold", **{"node-name": "nope", "write-threshold": 1})
+    assert e.value.error_class == "GenericError"
+    assert e.value.error.error.desc == "Device 'nope' not found"
+    threshold = (2 << 20) + 100
+    q.cmd("block-set-write-threshold", **{"node-name": node, "write-threshold": threshold})
+    assert q.cmd("query-named-block-nodes")[0]["write_threshold"] == threshold
+    assert q.cmd("query-block")[0]["inserted"]["write_threshold"] == threshold
+    # The guest's storm, replayed: 4 KiB writes at xorshift32 blocks.
+    x, first = 1, None
+    for _ in range(300):
+        x ^= (x << 13) & 0xFFFFFFFF
+        x ^= x >> 17
+        x ^= (x << 5) & 0xFFFFFFFF
+        end = (x % 1024) * 4096 + 4096
+        if end > threshold:
+            first = end
+            break
+    q.cmd("cont")
+    ev = event(q, "BLOCK_WRITE_THRESHOLD")
+    assert ev["data"] == {"node-name": node, "amount-exceeded": first - threshold,
+                          "write-threshold": threshold}, ev
+    m.wait_for(lambda: "storm done" in m.console(), "the storm to finish")
+    # Disarmed: later writes past it raised nothing more (events come
+    # before the reply that follows them).
+    assert q.cmd("query-named-block-nodes")[0]["write_threshold"] == 0
+    later = [e["event"] for e in q.get_events(wait=False)]
+    assert "BLOCK_WRITE_THRESHOLD" not in later, later
+    q.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
 def test_block_io_error_event(moat, tmp_path):
     mnt = tmp_path / "small"

@@ -39,6 +39,11 @@ pub enum Request {
     Eject {
         device: String,
     },
+    /// QMP `block-set-write-threshold` (0: none).
+    BlockSetWriteThreshold {
+        node: String,
+        threshold: u64,
+    },
     /// Open `drive` as the block node `node`; `driver` is its top driver as
     /// the client named it (`raw`, `qcow2` or `file`).
     BlockdevAdd {
@@ -160,6 +165,8 @@ pub struct BlockNode {
     pub read_only: bool,
     pub cache: CacheMode,
     pub image: ImageInfo,
+    /// `block-set-write-threshold`'s offset, 0 when none is armed.
+    pub write_threshold: u64,
 }
 
 /// A drive with its device (query-block).
@@ -257,6 +264,12 @@ pub enum Event {
         reason: String,
         /// "report", "ignore" or "stop".
         action: &'static str,
+    },
+    /// A write went past the node's write threshold (now disarmed).
+    BlockWriteThreshold {
+        node_name: String,
+        amount_exceeded: u64,
+        write_threshold: u64,
     },
     /// The guest changed a NIC's receive filter (sent once until
     /// query-rx-filter is run).

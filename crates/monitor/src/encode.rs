@@ -121,7 +121,7 @@ fn node(n: &BlockNode) -> Value {
     let mut info = json!({
         "file": n.image.filename.display().to_string(), "node-name": n.node_name,
         "ro": n.read_only, "drv": n.driver, "encrypted": false, "detect_zeroes": "off",
-        "backing_file_depth": depth, "write_threshold": 0,
+        "backing_file_depth": depth, "write_threshold": n.write_threshold as i64,
         "cache": {
             "writeback": !matches!(n.cache, CacheMode::Writethrough | CacheMode::Directsync),
             "direct": matches!(n.cache, CacheMode::None | CacheMode::Directsync),
@@ -232,6 +232,17 @@ pub fn event(e: &Event) -> (&'static str, Option<Value>) {
                 "device": device, "node-name": node_name,
                 "operation": if *write { "write" } else { "read" },
                 "action": action, "nospace": nospace, "reason": reason,
+            })),
+        ),
+        Event::BlockWriteThreshold {
+            node_name,
+            amount_exceeded,
+            write_threshold,
+        } => (
+            "BLOCK_WRITE_THRESHOLD",
+            Some(json!({
+                "node-name": node_name, "amount-exceeded": amount_exceeded,
+                "write-threshold": write_threshold,
             })),
         ),
         Event::NicRxFilterChanged { name, path } => {

@@ -319,6 +319,18 @@ pub const COMMANDS: &[CommandSpec] = &[
         },
     },
     CommandSpec {
+        name: "block-set-write-threshold",
+        args: &[("node-name", Str, true), ("write-threshold", Int, true)],
+        run: |session, args| {
+            let node = s(args, "node-name").unwrap_or_default().to_string();
+            // (QEMU's uint64 input takes a negative number as its two's
+            // complement.)
+            let v = &args["write-threshold"];
+            let threshold = v.as_u64().or(v.as_i64().map(|n| n as u64)).unwrap_or(0);
+            vm(session, Request::BlockSetWriteThreshold { node, threshold })
+        },
+    },
+    CommandSpec {
         name: "block_set_io_throttle",
         args: &[
             ("device", Str, false),
@@ -488,6 +500,7 @@ pub const EVENTS: &[&str] = &[
     "POWERDOWN",
     "SHUTDOWN",
     "BLOCK_IO_ERROR",
+    "BLOCK_WRITE_THRESHOLD",
     "NIC_RX_FILTER_CHANGED",
 ];
 

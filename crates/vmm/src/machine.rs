@@ -170,13 +170,14 @@ fn image_info(layer: &ImageLayer, size: Option<u64>) -> ImageInfo {
     }
 }
 
-fn block_node(name: &str, driver: &str, cfg: &DriveConfig, size: u64) -> BlockNode {
+fn block_node(name: &str, driver: &str, cfg: &DriveConfig, disk: &Disk) -> BlockNode {
     BlockNode {
         node_name: name.to_string(),
         driver: driver.to_string(),
         read_only: cfg.read_only,
         cache: cfg.cache,
-        image: image_info(&cfg.layer(), Some(size)),
+        image: image_info(&cfg.layer(), Some(disk.image.size())),
+        write_threshold: disk.link.write_threshold.load(Ordering::SeqCst),
     }
 }
 
@@ -330,6 +331,18 @@ impl Machine {
             }));
         }
         for (i, d) in self.drives.iter().enumerate() {
+            let (s, node) = (sink.clone(), node_name(i));
+            let _ = d
+                .disk
+                .link
+                .threshold_sink
+                .set(Box::new(move |amount, threshold| {
+                    s.emit(Event::BlockWriteThreshold {
+                        node_name: node.clone(),
+                        amount_exceeded: amount,
+                        write_threshold: threshold,
+                    })
+                }));
             let (sink, device, node) = (sink.clone(), d.name.clone(), node_name(i));
             let tx = Mutex::new(self.tx.clone());
             // A guest can cause errors at will: at most ten events a second
@@ -672,12 +685,7 @@ impl Machine {
                     .map(|(i, d)| BlockDevice {
                         device: d.name.clone(),
                         index: i,
-                        node: block_node(
-                            &node_name(i),
-                            d.cfg.format.name(),
-                            &d.cfg,
-                            d.disk.image.size(),
-                        ),
+                        node: block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk),
                         throttle: d.disk.link.throttle.limits(),
                         io_status: match d.disk.link.io_status.load(Ordering::SeqCst) {
                             block::IO_STATUS_NOSPACE => "nospace",
@@ -712,23 +720,28 @@ impl Machine {
                     .collect(),
             )),
             Request::QueryNamedBlockNodes => {
-                let drives = self.drives.iter().enumerate().map(|(i, d)| {
-                    block_node(
-                        &node_name(i),
-                        d.cfg.format.name(),
-                        &d.cfg,
-                        d.disk.image.size(),
-                    )
-                });
+                let drives =
+                    self.drives.iter().enumerate().map(|(i, d)| {
+                        block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk)
+                    });
                 let nodes = self
                     .nodes
                     .iter()
-                    .map(|n| block_node(&n.name, &n.driver, &n.cfg, n.disk.image.size()));
+                    .map(|n| block_node(&n.name, &n.driver, &n.cfg, &n.disk));
                 Ok(Reply::Nodes(drives.chain(nodes).collect()))
             }
             Request::BlockSetIoThrottle { device, limits } => {
                 let d = self.drive(&device)?;
                 d.disk.link.throttle.set(limits);
+                Ok(Reply::Done)
+            }
+            Request::BlockSetWriteThreshold { node, threshold } => {
+                let disk = (0..self.drives.len())
+                    .find(|&i| node_name(i) == node)
+                    .map(|i| &self.drives[i].disk)
+                    .or_else(|| self.nodes.iter().find(|n| n.name == node).map(|n| &n.disk))
+                    .ok_or_else(|| ApiError::generic(format!("Device '{node}' not found")))?;
+                disk.link.write_threshold.store(threshold, Ordering::SeqCst);
                 Ok(Reply::Done)
             }
             Request::Eject { device } => {

@@ -122,6 +122,10 @@ pub const IO_STATUS_NOSPACE: u8 = 2;
 /// Where a drive's I/O errors go; set once the monitor exists.
 pub type ErrorSink = Arc<std::sync::OnceLock<Box<dyn Fn(IoErrorReport) + Send + Sync>>>;
 
+/// Told (amount exceeded, threshold) when a write passes the drive's write
+/// threshold (QMP `BLOCK_WRITE_THRESHOLD`).
+pub type ThresholdSink = Arc<std::sync::OnceLock<Box<dyn Fn(u64, u64) + Send + Sync>>>;
+
 /// What a drive's device shares with the rest of moat, across guest resets.
 #[derive(Clone)]
 pub struct DriveLink {
@@ -136,6 +140,9 @@ pub struct DriveLink {
     pub resume: Arc<Vec<EventFd>>,
     /// `IO_STATUS_*`, reset to ok by `cont`.
     pub io_status: Arc<std::sync::atomic::AtomicU8>,
+    /// QMP `block-set-write-threshold`'s offset (0: none).
+    pub write_threshold: Arc<AtomicU64>,
+    pub threshold_sink: ThresholdSink,
 }
 
 impl std::fmt::Debug for DriveLink {
@@ -148,6 +155,25 @@ impl std::fmt::Debug for DriveLink {
 }
 
 impl DriveLink {
+    /// QEMU's `bdrv_write_threshold_check_write`: a write, write-zeroes or
+    /// discard that ends past the threshold raises `BLOCK_WRITE_THRESHOLD`
+    /// once and disarms it (so a guest cannot flood the monitor).
+    pub fn check_write_threshold(&self, offset: u64, len: u64) {
+        let t = self.write_threshold.load(Ordering::SeqCst);
+        let end = offset.saturating_add(len);
+        if t > 0
+            && end > t
+            && self
+                .write_threshold
+                .compare_exchange(t, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            if let Some(sink) = self.threshold_sink.get() {
+                sink(end - t, t);
+            }
+        }
+    }
+
     pub fn new(
         limits: moat_block::throttle::ThrottleLimits,
         werror: moat_config::OnError,
@@ -165,6 +191,8 @@ impl DriveLink {
             rerror,
             resume: Arc::new(resume),
             io_status: Arc::default(),
+            write_threshold: Arc::default(),
+            threshold_sink: Arc::default(),
         })
     }
 
@@ -739,6 +767,7 @@ impl Worker {
                 }
                 let len = reader.available_bytes() as u64;
                 self.check_data(offset, len)?;
+                self.link.check_write_threshold(offset, len);
                 let mut done = 0u64;
                 let bounce = aligned(&mut self.bounce);
                 while done < len {
@@ -780,8 +809,10 @@ impl Worker {
                     let num = u64::from(seg.sectors) * SECTOR;
                     moat_block::check_range(start, num, self.disk.size())?;
                     let r = if kind == T_WRITE_ZEROES {
+                        self.link.check_write_threshold(start, num);
                         self.disk.write_zeroes(start, num)
                     } else if self.discard == Discard::Unmap {
+                        self.link.check_write_threshold(start, num);
                         self.disk.discard(start, num)
                     } else {
                         Ok(())
