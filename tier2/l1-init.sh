@@ -22,6 +22,11 @@ echo "+cpu +memory +pids" > /sys/fs/cgroup/cgroup.subtree_control
 mkdir /sys/fs/cgroup/system
 echo "1000000 100000" > /sys/fs/cgroup/system/cpu.max
 echo 1G > /sys/fs/cgroup/system/memory.max
+# The same for KVM's local-APIC keys, which every L2 boot would otherwise
+# turn on and off (see tier2/kvm-keeper.c).
+/moat/kvm-keeper > /tmp/kvm-keeper.log 2>&1 &
+for _ in $(seq 50); do grep -q holding /tmp/kvm-keeper.log && break; usleep 100000; done
+grep -q holding /tmp/kvm-keeper.log || echo "TIER2 setup kvm-keeper: $(cat /tmp/kvm-keeper.log)"
 echo "TIER2 setup ok"
 # Nothing here types into the guests: moat's stdin is /dev/null, not the
 # console tty (a CI run once saw L1's kernel spin in a tty read of moat's

@@ -254,6 +254,7 @@ copy_bin "$L1ROOT" "$(command -v passt)" /moat/passt
 echo "nobody:x:65534:65534:nobody:/nonexistent:/bin/false" > "$L1ROOT/etc/passwd"
 echo "nogroup:x:65534:" > "$L1ROOT/etc/group"
 gcc -static -O2 -o "$L1ROOT/moat/qmp" "$HERE/qmp.c"
+gcc -static -O2 -o "$L1ROOT/moat/kvm-keeper" "$HERE/kvm-keeper.c"
 mkdir -p "$L1ROOT/etc/apparmor.d/abi"
 cp /etc/apparmor.d/abi/3.0 "$L1ROOT/etc/apparmor.d/abi/"
 cp "$HERE/../contrib/apparmor/moat-jailed" "$L1ROOT/moat/apparmor-moat-jailed"
