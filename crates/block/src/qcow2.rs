@@ -54,10 +54,10 @@ const MAX_CLUSTER_BITS: u32 = 21;
 const MAX_L1_BYTES: u64 = 32 << 20;
 const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 const MAX_SNAPSHOTS: u64 = 65536;
-/// Bits 9..55 of L1 and refcount table entries hold the offset.
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Bits 9..55 of L1, L2 and refcount table entries hold the offset.
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
-const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub(crate) const INCOMPAT_DIRTY: u64 = 1 << 0;
 const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
@@ -91,7 +91,7 @@ fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_be_bytes(a)
@@ -102,11 +102,16 @@ fn bad(what: impl std::fmt::Display) -> String {
 }
 
 /// Read exactly `len` bytes at `offset`, which the caller has bounded by the file size.
-fn read_exact(file: &File, offset: u64, len: u64) -> Result<Vec<u8>, String> {
+pub(crate) fn read_exact(file: &File, offset: u64, len: u64) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(|e| format!("reading qcow2 metadata at {offset}: {e}"))?;
+    read_into(file, &mut buf, offset)?;
     Ok(buf)
+}
+
+/// Fill `buf` from `offset` (metadata the caller has bounded by the file size).
+pub(crate) fn read_into(file: &File, buf: &mut [u8], offset: u64) -> Result<(), String> {
+    file.read_exact_at(buf, offset)
+        .map_err(|e| format!("reading qcow2 metadata at {offset}: {e}"))
 }
 
 /// A byte range of metadata, for the overlap checks.

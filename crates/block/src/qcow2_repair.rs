@@ -27,14 +27,12 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+use crate::qcow2::{be64, read_exact, read_into, INCOMPAT_DIRTY, OFFSET_MASK};
+
 /// The most host clusters a repair counts (256 MiB of counters; a 2 TiB
 /// file of 64 KiB clusters is 32 Mi clusters).
 pub const MAX_CLUSTERS: u64 = 1 << 27;
-/// Offsets in L1, L2 and refcount table entries (bits 9..55).
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const L2_COMPRESSED: u64 = 1 << 62;
-/// The dirty bit in the incompatible features (header byte 72).
-const INCOMPAT_DIRTY: u64 = 1;
 
 /// Where the image's tables are, from a header `qcow2::check` accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,15 +64,6 @@ fn refuse(why: impl std::fmt::Display) -> String {
     )
 }
 
-fn read(file: &File, buf: &mut [u8], at: u64) -> Result<(), String> {
-    file.read_exact_at(buf, at)
-        .map_err(|e| format!("reading qcow2 metadata at {at:#x}: {e}"))
-}
-
-fn be64(b: &[u8], i: usize) -> u64 {
-    u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
-}
-
 /// Entry `i` of a refcount block of `2^order`-bit entries (QEMU's layout:
 /// sub-byte entries from the low bits up, wider ones big-endian).
 fn get(block: &[u8], order: u32, i: usize) -> u64 {
@@ -89,7 +78,7 @@ fn get(block: &[u8], order: u32, i: usize) -> u64 {
         5 => u64::from(u32::from_be_bytes(
             block[4 * i..4 * i + 4].try_into().unwrap_or([0; 4]),
         )),
-        _ => be64(block, i),
+        _ => be64(block, 8 * i),
     }
 }
 
@@ -148,11 +137,10 @@ pub fn repair(file: &File, file_len: u64, g: &Geometry) -> Result<Repaired, Stri
     add(0, cluster, "header")?;
     add(g.l1_offset, g.l1_entries * 8, "L1 table")?;
     add(g.rt_offset, g.rt_clusters * cluster, "refcount table")?;
-    let mut rt = vec![0u8; (g.rt_clusters * cluster) as usize];
-    read(file, &mut rt, g.rt_offset)?;
+    let rt = read_exact(file, g.rt_offset, g.rt_clusters * cluster)?;
     let rt_entries = rt.len() / 8;
     for i in 0..rt_entries {
-        let off = be64(&rt, i) & OFFSET_MASK;
+        let off = be64(&rt, 8 * i) & OFFSET_MASK;
         if off != 0 {
             if !off.is_multiple_of(cluster) {
                 return Err(refuse(format!("refcount block {i} is not cluster aligned")));
@@ -160,13 +148,12 @@ pub fn repair(file: &File, file_len: u64, g: &Geometry) -> Result<Repaired, Stri
             add(off, cluster, "refcount block")?;
         }
     }
-    let mut l1 = vec![0u8; (g.l1_entries * 8) as usize];
-    read(file, &mut l1, g.l1_offset)?;
+    let l1 = read_exact(file, g.l1_offset, g.l1_entries * 8)?;
     let mut l2 = vec![0u8; cluster as usize];
     let csize_shift = 62 - (bits - 8);
     let csize_mask = (1u64 << (bits - 8)) - 1;
     for i in 0..g.l1_entries as usize {
-        let l2_off = be64(&l1, i) & OFFSET_MASK;
+        let l2_off = be64(&l1, 8 * i) & OFFSET_MASK;
         if l2_off == 0 {
             continue;
         }
@@ -174,9 +161,9 @@ pub fn repair(file: &File, file_len: u64, g: &Geometry) -> Result<Repaired, Stri
             return Err(refuse(format!("L2 table {i} is not cluster aligned")));
         }
         add(l2_off, cluster, "L2 table")?;
-        read(file, &mut l2, l2_off)?;
+        read_into(file, &mut l2, l2_off)?;
         for j in 0..(cluster / 8) as usize {
-            let e = be64(&l2, j);
+            let e = be64(&l2, 8 * j);
             if e & L2_COMPRESSED != 0 {
                 if g.external_data_file {
                     return Err(refuse("a compressed cluster in an image with a data file"));
@@ -212,7 +199,7 @@ pub fn repair(file: &File, file_len: u64, g: &Geometry) -> Result<Repaired, Stri
             continue;
         }
         let b = i as u64 / per_block;
-        if b >= rt_entries as u64 || be64(&rt, b as usize) & OFFSET_MASK == 0 {
+        if b >= rt_entries as u64 || be64(&rt, 8 * b as usize) & OFFSET_MASK == 0 {
             return Err(refuse(format!(
                 "cluster {i} is in use but has no refcount block"
             )));
@@ -226,11 +213,11 @@ pub fn repair(file: &File, file_len: u64, g: &Geometry) -> Result<Repaired, Stri
     let mut done = Repaired::default();
     let mut block = vec![0u8; cluster as usize];
     for b in 0..rt_entries {
-        let off = be64(&rt, b) & OFFSET_MASK;
+        let off = be64(&rt, 8 * b) & OFFSET_MASK;
         if off == 0 {
             continue;
         }
-        read(file, &mut block, off)?;
+        read_into(file, &mut block, off)?;
         let mut changed = false;
         for j in 0..per_block as usize {
             let i = b as u64 * per_block + j as u64;
@@ -254,7 +241,7 @@ pub fn repair(file: &File, file_len: u64, g: &Geometry) -> Result<Repaired, Stri
     file.sync_data()
         .map_err(|e| format!("syncing the repaired refcounts: {e}"))?;
     let mut incompat = [0u8; 8];
-    read(file, &mut incompat, 72)?;
+    read_into(file, &mut incompat, 72)?;
     let clean = u64::from_be_bytes(incompat) & !INCOMPAT_DIRTY;
     file.write_all_at(&clean.to_be_bytes(), 72)
         .and_then(|()| file.sync_data())
