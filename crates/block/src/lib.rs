@@ -205,13 +205,16 @@ impl RawImage {
         self
     }
 
-    /// The O_DIRECT file when this request can use it.
-    fn pick(&self, ptr: *const u8, len: usize, offset: u64) -> &File {
+    /// The O_DIRECT file when a request of these buffers (address and
+    /// length of each) at `offset` can use it, else the buffered one.
+    fn pick(&self, bufs: impl IntoIterator<Item = (*const u8, usize)>, offset: u64) -> &File {
+        let aligned = |v: u64| v.is_multiple_of(DIRECT_ALIGN);
         match &self.direct {
             Some(d)
-                if (ptr as u64).is_multiple_of(DIRECT_ALIGN)
-                    && (len as u64).is_multiple_of(DIRECT_ALIGN)
-                    && offset.is_multiple_of(DIRECT_ALIGN) =>
+                if aligned(offset)
+                    && bufs
+                        .into_iter()
+                        .all(|(p, l)| aligned(p as u64) && aligned(l as u64)) =>
             {
                 d
             }
@@ -235,7 +238,7 @@ impl DiskImage for RawImage {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), BlockError> {
         check_range(offset, buf.len() as u64, self.size)?;
-        self.pick(buf.as_ptr(), buf.len(), offset)
+        self.pick([(buf.as_ptr(), buf.len())], offset)
             .read_exact_at(buf, offset)?;
         Ok(())
     }
@@ -255,14 +258,7 @@ impl DiskImage for RawImage {
                 v.iov_len = g.len();
             }
             let iov = &mut iov[..guards.len()];
-            let direct = iov.iter().all(|v| {
-                (v.iov_base as u64).is_multiple_of(DIRECT_ALIGN)
-                    && (v.iov_len as u64).is_multiple_of(DIRECT_ALIGN)
-            });
-            let file = match &self.direct {
-                Some(d) if direct && at.is_multiple_of(DIRECT_ALIGN) => d,
-                _ => &self.file,
-            };
+            let file = self.pick(iov.iter().map(|v| (v.iov_base as *const u8, v.iov_len)), at);
             at += preadv_all(file, iov, at)?;
         }
         Ok(())
@@ -270,7 +266,7 @@ impl DiskImage for RawImage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         check_write(self.read_only, offset, buf.len() as u64, self.size)?;
-        self.pick(buf.as_ptr(), buf.len(), offset)
+        self.pick([(buf.as_ptr(), buf.len())], offset)
             .write_all_at(buf, offset)?;
         Ok(())
     }
