@@ -331,19 +331,20 @@ impl Machine {
             }));
         }
         for (i, d) in self.drives.iter().enumerate() {
-            let (s, node) = (sink.clone(), node_name(i));
+            let node = node_name(i);
+            let (s, n) = (sink.clone(), node.clone());
             let _ = d
                 .disk
                 .link
                 .threshold_sink
                 .set(Box::new(move |amount, threshold| {
                     s.emit(Event::BlockWriteThreshold {
-                        node_name: node.clone(),
+                        node_name: n.clone(),
                         amount_exceeded: amount,
                         write_threshold: threshold,
                     })
                 }));
-            let (sink, device, node) = (sink.clone(), d.name.clone(), node_name(i));
+            let (sink, device) = (sink.clone(), d.name.clone());
             let tx = Mutex::new(self.tx.clone());
             // A guest can cause errors at will: at most ten events a second
             // per drive, so it cannot flood the monitor clients (stricter
@@ -736,9 +737,9 @@ impl Machine {
                 Ok(Reply::Done)
             }
             Request::BlockSetWriteThreshold { node, threshold } => {
-                let disk = (0..self.drives.len())
-                    .find(|&i| node_name(i) == node)
-                    .map(|i| &self.drives[i].disk)
+                let disk = self
+                    .drive_by_node(&node)
+                    .map(|d| &d.disk)
                     .or_else(|| self.nodes.iter().find(|n| n.name == node).map(|n| &n.disk))
                     .ok_or_else(|| ApiError::generic(format!("Device '{node}' not found")))?;
                 disk.link.write_threshold.store(threshold, Ordering::SeqCst);
@@ -783,7 +784,7 @@ impl Machine {
                 Ok(Reply::Done)
             }
             Request::BlockdevDel { node } => {
-                if (0..self.drives.len()).any(|i| node_name(i) == node) {
+                if self.drive_by_node(&node).is_some() {
                     return Err(ApiError::generic(format!("Node {node} is in use")));
                 }
                 let Some(i) = self.nodes.iter().position(|n| n.name == node) else {
@@ -799,6 +800,13 @@ impl Machine {
             }
             other => Err(ApiError::generic(format!("{other:?}: not a block request"))),
         }
+    }
+
+    /// The drive whose block node is `node`.
+    fn drive_by_node(&self, node: &str) -> Option<&Drive> {
+        (0..self.drives.len())
+            .find(|&i| node_name(i) == node)
+            .map(|i| &self.drives[i])
     }
 
     fn drive(&self, device: &str) -> Result<&Drive, ApiError> {
