@@ -265,9 +265,9 @@ fn jailed_on_cgroup_v2_with_apparmor(r: &HashMap<String, String>) {
 }
 
 /// Linux finds both virtio-blk disks through ACPI, makes an ext4 file system
-/// on the qcow2 one (a `num-queues=2` device: blk-mq has a hardware queue
-/// per vCPU) and reads a file from the raw one; the host checks the result
-/// with qemu-img check, e2fsck and debugfs.
+/// on the qcow2 one (extended L2 entries, on a `num-queues=2` device: blk-mq
+/// has a hardware queue per vCPU) and reads a file from the raw one; the host
+/// checks the result with qemu-img check, e2fsck and debugfs.
 fn virtio_blk_with_ext4(r: &HashMap<String, String>) {
     let b = &r["blk"];
     assert!(b.contains("L2: disks vda vdb"), "{b}");
@@ -292,6 +292,8 @@ fn virtio_blk_with_ext4(r: &HashMap<String, String>) {
     // the file system inside it is checked from qemu-img's reading of it.
     let (ok, log) = run("qemu-img", &["check", &qcow2]);
     assert!(ok, "qemu-img check {qcow2}:\n{log}");
+    let (_, info) = run("qemu-img", &["info", "--output=json", &qcow2]);
+    assert!(info.contains("\"extended-l2\": true"), "{info}");
     let img = format!("{qcow2}.raw");
     let (ok, log) = run("qemu-img", &["convert", "-O", "raw", &qcow2, &img]);
     assert!(ok, "qemu-img convert {qcow2}:\n{log}");

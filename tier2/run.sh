@@ -293,13 +293,13 @@ echo "${*:-boot-smp2}" > "$L1ROOT/scenarios"
 pack "$L1ROOT" "$WORK/l1-initrd.gz"
 
 # --- disks for the blk scenario: made on the host, checked on the host ------
-# The data disk is a qcow2 image (64 MiB virtual) in a 128 MiB container:
-# L1 sees the container as a raw block device and runs moat on it with
-# format=qcow2; the host judges the result with qemu-img check.
+# The data disk is a qcow2 image (64 MiB virtual, extended L2 entries) in a
+# 128 MiB container: L1 sees the container as a raw block device and runs
+# moat on it with format=qcow2; the host judges the result with qemu-img check.
 DATA=$WORK/blk-data.qcow2
 HOSTFS=$WORK/blk-hostfs.img
 rm -f "$DATA" "$HOSTFS"
-qemu-img create -q -f qcow2 "$DATA" 64M
+qemu-img create -q -f qcow2 -o extended_l2=on "$DATA" 64M
 truncate -s 128M "$DATA"
 mkdir -p "$WORK/hostfs"
 echo "hello from the host, via mkfs.ext4 -d" > "$WORK/hostfs/from-host.txt"

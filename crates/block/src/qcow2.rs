@@ -25,13 +25,14 @@
 //!   ([`crate::qcow2_repair`]); a read-only open reads the image as it is,
 //!   without writing (refcounts do not matter to reads).
 //! - Clear refusals for what neither does: the corrupt bit (QEMU refuses
-//!   read-write too; moat also refuses read-only, because imago does),
-//!   extended L2 entries (not in imago 0.2), encryption.
+//!   read-write too; moat also refuses read-only, because imago does) and
+//!   encryption.
 //!
-//! Three gaps of imago 0.2.6 are mended in its vendored copy
+//! Gaps of imago 0.2.6 are mended in its vendored copy
 //! (vendor/imago/MOAT-PATCHES.md): an unbounded recursion on hostile
-//! refcount structures, the write order of refcounts before L1 entries, and
-//! zstd-compressed clusters (read).
+//! refcount structures, the write order of refcounts before L1 entries,
+//! zstd-compressed clusters (read), QEMU's overlap check, the dirty bit and
+//! extended L2 entries (subclusters).
 //!
 //! Writes through imago never set the dirty bit (no lazy refcounts), and it
 //! orders refcount updates before the L2 entries that use them, so a killed
@@ -215,10 +216,14 @@ pub fn check(file: &File, file_len: u64) -> Result<Header, String> {
         (t, _) => return Err(bad(format!("unknown compression type {t}"))),
     }
     incompat &= !INCOMPAT_COMPRESSION;
-    if incompat & INCOMPAT_EXTL2 != 0 {
-        return Err(bad(
-            "extended L2 entries (subclusters) are not supported; convert with `qemu-img convert -O qcow2 -o extended_l2=off`",
-        ));
+    // Extended L2 entries: 16 bytes (descriptor and subcluster bitmap), 32
+    // subclusters of at least 512 bytes (QEMU's limit).
+    let extended_l2 = incompat & INCOMPAT_EXTL2 != 0;
+    incompat &= !INCOMPAT_EXTL2;
+    if extended_l2 && cluster_bits < 14 {
+        return Err(bad(format!(
+            "extended L2 entries need clusters of at least 16 KiB, not {cluster} bytes"
+        )));
     }
     let external_data_file = incompat & INCOMPAT_DATA_FILE != 0;
     incompat &= !INCOMPAT_DATA_FILE;
@@ -280,7 +285,7 @@ pub fn check(file: &File, file_len: u64) -> Result<Header, String> {
     };
 
     // L1 table: big enough for the virtual size, small enough to load.
-    let l2_entries = cluster / 8;
+    let l2_entries = cluster / if extended_l2 { 16 } else { 8 };
     let bytes_per_l1 = cluster * l2_entries;
     let needed_l1 = size.div_ceil(bytes_per_l1);
     if l1_entries * 8 > MAX_L1_BYTES {
@@ -397,6 +402,7 @@ pub fn check(file: &File, file_len: u64) -> Result<Header, String> {
             snapshots: nb_snapshots,
             bitmaps,
             external_data_file,
+            extended_l2,
         },
     })
 }

@@ -46,6 +46,8 @@ pub struct Geometry {
     pub snapshots: u64,
     pub bitmaps: bool,
     pub external_data_file: bool,
+    /// L2 entries are 16 bytes: the descriptor, then the subcluster bitmap.
+    pub extended_l2: bool,
 }
 
 /// What a repair changed.
@@ -162,8 +164,9 @@ pub fn repair(file: &File, file_len: u64, g: &Geometry) -> Result<Repaired, Stri
         }
         add(l2_off, cluster, "L2 table")?;
         read_into(file, &mut l2, l2_off)?;
-        for j in 0..(cluster / 8) as usize {
-            let e = be64(&l2, 8 * j);
+        let entry_bytes = if g.extended_l2 { 16 } else { 8 };
+        for j in 0..(cluster / entry_bytes) as usize {
+            let e = be64(&l2, entry_bytes as usize * j);
             if e & L2_COMPRESSED != 0 {
                 if g.external_data_file {
                     return Err(refuse("a compressed cluster in an image with a data file"));

@@ -63,7 +63,26 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
             false
         };
 
-        let existing_mapping = l2_table.get_mapping(cluster)?;
+        let (existing_mapping, bitmap) = l2_table.get_mapping_and_bitmap(cluster)?;
+        // moat patch: with extended L2 entries, only a compressed cluster or a copied one whose
+        // subclusters are all allocated takes the whole-cluster path below
+        if self.header.extended_l2() {
+            match existing_mapping {
+                L2Mapping::Compressed { .. } => {}
+                L2Mapping::DataFile { copied: true, .. } if bitmap == SUBCLUSTERS_ALL_ALLOC => {}
+                _ => {
+                    return self
+                        .prepare_cow_subclusters(
+                            cluster,
+                            mandatory_host_cluster,
+                            partial_skip_cow,
+                            existing_mapping,
+                            bitmap,
+                        )
+                        .await;
+                }
+            }
+        }
         if let L2Mapping::DataFile {
             host_cluster,
             copied: true,
@@ -152,7 +171,104 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
             }
         }
 
-        let l2i = cluster.l2_index(self.header.cluster_bits());
+        let l2i = cluster.l2_index(self.header.l2_bits());
+        Ok(Some(PreparedCluster {
+            host_cluster: new_cluster,
+            set_mapping: Some((l2i, new_allocation)),
+        }))
+    }
+
+    /// moat patch: [`Qcow2::prepare_cow_cluster()`] for a cluster with extended L2 entries
+    /// whose subclusters are not all allocated data (or are, but shared).
+    ///
+    /// The data is written into the cluster's host cluster if it has one and it is copied,
+    /// otherwise into a newly allocated one.  Every subcluster the write does not cover wholly
+    /// and that does not hold its data there already is filled from its own source: the old
+    /// host cluster for allocated subclusters, zeroes for zero subclusters, the backing file (or
+    /// zeroes) for unallocated ones.  The mapping the caller then sets has every subcluster
+    /// allocated: simpler than QEMU (which allocates only the subclusters written), and the
+    /// image reads the same.
+    async fn prepare_cow_subclusters(
+        &self,
+        cluster: GuestCluster,
+        mandatory_host_cluster: Option<HostCluster>,
+        partial_skip_cow: Option<Range<usize>>,
+        existing_mapping: L2Mapping,
+        bitmap: u64,
+    ) -> io::Result<Option<PreparedCluster>> {
+        self.need_writable()?;
+
+        let (old_host, copied) = match existing_mapping {
+            L2Mapping::DataFile {
+                host_cluster,
+                copied,
+            } => (Some(host_cluster), copied),
+            _ => (None, false),
+        };
+
+        let cb = self.header.cluster_bits();
+        let (new_cluster, new_allocation) = match old_host {
+            Some(host_cluster) if copied => {
+                if mandatory_host_cluster.is_some_and(|m| m != host_cluster) {
+                    return Ok(None);
+                }
+                // The fill below writes into this cluster before the caller's overlap check
+                // (moat patch 5) sees the write: check it here, the whole cluster.
+                self.check_data_write(host_cluster.offset(cb).0, 1 << cb, true)
+                    .await?;
+                (host_cluster, None)
+            }
+            _ => match self
+                .allocate_data_cluster_at(cluster, mandatory_host_cluster)
+                .await?
+            {
+                Some(allocation) => (allocation.cluster(), Some(allocation)),
+                None => return Ok(None),
+            },
+        };
+
+        let scb = self.header.subcluster_bits();
+        let to = self.storage();
+        let to_offset = new_cluster.offset(cb).0;
+        let covered = |i: u32| {
+            partial_skip_cow.as_ref().is_some_and(|r| {
+                r.start <= (i as usize) << scb && ((i as usize + 1) << scb) <= r.end
+            })
+        };
+        let in_place = |kind: Subcluster| kind == Subcluster::Data && old_host == Some(new_cluster);
+
+        let mut i = 0;
+        while i < 32 {
+            let kind = Subcluster::of(bitmap, i);
+            if covered(i) || in_place(kind) {
+                i += 1;
+                continue;
+            }
+            let mut end = i + 1;
+            while end < 32 && !covered(end) && Subcluster::of(bitmap, end) == kind {
+                end += 1;
+            }
+            let start = (i as u64) << scb;
+            let len = ((end - i) as u64) << scb;
+            match (kind, old_host, self.backing.as_ref()) {
+                (Subcluster::Data, Some(old), _) => {
+                    let from = self.storage();
+                    let mut buf = IoBuffer::new(len as usize, from.mem_align())?;
+                    from.read(&mut buf, old.offset(cb).0 + start).await?;
+                    to.write(&buf, to_offset + start).await?;
+                }
+                (Subcluster::Unallocated, _, Some(backing)) => {
+                    let from = backing.inner();
+                    let mut buf = IoBuffer::new(len as usize, from.mem_align())?;
+                    from.read(&mut buf, cluster.offset(cb).0 + start).await?;
+                    to.write(&buf, to_offset + start).await?;
+                }
+                _ => to.write_zeroes(to_offset + start, len).await?,
+            }
+            i = end;
+        }
+
+        let l2i = cluster.l2_index(self.header.l2_bits());
         Ok(Some(PreparedCluster {
             host_cluster: new_cluster,
             set_mapping: Some((l2i, new_allocation)),

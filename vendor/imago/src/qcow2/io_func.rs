@@ -72,11 +72,11 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
                 chunk.copy_from_slice(bounce_buffer.as_ref_range(ofs..end).into_slice());
             }
 
-            let next_cluster = if let Some(next) = guest_cluster.next_in_l2(cb) {
+            let next_cluster = if let Some(next) = guest_cluster.next_in_l2(self.header.l2_bits()) {
                 next
             } else {
                 saved_l2_table.take();
-                guest_cluster.first_in_next_l2(cb)
+                guest_cluster.first_in_next_l2(self.header.l2_bits())
             };
             offset = next_cluster.offset(cb);
         }

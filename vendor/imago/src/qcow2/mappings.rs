@@ -15,7 +15,10 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
     ) -> io::Result<(ShallowMapping<'_, S>, u64)> {
         let Some(l2_table) = self.get_l2(offset, false).await? else {
             let cb = self.header.cluster_bits();
-            let len = cmp::min(offset.remaining_in_l2_table(cb), max_length);
+            let len = cmp::min(
+                offset.remaining_in_l2_table(cb, self.header.l2_bits()),
+                max_length,
+            );
             let mapping = if let Some(backing) = self.backing.as_ref() {
                 ShallowMapping::Indirect {
                     layer: backing.inner(),
@@ -40,6 +43,9 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         l2_table: &L2Table,
     ) -> io::Result<(ShallowMapping<'_, S>, u64)> {
         let cb = self.header.cluster_bits();
+        if l2_table.extended() {
+            return self.get_subcluster_mapping(offset, max_length, l2_table);
+        }
 
         // Get mapping at `offset`
         let mut current_guest_cluster = offset.cluster(cb);
@@ -81,7 +87,7 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         let mut consecutive_length = offset.remaining_in_cluster(cb);
         let mut preceding_mapping = first_mapping;
         while consecutive_length < max_length {
-            let Some(next) = current_guest_cluster.next_in_l2(cb) else {
+            let Some(next) = current_guest_cluster.next_in_l2(self.header.l2_bits()) else {
                 break;
             };
             current_guest_cluster = next;
@@ -97,6 +103,93 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
 
         consecutive_length = cmp::min(consecutive_length, max_length);
         Ok((return_mapping, consecutive_length))
+    }
+
+    /// moat patch: [`Qcow2::do_get_mapping_with_l2()`] for extended L2 entries.
+    ///
+    /// The mapping at `offset` is that of its subcluster; it extends over the following
+    /// subclusters of the same kind, and on over following clusters only while they are wholly
+    /// of that kind (and, for data, consecutive in the data file).
+    async fn get_subcluster_mapping(
+        &self,
+        offset: GuestOffset,
+        max_length: u64,
+        l2_table: &L2Table,
+    ) -> io::Result<(ShallowMapping<'_, S>, u64)> {
+        let cb = self.header.cluster_bits();
+        let scb = self.header.subcluster_bits();
+        let mut cluster = offset.cluster(cb);
+        let (mapping, bitmap) = l2_table.get_mapping_and_bitmap(cluster)?;
+
+        let (host_cluster, copied) = match mapping {
+            L2Mapping::Compressed { .. } => {
+                let len = cmp::min(offset.remaining_in_cluster(cb), max_length);
+                return Ok((ShallowMapping::Special { offset: offset.0 }, len));
+            }
+            L2Mapping::DataFile {
+                host_cluster,
+                copied,
+            } => (Some(host_cluster), copied),
+            L2Mapping::Backing { .. } | L2Mapping::Zero { .. } => (None, false),
+        };
+
+        let in_cluster = offset.in_cluster_offset(cb);
+        let first = (in_cluster >> scb) as u32;
+        let kind = Subcluster::of(bitmap, first);
+        let run_end = (first..32)
+            .find(|&i| Subcluster::of(bitmap, i) != kind)
+            .unwrap_or(32);
+        let mut length = ((run_end as u64) << scb) - in_cluster as u64;
+
+        let return_mapping = match kind {
+            Subcluster::Data => ShallowMapping::Raw {
+                storage: self.storage(),
+                // `check_bitmap()` allows allocated subclusters only with a host cluster
+                offset: host_cluster.unwrap().relative_offset(offset, cb).0,
+                writable: copied,
+            },
+            Subcluster::Zero => ShallowMapping::Zero { explicit: true },
+            Subcluster::Unallocated => match self.backing.as_ref() {
+                Some(backing) => ShallowMapping::Indirect {
+                    layer: backing.inner(),
+                    offset: offset.0,
+                    writable: false,
+                },
+                None => ShallowMapping::Zero { explicit: false },
+            },
+        };
+
+        let mut prev_host = host_cluster;
+        while run_end == 32 && length < max_length {
+            let Some(next) = cluster.next_in_l2(self.header.l2_bits()) else {
+                break;
+            };
+            cluster = next;
+            let (mapping, bitmap) = l2_table.get_mapping_and_bitmap(cluster)?;
+            if Subcluster::uniform(bitmap) != Some(kind) {
+                break;
+            }
+            let next_host = match mapping {
+                L2Mapping::Compressed { .. } => break,
+                L2Mapping::DataFile {
+                    host_cluster,
+                    copied: next_copied,
+                } => {
+                    if kind == Subcluster::Data
+                        && (next_copied != copied
+                            || Some(host_cluster) != prev_host.map(|h| h + ClusterCount(1)))
+                    {
+                        break;
+                    }
+                    Some(host_cluster)
+                }
+                L2Mapping::Backing { .. } | L2Mapping::Zero { .. } => None,
+            };
+            prev_host = next_host;
+            length += 1 << cb;
+        }
+
+        Ok((return_mapping, cmp::min(length, max_length)))
     }
 
     /// Prepare mapping the given range by data clusters.
@@ -274,7 +367,11 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
     ) -> io::Result<Option<Arc<L2Table>>> {
         let cb = self.header.cluster_bits();
 
-        let l1_entry = self.l1_table.read().await.get(offset.l1_index(cb));
+        let l1_entry = self
+            .l1_table
+            .read()
+            .await
+            .get(offset.l1_index(cb, self.header.l2_bits()));
         if let Some(l2_offset) = l1_entry.l2_offset() {
             if writable && !l1_entry.is_copied() {
                 return Ok(None);
@@ -305,7 +402,7 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         self.need_writable()?;
 
         let mut l1_locked = self.l1_table.write().await;
-        let l1_index = offset.l1_index(cb);
+        let l1_index = offset.l1_index(cb, self.header.l2_bits());
         if !l1_locked.in_bounds(l1_index) {
             l1_locked = self.grow_l1_table(l1_locked, l1_index).await?;
         }
@@ -438,7 +535,7 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         let mut current_host_cluster = host_cluster;
 
         while allocated_length < full_length {
-            let Some(next) = current_guest_cluster.next_in_l2(cb) else {
+            let Some(next) = current_guest_cluster.next_in_l2(self.header.l2_bits()) else {
                 break;
             };
             current_guest_cluster = next;
@@ -493,13 +590,12 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         mapping: FixedMapping,
         mut l2_table: L2TableWriteGuard,
     ) -> io::Result<ClusterCount> {
-        let cb = self.header.cluster_bits();
         let mut cluster = first_cluster;
         let end_cluster = first_cluster + count;
         let mut done = ClusterCount(0);
 
         while cluster < end_cluster {
-            let l2i = cluster.l2_index(cb);
+            let l2i = cluster.l2_index(self.header.l2_bits());
             let leaked = match mapping {
                 FixedMapping::ZeroDiscard => l2_table.zero_cluster(l2i, false)?,
                 FixedMapping::ZeroRetainAllocation => l2_table.zero_cluster(l2i, true)?,
@@ -510,7 +606,7 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
             }
 
             done += ClusterCount(1);
-            let Some(next) = cluster.next_in_l2(cb) else {
+            let Some(next) = cluster.next_in_l2(self.header.l2_bits()) else {
                 break;
             };
             cluster = next;
@@ -653,7 +749,7 @@ mod tests {
 
         let l2_cluster = {
             let l1 = qcow2.l1_table.read().await;
-            l1.get(GuestOffset(0).l1_index(cb))
+            l1.get(GuestOffset(0).l1_index(cb, cb - 3))
                 .l2_offset()
                 .unwrap()
                 .checked_cluster(cb)
@@ -975,7 +1071,10 @@ mod tests {
 
         let l2_offset = {
             let l1 = qcow2.l1_table.read().await;
-            l1.get(GuestOffset(0).l1_index(cb)).l2_offset().unwrap().0
+            l1.get(GuestOffset(0).l1_index(cb, cb - 3))
+                .l2_offset()
+                .unwrap()
+                .0
         };
 
         // Flush, but have writing the L2 table wait for a concurrent request blocking its range,

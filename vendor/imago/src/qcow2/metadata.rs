@@ -532,6 +532,18 @@ impl Header {
             incompatible_features & IncompatibleFeatures::ExternalDataFile as u64 != 0;
         incompatible_features &= !(IncompatibleFeatures::ExternalDataFile as u64);
 
+        // moat patch: extended L2 entries (subclusters), with QEMU's minimum
+        // subcluster size of 512 bytes.
+        if incompatible_features & IncompatibleFeatures::ExtendedL2Entries as u64 != 0 {
+            if header.cluster_bits < 14 {
+                return Err(invalid_data(format!(
+                    "Extended L2 entries need a cluster size of at least 16384 bytes, not {}",
+                    1u64 << header.cluster_bits
+                )));
+            }
+            incompatible_features &= !(IncompatibleFeatures::ExtendedL2Entries as u64);
+        }
+
         // moat patch: the dirty bit (lazy refcounts not written back) does not
         // matter to a reader: a read-only open accepts it, as QEMU's does. (moat
         // repairs the refcounts and clears the bit before a writable open.)
@@ -829,7 +841,7 @@ impl Header {
         self.v3.incompatible_features & IncompatibleFeatures::CompressionType as u64 != 0
     }
 
-        pub fn cluster_bits(&self) -> u32 {
+    pub fn cluster_bits(&self) -> u32 {
         self.v2.cluster_bits
     }
 
@@ -838,10 +850,21 @@ impl Header {
         1 << self.cluster_bits()
     }
 
-    /// Number of entries per L2 table.
-    pub fn l2_entries(&self) -> usize {
-        // 3 == log2(size_of::<u64>())
-        1 << (self.cluster_bits() - 3)
+    /// moat patch: whether L2 entries are extended (128 bits: the cluster
+    /// descriptor, then a bitmap of 32 subclusters' allocation and zero bits).
+    pub fn extended_l2(&self) -> bool {
+        self.v3.incompatible_features & IncompatibleFeatures::ExtendedL2Entries as u64 != 0
+    }
+
+    /// moat patch: log2 of the number of entries per L2 table.
+    pub fn l2_bits(&self) -> u32 {
+        // 3 == log2(size_of::<u64>()), 4 with extended L2 entries
+        self.cluster_bits() - 3 - u32::from(self.extended_l2())
+    }
+
+    /// log2 of the subcluster size (the cluster size without extended L2 entries).
+    pub fn subcluster_bits(&self) -> u32 {
+        self.cluster_bits() - 5 * u32::from(self.extended_l2())
     }
 
     /// log2 of the number of entries per refcount block.
@@ -1054,7 +1077,9 @@ impl HeaderExtension {
                 }
                 HeaderExtensionType::FeatureNameTable => {
                     let mut feats = HashMap::new();
-                    for feat in data.chunks(48) {
+                    // moat patch: whole 48-byte entries only (a hostile length
+                    // left a short last chunk, and `feat[2..]` panicked).
+                    for feat in data.chunks_exact(48) {
                         let feat_type: FeatureType = match feat[0].try_into() {
                             Ok(ft) => ft,
                             Err(_) => continue, // skip unrecognized entries
@@ -1540,18 +1565,22 @@ impl L2Entry {
     ///
     /// `guest_cluster` is the guest cluster being accessed, `cluster_bits` is log2 of the cluster
     /// size.  `external_data_file` must be true when using an external data file.
+    ///
+    /// moat patch: with `subclusters` (extended L2 entries), bit 0 is not the zero flag (QEMU
+    /// ignores it there); the entry's bitmap says which subclusters read as zero.
     fn into_mapping(
         self,
         guest_cluster: GuestCluster,
         cluster_bits: u32,
         external_data_file: bool,
+        subclusters: bool,
     ) -> io::Result<L2Mapping> {
         let mapping = if let Some((offset, length)) = self.compressed_range(cluster_bits) {
             L2Mapping::Compressed {
                 host_offset: offset,
                 length,
             }
-        } else if self.is_zero() {
+        } else if !subclusters && self.is_zero() {
             let host_cluster = self
                 .cluster_offset(external_data_file)
                 .map(|ofs| {
@@ -1663,27 +1692,99 @@ impl AtomicL2Entry {
     }
 }
 
-impl TableEntry for AtomicL2Entry {
-    fn try_from_plain(value: u64, header: &Header) -> io::Result<Self> {
-        let entry = L2Entry(value);
-
-        if entry.reserved_bits() != 0 {
+impl L2Entry {
+    /// Check a loaded cluster descriptor.
+    ///
+    /// moat patch: moved out of `try_from_plain()`, which also sees the subcluster bitmaps of
+    /// extended L2 entries; `L2Table::check_entries()` calls this for descriptors only.
+    fn check(self, cluster_bits: u32, external_data_file: bool) -> io::Result<()> {
+        let value = self.0;
+        if self.reserved_bits() != 0 {
             return Err(invalid_data(format!(
                 "Invalid L2 entry 0x{value:x}, reserved bits set (0x{:x})",
-                entry.reserved_bits(),
+                self.reserved_bits(),
             )));
         }
 
-        if let Some(offset) = entry.cluster_offset(header.external_data_file()) {
-            if !entry.is_compressed() && offset.in_cluster_offset(header.cluster_bits()) != 0 {
+        if let Some(offset) = self.cluster_offset(external_data_file) {
+            if !self.is_compressed() && offset.in_cluster_offset(cluster_bits) != 0 {
                 return Err(invalid_data(format!(
                     "Invalid L2 entry 0x{value:x}, offset ({offset}) is not aligned to cluster size (0x{:x})",
-                    header.cluster_size(),
+                    1u64 << cluster_bits,
                 )));
             }
         }
+        Ok(())
+    }
+}
 
-        Ok(AtomicL2Entry(AtomicU64::new(entry.0)))
+/// moat patch: bitmap of an extended L2 entry with every subcluster allocated.
+pub(super) const SUBCLUSTERS_ALL_ALLOC: u64 = 0xffff_ffff;
+
+/// moat patch: bitmap of an extended L2 entry with every subcluster reading as zero.
+pub(super) const SUBCLUSTERS_ALL_ZERO: u64 = 0xffff_ffff << 32;
+
+/// moat patch: what one subcluster of an extended L2 entry reads as (QEMU's
+/// `QCow2SubclusterType`; a compressed cluster is compressed as a whole, which its `L2Mapping`
+/// says).
+#[derive(Clone, Copy, Debug, Eq, PartialEq)]
+pub(super) enum Subcluster {
+    /// Allocation bit set: data in the host cluster, at the subcluster's offset.
+    Data,
+    /// Zero bit set: reads as zeroes.
+    Zero,
+    /// Neither: reads from the backing file (zeroes without one).
+    Unallocated,
+}
+
+impl Subcluster {
+    /// The kind of subcluster `index` (0..32) in `bitmap`.
+    pub fn of(bitmap: u64, index: u32) -> Self {
+        if (bitmap >> 32 >> index) & 1 != 0 {
+            Subcluster::Zero
+        } else if (bitmap >> index) & 1 != 0 {
+            Subcluster::Data
+        } else {
+            Subcluster::Unallocated
+        }
+    }
+
+    /// The kind every subcluster in `bitmap` has, if they all have the same.
+    pub fn uniform(bitmap: u64) -> Option<Self> {
+        match (bitmap & SUBCLUSTERS_ALL_ALLOC, bitmap >> 32) {
+            (0, 0) => Some(Subcluster::Unallocated),
+            (0, 0xffff_ffff) => Some(Subcluster::Zero),
+            (0xffff_ffff, 0) => Some(Subcluster::Data),
+            _ => None,
+        }
+    }
+
+    /// Check `bitmap` against its entry's `mapping`, as QEMU does on access
+    /// (`QCOW2_SUBCLUSTER_INVALID`): no subcluster may be both allocated and zero, and an entry
+    /// without a host cluster may not have allocated subclusters.  QEMU ignores the bitmap of a
+    /// compressed cluster.
+    pub fn check_bitmap(mapping: &L2Mapping, bitmap: u64, cluster: GuestCluster) -> io::Result<()> {
+        let bad = match mapping {
+            L2Mapping::Compressed { .. } => false,
+            L2Mapping::DataFile { .. } => (bitmap >> 32) & bitmap != 0,
+            L2Mapping::Backing { .. } | L2Mapping::Zero { .. } => {
+                bitmap & SUBCLUSTERS_ALL_ALLOC != 0
+            }
+        };
+        if bad {
+            return Err(invalid_data(format!(
+                "Invalid extended L2 entry for guest cluster {}: {mapping:?}, subcluster bitmap 0x{bitmap:016x}",
+                cluster.0
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl TableEntry for AtomicL2Entry {
+    fn try_from_plain(value: u64, _header: &Header) -> io::Result<Self> {
+        // moat patch: checked by `L2Table::check_entries()`
+        Ok(AtomicL2Entry(AtomicU64::new(value)))
     }
 
     fn to_plain(&self) -> u64 {
@@ -1779,6 +1880,14 @@ pub(super) struct L2Table {
     /// Whether this image uses an external data file.
     external_data_file: bool,
 
+    /// moat patch: whether entries are extended (`data` then holds a descriptor and a subcluster
+    /// bitmap per entry).
+    extended: bool,
+
+    /// moat patch: sequence counter making a descriptor and its bitmap one atomic pair for
+    /// readers (odd while the single writer changes a pair).  Unused without extended entries.
+    seq: AtomicU64,
+
     /// Whether this table has been modified since it was last written.
     modified: AtomicBool,
 
@@ -1814,14 +1923,18 @@ pub(super) struct L2TableWriteGuard {
 impl L2Table {
     /// Create a new zeroed L2 table.
     pub fn new_cleared(header: &Header) -> Self {
-        let mut data = Vec::with_capacity(header.l2_entries());
-        data.resize_with(header.l2_entries(), Default::default);
+        // moat patch: one cluster of 64-bit words, whatever the entry size
+        let words = header.cluster_size() / size_of::<u64>();
+        let mut data = Vec::with_capacity(words);
+        data.resize_with(words, Default::default);
 
         L2Table {
             cluster: None,
             data: data.into_boxed_slice(),
             cluster_bits: header.cluster_bits(),
             external_data_file: header.external_data_file(),
+            extended: header.extended_l2(),
+            seq: AtomicU64::new(0),
             modified: true.into(),
             writer_lock: Default::default(),
             writeback_lock: Default::default(),
@@ -1830,8 +1943,67 @@ impl L2Table {
 
     /// Look up a cluster mapping.
     pub fn get_mapping(&self, lookup_cluster: GuestCluster) -> io::Result<L2Mapping> {
-        self.get(lookup_cluster.l2_index(self.cluster_bits))
-            .into_mapping(lookup_cluster, self.cluster_bits, self.external_data_file)
+        Ok(self.get_mapping_and_bitmap(lookup_cluster)?.0)
+    }
+
+    /// moat patch: whether entries are extended (have subclusters).
+    pub fn extended(&self) -> bool {
+        self.extended
+    }
+
+    /// moat patch: log2 of the number of entries.
+    pub fn l2_bits(&self) -> u32 {
+        self.cluster_bits - 3 - u32::from(self.extended)
+    }
+
+    /// moat patch: look up a cluster mapping and its subcluster bitmap (checked; 0 without
+    /// extended entries), read as one consistent pair.
+    pub fn get_mapping_and_bitmap(
+        &self,
+        lookup_cluster: GuestCluster,
+    ) -> io::Result<(L2Mapping, u64)> {
+        let (entry, bitmap) = self.get_entry(lookup_cluster.l2_index(self.l2_bits()));
+        let mapping = entry.into_mapping(
+            lookup_cluster,
+            self.cluster_bits,
+            self.external_data_file,
+            self.extended,
+        )?;
+        if self.extended {
+            Subcluster::check_bitmap(&mapping, bitmap, lookup_cluster)?;
+        }
+        Ok((mapping, bitmap))
+    }
+
+    /// moat patch: the descriptor and subcluster bitmap (0 without extended entries) at `index`.
+    ///
+    /// A seqlock read: the single writer (holder of the `L2TableWriteGuard`) makes `seq` odd
+    /// while it changes a pair, so a reader never combines an old descriptor with a new bitmap
+    /// (e.g. no host cluster with allocated subclusters).
+    fn get_entry(&self, index: usize) -> (L2Entry, u64) {
+        if !self.extended {
+            return (self.get_raw(index), 0);
+        }
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            if before & 1 == 0 {
+                let entry = self.get_raw(2 * index);
+                let bitmap = self.get_raw(2 * index + 1).0;
+                std::sync::atomic::fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == before {
+                    return (entry, bitmap);
+                }
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// The raw 64-bit word at `index` (0 past the end).
+    fn get_raw(&self, index: usize) -> L2Entry {
+        self.data
+            .get(index)
+            .map(|l2e| l2e.get())
+            .unwrap_or(L2Entry(0))
     }
 
     /// Allow modifying this L2 table.
@@ -1889,9 +2061,35 @@ impl L2Table {
 }
 
 impl L2TableWriteGuard {
-    /// Look up a cluster mapping.
-    pub fn get_mapping(&self, lookup_cluster: GuestCluster) -> io::Result<L2Mapping> {
-        self.table.get_mapping(lookup_cluster)
+    /// Look up a cluster mapping and (moat patch) its subcluster bitmap.
+    pub fn get_mapping_and_bitmap(
+        &self,
+        lookup_cluster: GuestCluster,
+    ) -> io::Result<(L2Mapping, u64)> {
+        self.table.get_mapping_and_bitmap(lookup_cluster)
+    }
+
+    /// moat patch: set the entry at `index` (and its subcluster bitmap, with extended entries),
+    /// returning the old descriptor, and mark the table modified.
+    fn set_entry(&mut self, index: usize, entry: L2Entry, bitmap: u64) -> L2Entry {
+        let table = &self.table;
+        let old = if table.extended {
+            // Only one writer (thanks to `L2TableWriteGuard`); see `L2Table::get_entry()`.
+            let seq = table.seq.load(Ordering::Relaxed);
+            table.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
+            std::sync::atomic::fence(Ordering::Release);
+            // Safe: readers see the pair only once `seq` is even again.
+            let old = unsafe { table.data[2 * index].swap(entry) };
+            table.data[2 * index + 1].0.store(bitmap, Ordering::Relaxed);
+            table.seq.store(seq.wrapping_add(2), Ordering::Release);
+            old
+        } else {
+            // Safe: We set a full valid mapping, and there is only one writer (thanks to
+            // `L2TableWriteGuard`).
+            unsafe { table.data[index].swap(entry) }
+        };
+        table.modified.store(true, Ordering::Relaxed);
+        old
     }
 
     /// Get a read guard for the given compressed cluster.
@@ -1935,10 +2133,8 @@ impl L2TableWriteGuard {
             },
             self.table.cluster_bits,
         );
-        // Safe: We set a full valid mapping, and there is only one writer (thanks to
-        // `L2TableWriteGuard`).
-        let l2e = unsafe { self.table.data[index].swap(new) };
-        self.table.modified.store(true, Ordering::Relaxed);
+        // moat patch: with extended entries, the caller has filled every subcluster
+        let l2e = self.set_entry(index, new, SUBCLUSTERS_ALL_ALLOC);
         if let Some(new_allocation) = new_allocation {
             new_allocation.make_persistent();
         }
@@ -1970,10 +2166,11 @@ impl L2TableWriteGuard {
         keep_allocation: bool,
     ) -> io::Result<Option<ClustersToFreeEntry>> {
         let cluster_copied = if keep_allocation {
-            match self.table.data[index].get().into_mapping(
+            match self.table.get_entry(index).0.into_mapping(
                 GuestCluster(0), // only used for backing, which we ignore
                 self.table.cluster_bits,
                 self.table.external_data_file,
+                self.table.extended,
             )? {
                 L2Mapping::DataFile {
                     host_cluster,
@@ -1998,7 +2195,17 @@ impl L2TableWriteGuard {
         };
 
         let retained = cluster_copied.is_some();
-        let new = if let Some((cluster, copied)) = cluster_copied {
+        let new = if self.table.extended {
+            // moat patch: with extended entries, the bitmap says zero, and the descriptor keeps
+            // the allocation (QEMU's `QCOW2_SUBCLUSTER_ZERO_ALLOC`) or has none
+            match cluster_copied {
+                Some((host_cluster, copied)) => L2Mapping::DataFile {
+                    host_cluster,
+                    copied,
+                },
+                None => L2Mapping::Backing { backing_offset: 0 },
+            }
+        } else if let Some((cluster, copied)) = cluster_copied {
             L2Mapping::Zero {
                 host_cluster: Some(cluster),
                 copied,
@@ -2010,11 +2217,7 @@ impl L2TableWriteGuard {
             }
         };
         let new = L2Entry::from_mapping(new, self.table.cluster_bits);
-
-        // Safe: We set a full valid mapping, and there is only one writer (thanks to
-        // `L2TableWriteGuard`).
-        let old = unsafe { self.table.data[index].swap(new) };
-        self.table.modified.store(true, Ordering::Relaxed);
+        let old = self.set_entry(index, new, SUBCLUSTERS_ALL_ZERO);
 
         let leaked = if !retained {
             old.allocation(self.table.cluster_bits, self.table.external_data_file)
@@ -2031,12 +2234,7 @@ impl L2TableWriteGuard {
     /// decreased.
     #[must_use = "Leaked allocation must be freed"]
     pub fn discard_cluster(&mut self, index: usize) -> Option<ClustersToFreeEntry> {
-        let new = L2Entry(0);
-
-        // Safe: We set a full valid mapping, and there is only one writer (thanks to
-        // `L2TableWriteGuard`).
-        let old = unsafe { self.table.data[index].swap(new) };
-        self.table.modified.store(true, Ordering::Relaxed);
+        let old = self.set_entry(index, L2Entry(0), 0);
 
         old.allocation(self.table.cluster_bits, self.table.external_data_file)
             .map(|(first_cluster, count)| ClustersToFreeEntry::data(first_cluster, count))
@@ -2050,13 +2248,16 @@ impl Table for L2Table {
     const MAX_ENTRIES: usize = MAX_CLUSTER_SIZE / 8;
 
     fn from_data(data: Box<[AtomicL2Entry]>, header: &Header) -> Self {
-        assert!(data.len() == header.l2_entries());
+        // moat patch: `data` is one cluster of 64-bit words, whatever the entry size
+        assert!(data.len() == header.cluster_size() / size_of::<u64>());
 
         Self {
             cluster: None,
             data,
             cluster_bits: header.cluster_bits(),
             external_data_file: header.external_data_file(),
+            extended: header.extended_l2(),
+            seq: AtomicU64::new(0),
             modified: true.into(),
             writer_lock: Default::default(),
             writeback_lock: Default::default(),
@@ -2071,11 +2272,33 @@ impl Table for L2Table {
         self.data.get(index)
     }
 
+    /// moat patch: the descriptor of entry `index` (`entries()` and `get_ref()` count 64-bit
+    /// words, which differ with extended entries).
     fn get(&self, index: usize) -> L2Entry {
-        self.data
-            .get(index)
-            .map(|l2e| l2e.get())
-            .unwrap_or(L2Entry(0))
+        self.get_entry(index).0
+    }
+
+    fn check_entries(&self) -> io::Result<()> {
+        let step = 1 + usize::from(self.extended);
+        (0..self.data.len()).step_by(step).try_for_each(|i| {
+            self.get_raw(i)
+                .check(self.cluster_bits, self.external_data_file)
+        })
+    }
+
+    fn copy_plain(&self, first: usize, out: &mut [u64]) {
+        if !self.extended {
+            for (i, word) in out.iter_mut().enumerate() {
+                *word = self.get_raw(first + i).0;
+            }
+            return;
+        }
+        // Pairs as one (see `get_entry()`), so that a write-back never stores a torn entry
+        for (i, word) in out.iter_mut().enumerate() {
+            let at = first + i;
+            let (entry, bitmap) = self.get_entry(at / 2);
+            *word = if at % 2 == 0 { entry.0 } else { bitmap };
+        }
     }
 
     fn get_cluster(&self) -> Option<HostCluster> {
@@ -2115,9 +2338,13 @@ impl Table for L2Table {
 impl Clone for L2Table {
     fn clone(&self) -> Self {
         let mut data = Vec::with_capacity(self.data.len());
-        for entry in &self.data {
-            // None of these can be `copied`
-            let entry = entry.get().without_copied();
+        for (i, entry) in self.data.iter().enumerate() {
+            // None of these can be `copied` (moat patch: descriptors only, not bitmaps)
+            let entry = if self.extended && i % 2 == 1 {
+                entry.get()
+            } else {
+                entry.get().without_copied()
+            };
             data.push(AtomicL2Entry(AtomicU64::new(entry.0)));
         }
 
@@ -2128,6 +2355,8 @@ impl Clone for L2Table {
             data: data.into_boxed_slice(),
             cluster_bits: self.cluster_bits,
             external_data_file: self.external_data_file,
+            extended: self.extended,
+            seq: AtomicU64::new(0),
             modified,
             writer_lock: Default::default(),
             writeback_lock: Default::default(),
@@ -2927,6 +3156,21 @@ pub trait Table: Sized {
     /// Set the modified flag.
     fn set_modified(&self);
 
+    /// moat patch: check the entries of a table just loaded (those checks that need to know
+    /// which word is what).
+    fn check_entries(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    /// moat patch: copy the raw entries from index `first` on into `out` (0 past the end), as
+    /// write-back stores them.
+    fn copy_plain(&self, first: usize, out: &mut [u64]) {
+        for (i, word) in out.iter_mut().enumerate() {
+            // 0 always works, that’s by design.
+            *word = self.get_ref(first + i).map(|e| e.to_plain()).unwrap_or(0);
+        }
+    }
+
     /// Table size in bytes.
     fn byte_size(&self) -> usize {
         self.entries() * size_of::<u64>()
@@ -2972,6 +3216,7 @@ pub trait Table: Sized {
         }
 
         let mut table = Self::from_data(table.into_boxed_slice(), header);
+        table.check_entries()?;
         table.set_cluster(cluster);
         table.clear_modified();
         Ok(table)
@@ -3003,9 +3248,9 @@ pub trait Table: Sized {
 
         // Safe because we have just allocated this, and it fits the alignment
         let raw_table = unsafe { buffer.as_mut().into_typed_slice::<u64>() };
-        for (i, be_value) in raw_table.iter_mut().enumerate() {
-            // 0 always works, that’s by design.
-            *be_value = self.get_ref(i).map(|e| e.to_plain()).unwrap_or(0).to_be();
+        self.copy_plain(0, raw_table);
+        for be_value in raw_table.iter_mut() {
+            *be_value = be_value.to_be();
         }
 
         image.write(&buffer, offset.0).await?;
@@ -3056,14 +3301,9 @@ pub trait Table: Sized {
         // Safe because we have just allocated this, and it fits the alignment
         let raw_entries = unsafe { buffer.as_mut().into_typed_slice::<u64>() };
         let first_index = (index / entries_to_write) * entries_to_write;
-        #[allow(clippy::needless_range_loop)]
-        for i in 0..entries_to_write {
-            // 0 always works, that’s by design.
-            raw_entries[i] = self
-                .get_ref(first_index + i)
-                .map(|e| e.to_plain())
-                .unwrap_or(0)
-                .to_be();
+        self.copy_plain(first_index, raw_entries);
+        for be_value in raw_entries.iter_mut() {
+            *be_value = be_value.to_be();
         }
 
         image

@@ -429,7 +429,10 @@ impl<S: Storage + 'static, F: WrappedFormat<S> + 'static> Qcow2<S, F> {
         }
         let cs = self.header.cluster_size() as u64;
         let start = offset - offset % cs;
-        let end = offset.saturating_add(length).div_ceil(cs).saturating_mul(cs);
+        let end = offset
+            .saturating_add(length)
+            .div_ceil(cs)
+            .saturating_mul(cs);
         let hits = |o: u64, len: u64| o < end && start < o.saturating_add(len);
         let mut what = None;
         if hits(0, cs) {
@@ -459,12 +462,13 @@ impl<S: Storage + 'static, F: WrappedFormat<S> + 'static> Qcow2<S, F> {
         }
         let message = match what {
             Some(w) => format!("Preventing invalid write on metadata (overlaps with {w})"),
-            None if existing && start >= self.metadata.size()? => format!(
-                "Data cluster at {start:#x} lies beyond the end of the image file"
-            ),
+            None if existing && start >= self.metadata.size()? => {
+                format!("Data cluster at {start:#x} lies beyond the end of the image file")
+            }
             None => return Ok(()),
         };
-        self.corrupt.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.corrupt
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         // Incompatible feature bit 1 (corrupt), in the v3 header at byte 72.
         if self.header.version() >= 3 {
             let mut b = [0u8; 8];
@@ -829,8 +833,8 @@ impl<S: Storage, F: WrappedFormat<S>> FormatDriverInstance for Qcow2<S, F> {
         // image end to find out.)
         {
             let l1_locked = self.l1_table.write().await;
-            let l1_index =
-                GuestOffset(new_size.saturating_sub(1)).l1_index(self.header.cluster_bits());
+            let l1_index = GuestOffset(new_size.saturating_sub(1))
+                .l1_index(self.header.cluster_bits(), self.header.l2_bits());
             let _l1_locked = self.grow_l1_table(l1_locked, l1_index).await?;
         }
 

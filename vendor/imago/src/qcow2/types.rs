@@ -34,13 +34,16 @@ impl GuestOffset {
     }
 
     /// Return the containing cluster’s index in its L2 table.
-    pub fn l2_index(self, cluster_bits: u32) -> usize {
-        self.cluster(cluster_bits).l2_index(cluster_bits)
+    ///
+    /// moat patch: `l2_bits` is log2 of the number of entries per L2 table
+    /// ([`Header::l2_bits()`]), which extended L2 entries halve.
+    pub fn l2_index(self, cluster_bits: u32, l2_bits: u32) -> usize {
+        self.cluster(cluster_bits).l2_index(l2_bits)
     }
 
     /// Return the containing cluster’s L2 table’s index in the L1 table.
-    pub fn l1_index(self, cluster_bits: u32) -> usize {
-        self.cluster(cluster_bits).l1_index(cluster_bits)
+    pub fn l1_index(self, cluster_bits: u32, l2_bits: u32) -> usize {
+        self.cluster(cluster_bits).l1_index(l2_bits)
     }
 
     /// Return the containing cluster’s index.
@@ -63,10 +66,10 @@ impl GuestOffset {
     }
 
     /// How many bytes remain in this L2 table after this offset.
-    pub fn remaining_in_l2_table(self, cluster_bits: u32) -> u64 {
-        // See `Header::l2_entries()`
-        let l2_entries = 1 << (cluster_bits - 3);
-        let after_this = ((l2_entries - (self.l2_index(cluster_bits) + 1)) as u64) << cluster_bits;
+    pub fn remaining_in_l2_table(self, cluster_bits: u32, l2_bits: u32) -> u64 {
+        let l2_entries = 1 << l2_bits;
+        let after_this =
+            ((l2_entries - (self.l2_index(cluster_bits, l2_bits) + 1)) as u64) << cluster_bits;
         self.remaining_in_cluster(cluster_bits) + after_this
     }
 }
@@ -78,47 +81,40 @@ impl GuestCluster {
     }
 
     /// Return this cluster’s index in its L2 table.
-    pub fn l2_index(self, cluster_bits: u32) -> usize {
-        // See `Header::l2_entries()`
-        let l2_entries = 1 << (cluster_bits - 3);
-        (self.0 % l2_entries) as usize
+    pub fn l2_index(self, l2_bits: u32) -> usize {
+        (self.0 % (1 << l2_bits)) as usize
     }
 
     /// Return this cluster’s L2 table’s index in the L1 table.
-    pub fn l1_index(self, cluster_bits: u32) -> usize {
-        let l2_entries_shift = cluster_bits - 3;
-        (self.0 >> l2_entries_shift) as usize
+    pub fn l1_index(self, l2_bits: u32) -> usize {
+        (self.0 >> l2_bits) as usize
     }
 
     /// Return the cluster at the given L1 and L2 table indices.
-    pub fn from_l1_l2_indices(l1_index: usize, l2_index: usize, cluster_bits: u32) -> Self {
-        let l2_entries_shift = cluster_bits - 3;
-        GuestCluster(((l1_index as u64) << l2_entries_shift) + l2_index as u64)
+    pub fn from_l1_l2_indices(l1_index: usize, l2_index: usize, l2_bits: u32) -> Self {
+        GuestCluster(((l1_index as u64) << l2_bits) + l2_index as u64)
     }
 
     /// Return the next cluster in this L2 table, if any.
     ///
     /// Return `None` if this is the last cluster in this L2 table.
-    pub fn next_in_l2(self, cluster_bits: u32) -> Option<GuestCluster> {
-        // See `Header::l2_entries()`
-        let l2_entries = 1 << (cluster_bits - 3);
-        let l1_index = self.l1_index(cluster_bits);
-        let l2_index = self.l2_index(cluster_bits);
+    pub fn next_in_l2(self, l2_bits: u32) -> Option<GuestCluster> {
+        let l2_entries = 1 << l2_bits;
+        let l1_index = self.l1_index(l2_bits);
+        let l2_index = self.l2_index(l2_bits);
         let l2_index = l2_index.checked_add(1)?;
         if l2_index >= l2_entries {
             None
         } else {
             Some(GuestCluster::from_l1_l2_indices(
-                l1_index,
-                l2_index,
-                cluster_bits,
+                l1_index, l2_index, l2_bits,
             ))
         }
     }
 
     /// Return the first cluster in the next L2 table.
-    pub fn first_in_next_l2(self, cluster_bits: u32) -> GuestCluster {
-        let l2_entries = 1 << (cluster_bits - 3);
+    pub fn first_in_next_l2(self, l2_bits: u32) -> GuestCluster {
+        let l2_entries = 1 << l2_bits;
         GuestCluster((self.0 + 1).next_multiple_of(l2_entries))
     }
 }
