@@ -163,6 +163,12 @@ for s in $(cat /scenarios); do
             tail -f /tmp/net.out &
             tpid=$!
             if wait_line /tmp/net.out "L2: link wait" $mpid; then
+                # Sixteen new flows from here (connections the guest
+                # refuses): tun spreads flows it has no steering entry for
+                # by their hash, so both receive queues get frames. (The
+                # transfers alone leave that to tun's flow steering, which
+                # once put every frame for the guest on queue 0.)
+                for p in $(seq 7001 7016); do $VM nc -w 2 10.9.0.2 $p < /dev/null > /dev/null 2>&1; done
                 echo "TIER2 net stats $($QMP /tmp/qmp.sock '{"execute":"__dev.moat_query-net-rate-limits"}')"
                 $QMP /tmp/qmp.sock '{"execute":"set_link","arguments":{"name":"net0","up":false}}' > /dev/null
                 wait_line /tmp/net.out "L2: carrier 0" $mpid
