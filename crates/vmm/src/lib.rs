@@ -363,10 +363,8 @@ fn map_memory(layout: &MemLayout, thp: bool) -> Result<GuestMemoryMmap, VmError>
     Ok(mem)
 }
 
-/// Give KVM the guest's RAM, one slot per region. Each
-/// KVM_SET_USER_MEMORY_REGION waits out an SRCU grace period: 5-6 ms of
-/// the ~11 ms moat took to reach the guest on the nested development host,
-/// whatever the size (see [`Shell`]).
+/// Give KVM the guest's RAM, one slot per region: before the irqchip is
+/// made (see [`Shell::start`]).
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     for (slot, r) in mem.iter().enumerate() {
         let host = r
@@ -391,23 +389,27 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
     Ok(())
 }
 
-/// A boot's VM as far as KVM is concerned: the VM with its irqchip and
-/// PIT, and its RAM, mapped at once and given to KVM on a thread of its own
-/// ([`register_memory`] waits out an SRCU grace period). The first boot's
-/// shell is started while moat is still opening files and confining itself,
-/// so that wait overlaps them; [`Vm::build`] loads the guest and makes the
-/// devices and vCPUs meanwhile, and then joins the thread.
+/// A boot's VM as far as KVM is concerned: the VM with its RAM, irqchip
+/// and PIT. The first boot's shell is made in `Machine::new`, right after
+/// the arguments are read; [`Vm::build`] then loads the guest and makes the
+/// devices and vCPUs on it.
 #[derive(Debug)]
 pub struct Shell {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     layout: MemLayout,
-    slots: Option<std::thread::JoinHandle<Result<(), VmError>>>,
 }
 
 impl Shell {
-    /// Create the VM and map `mem_size` bytes of RAM; KVM is told of the RAM
-    /// on the thread "vm-memory" (inline if no thread can be made).
+    /// Create the VM, map `mem_size` bytes of RAM and give it to KVM, then
+    /// make the irqchip and PIT.
+    ///
+    /// The order matters: on the nested development host the first
+    /// KVM_SET_USER_MEMORY_REGION made *after* KVM_CREATE_IRQCHIP takes
+    /// 5-10 ms whatever the size (an SRCU grace period; the irqchip sets up
+    /// IRQ routing), and 0.1-0.2 ms before it; the irqchip costs the same
+    /// either way. Firecracker registers memory first too. (That wait was
+    /// half of moat's time to the guest, and had a thread of its own.)
     pub fn start(kvm_sys: &Kvm, mem_size: u64, thp: bool) -> Result<Shell, VmError> {
         let vm = kvm("KVM_CREATE_VM", kvm_sys.create_vm())?;
         kvm(
@@ -418,46 +420,26 @@ impl Shell {
             "KVM_SET_TSS_ADDR",
             vm.set_tss_address(KVM_TSS_ADDR as usize),
         )?;
+        let layout = MemLayout::new(mem_size);
+        let mem = map_memory(&layout, thp)?;
+        register_memory(&vm, &mem)?;
+        moat_sys::timeline::mark("kvm: VM and guest memory");
         kvm("KVM_CREATE_IRQCHIP", vm.create_irq_chip())?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
         kvm("KVM_CREATE_PIT2", vm.create_pit2(pit))?;
-        moat_sys::timeline::mark("kvm: VM, irqchip and PIT");
-        let layout = MemLayout::new(mem_size);
-        let mem = map_memory(&layout, thp)?;
-        let vm = Arc::new(vm);
-        let (v, m) = (vm.clone(), mem.clone());
-        let slots = match std::thread::Builder::new()
-            .name("vm-memory".into())
-            .spawn(move || register_memory(&v, &m))
-        {
-            Ok(h) => Some(h),
-            Err(_) => {
-                register_memory(&vm, &mem)?;
-                None
-            }
-        };
+        moat_sys::timeline::mark("kvm: irqchip and PIT");
         Ok(Shell {
-            vm,
+            vm: Arc::new(vm),
             mem,
             layout,
-            slots,
         })
     }
 
-    /// Wait until KVM knows the memory.
-    fn finish(self) -> Result<(Arc<VmFd>, GuestMemoryMmap), VmError> {
-        if let Some(h) = self.slots {
-            h.join().unwrap_or_else(|_| {
-                Err(VmError::Io(std::io::Error::other(
-                    "the memory thread panicked",
-                )))
-            })?;
-        }
-        moat_sys::timeline::mark("kvm: guest memory");
-        Ok((self.vm, self.mem))
+    fn finish(self) -> (Arc<VmFd>, GuestMemoryMmap) {
+        (self.vm, self.mem)
     }
 }
 
@@ -474,7 +456,7 @@ impl Vm {
     ) -> Result<Vm, VmError> {
         // (The memory thread is joined even when this fails.)
         let parts = Self::fill(cfg, images, platform, generation, &events, &shell);
-        let (vm, mem) = shell.finish()?;
+        let (vm, mem) = shell.finish();
         let (vcpus, bus) = parts?;
         Ok(Vm {
             _vm: vm,
