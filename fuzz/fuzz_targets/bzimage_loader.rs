@@ -12,6 +12,6 @@ fuzz_target!(|data: &[u8]| {
     }
     k[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
     k[0x202..0x206].copy_from_slice(b"HdrS");
-    let _ = moat_boot::bzimage::parse(&k, &moat_boot::layout::MemLayout::new(common::MEM));
+    let _ = moat_boot::parse_kernel(&k[..], &moat_boot::layout::MemLayout::new(common::MEM));
     common::load(&k);
 });

@@ -16,5 +16,5 @@ pub fn load(kernel: &[u8]) {
     let layout = MemLayout::new(MEM);
     let machine = MachineDesc { apic_ids: vec![0, 1], acpi: kernel.len() % 2 == 0, virtio: vec![(0xd000_0000, 5)] };
     let initrd = [0x5au8; 4096];
-    let _ = moat_boot::load(memory(), &layout, kernel, Some(&initrd), "console=ttyS0", &machine);
+    let _ = moat_boot::load(memory(), &layout, kernel, Some(&initrd[..]), "console=ttyS0", &machine);
 }

@@ -31,8 +31,8 @@ pub struct BzImage {
     pub cmdline_max: usize,
     /// Highest address the initrd may occupy (inclusive).
     pub initrd_addr_max: u64,
-    /// The setup header bytes (file offsets 0x1f1..hdr_end) for the zero page.
-    pub hdr_end: usize,
+    /// The setup header (file offsets 0x1f1 to its end), for the zero page.
+    pub setup_header: Vec<u8>,
 }
 
 pub fn is_bzimage(data: &[u8]) -> bool {
@@ -43,12 +43,17 @@ fn field(f: &'static str, why: String) -> BootError {
     BootError::BzImage { field: f, why }
 }
 
-/// Parse and place a bzImage for a guest with `layout`.
-pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
-    if data.len() < 0x268 {
+/// How much of the file [`parse`] looks at: the boot sector and the setup
+/// header (which ends by 0x290).
+pub const HEAD: usize = 0x290;
+
+/// Parse and place a bzImage of `file_len` bytes for a guest with `layout`;
+/// `data` is the file's first [`HEAD`] bytes (or all of a shorter file).
+pub fn parse(data: &[u8], file_len: u64, layout: &MemLayout) -> Result<BzImage, BootError> {
+    if file_len < 0x268 || (data.len() as u64) < file_len.min(HEAD as u64) {
         return Err(field(
             "setup header",
-            format!("file is {} bytes, too short for a setup header", data.len()),
+            format!("file is {file_len} bytes, too short for a setup header"),
         ));
     }
     if rd_u16(data, 0x1fe) != 0xaa55 {
@@ -73,13 +78,10 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
         n => usize::from(n),
     };
     let payload_offset = (setup_sects + 1) * 512;
-    if payload_offset >= data.len() {
+    if payload_offset as u64 >= file_len {
         return Err(field(
             "setup_sects",
-            format!(
-                "{setup_sects} setup sectors leave no kernel in a {}-byte file",
-                data.len()
-            ),
+            format!("{setup_sects} setup sectors leave no kernel in a {file_len}-byte file"),
         ));
     }
     let hdr_end = 0x202 + usize::from(data[0x201]);
@@ -96,7 +98,7 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
             "not a bzImage (LOADED_HIGH clear: zImage is unsupported)".into(),
         ));
     }
-    let payload_len = (data.len() - payload_offset) as u64;
+    let payload_len = file_len - payload_offset as u64;
     let syssize = u64::from(rd_u32(data, 0x1f4)) * 16;
     // syssize is rounded up to 16-byte paragraphs.
     if syssize > payload_len.div_ceil(16) * 16 {
@@ -165,6 +167,7 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<BzImage, BootError> {
         entry64: xloadflags & XLF_KERNEL_64 != 0,
         cmdline_max: cmdline_size,
         initrd_addr_max,
-        hdr_end,
+        // (hdr_end <= 0x290 and < payload_offset < file_len: inside `data`.)
+        setup_header: data[0x1f1..hdr_end].to_vec(),
     })
 }

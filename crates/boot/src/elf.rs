@@ -6,12 +6,14 @@
 //! is split from the load so it can be fuzzed without a VM.
 
 use crate::layout::{MemLayout, HIMEM_START};
-use crate::{rd_u16, rd_u32, rd_u64, BootError};
+use crate::{rd_u16, rd_u32, rd_u64, BootError, Image};
 
 const PT_LOAD: u32 = 1;
 const PT_NOTE: u32 = 4;
 const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
 const MAX_PHDRS: usize = 128;
+/// The largest PT_NOTE segment read (Linux's is a few hundred bytes).
+const MAX_NOTES: u64 = 1 << 20;
 
 /// A segment to copy: `filesz` bytes from `offset` in the file to `paddr`,
 /// then zeroes up to `memsz`.
@@ -52,14 +54,19 @@ fn field(f: &'static str, why: String) -> BootError {
     BootError::Elf { field: f, why }
 }
 
-/// Parse and validate `data` against the guest memory layout.
-pub fn parse(data: &[u8], layout: &MemLayout) -> Result<ElfKernel, BootError> {
-    if data.len() < 64 {
+/// Parse and validate `img` against the guest memory layout. Only the
+/// headers and notes are read, not the segments.
+pub fn parse<I: Image + ?Sized>(img: &I, layout: &MemLayout) -> Result<ElfKernel, BootError> {
+    let size = img.size();
+    if size < 64 {
         return Err(field(
             "e_ident",
-            format!("file is {} bytes, shorter than an ELF64 header", data.len()),
+            format!("file is {size} bytes, shorter than an ELF64 header"),
         ));
     }
+    let mut header = [0u8; 64];
+    img.read_at(0, &mut header)?;
+    let data = &header[..];
     if data[4] != 2 {
         return Err(field(
             "EI_CLASS",
@@ -93,31 +100,29 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<ElfKernel, BootError> {
             format!("{phnum} program headers (1..={MAX_PHDRS} allowed)"),
         ));
     }
-    let ph_end = phoff
+    phoff
         .checked_add(56 * phnum as u64)
-        .filter(|&e| e <= data.len() as u64)
+        .filter(|&e| e <= size)
         .ok_or_else(|| {
             field(
                 "e_phoff",
                 format!("program headers at {phoff:#x} run past the end of the file"),
             )
         })?;
-    let _ = ph_end;
-    let phoff = phoff as usize; // <= data.len(), checked above
+    let mut phdrs = vec![0u8; 56 * phnum]; // at most MAX_PHDRS
+    img.read_at(phoff, &mut phdrs)?;
 
     let mut segments: Vec<Segment> = Vec::new();
     let mut pvh_entry = None;
     for i in 0..phnum {
-        let ph = &data[phoff + i * 56..phoff + (i + 1) * 56];
+        let ph = &phdrs[i * 56..(i + 1) * 56];
         let p_type = rd_u32(ph, 0);
         let offset = rd_u64(ph, 8);
         let paddr = rd_u64(ph, 24);
         let filesz = rd_u64(ph, 32);
         let memsz = rd_u64(ph, 40);
         let align = rd_u64(ph, 48);
-        let in_file = offset
-            .checked_add(filesz)
-            .is_some_and(|e| e <= data.len() as u64);
+        let in_file = offset.checked_add(filesz).is_some_and(|e| e <= size);
         match p_type {
             PT_LOAD => {
                 if !in_file {
@@ -165,8 +170,15 @@ pub fn parse(data: &[u8], layout: &MemLayout) -> Result<ElfKernel, BootError> {
                         format!("note segment {i} runs past the end of the file"),
                     ));
                 }
-                let notes = &data[offset as usize..(offset + filesz) as usize];
-                if let Some(e) = find_pvh_note(notes, align)? {
+                if filesz > MAX_NOTES {
+                    return Err(field(
+                        "p_filesz",
+                        format!("note segment {i} of {filesz:#x} bytes is over {MAX_NOTES:#x}"),
+                    ));
+                }
+                let mut notes = vec![0u8; filesz as usize];
+                img.read_at(offset, &mut notes)?;
+                if let Some(e) = find_pvh_note(&notes, align)? {
                     pvh_entry = Some(e);
                 }
             }

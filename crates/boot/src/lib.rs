@@ -34,6 +34,61 @@ pub enum BootError {
     Tables(String),
     #[error("writing guest memory at {addr:#x}: {why}")]
     Memory { addr: u64, why: String },
+    #[error("reading the image: {0}")]
+    Read(String),
+}
+
+/// A kernel or initrd to load: where its bytes come from. moat's files are
+/// read piece by piece, the segments straight into guest memory, so no
+/// copy of a whole image is ever in moat's heap (a 53 MB vmlinux made the
+/// peak RSS of a boot half again as large); a byte slice serves the
+/// built-in demo guest, tests and fuzzing.
+pub trait Image {
+    /// Its size in bytes.
+    fn size(&self) -> u64;
+    /// Fill `buf` from `offset`; the caller keeps the range within `size()`.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BootError>;
+    /// Copy `len` bytes from `offset` to guest memory at `addr`; the caller
+    /// keeps the range within `size()`.
+    fn copy_to_guest(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), BootError>;
+}
+
+impl Image for [u8] {
+    fn size(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BootError> {
+        let src = usize::try_from(offset)
+            .ok()
+            .and_then(|o| self.get(o..o.checked_add(buf.len())?))
+            .ok_or_else(|| {
+                BootError::Read(format!("{} bytes at {offset:#x}: past the end", buf.len()))
+            })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn copy_to_guest(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), BootError> {
+        let src = usize::try_from(offset)
+            .ok()
+            .zip(usize::try_from(len).ok())
+            .and_then(|(o, l)| self.get(o..o.checked_add(l)?))
+            .ok_or_else(|| BootError::Read(format!("{len} bytes at {offset:#x}: past the end")))?;
+        write(mem, addr, src)
+    }
 }
 
 pub(crate) fn rd_u16(d: &[u8], off: usize) -> u16 {
@@ -80,12 +135,15 @@ pub enum Kernel {
     BzImage(bzimage::BzImage),
 }
 
-/// Recognise and validate `data` as a kernel for `layout`.
-pub fn parse_kernel(data: &[u8], layout: &MemLayout) -> Result<Kernel, BootError> {
-    if elf::is_elf(data) {
-        Ok(Kernel::Elf(elf::parse(data, layout)?))
-    } else if bzimage::is_bzimage(data) {
-        Ok(Kernel::BzImage(bzimage::parse(data, layout)?))
+/// Recognise and validate `img` as a kernel for `layout` (reading only its
+/// headers).
+pub fn parse_kernel<I: Image + ?Sized>(img: &I, layout: &MemLayout) -> Result<Kernel, BootError> {
+    let mut head = vec![0u8; img.size().min(bzimage::HEAD as u64) as usize];
+    img.read_at(0, &mut head)?;
+    if elf::is_elf(&head) {
+        Ok(Kernel::Elf(elf::parse(img, layout)?))
+    } else if bzimage::is_bzimage(&head) {
+        Ok(Kernel::BzImage(bzimage::parse(&head, img.size(), layout)?))
     } else {
         Err(BootError::UnknownFormat)
     }
@@ -122,11 +180,11 @@ pub fn place_initrd(
 /// Write everything the guest needs to boot and return how to enter it.
 /// `mem` must be fresh, all zero (moat maps new memory for every boot):
 /// nothing is written where the guest expects zeros.
-pub fn load(
+pub fn load<K: Image + ?Sized, R: Image + ?Sized>(
     mem: &GuestMemoryMmap,
     layout: &MemLayout,
-    kernel_data: &[u8],
-    initrd: Option<&[u8]>,
+    kernel_image: &K,
+    initrd: Option<&R>,
     cmdline: &str,
     machine: &MachineDesc,
 ) -> Result<EntryPoint, BootError> {
@@ -141,7 +199,7 @@ pub fn load(
         }
     }
     let cmdline = full.trim_start();
-    let kernel = parse_kernel(kernel_data, layout)?;
+    let kernel = parse_kernel(kernel_image, layout)?;
     let cmdline_max = match &kernel {
         Kernel::BzImage(b) => b.cmdline_max.min(CMDLINE_MAX),
         Kernel::Elf(_) => CMDLINE_MAX,
@@ -157,25 +215,25 @@ pub fn load(
     let (kernel_end, initrd_max) = match &kernel {
         Kernel::Elf(k) => {
             for s in &k.segments {
-                let from = s.offset as usize;
                 // (The rest up to memsz stays as it is: zero, since `mem` is
                 // fresh. Writing zeros would only fault those pages in.)
-                write(mem, s.paddr, &kernel_data[from..from + s.filesz as usize])?;
+                kernel_image.copy_to_guest(mem, s.paddr, s.offset, s.filesz)?;
             }
             (k.end(), u64::from(u32::MAX))
         }
         Kernel::BzImage(b) => {
-            write(mem, b.load_addr, &kernel_data[b.payload_offset..])?;
+            let from = b.payload_offset as u64;
+            kernel_image.copy_to_guest(mem, b.load_addr, from, kernel_image.size() - from)?;
             (b.load_addr + b.footprint, b.initrd_addr_max)
         }
     };
 
     // Initrd.
     let initrd_at = match initrd {
-        Some(data) => {
-            let addr = place_initrd(layout, data.len() as u64, kernel_end, initrd_max)?;
-            write(mem, addr, data)?;
-            Some((addr, data.len() as u64))
+        Some(img) => {
+            let addr = place_initrd(layout, img.size(), kernel_end, initrd_max)?;
+            img.copy_to_guest(mem, addr, 0, img.size())?;
+            Some((addr, img.size()))
         }
         None => None,
     };
@@ -218,7 +276,7 @@ pub fn load(
             }
         },
         Kernel::BzImage(b) => {
-            let zp = zero_page(Some((kernel_data, &b)), layout, initrd_at, rsdp)?;
+            let zp = zero_page(Some(&b), layout, initrd_at, rsdp)?;
             write_obj(mem, ZERO_PAGE_ADDR, zp)?;
             if b.entry64 {
                 EntryPoint::Linux64 {
@@ -272,7 +330,7 @@ fn write_obj<T: ByteValued>(mem: &GuestMemoryMmap, addr: u64, v: T) -> Result<()
 
 /// Build `struct boot_params` (the zero page).
 fn zero_page(
-    bz: Option<(&[u8], &bzimage::BzImage)>,
+    bz: Option<&bzimage::BzImage>,
     layout: &MemLayout,
     initrd: Option<(u64, u64)>,
     rsdp: Option<u64>,
@@ -282,10 +340,10 @@ fn zero_page(
         .copied()
         .ok_or_else(|| BootError::Tables("zero page layout".into()))?;
     match bz {
-        Some((data, b)) => {
+        Some(b) => {
             // Copy the kernel's setup header verbatim, then fill in our fields.
             let hdr = zp.as_mut_slice();
-            hdr[0x1f1..b.hdr_end].copy_from_slice(&data[0x1f1..b.hdr_end]);
+            hdr[0x1f1..0x1f1 + b.setup_header.len()].copy_from_slice(&b.setup_header);
         }
         None => {
             zp.0.hdr.boot_flag = 0xaa55;

@@ -203,13 +203,9 @@ impl Machine {
                 Some(k) => open_image("-kernel", k, cfg.mem_size, &store)?,
                 None => GuestImage::Builtin(demo),
             };
-            // Validate the kernel for this machine before opening anything else.
-            // (The bytes read are kept for the first boot.)
-            kernel
-                .check(|k| {
-                    moat_boot::parse_kernel(k, &moat_boot::layout::MemLayout::new(cfg.mem_size))
-                        .map(|_| ())
-                })?
+            // Validate the kernel for this machine before opening anything else
+            // (its headers: each boot reads the rest into guest memory).
+            moat_boot::parse_kernel(&kernel, &moat_boot::layout::MemLayout::new(cfg.mem_size))
                 .map_err(|e| {
                     VmError::Image(match &cfg.kernel {
                         Some(k) => format!("-kernel {}: {e}", k.display()),
