@@ -950,18 +950,24 @@ fn image_with_l2_entry(dir: &Path, name: &str, entry: impl Fn(&std::fs::File) ->
     let p = img.to_str().unwrap();
     qemu_img(&["create", "-q", "-f", "qcow2", p, "4M"]);
     qemu_io(p, "qcow2", "write -P 0x11 0 64k");
+    let (f, l2) = first_l2_table(&img);
+    f.write_all_at(&entry(&f).to_be_bytes(), l2).unwrap();
+    img
+}
+
+/// `img` opened read-write, and where the L2 table of L1 entry 0 is.
+fn first_l2_table(img: &Path) -> (std::fs::File, u64) {
+    use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(&img)
+        .open(img)
         .unwrap();
     let mut b = [0u8; 8];
     f.read_exact_at(&mut b, 40).unwrap();
     let l1 = u64::from_be_bytes(b);
     f.read_exact_at(&mut b, l1).unwrap();
-    let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
-    f.write_all_at(&entry(&f).to_be_bytes(), l2).unwrap();
-    img
+    (f, u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00)
 }
 
 fn qemu_img_info(img: &Path) -> String {
@@ -1048,16 +1054,7 @@ fn invalid_subcluster_bitmaps_fail_the_request() {
     ]);
     qemu_io(p, "qcow2", "write -P 0x11 0 128k");
     qemu_io(p, "qcow2", "write -P 0x22 192k 2k");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&img)
-        .unwrap();
-    let mut b = [0u8; 8];
-    f.read_exact_at(&mut b, 40).unwrap();
-    let l1 = u64::from_be_bytes(b);
-    f.read_exact_at(&mut b, l1).unwrap();
-    let l2 = u64::from_be_bytes(b) & 0x00ff_ffff_ffff_fe00;
+    let (f, l2) = first_l2_table(&img);
     // Entry 0: subcluster 3 both allocated and zero.
     f.write_all_at(&(0xffff_ffffu64 | (1 << 35)).to_be_bytes(), l2 + 8)
         .unwrap();
