@@ -14,10 +14,12 @@ for _ in $(seq "$RUNS"); do
     SCEN="$SCEN bench-moat bench-moat-nothp bench-qemu bench-moat-elf bench-moat-nothp-elf bench-qemu-elf"
 done
 # Once more under MOAT_LOG=debug: the start's timeline and the exit counts;
-# and where moat's resident memory is once the guest is up.
-SCEN="$SCEN exits rss"
+# and where moat's resident memory is once the guest is up: by mapping, and
+# guest RAM by guest-physical address (8 MiB buckets), with 2 MiB pages, with
+# 4 KiB pages (what the guest itself touched), and the same for QEMU.
+SCEN="$SCEN exits rss rss-nothp rss-qemu"
 OUT=$(MOAT_TIER2_QEMU=1 bash "$ROOT/tier2/run.sh" "${MOAT_BIN:-$ROOT/target/release/moat}" $SCEN | tr -d '\r')
 echo "$OUT" | sed -n '/TIER2 exits begin/,/TIER2 exits exit/p'
-echo "$OUT" | grep "TIER2 rss "
+echo "$OUT" | grep -E "TIER2 (rss|pagemap)|L2: dmesg" | tr '|' '\n'
 echo "$OUT" | grep "TIER2 bench " || { echo "$OUT" | tail -40; exit 1; }
 echo "$OUT" | grep "TIER2 bench " | python3 "$ROOT/bench/summarize_linux.py"

@@ -314,12 +314,18 @@ for s in $(cat /scenarios); do
             case $s in *-nothp*) mach=microvm,thp=off ;; esac
             case $s in *-elf) k="-kernel /l2/vmlinux -initrd /l2/initrd.gz" ;; esac
             bench ${s#bench-} $M -M $mach -m 256M -smp 2 $k -append "$CMD" -nographic -no-reboot ;;
-        rss)
+        rss|rss-nothp|rss-nothp-smp1|rss-elf|rss-nothp-elf)
             # Where moat's resident memory is once the guest is up (read
             # from L1 in /proc/PID/smaps; guest RAM is what moat madvised,
-            # VmFlags hg or nh).
+            # VmFlags hg or nh). -nothp: 4 KiB pages, so the breakdown
+            # shows what the guest itself touched; -smp1: one vCPU; -elf:
+            # the kernel as an ELF vmlinux (no decompressor).
+            mach=microvm smp=2 k="$L2"
+            case $s in *-nothp*) mach=microvm,thp=off ;; esac
+            case $s in *-smp1) smp=1 ;; esac
+            case $s in *-elf) k="-kernel /l2/vmlinux -initrd /l2/initrd.gz" ;; esac
             : > /tmp/rss.out
-            $M -M microvm -m 256M -smp 2 $L2 -append "$CMD moat.test=linger" -nographic -no-reboot \
+            $M -M $mach -m 256M -smp $smp $k -append "$CMD moat.test=linger" -nographic -no-reboot \
                 > /tmp/rss.out 2>&1 &
             mpid=$!
             wait_line /tmp/rss.out "L2: userspace reached" $mpid && sleep 2
@@ -331,7 +337,30 @@ for s in $(cat /scenarios); do
                  END { for (k in rss) if (rss[k] > 0) printf "TIER2 rss %s %d kB (huge pages %d kB)\n", k, rss[k], huge[k];
                        printf "TIER2 rss total %d kB\n", total }' /proc/$mpid/smaps
             echo "TIER2 rss $(grep -E 'VmHWM|Threads' /proc/$mpid/status | tr -s ' \t\n' '  ')"
-            wait $mpid ;;
+            # Which guest-physical ranges the guest has touched (8 MiB buckets).
+            # (moat's RAM is one range of VMAs: the first 2 MiB "nh", the rest "hg".)
+            ram=$(awk '/^[0-9a-f]+-[0-9a-f]+ / { split($1, a, "-"); s = a[1]; e = a[2] }
+                       /^VmFlags:/ && / (hg|nh)/ { if (!lo) lo = s; hi = e }
+                       END { print lo, hi }' /proc/$mpid/smaps)
+            set -- $ram
+            [ -n "$2" ] && /moat/pagemap $mpid $1 $((0x$2 - 0x$1))
+            wait $mpid
+            grep "L2: dmesg" /tmp/rss.out ;;
+        rss-qemu)
+            # The same breakdown for QEMU (its guest RAM: the largest mapping).
+            : > /tmp/rss.out
+            qemu-system-x86_64 -M microvm,rtc=on -enable-kvm -cpu host -m 256M -smp 2 $L2 \
+                -append "$CMD moat.test=linger" -nodefaults -serial stdio -nographic -no-reboot \
+                > /tmp/rss.out 2>&1 &
+            mpid=$!
+            wait_line /tmp/rss.out "L2: userspace reached" $mpid && sleep 2
+            echo "TIER2 rss-qemu $(grep -E 'VmHWM|VmRSS|Threads' /proc/$mpid/status | tr -s ' \t\n' '  ')"
+            ram=$(awk '/^[0-9a-f]+-[0-9a-f]+ / { split($1, a, "-"); print a[1], a[2] }' /proc/$mpid/maps |
+                while read a b; do echo "$((0x$b - 0x$a)) $a"; done | sort -n | tail -1)
+            set -- $ram
+            [ -n "$2" ] && /moat/pagemap $mpid $2 $1
+            wait $mpid
+            grep "L2: dmesg" /tmp/rss.out ;;
         exits)
             # The boot's timeline and each vCPU's exits by kind and address.
             MOAT_LOG=debug $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot 2>&1 |

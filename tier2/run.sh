@@ -214,6 +214,8 @@ case " $(cat /proc/cmdline) " in
     ;;
 *" moat.test=linger "*)
     # Stay up a while, so L1 can look at the jailed moat from outside.
+    echo "L2: dmesg $(dmesg | grep -E 'Memory:|Freeing' | tr '\n' '|')"
+    echo "L2: dmesg $(grep -E 'MemFree|^Cached|Slab|Percpu|VmallocUsed|PageTables|KernelStack|AnonPages|Shmem:' /proc/meminfo | tr -s ' ' | tr '\n' '|')"
     sleep 8
     ;;
 esac
@@ -255,6 +257,7 @@ echo "nobody:x:65534:65534:nobody:/nonexistent:/bin/false" > "$L1ROOT/etc/passwd
 echo "nogroup:x:65534:" > "$L1ROOT/etc/group"
 gcc -static -O2 -o "$L1ROOT/moat/qmp" "$HERE/qmp.c"
 gcc -static -O2 -o "$L1ROOT/moat/kvm-keeper" "$HERE/kvm-keeper.c"
+gcc -static -O2 -o "$L1ROOT/moat/pagemap" "$HERE/pagemap.c"
 mkdir -p "$L1ROOT/etc/apparmor.d/abi"
 cp /etc/apparmor.d/abi/3.0 "$L1ROOT/etc/apparmor.d/abi/"
 cp "$HERE/../contrib/apparmor/moat-jailed" "$L1ROOT/moat/apparmor-moat-jailed"
