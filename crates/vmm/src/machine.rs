@@ -182,8 +182,8 @@ fn block_node(name: &str, driver: &str, cfg: &DriveConfig, disk: &Disk) -> Block
 }
 
 impl Machine {
-    /// Everything the VM needs, opened: kernel and initrd read (and the
-    /// kernel validated), the drives, /dev/kvm and the console; `nics` are
+    /// Everything the VM needs, opened: kernel and initrd (the kernel's
+    /// headers validated), the drives, /dev/kvm and the console; `nics` are
     /// the interfaces [`crate::nic::open`] opened (before moat closed what
     /// it inherited). `demo` is the kernel to boot when the configuration
     /// names none.
@@ -193,8 +193,7 @@ impl Machine {
         nics: Vec<Nic>,
         demo: &'static [u8],
     ) -> Result<Machine, VmError> {
-        // The first boot's VM, made while the rest is opened and moat
-        // confines itself (see Shell).
+        // The first boot's VM (see Shell).
         let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let shell = Shell::start(&kvm, cfg.mem_size, cfg.thp)?;
         let (kernel, initrd, disks) = {
