@@ -467,6 +467,33 @@ fn extended_l2_subclusters_read_and_write_as_qemu_does() {
                 after[i], back[i]
             );
         }
+        // As QEMU, moat allocated only the subclusters it wrote (1 to 4 of
+        // cluster 8): the rest of that cluster still comes from the backing
+        // file (or reads as unallocated without one).
+        let map: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["map", "--output=json", &img])).unwrap();
+        let at = |off: usize| {
+            map.as_array()
+                .unwrap()
+                .iter()
+                .find(|e| {
+                    let s = e["start"].as_u64().unwrap() as usize;
+                    (s..s + e["length"].as_u64().unwrap() as usize).contains(&off)
+                })
+                .cloned()
+                .unwrap_or_else(|| panic!("{name}: no map entry at {off}"))
+        };
+        for (off, data_here) in [
+            (c(8), false),
+            (c(8) + sc, true),
+            (c(8) + 4 * sc, true),
+            (c(8) + 5 * sc, false),
+            (c(9) - 1, false),
+        ] {
+            let e = at(off);
+            let top = e["depth"] == 0 && e["data"] == true;
+            assert_eq!(top, data_here, "{name}: at {off}: {e}");
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,10 +11,11 @@ pub(super) struct PreparedCluster {
     pub host_cluster: HostCluster,
 
     /// What to pass to [`L2TableWriteGuard::map_cluster()`] to establish the mapping of guest to
-    /// host cluster (L2 index, and the guard for `host_cluster` if it has been newly allocated).
+    /// host cluster (L2 index, the guard for `host_cluster` if it has been newly allocated, and
+    /// (moat patch) the subcluster bitmap, all allocated without extended L2 entries).
     ///
     /// `None` if the guest cluster is mapped to `host_cluster` already.
-    pub set_mapping: Option<(usize, Option<PendingClusters>)>,
+    pub set_mapping: Option<(usize, Option<PendingClusters>, u64)>,
 }
 
 #[maybe_async]
@@ -174,7 +175,7 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         let l2i = cluster.l2_index(self.header.l2_bits());
         Ok(Some(PreparedCluster {
             host_cluster: new_cluster,
-            set_mapping: Some((l2i, new_allocation)),
+            set_mapping: Some((l2i, new_allocation, SUBCLUSTERS_ALL_ALLOC)),
         }))
     }
 
@@ -182,12 +183,13 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
     /// whose subclusters are not all allocated data (or are, but shared).
     ///
     /// The data is written into the cluster's host cluster if it has one and it is copied,
-    /// otherwise into a newly allocated one.  Every subcluster the write does not cover wholly
-    /// and that does not hold its data there already is filled from its own source: the old
-    /// host cluster for allocated subclusters, zeroes for zero subclusters, the backing file (or
-    /// zeroes) for unallocated ones.  The mapping the caller then sets has every subcluster
-    /// allocated: simpler than QEMU (which allocates only the subclusters written), and the
-    /// image reads the same.
+    /// otherwise into a newly allocated one.  As QEMU, only the subclusters the write touches
+    /// become allocated (all of them when `partial_skip_cow` is `None`: the caller does not say
+    /// what it writes); those it covers only in part are first filled from their own source
+    /// (zeroes for zero subclusters, the backing file or zeroes for unallocated ones, the old
+    /// cluster for allocated ones that move), and when the data moves to a new cluster, the
+    /// old cluster's allocated subclusters are copied along.  The others keep their state (zero,
+    /// or unallocated: read from the backing file).
     async fn prepare_cow_subclusters(
         &self,
         cluster: GuestCluster,
@@ -235,17 +237,39 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
                 r.start <= (i as usize) << scb && ((i as usize + 1) << scb) <= r.end
             })
         };
-        let in_place = |kind: Subcluster| kind == Subcluster::Data && old_host == Some(new_cluster);
+        // The subclusters the write touches.
+        let touched: u32 = match &partial_skip_cow {
+            Some(r) if r.start < r.end => {
+                let first = (r.start >> scb) as u32;
+                let n = ((r.end - 1) >> scb) as u32 - first + 1;
+                (u32::MAX >> (32 - n)) << first // (1 <= n <= 32 - first)
+            }
+            _ => u32::MAX,
+        };
+        let moved = old_host != Some(new_cluster);
+        let needs_fill = |i: u32| {
+            let data = Subcluster::of(bitmap, i) == Subcluster::Data;
+            if (touched >> i) & 1 == 1 {
+                !covered(i) && (moved || !data)
+            } else {
+                moved && data
+            }
+        };
+        let new_bitmap = {
+            let alloc = bitmap as u32 | touched;
+            let zero = (bitmap >> 32) as u32 & !touched;
+            (u64::from(zero) << 32) | u64::from(alloc)
+        };
 
         let mut i = 0;
         while i < 32 {
             let kind = Subcluster::of(bitmap, i);
-            if covered(i) || in_place(kind) {
+            if !needs_fill(i) {
                 i += 1;
                 continue;
             }
             let mut end = i + 1;
-            while end < 32 && !covered(end) && Subcluster::of(bitmap, end) == kind {
+            while end < 32 && needs_fill(end) && Subcluster::of(bitmap, end) == kind {
                 end += 1;
             }
             let start = (i as u64) << scb;
@@ -271,7 +295,7 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         let l2i = cluster.l2_index(self.header.l2_bits());
         Ok(Some(PreparedCluster {
             host_cluster: new_cluster,
-            set_mapping: Some((l2i, new_allocation)),
+            set_mapping: Some((l2i, new_allocation, new_bitmap)),
         }))
     }
 

@@ -280,8 +280,10 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
             clusters_to_free: _,
         } = state;
 
-        for (l2_index, host_cluster, new_allocation) in l2_changes {
-            if let Some(leaked) = l2_table.map_cluster(l2_index, host_cluster, new_allocation) {
+        for (l2_index, host_cluster, new_allocation, bitmap) in l2_changes {
+            if let Some(leaked) =
+                l2_table.map_cluster(l2_index, host_cluster, new_allocation, bitmap)
+            {
                 self.clusters_to_free.push(leaked);
             }
         }
@@ -504,7 +506,7 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
         skip_cow: bool,
         skip_cow_to_eof: bool,
         l2_table: &L2TableWriteGuard,
-        l2_changes: &mut Vec<(usize, HostCluster, Option<PendingClusters>)>,
+        l2_changes: &mut Vec<(usize, HostCluster, Option<PendingClusters>, u64)>,
     ) -> io::Result<(u64, u64)> {
         let cb = self.header.cluster_bits();
 
@@ -526,8 +528,8 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
             .await?
             .ok_or_else(|| io::Error::other("Internal allocation error"))?;
         let host_cluster = prepared.host_cluster;
-        if let Some((l2_index, new_allocation)) = prepared.set_mapping {
-            l2_changes.push((l2_index, host_cluster, new_allocation));
+        if let Some((l2_index, new_allocation, bitmap)) = prepared.set_mapping {
+            l2_changes.push((l2_index, host_cluster, new_allocation, bitmap));
         }
 
         let host_offset_start = host_cluster.relative_offset(offset, cb);
@@ -563,8 +565,8 @@ impl<S: Storage, F: WrappedFormat<S>> Qcow2<S, F> {
             };
             let host_cluster = prepared.host_cluster;
             assert!(host_cluster == next_host_cluster);
-            if let Some((l2_index, new_allocation)) = prepared.set_mapping {
-                l2_changes.push((l2_index, host_cluster, new_allocation));
+            if let Some((l2_index, new_allocation, bitmap)) = prepared.set_mapping {
+                l2_changes.push((l2_index, host_cluster, new_allocation, bitmap));
             }
             current_host_cluster = host_cluster;
 
@@ -638,7 +640,7 @@ pub(super) struct PreparedMappingState {
 
     /// What to enter into the L2 table: L2 index, host cluster, and the guard for the host cluster
     /// if it has been newly allocated.
-    l2_changes: Vec<(usize, HostCluster, Option<PendingClusters>)>,
+    l2_changes: Vec<(usize, HostCluster, Option<PendingClusters>, u64)>,
 
     /// The image’s list of clusters to free, to identify which image this state belongs to.
     clusters_to_free: Arc<ClustersToFreeList>,

@@ -2115,12 +2115,15 @@ impl L2TableWriteGuard {
     ///
     /// If `host_cluster` has been newly allocated, `new_allocation` must be its pending clusters
     /// guard, which is disarmed once the mapping is in place.
+    ///
+    /// moat patch: `bitmap` is the entry's subcluster bitmap, with extended L2 entries.
     #[must_use = "Leaked allocation must be freed"]
     pub fn map_cluster(
         &mut self,
         index: usize,
         host_cluster: HostCluster,
         new_allocation: Option<PendingClusters>,
+        bitmap: u64,
     ) -> Option<ClustersToFreeEntry> {
         if let Some(new_allocation) = new_allocation.as_ref() {
             debug_assert_eq!(new_allocation.cluster(), host_cluster);
@@ -2133,8 +2136,8 @@ impl L2TableWriteGuard {
             },
             self.table.cluster_bits,
         );
-        // moat patch: with extended entries, the caller has filled every subcluster
-        let l2e = self.set_entry(index, new, SUBCLUSTERS_ALL_ALLOC);
+        // moat patch: `bitmap` (from `prepare_cow_cluster()`) with extended entries
+        let l2e = self.set_entry(index, new, bitmap);
         if let Some(new_allocation) = new_allocation {
             new_allocation.make_persistent();
         }
