@@ -89,9 +89,15 @@ fn run(cmd: &str, args: &[&str]) -> (bool, String) {
 }
 
 /// One boot of the nested host serves every scenario (it is the slow part).
+///
+/// The L2 guest has triple-faulted now and then in the nested TCG-SVM host,
+/// under QEMU as under moat (issue 13's and 16's notes: the test host's
+/// own CPU emulation); a scenario where moat logged that (those that run it
+/// with MOAT_LOG=info) runs once more in a new boot of the test host, and
+/// is then judged on that run alone.
 #[test]
 fn debian_linux_under_moat() {
-    let r = run_tier2(&[
+    let all = [
         "boot-smp2",
         "boot-acpi-off",
         "blk",
@@ -100,9 +106,31 @@ fn debian_linux_under_moat() {
         "net",
         "net-passt",
         "vsock",
-    ]);
+    ];
+    let mut r = run_tier2(&all);
+    let faulted: Vec<&str> = all
+        .into_iter()
+        .filter(|s| r[*s].contains("the guest triple-faulted"))
+        .collect();
+    // (Judged before another boot of the test host remakes blk's image.)
+    if !faulted.contains(&"blk") {
+        virtio_blk_with_ext4(&r);
+    }
+    if !faulted.is_empty() {
+        eprintln!(
+            "tier2: the L2 guest triple-faulted in {faulted:?}; once more. The console:\n{}",
+            r[""]
+        );
+        let again = run_tier2(&faulted);
+        for s in &faulted {
+            r.insert(s.to_string(), again[*s].clone());
+        }
+        if faulted.contains(&"blk") {
+            r.insert(String::new(), again[""].clone());
+            virtio_blk_with_ext4(&r);
+        }
+    }
     boots_to_userspace_with_two_cpus_and_acpi_poweroff(&r);
-    virtio_blk_with_ext4(&r);
     virtio_rng_feeds_hwrng_within_its_limit(&r);
     virtio_net_on_a_two_queue_tap(&r);
     virtio_net_to_passt_over_a_stream(&r);
