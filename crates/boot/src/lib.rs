@@ -65,13 +65,7 @@ impl Image for [u8] {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BootError> {
-        let src = usize::try_from(offset)
-            .ok()
-            .and_then(|o| self.get(o..o.checked_add(buf.len())?))
-            .ok_or_else(|| {
-                BootError::Read(format!("{} bytes at {offset:#x}: past the end", buf.len()))
-            })?;
-        buf.copy_from_slice(src);
+        buf.copy_from_slice(bytes_at(self, offset, buf.len() as u64)?);
         Ok(())
     }
 
@@ -82,13 +76,17 @@ impl Image for [u8] {
         offset: u64,
         len: u64,
     ) -> Result<(), BootError> {
-        let src = usize::try_from(offset)
-            .ok()
-            .zip(usize::try_from(len).ok())
-            .and_then(|(o, l)| self.get(o..o.checked_add(l)?))
-            .ok_or_else(|| BootError::Read(format!("{len} bytes at {offset:#x}: past the end")))?;
-        write(mem, addr, src)
+        write(mem, addr, bytes_at(self, offset, len)?)
     }
+}
+
+/// `len` bytes of `data` from `offset`, if it has them.
+fn bytes_at(data: &[u8], offset: u64, len: u64) -> Result<&[u8], BootError> {
+    usize::try_from(offset)
+        .ok()
+        .zip(usize::try_from(len).ok())
+        .and_then(|(o, l)| data.get(o..o.checked_add(l)?))
+        .ok_or_else(|| BootError::Read(format!("{len} bytes at {offset:#x}: past the end")))
 }
 
 pub(crate) fn rd_u16(d: &[u8], off: usize) -> u16 {
