@@ -292,7 +292,7 @@ pub struct BootImages {
 
 /// A built VM, ready to run.
 pub struct Vm {
-    _vm: Arc<VmFd>,
+    _vm: VmFd,
     _mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     bus: Arc<PlatformBus>,
@@ -439,7 +439,7 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmError> {
 /// devices and vCPUs on it.
 #[derive(Debug)]
 pub struct Shell {
-    vm: Arc<VmFd>,
+    vm: VmFd,
     mem: GuestMemoryMmap,
     layout: MemLayout,
 }
@@ -475,15 +475,7 @@ impl Shell {
         };
         kvm("KVM_CREATE_PIT2", vm.create_pit2(pit))?;
         moat_sys::timeline::mark("kvm: irqchip and PIT");
-        Ok(Shell {
-            vm: Arc::new(vm),
-            mem,
-            layout,
-        })
-    }
-
-    fn finish(self) -> (Arc<VmFd>, GuestMemoryMmap) {
-        (self.vm, self.mem)
+        Ok(Shell { vm, mem, layout })
     }
 }
 
@@ -498,13 +490,10 @@ impl Vm {
         events: Sender<VmEvent>,
         shell: Shell,
     ) -> Result<Vm, VmError> {
-        // (The memory thread is joined even when this fails.)
-        let parts = Self::fill(cfg, images, platform, generation, &events, &shell);
-        let (vm, mem) = shell.finish();
-        let (vcpus, bus) = parts?;
+        let (vcpus, bus) = Self::fill(cfg, images, platform, generation, &events, &shell)?;
         Ok(Vm {
-            _vm: vm,
-            _mem: mem,
+            _vm: shell.vm,
+            _mem: shell.mem,
             vcpus,
             bus,
             generation,
@@ -525,7 +514,7 @@ impl Vm {
         shell: &Shell,
     ) -> Result<(Vec<VcpuFd>, Arc<PlatformBus>), VmError> {
         let kvm_sys = &platform.kvm;
-        let (vm, mem, layout) = (&*shell.vm, &shell.mem, &shell.layout);
+        let (vm, mem, layout) = (&shell.vm, &shell.mem, &shell.layout);
 
         let t = &cfg.smp;
         let apic_ids: Vec<u32> = (0..t.cpus).map(|i| cpuid::apic_id(t, i)).collect();

@@ -638,8 +638,8 @@ pub(super) struct PreparedMappingState {
     /// use”) instead of waiting for an entry to become available.
     l2_table: L2TableWriteGuard,
 
-    /// What to enter into the L2 table: L2 index, host cluster, and the guard for the host cluster
-    /// if it has been newly allocated.
+    /// What to enter into the L2 table: L2 index, host cluster, the guard for the host cluster
+    /// if it has been newly allocated, and (moat patch) the subcluster bitmap.
     l2_changes: Vec<(usize, HostCluster, Option<PendingClusters>, u64)>,
 
     /// The image’s list of clusters to free, to identify which image this state belongs to.
