@@ -146,6 +146,17 @@ fn malformed_elf_kernels() {
         4, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f, 18, 0, 0, 0, b'X', b'e', b'n', 0,
     ]);
     refused("note-overrun", &e, &[], &["PT_NOTE"]);
+    // A note segment over 1 MiB (moat reads notes, and only notes, into
+    // its heap: that read is bounded).
+    let mut e = elf(
+        MB,
+        &[
+            (LOAD, 0x1000, MB, 0x1000, 0x1000),
+            (NOTE, 0x2000, 0, 2 * MB, 2 * MB),
+        ],
+    );
+    e.resize(0x2000 + 2 * MB as usize, 0);
+    refused("note-huge", &e, &[], &["p_filesz", "note segment 1"]);
 }
 
 fn bz() -> Vec<u8> {
