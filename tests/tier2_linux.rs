@@ -286,6 +286,12 @@ fn jailed_on_cgroup_v2_with_apparmor(r: &HashMap<String, String>) {
     for not in ["etc", "l2", "srv", "sys", "tmp", "init", "modules"] {
         assert!(!root.contains(not), "{not} in the jail root: {root:?}");
     }
+    // (moat's thread stacks once took a 2 MiB huge page each.)
+    assert!(j.contains("TIER2 jail thp [always]"), "{j}");
+    assert!(
+        j.contains("TIER2 jail huge pages outside guest RAM 0 kB"),
+        "{j}"
+    );
     assert!(j.contains("L2: userspace reached"), "{j}");
     assert!(j.contains("L2: cpus online 0-1 count 2"), "{j}");
     assert!(j.contains("TIER2 jail moat-jail exit 0"), "{j}");

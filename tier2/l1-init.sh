@@ -127,6 +127,11 @@ for s in $(cat /scenarios); do
             done
             echo "TIER2 jail $(grep -E '^(Uid|CapEff|NoNewPrivs|Seccomp):' /proc/$pid/status | tr -s '\t\n' '  ')"
             echo "TIER2 jail root $(cd /proc/$pid/root && ls -a | tr '\n' ' ')"
+            # (This host's THP is "always": moat's own memory must not be in
+            # huge pages, only guest RAM, which moat madvised: hg or nh.)
+            echo "TIER2 jail thp $(cat /sys/kernel/mm/transparent_hugepage/enabled)"
+            echo "TIER2 jail huge pages outside guest RAM $(awk '/^AnonHugePages:/ { h = $2 }
+                /^VmFlags:/ { if (!/ (hg|nh)/) t += h } END { print t + 0 }' /proc/$pid/smaps) kB"
             wait $jpid
             jrc=$?
             cat /tmp/jail.out
@@ -332,10 +337,12 @@ for s in $(cat /scenarios); do
                 > /tmp/rss.out 2>&1 &
             mpid=$!
             wait_line /tmp/rss.out "L2: userspace reached" $mpid && sleep 2
-            awk '/^[0-9a-f]+-[0-9a-f]+ / { cur = ($6 == "") ? "anonymous" : ($6 ~ /\.so/) ? "libraries" : $6; next }
+            awk '/^[0-9a-f]+-[0-9a-f]+ / { cur = ($6 == "") ? "anonymous" : ($6 ~ /\.so/) ? "libraries" : $6; range = $1; next }
                  /^Rss:/ { r = $2 }
                  /^AnonHugePages:/ { h = $2 }
                  /^VmFlags:/ { if (cur == "anonymous" && / (hg|nh)/) cur = "guest-RAM";
+                               if (cur != "guest-RAM" && r > 512)
+                                   printf "TIER2 rss mapping %s %s %d kB (huge pages %d kB)\n", range, cur, r, h;
                                rss[cur] += r; huge[cur] += h; total += r }
                  END { for (k in rss) if (rss[k] > 0) printf "TIER2 rss %s %d kB (huge pages %d kB)\n", k, rss[k], huge[k];
                        printf "TIER2 rss total %d kB\n", total }' /proc/$mpid/smaps

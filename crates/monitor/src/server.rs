@@ -313,12 +313,10 @@ impl Monitors {
                     r.set();
                 }
                 let (me, ctx, slots2) = (self.clone(), ctx.clone(), slots.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("monitor-client".into())
-                    .spawn(move || {
-                        me.serve(stream, mode, ctx);
-                        slots2.release();
-                    });
+                let spawned = moat_sys::thread("monitor-client").spawn(move || {
+                    me.serve(stream, mode, ctx);
+                    slots2.release();
+                });
                 if spawned.is_err() {
                     slots.release();
                 }
@@ -343,23 +341,21 @@ impl Monitors {
                     let (me, ctx, slots2) = (self.clone(), ctx.clone(), slots.clone());
                     let (tls, authz, pending2, ready) =
                         (tls.clone(), authz.clone(), pending.clone(), ready.clone());
-                    let spawned = std::thread::Builder::new()
-                        .name("monitor-client".into())
-                        .spawn(move || {
-                            let established = tls.accept(tcp, &authz);
-                            lock(&pending2).retain(|h| h.id != id);
-                            match established {
-                                Ok(stream) => {
-                                    if let Some(r) = &ready {
-                                        r.set();
-                                    }
-                                    slots2.acquire(MAX_CLIENTS);
-                                    me.serve(stream, mode, ctx);
-                                    slots2.release();
+                    let spawned = moat_sys::thread("monitor-client").spawn(move || {
+                        let established = tls.accept(tcp, &authz);
+                        lock(&pending2).retain(|h| h.id != id);
+                        match established {
+                            Ok(stream) => {
+                                if let Some(r) = &ready {
+                                    r.set();
                                 }
-                                Err(e) => log::warn!("monitor: TLS client {addr} refused: {e}"),
+                                slots2.acquire(MAX_CLIENTS);
+                                me.serve(stream, mode, ctx);
+                                slots2.release();
                             }
-                        });
+                            Err(e) => log::warn!("monitor: TLS client {addr} refused: {e}"),
+                        }
+                    });
                     if spawned.is_err() {
                         lock(&pending).retain(|h| h.id != id);
                     }
@@ -407,19 +403,17 @@ impl Monitors {
             return;
         };
         let wbox = outbox.clone();
-        let writer = std::thread::Builder::new()
-            .name("monitor-out".into())
-            .spawn(move || {
-                while let Some(m) = wbox.pop() {
-                    let ok = wstream.write_all(&m).is_ok();
-                    wbox.writing.store(false, Ordering::SeqCst);
-                    if !ok {
-                        wbox.close();
-                        break;
-                    }
+        let writer = moat_sys::thread("monitor-out").spawn(move || {
+            while let Some(m) = wbox.pop() {
+                let ok = wstream.write_all(&m).is_ok();
+                wbox.writing.store(false, Ordering::SeqCst);
+                if !ok {
+                    wbox.close();
+                    break;
                 }
-                let _ = wstream.shutdown(std::net::Shutdown::Both);
-            });
+            }
+            let _ = wstream.shutdown(std::net::Shutdown::Both);
+        });
         if writer.is_err() {
             return;
         }

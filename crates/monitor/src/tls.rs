@@ -100,8 +100,7 @@ impl TlsServer {
         tcp.set_read_timeout(None).map_err(|e| e.to_string())?;
         tcp.set_write_timeout(None).map_err(|e| e.to_string())?;
         let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
-        let h = std::thread::Builder::new()
-            .name("monitor-tls".into())
+        let h = moat_sys::thread("monitor-tls")
             .spawn(move || relay(conn, tcp, theirs))
             .map_err(|e| e.to_string())?;
         let mut relays = moat_sys::lock(&RELAYS);

@@ -50,7 +50,7 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let builder = std::thread::Builder::new().name(name.to_string());
+    let builder = crate::thread(name);
     {
         let mut s = state();
         if s.done {

@@ -9,6 +9,21 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
+/// The stack of each of moat's threads: Rust's default of 2 MiB less a
+/// page. A stack mapping of exactly 2 MiB can sit on a 2 MiB boundary (the
+/// first thread's did, right below guest RAM), and on a host whose
+/// transparent huge pages are `always` (Debian's default) the first touch
+/// of it then brings in a whole huge page: 2 MiB of RSS for the few KiB a
+/// thread uses. A mapping smaller than 2 MiB cannot hold one.
+pub const THREAD_STACK: usize = (2 << 20) - 4096;
+
+/// A builder for one of moat's threads: named, with [`THREAD_STACK`].
+pub fn thread(name: impl Into<String>) -> std::thread::Builder {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(THREAD_STACK)
+}
+
 /// Lock a mutex, carrying on if a panicking thread poisoned it (the data
 /// moat guards stays consistent across a panic: counters, queues, devices).
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

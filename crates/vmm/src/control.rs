@@ -149,14 +149,12 @@ impl VcpuSet {
             let set = self.clone();
             let bus = bus.clone();
             let tx = events.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("vcpu{i}"))
-                .spawn(move || {
-                    set.vcpu_loop(vcpu, i, &bus, &tx, generation);
-                    let mut g = lock(&set.shared);
-                    g.finished += 1;
-                    set.notify(g);
-                })?;
+            let h = moat_sys::thread(format!("vcpu{i}")).spawn(move || {
+                set.vcpu_loop(vcpu, i, &bus, &tx, generation);
+                let mut g = lock(&set.shared);
+                g.finished += 1;
+                set.notify(g);
+            })?;
             lock(&self.threads).push(h);
         }
         Ok(())

@@ -88,7 +88,7 @@ impl<A: Send + 'static> ActivationThread<A> {
         mut serve: impl FnMut(A) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (start, activations) = std::sync::mpsc::channel::<A>();
-        let handle = std::thread::Builder::new().name(name).spawn(move || {
+        let handle = moat_sys::thread(name).spawn(move || {
             moat_sys::role::enter(role);
             for a in activations {
                 serve(a);
