@@ -1,5 +1,6 @@
 //! qcow2 open + read + write + flush on arbitrary image bytes: moat's header
-//! checks, then imago, on a memfd-backed file.
+//! checks, then imago, on a memfd-backed file; and the header as reports
+//! read it.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use moat_block::qcow2::{open_layer, Below};
@@ -19,6 +20,8 @@ fn memfd(data: &[u8]) -> std::fs::File {
 }
 
 fuzz_target!(|data: &[u8]| {
+    // The header as query-block reports it, whatever the image.
+    let _ = moat_block::qcow2::info(&memfd(data));
     for writable in [false, true] {
         let f = memfd(data);
         let Ok(layer) = open_layer("fuzz", f, writable, Below::Unnamed, None) else {

@@ -427,6 +427,66 @@ def test_block_queries(moat, tmp_path):
     q.close()
 
 
+def qemu_img_info(path):
+    out = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", str(path)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def test_image_info_as_qemu_reports_it(moat, tmp_path):
+    """query-block and query-named-block-nodes describe each image as QEMU
+    does (qemu-img info, which shares QEMU's ImageInfo, is the oracle):
+    cluster size and the qcow2 header's format-specific data for qcow2
+    version 2 and 3, zstd, lazy refcounts, 8-bit refcounts, extended L2,
+    an external data file, and each layer of a backing chain; every node
+    has the fields QEMU's schema makes mandatory. The sandbox is on."""
+    def img(name, *opts, size="4M", backing=None):
+        p = tmp_path / name
+        args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+        if backing:
+            args += ["-F", "qcow2", "-b", str(backing)]
+        for o in opts:
+            args += ["-o", o]
+        subprocess.run(args + [str(p), size], check=True)
+        return p
+
+    base = img("base.qcow2", "compat=0.10", "cluster_size=4096")
+    top = img("top.qcow2", "lazy_refcounts=on,refcount_bits=8,compression_type=zstd", backing=base)
+    ext = img("ext.qcow2", f"data_file={tmp_path / 'ext.data'},data_file_raw=on")
+    sub = img("sub.qcow2", "extended_l2=on,cluster_size=16384")
+    raw = tmp_path / "raw.img"
+    raw.write_bytes(b"\0" * (1 << 20))
+    drives = [
+        (top, f"backing.driver=qcow2,backing.file.filename={base},backing.backing="),
+        (ext, f"data-file.filename={tmp_path / 'ext.data'}"),
+        (sub, None),
+        (raw, None),
+    ]
+    extra = []
+    for i, (p, opt) in enumerate(drives):
+        fmt = "raw" if p == raw else "qcow2"
+        extra += ["-drive", f"file={p},format={fmt},if=none,id=d{i}" + (f",{opt}" if opt else ""),
+                  "-device", f"virtio-blk-device,drive=d{i}"]
+    m = moat(extra=extra)
+    q = connect(m)
+    blk = {b["device"]: b for b in q.cmd("query-block")}
+    keys = ["filename", "format", "virtual-size", "cluster-size", "format-specific"]
+    for i, (p, _) in enumerate(drives):
+        chain = qemu_img_info(p)
+        got = blk[f"d{i}"]["inserted"]["image"]
+        for want in chain:
+            assert {k: got.get(k) for k in keys} == {k: want.get(k) for k in keys}, (p, got, want)
+            got = got.get("backing-image", {})
+        assert got == {}, p
+    mandatory = {"file", "ro", "drv", "encrypted", "detect_zeroes", "bps", "bps_rd", "bps_wr", "iops",
+                 "iops_rd", "iops_wr", "image", "cache", "write_threshold", "backing_file_depth"}
+    nodes = q.cmd("query-named-block-nodes")
+    assert len(nodes) == len(drives)
+    for n in nodes:
+        assert mandatory <= n.keys(), n
+    q.close()
+
+
 def test_block_set_io_throttle(moat, tmp_path):
     img = tmp_path / "disk.img"
     img.write_bytes(b"\0" * (4 << 20))

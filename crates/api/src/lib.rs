@@ -153,7 +153,27 @@ pub struct ImageInfo {
     pub virtual_size: u64,
     /// Bytes the file occupies on the host.
     pub actual_size: u64,
+    /// What a qcow2 header says (QEMU's `cluster-size` and
+    /// `format-specific`); `None` for raw images.
+    pub qcow2: Option<Qcow2Info>,
     pub backing: Option<Box<ImageInfo>>,
+}
+
+/// A qcow2 image's header as QEMU reports it (ImageInfoSpecificQCow2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qcow2Info {
+    pub cluster_size: u64,
+    /// 2 (QEMU's compat "0.10") or 3 ("1.1").
+    pub version: u32,
+    /// `zstd` rather than `zlib`.
+    pub zstd: bool,
+    pub lazy_refcounts: bool,
+    pub refcount_bits: u64,
+    pub corrupt: bool,
+    pub extended_l2: bool,
+    /// The external data file's name as the header has it, and whether
+    /// that file alone is a raw image of the disk (`data-file-raw`).
+    pub data_file: Option<(String, bool)>,
 }
 
 /// A block node (QEMU's BlockDeviceInfo, without throttling).

@@ -85,6 +85,10 @@ pub trait DiskImage: Send + Sync + std::fmt::Debug {
     fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError>;
     /// Zero a range.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// What its qcow2 header says now (see [`qcow2::info`]); `None` for raw.
+    fn qcow2_info(&self) -> Option<moat_api::Qcow2Info> {
+        None
+    }
 }
 
 /// Check that `[offset, offset+len)` lies inside an image of `size` bytes.

@@ -56,8 +56,11 @@ pub fn open(d: &DriveConfig, fds: &FdStore) -> Result<Arc<dyn DiskImage>, BlockE
         }
         DriveFormat::Qcow2 => {
             let mut seen = Vec::new();
+            // (A second descriptor of the top file, to read its header for
+            // reports: a path may not be opened again inside the sandbox.)
+            let header = f.try_clone().map_err(|e| layer_error(&name, os_text(&e)))?;
             let access = open_layer(&d.layer(), Some(f), !d.read_only, d.cache, fds, &mut seen)?;
-            let q = Qcow2Image::new(access, d.read_only);
+            let q = Qcow2Image::new(access, d.read_only).with_header(header);
             Arc::new(if d.cache == CacheMode::Unsafe {
                 q.with_no_sync()
             } else {

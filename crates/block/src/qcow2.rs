@@ -63,6 +63,8 @@ const INCOMPAT_CORRUPT: u64 = 1 << 1;
 const INCOMPAT_DATA_FILE: u64 = 1 << 2;
 const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 const INCOMPAT_EXTL2: u64 = 1 << 4;
+const COMPAT_LAZY_REFCOUNTS: u64 = 1 << 0;
+const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -131,6 +133,57 @@ pub fn virtual_size(file: &File) -> Option<u64> {
     let mut h = [0u8; 32];
     file.read_exact_at(&mut h, 0).ok()?;
     (be32(&h, 0) == MAGIC).then(|| be64(&h, 24))
+}
+
+/// What the header of the qcow2 image in `file` says, for reports
+/// (QEMU's `format-specific`): read again for each, so a corrupt bit set
+/// since the image was opened shows. `None` when it is no longer a qcow2
+/// header moat would open.
+pub fn info(file: &File) -> Option<moat_api::Qcow2Info> {
+    let len = crate::file_size(file).ok()?;
+    let mut h = [0u8; 105];
+    let n = (len.min(h.len() as u64)) as usize;
+    file.read_exact_at(&mut h[..n], 0).ok()?;
+    if n < 72 || be32(&h, 0) != MAGIC {
+        return None;
+    }
+    let version = be32(&h, 4);
+    let cluster_bits = be32(&h, 20);
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return None;
+    }
+    let mut q = moat_api::Qcow2Info {
+        cluster_size: 1 << cluster_bits,
+        version,
+        zstd: false,
+        lazy_refcounts: false,
+        refcount_bits: 16,
+        corrupt: false,
+        extended_l2: false,
+        data_file: None,
+    };
+    match version {
+        2 => {}
+        3 if n >= 104 => {
+            let incompat = be64(&h, 72);
+            let refcount_order = be32(&h, 96);
+            if refcount_order > 6 {
+                return None;
+            }
+            q.refcount_bits = 1 << refcount_order;
+            q.lazy_refcounts = be64(&h, 80) & COMPAT_LAZY_REFCOUNTS != 0;
+            q.corrupt = incompat & INCOMPAT_CORRUPT != 0;
+            q.extended_l2 = incompat & INCOMPAT_EXTL2 != 0;
+            q.zstd = be32(&h, 100) > 104 && n > 104 && h[104] == 1;
+            if incompat & INCOMPAT_DATA_FILE != 0 {
+                // (The name is in a header extension: the whole check reads it.)
+                let name = check(file, len).ok()?.data_file_name.unwrap_or_default();
+                q.data_file = Some((name, be64(&h, 88) & AUTOCLEAR_DATA_FILE_RAW != 0));
+            }
+        }
+        _ => return None,
+    }
+    Some(q)
 }
 
 /// Validate every header structure of the qcow2 image in `file` (of
@@ -417,6 +470,8 @@ pub struct Qcow2Image {
     /// cache=unsafe: a flush writes imago's metadata caches back to the
     /// file but does not wait for the disk.
     no_sync: bool,
+    /// The top file again, for [`info`].
+    header: Option<File>,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -523,7 +578,14 @@ impl Qcow2Image {
             inner: RwLock::new(access),
             read_only,
             no_sync: false,
+            header: None,
         }
+    }
+
+    /// `file` is the top layer's, for [`DiskImage::qcow2_info`].
+    pub fn with_header(mut self, file: File) -> Qcow2Image {
+        self.header = Some(file);
+        self
     }
 
     /// cache=unsafe (QEMU's cache.no-flush).
@@ -538,6 +600,10 @@ impl Qcow2Image {
 }
 
 impl DiskImage for Qcow2Image {
+    fn qcow2_info(&self) -> Option<moat_api::Qcow2Info> {
+        info(self.header.as_ref()?)
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

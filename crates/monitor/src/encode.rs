@@ -106,6 +106,24 @@ fn image(i: &ImageInfo) -> Value {
         "virtual-size": i.virtual_size,
         "actual-size": i.actual_size,
     });
+    if let Some(q) = &i.qcow2 {
+        v["cluster-size"] = json!(q.cluster_size);
+        let mut data = json!({
+            "compat": if q.version == 2 { "0.10" } else { "1.1" },
+            "compression-type": if q.zstd { "zstd" } else { "zlib" },
+            "refcount-bits": q.refcount_bits,
+        });
+        if q.version == 3 {
+            data["lazy-refcounts"] = json!(q.lazy_refcounts);
+            data["corrupt"] = json!(q.corrupt);
+            data["extended-l2"] = json!(q.extended_l2);
+            if let Some((name, raw)) = &q.data_file {
+                data["data-file"] = json!(name);
+                data["data-file-raw"] = json!(raw);
+            }
+        }
+        v["format-specific"] = json!({"type": "qcow2", "data": data});
+    }
     if let Some(b) = &i.backing {
         v["backing-filename"] = json!(b.filename.display().to_string());
         v["full-backing-filename"] = json!(b.filename.display().to_string());
@@ -122,6 +140,9 @@ fn node(n: &BlockNode) -> Value {
         "file": n.image.filename.display().to_string(), "node-name": n.node_name,
         "ro": n.read_only, "drv": n.driver, "encrypted": false, "detect_zeroes": "off",
         "backing_file_depth": depth, "write_threshold": n.write_threshold as i64,
+        // (Mandatory in QEMU's schema; a node's own are 0, a drive's
+        // throttling shows in query-block.)
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
         "cache": {
             "writeback": !matches!(n.cache, CacheMode::Writethrough | CacheMode::Directsync),
             "direct": matches!(n.cache, CacheMode::None | CacheMode::Directsync),

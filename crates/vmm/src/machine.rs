@@ -142,27 +142,35 @@ fn node_name(index: usize) -> String {
     format!("#block{:03}", index * 2 + 1)
 }
 
-/// What the host holds of an image chain (QEMU's ImageInfo); `size` is the
-/// top layer's virtual size when known, lower layers are measured.
-fn image_info(layer: &ImageLayer, size: Option<u64>) -> ImageInfo {
+/// What the host holds of an image chain (QEMU's ImageInfo): `top` is
+/// the opened image of `layer`, the layers below it are looked at by name.
+fn image_info(layer: &ImageLayer, top: Option<&dyn moat_block::DiskImage>) -> ImageInfo {
     let meta = std::fs::metadata(&layer.file).ok();
     let actual_size = meta
         .as_ref()
         .map(|m| std::os::unix::fs::MetadataExt::blocks(m) * 512)
         .unwrap_or(0);
-    let virtual_size = size
-        .or_else(|| match layer.format {
-            DriveFormat::Qcow2 => std::fs::File::open(&layer.file)
-                .ok()
-                .and_then(|f| moat_block::qcow2::virtual_size(&f)),
-            DriveFormat::Raw => meta.map(|m| m.len()),
-        })
-        .unwrap_or(0);
+    let below = || match layer.format {
+        DriveFormat::Qcow2 => std::fs::File::open(&layer.file).ok(),
+        DriveFormat::Raw => None,
+    };
+    let (virtual_size, qcow2) = match top {
+        Some(d) => (d.size(), d.qcow2_info()),
+        None => {
+            let qcow2 = below().and_then(|f| moat_block::qcow2::info(&f));
+            let size = match layer.format {
+                DriveFormat::Qcow2 => below().and_then(|f| moat_block::qcow2::virtual_size(&f)),
+                DriveFormat::Raw => meta.map(|m| m.len()),
+            };
+            (size.unwrap_or(0), qcow2)
+        }
+    };
     ImageInfo {
         filename: layer.file.clone(),
         format: layer.format,
         virtual_size,
         actual_size,
+        qcow2,
         backing: match &layer.backing {
             Backing::Layer(b) => Some(Box::new(image_info(b, None))),
             _ => None,
@@ -176,7 +184,7 @@ fn block_node(name: &str, driver: &str, cfg: &DriveConfig, disk: &Disk) -> Block
         driver: driver.to_string(),
         read_only: cfg.read_only,
         cache: cfg.cache,
-        image: image_info(&cfg.layer(), Some(disk.image.size())),
+        image: image_info(&cfg.layer(), Some(&*disk.image)),
         write_threshold: disk.link.write_threshold.load(Ordering::SeqCst),
     }
 }
