@@ -481,9 +481,21 @@ def test_image_info_as_qemu_reports_it(moat, tmp_path):
     mandatory = {"file", "ro", "drv", "encrypted", "detect_zeroes", "bps", "bps_rd", "bps_wr", "iops",
                  "iops_rd", "iops_wr", "image", "cache", "write_threshold", "backing_file_depth"}
     nodes = q.cmd("query-named-block-nodes")
-    assert len(nodes) == len(drives)
     for n in nodes:
         assert mandatory <= n.keys(), n
+    # Each drive's node, then its protocol node: the file.
+    assert [n["drv"] for n in nodes] == ["qcow2", "file"] * 3 + ["raw", "file"]
+    for i, (p, _) in enumerate(drives):
+        fmt, file = nodes[2 * i], nodes[2 * i + 1]
+        assert fmt["node-name"] == blk[f"d{i}"]["inserted"]["node-name"]
+        assert file["file"] == str(p) and file["image"]["filename"] == str(p)
+        assert file["image"]["format"] == "file" and "backing-image" not in file["image"]
+        assert file["image"]["virtual-size"] == -(-os.path.getsize(p) // 512) * 512
+        assert file["node-name"].startswith("#block") and file["node-name"] != fmt["node-name"]
+    # moat does not watch a qcow2 image's own writes to its file.
+    err = qmp_error(q, "block-set-write-threshold", **{"node-name": nodes[1]["node-name"],
+                                                       "write-threshold": 1 << 20})
+    assert "no write threshold on the file of a qcow2 image" in err, err
     q.close()
 
 
@@ -556,6 +568,7 @@ def test_block_set_write_threshold(moat, tmp_path):
                     "-device", "virtio-blk-device,drive=disk0"])
     q = connect(m)
     node = q.cmd("query-block")[0]["inserted"]["node-name"]
+    file_node = q.cmd("query-named-block-nodes")[1]["node-name"]  # the raw image's file
     assert q.cmd("query-named-block-nodes")[0]["write_threshold"] == 0
     with pytest.raises(ExecuteError) as e:
         q.cmd("block-set-write-threshold", **{"node-name": "nope", "write-threshold": 1})
@@ -565,24 +578,36 @@ def test_block_set_write_threshold(moat, tmp_path):
     q.cmd("block-set-write-threshold", **{"node-name": node, "write-threshold": threshold})
     assert q.cmd("query-named-block-nodes")[0]["write_threshold"] == threshold
     assert q.cmd("query-block")[0]["inserted"]["write_threshold"] == threshold
-    # The guest's storm, replayed: 4 KiB writes at xorshift32 blocks.
-    x, first = 1, None
-    for _ in range(300):
-        x ^= (x << 13) & 0xFFFFFFFF
-        x ^= x >> 17
-        x ^= (x << 5) & 0xFFFFFFFF
-        end = (x % 1024) * 4096 + 4096
-        if end > threshold:
-            first = end
-            break
+    # The protocol node (a raw image's file offsets are the guest's) has its own.
+    file_threshold = (3 << 20) + 7
+    q.cmd("block-set-write-threshold", **{"node-name": file_node, "write-threshold": file_threshold})
+    assert q.cmd("query-named-block-nodes")[1]["write_threshold"] == file_threshold
+    assert q.cmd("query-named-block-nodes")[0]["write_threshold"] == threshold
+
+    def first_past(t):
+        # The guest's storm, replayed: 4 KiB writes at xorshift32 blocks.
+        x = 1
+        for i in range(300):
+            x ^= (x << 13) & 0xFFFFFFFF
+            x ^= x >> 17
+            x ^= (x << 5) & 0xFFFFFFFF
+            end = (x % 1024) * 4096 + 4096
+            if end > t:
+                return i, end
+
     q.cmd("cont")
-    ev = event(q, "BLOCK_WRITE_THRESHOLD")
-    assert ev["data"] == {"node-name": node, "amount-exceeded": first - threshold,
-                          "write-threshold": threshold}, ev
+    # One event each, in the order the writes pass them (the drive's node
+    # first when one write passes both).
+    want = sorted([(first_past(threshold), 0, node, threshold),
+                   (first_past(file_threshold), 1, file_node, file_threshold)])
+    evs = [event(q, "BLOCK_WRITE_THRESHOLD")["data"] for _ in want]
+    assert evs == [{"node-name": n, "amount-exceeded": end - t, "write-threshold": t}
+                   for (_, end), _, n, t in want], evs
     m.wait_for(lambda: "storm done" in m.console(), "the storm to finish")
     # Disarmed: later writes past it raised nothing more (events come
     # before the reply that follows them).
     assert q.cmd("query-named-block-nodes")[0]["write_threshold"] == 0
+    assert q.cmd("query-named-block-nodes")[1]["write_threshold"] == 0
     later = [e["event"] for e in q.get_events(wait=False)]
     assert "BLOCK_WRITE_THRESHOLD" not in later, later
     q.close()

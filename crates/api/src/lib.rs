@@ -9,7 +9,7 @@
 //! a command means one decoder entry in a front end and one arm in the
 //! VM's handler (`moat_vmm::Machine::serve`).
 
-use moat_config::{CacheMode, DriveConfig, DriveFormat, RateLimit, ThrottleLimits};
+use moat_config::{CacheMode, DriveConfig, RateLimit, ThrottleLimits};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Sender};
 use std::sync::Mutex;
@@ -149,7 +149,8 @@ pub struct CpuInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageInfo {
     pub filename: PathBuf,
-    pub format: DriveFormat,
+    /// `raw`, `qcow2`, or a protocol node's driver (`file`, `host_device`).
+    pub format: String,
     pub virtual_size: u64,
     /// Bytes the file occupies on the host.
     pub actual_size: u64,
@@ -180,7 +181,7 @@ pub struct Qcow2Info {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockNode {
     pub node_name: String,
-    /// The top driver's name (`raw`, `qcow2`, `file`).
+    /// The node's driver (`raw`, `qcow2`, `file`, `host_device`).
     pub driver: String,
     pub read_only: bool,
     pub cache: CacheMode,

@@ -102,7 +102,7 @@ fn cpu(c: &CpuInfo) -> Value {
 fn image(i: &ImageInfo) -> Value {
     let mut v = json!({
         "filename": i.filename.display().to_string(),
-        "format": i.format.name(),
+        "format": i.format,
         "virtual-size": i.virtual_size,
         "actual-size": i.actual_size,
     });
@@ -127,7 +127,7 @@ fn image(i: &ImageInfo) -> Value {
     if let Some(b) = &i.backing {
         v["backing-filename"] = json!(b.filename.display().to_string());
         v["full-backing-filename"] = json!(b.filename.display().to_string());
-        v["backing-filename-format"] = json!(b.format.name());
+        v["backing-filename-format"] = json!(b.format);
         v["backing-image"] = image(b);
     }
     v

@@ -18,6 +18,7 @@ use moat_devices::virtio::block;
 use moat_devices::virtio::rng::RngPort;
 use moat_devices::virtio::vsock::VsockPort;
 use moat_sys::lock;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -44,6 +45,8 @@ struct Drive {
 struct Node {
     name: String,
     driver: String,
+    /// Its protocol node's automatic name (none when it is one itself).
+    file_node: Option<String>,
     cfg: DriveConfig,
     disk: Disk,
 }
@@ -65,6 +68,8 @@ pub struct Machine {
     platform: Platform,
     drives: Vec<Drive>,
     nodes: Vec<Node>,
+    /// The number in the next automatic node name `blockdev-add` gives.
+    next_auto_node: usize,
     nics: Vec<Nic>,
     fds: Arc<Mutex<FdStore>>,
     state: RunState,
@@ -142,6 +147,11 @@ fn node_name(index: usize) -> String {
     format!("#block{:03}", index * 2 + 1)
 }
 
+/// The automatic name of the `index`th drive's protocol node: its file.
+fn file_node_name(index: usize) -> String {
+    format!("#block{:03}", index * 2)
+}
+
 /// What the host holds of an image chain (QEMU's ImageInfo): `top` is
 /// the opened image of `layer`, the layers below it are looked at by name.
 fn image_info(layer: &ImageLayer, top: Option<&dyn moat_block::DiskImage>) -> ImageInfo {
@@ -167,7 +177,7 @@ fn image_info(layer: &ImageLayer, top: Option<&dyn moat_block::DiskImage>) -> Im
     };
     ImageInfo {
         filename: layer.file.clone(),
-        format: layer.format,
+        format: layer.format.name().to_string(),
         virtual_size,
         actual_size,
         qcow2,
@@ -175,6 +185,36 @@ fn image_info(layer: &ImageLayer, top: Option<&dyn moat_block::DiskImage>) -> Im
             Backing::Layer(b) => Some(Box::new(image_info(b, None))),
             _ => None,
         },
+    }
+}
+
+/// A drive's or node's protocol node, as QEMU shows it: the file itself.
+fn file_node(name: &str, cfg: &DriveConfig, disk: &Disk) -> BlockNode {
+    let meta = std::fs::metadata(&cfg.file).ok();
+    let device = meta
+        .as_ref()
+        .is_some_and(|m| m.file_type().is_block_device());
+    let driver = if device { "host_device" } else { "file" };
+    let virtual_size = match (&meta, cfg.format) {
+        // (QEMU counts a file in whole sectors.)
+        (Some(m), _) if !device => m.len().div_ceil(512) * 512,
+        (_, DriveFormat::Raw) => disk.image.size(),
+        _ => 0,
+    };
+    BlockNode {
+        node_name: name.to_string(),
+        driver: driver.to_string(),
+        read_only: cfg.read_only,
+        cache: cfg.cache,
+        image: ImageInfo {
+            filename: cfg.file.clone(),
+            format: driver.to_string(),
+            virtual_size,
+            actual_size: meta.map_or(0, |m| m.blocks() * 512),
+            qcow2: None,
+            backing: None,
+        },
+        write_threshold: disk.link.file_threshold.load(Ordering::SeqCst),
     }
 }
 
@@ -233,7 +273,7 @@ impl Machine {
         };
         // QEMU's names: the drive id, else "virtioN" by position among id-less drives.
         let mut anonymous = 0;
-        let drives = cfg
+        let drives: Vec<Drive> = cfg
             .drives
             .iter()
             .zip(&disks)
@@ -281,6 +321,7 @@ impl Machine {
         Ok(Machine {
             images,
             platform,
+            next_auto_node: 2 * drives.len(),
             drives,
             nodes: Vec::new(),
             nics,
@@ -335,14 +376,14 @@ impl Machine {
         }
         for (i, d) in self.drives.iter().enumerate() {
             let node = node_name(i);
-            let (s, n) = (sink.clone(), node.clone());
+            let (s, names) = (sink.clone(), [node.clone(), file_node_name(i)]);
             let _ = d
                 .disk
                 .link
                 .threshold_sink
-                .set(Box::new(move |amount, threshold| {
+                .set(Box::new(move |file, amount, threshold| {
                     s.emit(Event::BlockWriteThreshold {
-                        node_name: n.clone(),
+                        node_name: names[usize::from(file)].clone(),
                         amount_exceeded: amount,
                         write_threshold: threshold,
                     })
@@ -724,14 +765,18 @@ impl Machine {
                     .collect(),
             )),
             Request::QueryNamedBlockNodes => {
-                let drives =
-                    self.drives.iter().enumerate().map(|(i, d)| {
-                        block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk)
-                    });
-                let nodes = self
-                    .nodes
-                    .iter()
-                    .map(|n| block_node(&n.name, &n.driver, &n.cfg, &n.disk));
+                // (Each format node, then its protocol node, as QEMU lists them.)
+                let drives = self.drives.iter().enumerate().flat_map(|(i, d)| {
+                    [
+                        block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk),
+                        file_node(&file_node_name(i), &d.cfg, &d.disk),
+                    ]
+                });
+                let nodes = self.nodes.iter().flat_map(|n| {
+                    let file = n.file_node.as_ref();
+                    std::iter::once(block_node(&n.name, &n.driver, &n.cfg, &n.disk))
+                        .chain(file.map(|f| file_node(f, &n.cfg, &n.disk)))
+                });
                 Ok(Reply::Nodes(drives.chain(nodes).collect()))
             }
             Request::BlockSetIoThrottle { device, limits } => {
@@ -740,12 +785,32 @@ impl Machine {
                 Ok(Reply::Done)
             }
             Request::BlockSetWriteThreshold { node, threshold } => {
-                let disk = self
-                    .drive_by_node(&node)
-                    .map(|d| &d.disk)
-                    .or_else(|| self.nodes.iter().find(|n| n.name == node).map(|n| &n.disk))
+                // (The node, and whether it is a protocol node.)
+                let drives = self.drives.iter().enumerate().flat_map(|(i, d)| {
+                    [
+                        (node_name(i), &d.cfg, &d.disk, false),
+                        (file_node_name(i), &d.cfg, &d.disk, true),
+                    ]
+                });
+                let nodes = self.nodes.iter().flat_map(|n| {
+                    std::iter::once((n.name.clone(), &n.cfg, &n.disk, n.driver == "file"))
+                        .chain(n.file_node.clone().map(|f| (f, &n.cfg, &n.disk, true)))
+                });
+                let (_, cfg, disk, file) = drives
+                    .chain(nodes)
+                    .find(|(name, ..)| *name == node)
                     .ok_or_else(|| ApiError::generic(format!("Device '{node}' not found")))?;
-                disk.link.write_threshold.store(threshold, Ordering::SeqCst);
+                if !file {
+                    disk.link.write_threshold.store(threshold, Ordering::SeqCst);
+                } else if cfg.format == DriveFormat::Raw {
+                    disk.link.file_threshold.store(threshold, Ordering::SeqCst);
+                } else {
+                    // (Its writes are the image's own: moat does not watch them.)
+                    return Err(ApiError::generic(format!(
+                        "moat keeps no write threshold on the file of a {} image: set it on the format node",
+                        cfg.format.name()
+                    )));
+                }
                 Ok(Reply::Done)
             }
             Request::Eject { device } => {
@@ -778,8 +843,13 @@ impl Machine {
                 // configured with: hand files in with add-fd and /dev/fdset/N.
                 let disk = Disk::open(&drive, &lock(&self.fds))
                     .map_err(|e| ApiError::generic(e.monitor_text()))?;
+                let file_node = (driver != "file").then(|| {
+                    self.next_auto_node += 1;
+                    format!("#block{:03}", self.next_auto_node - 1)
+                });
                 self.nodes.push(Node {
                     name: node,
+                    file_node,
                     driver,
                     cfg: *drive,
                     disk,

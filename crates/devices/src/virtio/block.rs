@@ -124,7 +124,8 @@ pub type ErrorSink = Arc<std::sync::OnceLock<Box<dyn Fn(IoErrorReport) + Send + 
 
 /// Told (amount exceeded, threshold) when a write passes the drive's write
 /// threshold (QMP `BLOCK_WRITE_THRESHOLD`).
-pub type ThresholdSink = Arc<std::sync::OnceLock<Box<dyn Fn(u64, u64) + Send + Sync>>>;
+/// Told (protocol node?, amount exceeded, threshold) when a write threshold is passed.
+pub type ThresholdSink = Arc<std::sync::OnceLock<Box<dyn Fn(bool, u64, u64) + Send + Sync>>>;
 
 /// What a drive's device shares with the rest of moat, across guest resets.
 #[derive(Clone)]
@@ -140,8 +141,11 @@ pub struct DriveLink {
     pub resume: Arc<Vec<EventFd>>,
     /// `IO_STATUS_*`, reset to ok by `cont`.
     pub io_status: Arc<std::sync::atomic::AtomicU8>,
-    /// QMP `block-set-write-threshold`'s offset (0: none).
+    /// QMP `block-set-write-threshold`'s offset (0: none) on the drive's
+    /// node, and on its protocol (file) node: armed only for raw images,
+    /// whose file offsets are the guest's.
     pub write_threshold: Arc<AtomicU64>,
+    pub file_threshold: Arc<AtomicU64>,
     pub threshold_sink: ThresholdSink,
 }
 
@@ -158,18 +162,20 @@ impl DriveLink {
     /// QEMU's `bdrv_write_threshold_check_write`: a write, write-zeroes or
     /// discard that ends past the threshold raises `BLOCK_WRITE_THRESHOLD`
     /// once and disarms it (so a guest cannot flood the monitor).
+    /// (The drive's node first, then its file's, as QEMU checks them.)
     pub fn check_write_threshold(&self, offset: u64, len: u64) {
-        let t = self.write_threshold.load(Ordering::SeqCst);
         let end = offset.saturating_add(len);
-        if t > 0
-            && end > t
-            && self
-                .write_threshold
-                .compare_exchange(t, 0, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
-        {
-            if let Some(sink) = self.threshold_sink.get() {
-                sink(end - t, t);
+        for (file, armed) in [(false, &self.write_threshold), (true, &self.file_threshold)] {
+            let t = armed.load(Ordering::SeqCst);
+            if t > 0
+                && end > t
+                && armed
+                    .compare_exchange(t, 0, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                if let Some(sink) = self.threshold_sink.get() {
+                    sink(file, end - t, t);
+                }
             }
         }
     }
@@ -192,6 +198,7 @@ impl DriveLink {
             resume: Arc::new(resume),
             io_status: Arc::default(),
             write_threshold: Arc::default(),
+            file_threshold: Arc::default(),
             threshold_sink: Arc::default(),
         })
     }
