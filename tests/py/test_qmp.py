@@ -427,6 +427,78 @@ def test_block_queries(moat, tmp_path):
     q.close()
 
 
+def stat_keys(d, prefix=""):
+    out = set()
+    for k, v in d.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= stat_keys(v, prefix + k + ".")
+    return out
+
+
+def test_blockstats_count_as_qemu_does(moat, tmp_path):
+    """query-blockstats counts what QEMU's virtio-blk counts: bytes and
+    operations done, host failures (a write to a read-only drive), guest
+    mistakes as invalid (reads past the end, a partial sector), the time
+    each kind took, the idle time since, the highest offset written, and a
+    raw image's file node below it; the fields are QEMU's own (a QEMU with
+    the same drives is asked too)."""
+    disk, ro = tmp_path / "d.img", tmp_path / "ro.img"
+    disk.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    ro.write_bytes(b"\0" * (1 << 20))
+    drives = ["-drive", f"file={disk},format=raw,if=none,id=d0",
+              "-device", "virtio-blk-device,drive=d0",
+              "-drive", f"file={ro},format=raw,if=none,id=d1,readonly=on",
+              "-device", "virtio-blk-device,drive=d1"]
+    m = moat(append="blk=2 blk_len=65536 blk_write=1 blk_oob=1 blk_ro=1 action=count", extra=drives)
+    q = connect(m)
+    m.wait_for(lambda: m.count() > 0, "the guest's disk checks")
+    assert "FAIL" not in m.console(), m.console()
+    stats = {s["device"]: s for s in q.cmd("query-blockstats")}
+    d0, d1 = stats["d0"]["stats"], stats["d1"]["stats"]
+    # 64 KiB read, 4 KiB written at sector 8, flushed, read back.
+    assert d0["rd_bytes"] == 65536 + 4096 and d0["wr_bytes"] == 4096, d0
+    assert d0["wr_operations"] == 1 and d0["flush_operations"] == 1, d0
+    assert d0["wr_highest_offset"] == 8 * 512 + 4096, d0
+    # Past the end, across the end, a partial sector: the guest's mistakes.
+    assert d0["invalid_rd_operations"] == 3 and d0["failed_rd_operations"] == 0, d0
+    for k in ["rd_total_time_ns", "wr_total_time_ns", "flush_total_time_ns"]:
+        assert d0[k] > 0, (k, d0)
+    # The write to the read-only drive failed on the host side.
+    assert d1["failed_wr_operations"] == 1 and d1["wr_operations"] == 0, d1
+    assert d1["invalid_wr_operations"] == 0 and d1["wr_highest_offset"] == 0, d1
+    idle = d0["idle_time_ns"]
+    time.sleep(0.2)
+    assert q.cmd("query-blockstats")[0]["stats"]["idle_time_ns"] >= idle + 150_000_000
+    # The raw image's file, below it.
+    parent = stats["d0"]["parent"]
+    file_node = q.cmd("query-named-block-nodes")[1]
+    assert parent["node-name"] == file_node["node-name"] and file_node["drv"] == "file"
+    assert parent["stats"]["wr_highest_offset"] == 8 * 512 + 4096
+    assert parent["stats"]["rd_bytes"] == 0  # accounted on the device, as QEMU
+    assert parent["driver-specific"] == {"driver": "file", "discard-nb-ok": 0,
+                                         "discard-nb-failed": 0, "discard-bytes-ok": 0}
+    q.close()
+    # QEMU's fields, no more and no fewer (its drives saw no I/O: no idle time).
+    out = subprocess.run(["qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-display", "none",
+                          "-qmp", "stdio", *drives], input=b'{"execute":"qmp_capabilities"}\n'
+                         b'{"execute":"query-blockstats"}\n{"execute":"quit"}\n',
+                         capture_output=True, timeout=60).stdout.decode()
+    theirs = [json.loads(line) for line in out.splitlines() if '"return": [' in line][0]["return"]
+    ours = {s["device"]: s for s in q_stats_without_idle(stats)}
+    for s in theirs:
+        assert stat_keys(s) == stat_keys(ours[s["device"]]), (s, ours[s["device"]])
+
+
+def q_stats_without_idle(stats):
+    out = []
+    for s in stats.values():
+        s = json.loads(json.dumps(s))
+        s["stats"].pop("idle_time_ns", None)
+        out.append(s)
+    return out
+
+
 def qemu_img_info(path):
     out = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", str(path)],
                          check=True, capture_output=True, text=True).stdout

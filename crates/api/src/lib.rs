@@ -213,10 +213,33 @@ pub struct BlockStats {
     pub rd_operations: u64,
     pub wr_operations: u64,
     pub flush_operations: u64,
-    pub unmap_operations: u64,
     pub failed_rd_operations: u64,
     pub failed_wr_operations: u64,
     pub failed_flush_operations: u64,
+    pub invalid_rd_operations: u64,
+    pub invalid_wr_operations: u64,
+    pub rd_total_time_ns: u64,
+    pub wr_total_time_ns: u64,
+    pub flush_total_time_ns: u64,
+    pub wr_highest_offset: u64,
+    /// Since the last request was accounted; `None` before the first.
+    pub idle_time_ns: Option<u64>,
+    /// The protocol node below, for raw images (whose file offsets are
+    /// the guest's); `None` for qcow2, whose own writes to its file moat
+    /// does not follow.
+    pub file: Option<FileStats>,
+}
+
+/// A protocol node's own counters (QEMU's node-level stats of a file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileStats {
+    pub node_name: String,
+    /// `file` or `host_device`.
+    pub driver: String,
+    pub wr_highest_offset: u64,
+    pub discard_ok: u64,
+    pub discard_failed: u64,
+    pub discard_bytes_ok: u64,
 }
 
 /// The answer to a [`Request`].

@@ -10,8 +10,8 @@ use crate::control::VcpuSet;
 use crate::{BootImages, Disk, FdStore, GuestImage, Nic, Platform, Shell, Vm, VmError, VmEvent};
 use kvm_ioctls::Kvm;
 use moat_api::{
-    ApiError, BlockDevice, BlockNode, BlockStats, Call, Client, Event, EventSink, ImageInfo,
-    NetRateInfo, Reply, Request, RunState, RxFilterInfo,
+    ApiError, BlockDevice, BlockNode, BlockStats, Call, Client, Event, EventSink, FileStats,
+    ImageInfo, NetRateInfo, Reply, Request, RunState, RxFilterInfo,
 };
 use moat_config::{Backing, DriveConfig, DriveFormat, ImageLayer, VmConfig};
 use moat_devices::virtio::block;
@@ -188,13 +188,19 @@ fn image_info(layer: &ImageLayer, top: Option<&dyn moat_block::DiskImage>) -> Im
     }
 }
 
+/// The driver of a drive's protocol node: `host_device` for a block device.
+fn file_driver(cfg: &DriveConfig) -> &'static str {
+    match std::fs::metadata(&cfg.file) {
+        Ok(m) if m.file_type().is_block_device() => "host_device",
+        _ => "file",
+    }
+}
+
 /// A drive's or node's protocol node, as QEMU shows it: the file itself.
 fn file_node(name: &str, cfg: &DriveConfig, disk: &Disk) -> BlockNode {
     let meta = std::fs::metadata(&cfg.file).ok();
-    let device = meta
-        .as_ref()
-        .is_some_and(|m| m.file_type().is_block_device());
-    let driver = if device { "host_device" } else { "file" };
+    let driver = file_driver(cfg);
+    let device = driver == "host_device";
     let virtual_size = match (&meta, cfg.format) {
         // (QEMU counts a file in whole sectors.)
         (Some(m), _) if !device => m.len().div_ceil(512) * 512,
@@ -747,6 +753,15 @@ impl Machine {
                     .map(|(i, d)| {
                         let s = &d.disk.link.stats;
                         let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                        let last = g(&s.last_access_ns);
+                        let file = (d.cfg.format == DriveFormat::Raw).then(|| FileStats {
+                            node_name: file_node_name(i),
+                            driver: file_driver(&d.cfg).to_string(),
+                            wr_highest_offset: g(&s.wr_highest_offset),
+                            discard_ok: g(&s.discard_ok),
+                            discard_failed: g(&s.discard_failed),
+                            discard_bytes_ok: g(&s.discard_bytes_ok),
+                        });
                         BlockStats {
                             device: d.name.clone(),
                             node_name: node_name(i),
@@ -756,10 +771,17 @@ impl Machine {
                             rd_operations: g(&s.rd_operations),
                             wr_operations: g(&s.wr_operations),
                             flush_operations: g(&s.flush_operations),
-                            unmap_operations: g(&s.unmap_operations),
                             failed_rd_operations: g(&s.failed_rd_operations),
                             failed_wr_operations: g(&s.failed_wr_operations),
                             failed_flush_operations: g(&s.failed_flush_operations),
+                            invalid_rd_operations: g(&s.invalid_rd_operations),
+                            invalid_wr_operations: g(&s.invalid_wr_operations),
+                            rd_total_time_ns: g(&s.rd_total_time_ns),
+                            wr_total_time_ns: g(&s.wr_total_time_ns),
+                            flush_total_time_ns: g(&s.flush_total_time_ns),
+                            wr_highest_offset: g(&s.wr_highest_offset),
+                            idle_time_ns: (last != 0).then(|| block::now_ns().saturating_sub(last)),
+                            file,
                         }
                     })
                     .collect(),

@@ -67,6 +67,11 @@ struct BlkConfig(vb::virtio_blk_config);
 unsafe impl vm_memory::ByteValued for BlkConfig {}
 
 /// I/O counters of one drive (QMP `query-blockstats`); survive guest resets.
+///
+/// What QEMU's virtio-blk accounts, as it does: reads, writes (write-zeroes
+/// among them, by their length) and flushes, each done, failed (a host
+/// error) or invalid (a range, alignment or flag the guest got wrong), with
+/// the time each took; discards and GET_ID are not accounted.
 #[derive(Debug, Default)]
 pub struct BlockStats {
     pub rd_bytes: AtomicU64,
@@ -74,10 +79,31 @@ pub struct BlockStats {
     pub rd_operations: AtomicU64,
     pub wr_operations: AtomicU64,
     pub flush_operations: AtomicU64,
-    pub unmap_operations: AtomicU64,
     pub failed_rd_operations: AtomicU64,
     pub failed_wr_operations: AtomicU64,
     pub failed_flush_operations: AtomicU64,
+    pub invalid_rd_operations: AtomicU64,
+    pub invalid_wr_operations: AtomicU64,
+    pub rd_total_time_ns: AtomicU64,
+    pub wr_total_time_ns: AtomicU64,
+    pub flush_total_time_ns: AtomicU64,
+    /// The end of the furthest write or write-zeroes sent to the image.
+    pub wr_highest_offset: AtomicU64,
+    /// When a request was last accounted ([`now_ns`]; 0: never).
+    pub last_access_ns: AtomicU64,
+    /// Discards sent to the image: done, failed, bytes done (what QEMU's
+    /// file node counts).
+    pub discard_ok: AtomicU64,
+    pub discard_failed: AtomicU64,
+    pub discard_bytes_ok: AtomicU64,
+}
+
+/// Nanoseconds on a monotonic clock from moat's first use of it, plus one
+/// (so 0 can mean "never").
+pub fn now_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -416,6 +442,9 @@ pub struct Worker {
 #[derive(Debug)]
 enum ReqError {
     Status(u8),
+    /// The guest got the request's range, alignment or flags wrong: this
+    /// status, and QEMU's "invalid" count.
+    Invalid(u8),
     /// The device was reset while the request ran: nothing more is posted.
     Stopped,
     /// The host failed the image I/O (not the guest's mistake): what
@@ -658,6 +687,8 @@ impl Worker {
         if !admitted {
             return Outcome::Stopped;
         }
+        let started = now_ns();
+        let nseg = *nsegs.as_ref().unwrap_or(&0);
         let result = match nsegs {
             Ok(n) => self.execute(
                 mem,
@@ -671,12 +702,17 @@ impl Worker {
             Err(e) => Err(e),
         };
         let mut written = 0;
+        let mut invalid = false;
         let status = match result {
             Ok(n) => {
                 written = n;
                 S_OK
             }
             Err(ReqError::Status(s)) => s,
+            Err(ReqError::Invalid(s)) => {
+                invalid = true;
+                s
+            }
             Err(ReqError::Stopped) => return Outcome::Stopped,
             Err(ReqError::Host {
                 write,
@@ -710,38 +746,93 @@ impl Worker {
                 }
             }
         };
-        let st = &self.link.stats;
-        match (kind, status == S_OK) {
-            (T_IN, true) => {
-                bump(&st.rd_operations, 1);
-                bump(&st.rd_bytes, written as u64);
+        self.account(kind, &segs[..nseg], status, invalid, started, || {
+            // (Bytes moved: what the guest read, or wrote after the header.)
+            if kind == T_IN {
+                written as u64
+            } else {
+                reader.bytes_read().saturating_sub(16) as u64
             }
-            (T_IN, false) => bump(&st.failed_rd_operations, 1),
-            (T_OUT, true) => {
-                bump(&st.wr_operations, 1);
-                bump(&st.wr_bytes, reader.bytes_read().saturating_sub(16) as u64);
-            }
-            (T_OUT, false) => bump(&st.failed_wr_operations, 1),
-            (T_FLUSH, true) => bump(&st.flush_operations, 1),
-            (T_FLUSH, false) => bump(&st.failed_flush_operations, 1),
-            // QEMU accounts write-zeroes as writes.
-            (T_WRITE_ZEROES, true) => bump(&st.wr_operations, 1),
-            (T_WRITE_ZEROES, false) => bump(&st.failed_wr_operations, 1),
-            (T_DISCARD, true) => bump(&st.unmap_operations, 1),
-            _ => {}
-        }
+        });
         if status_w.write_all(&[status]).is_err() {
             return Outcome::Done(0);
         }
         Outcome::Done((written + 1) as u32)
     }
 
+    /// Count a finished request as QEMU's virtio-blk does (see
+    /// [`BlockStats`]): write-zeroes as writes of their `segs`' length,
+    /// discards and the rest not at all; `bytes` moved, for reads and writes.
+    fn account(
+        &self,
+        kind: u32,
+        segs: &[Segment],
+        status: u8,
+        invalid: bool,
+        started: u64,
+        bytes: impl FnOnce() -> u64,
+    ) {
+        let st = &self.link.stats;
+        let zeroes = || {
+            segs.iter()
+                .fold(0u64, |a, s| a.saturating_add(u64::from(s.sectors) * SECTOR))
+        };
+        let (done, failed, bad, moved, time) = match kind {
+            T_IN => (
+                &st.rd_operations,
+                &st.failed_rd_operations,
+                &st.invalid_rd_operations,
+                Some((&st.rd_bytes, bytes())),
+                &st.rd_total_time_ns,
+            ),
+            T_OUT => (
+                &st.wr_operations,
+                &st.failed_wr_operations,
+                &st.invalid_wr_operations,
+                Some((&st.wr_bytes, bytes())),
+                &st.wr_total_time_ns,
+            ),
+            T_WRITE_ZEROES if !segs.is_empty() => (
+                &st.wr_operations,
+                &st.failed_wr_operations,
+                &st.invalid_wr_operations,
+                Some((&st.wr_bytes, zeroes())),
+                &st.wr_total_time_ns,
+            ),
+            // (A flush cannot be invalid.)
+            T_FLUSH => (
+                &st.flush_operations,
+                &st.failed_flush_operations,
+                &st.failed_flush_operations,
+                None,
+                &st.flush_total_time_ns,
+            ),
+            _ => return,
+        };
+        let now = now_ns();
+        if invalid {
+            bump(bad, 1);
+        } else {
+            if status == S_OK {
+                bump(done, 1);
+                if let Some((counter, n)) = moved {
+                    bump(counter, n);
+                }
+            } else {
+                bump(failed, 1);
+            }
+            bump(time, now.saturating_sub(started));
+        }
+        st.last_access_ns.store(now, Ordering::Relaxed);
+    }
+
     /// Data of a read or write: whole sectors, inside the image.
     fn check_data(&self, offset: u64, len: u64) -> Result<(), ReqError> {
-        if !len.is_multiple_of(SECTOR) {
-            return Err(ReqError::Status(S_IOERR));
+        if !len.is_multiple_of(SECTOR)
+            || moat_block::check_range(offset, len, self.disk.size()).is_err()
+        {
+            return Err(ReqError::Invalid(S_IOERR));
         }
-        moat_block::check_range(offset, len, self.disk.size())?;
         Ok(())
     }
 
@@ -758,9 +849,11 @@ impl Worker {
         reader: &mut Reader<'_>,
         writer: &mut Writer<'_>,
     ) -> Result<usize, ReqError> {
-        let offset = sector
-            .checked_mul(SECTOR)
-            .ok_or(ReqError::Status(S_IOERR))?;
+        let offset = sector.checked_mul(SECTOR);
+        let offset = match kind {
+            T_IN | T_OUT => offset.ok_or(ReqError::Invalid(S_IOERR))?,
+            _ => offset.unwrap_or(0),
+        };
         match kind {
             T_IN => {
                 let len = writer.available_bytes();
@@ -769,12 +862,16 @@ impl Worker {
                 Ok(len)
             }
             T_OUT => {
+                let len = reader.available_bytes() as u64;
+                self.check_data(offset, len)?;
                 if self.disk.read_only() {
                     return Err(ReqError::Status(S_IOERR));
                 }
-                let len = reader.available_bytes() as u64;
-                self.check_data(offset, len)?;
                 self.link.check_write_threshold(offset, len);
+                self.link
+                    .stats
+                    .wr_highest_offset
+                    .fetch_max(offset + len, Ordering::Relaxed);
                 let mut done = 0u64;
                 let bounce = aligned(&mut self.bounce);
                 while done < len {
@@ -800,27 +897,47 @@ impl Worker {
                 Ok(n)
             }
             T_DISCARD | T_WRITE_ZEROES => {
+                // Every segment checked first (the guest's mistakes), then
+                // the drive (a read-only one fails the request, as QEMU's
+                // block layer does), then done.
+                let size = self.disk.size();
+                let checked = |seg: &Segment| {
+                    let num = u64::from(seg.sectors) * SECTOR;
+                    let flags_ok =
+                        seg.flags & !1 == 0 && (kind == T_WRITE_ZEROES || seg.flags == 0);
+                    let start = seg.sector.checked_mul(SECTOR);
+                    match start.filter(|&s| moat_block::check_range(s, num, size).is_ok()) {
+                        _ if !flags_ok => Err(ReqError::Invalid(S_UNSUPP)),
+                        Some(start) => Ok((start, num)),
+                        None => Err(ReqError::Invalid(S_IOERR)),
+                    }
+                };
+                for seg in segs {
+                    checked(seg)?;
+                }
                 if self.disk.read_only() {
                     return Err(ReqError::Status(S_IOERR));
                 }
                 for seg in segs {
-                    if seg.flags & !1 != 0 || (kind == T_DISCARD && seg.flags != 0) {
-                        return Err(ReqError::Status(S_UNSUPP));
-                    }
-                }
-                for seg in segs {
-                    let start = seg
-                        .sector
-                        .checked_mul(SECTOR)
-                        .ok_or(ReqError::Status(S_IOERR))?;
-                    let num = u64::from(seg.sectors) * SECTOR;
-                    moat_block::check_range(start, num, self.disk.size())?;
+                    let (start, num) = checked(seg)?;
                     let r = if kind == T_WRITE_ZEROES {
                         self.link.check_write_threshold(start, num);
+                        let st = &self.link.stats;
+                        st.wr_highest_offset
+                            .fetch_max(start + num, Ordering::Relaxed);
                         self.disk.write_zeroes(start, num)
                     } else if self.discard == Discard::Unmap {
                         self.link.check_write_threshold(start, num);
-                        self.disk.discard(start, num)
+                        let r = self.disk.discard(start, num);
+                        let st = &self.link.stats;
+                        match r {
+                            Ok(()) => {
+                                bump(&st.discard_ok, 1);
+                                bump(&st.discard_bytes_ok, num);
+                            }
+                            Err(_) => bump(&st.discard_failed, 1),
+                        }
+                        r
                     } else {
                         Ok(())
                     };
