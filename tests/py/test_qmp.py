@@ -499,6 +499,70 @@ def q_stats_without_idle(stats):
     return out
 
 
+def qemu_session(args, commands):
+    """The replies of a QEMU given `args` to `commands`, in order."""
+    lines = [json.dumps({"execute": "qmp_capabilities"})]
+    lines += [json.dumps(c) for c in commands] + [json.dumps({"execute": "quit"})]
+    out = subprocess.run(["qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-display", "none",
+                          "-qmp", "stdio", *args], input="\n".join(lines).encode() + b"\n",
+                         capture_output=True, timeout=60).stdout.decode()
+    replies = [json.loads(line) for line in out.splitlines() if line.strip()]
+    replies = [r for r in replies if "return" in r or "error" in r]
+    return replies[1:1 + len(commands)]
+
+
+def test_unused_drive_is_kept_as_qemu_keeps_it(moat, tmp_path):
+    """An if=none drive no device uses stays, as in QEMU: query-block lists
+    it removable and without a qdev, query-blockstats and
+    query-named-block-nodes too; eject closes its image (the medium goes,
+    the drive stays), after which throttling it is refused as QEMU words
+    it. QEMU with the same drives answers the same commands alongside."""
+    disk, spare = tmp_path / "d.img", tmp_path / "spare.img"
+    disk.write_bytes(b"\0" * (1 << 20))
+    spare.write_bytes(b"\0" * (1 << 20))
+    args = ["-drive", f"file={disk},format=raw,if=none,id=d0", "-device", "virtio-blk-device,drive=d0",
+            "-drive", f"file={spare},format=raw,if=none,id=spare"]
+    limits = {"device": "spare", "bps": 1 << 20, "bps_rd": 0, "bps_wr": 0,
+              "iops": 0, "iops_rd": 0, "iops_wr": 0}
+    commands = [{"execute": "query-block"}, {"execute": "query-blockstats"},
+                {"execute": "eject", "arguments": {"device": "spare"}},
+                {"execute": "query-block"}, {"execute": "query-blockstats"},
+                {"execute": "block_set_io_throttle", "arguments": limits},
+                {"execute": "eject", "arguments": {"device": "d0"}}]
+    theirs = qemu_session(args, commands)
+    m = moat(extra=args + ["-S"])
+    q = connect(m)
+    nodes = [n["file"] for n in q.cmd("query-named-block-nodes")]
+    assert nodes == [str(disk)] * 2 + [str(spare)] * 2, nodes
+    ours = []
+    for c in commands:
+        try:
+            ours.append({"return": q.cmd(c["execute"], **c.get("arguments", {}))})
+        except ExecuteError as e:
+            ours.append({"error": {"class": e.error_class, "desc": e.error.error.desc}})
+    blk = {b["device"]: b for b in ours[0]["return"]}
+    assert blk["spare"]["removable"] is True and "qdev" not in blk["spare"], blk
+    assert blk["spare"]["inserted"]["file"] == str(spare)
+    assert blk["d0"]["qdev"] == "/machine/peripheral-anon/device[0]" and blk["d0"]["removable"] is False
+    after = {b["device"]: b for b in ours[3]["return"]}
+    assert "inserted" not in after["spare"] and "inserted" in after["d0"], after
+    assert all(os.readlink(p) != str(spare) for p in glob_fds(m.proc.pid)), "the ejected image is closed"
+    assert [n["file"] for n in q.cmd("query-named-block-nodes")] == [str(disk)] * 2
+    # The same shapes, results and errors as QEMU's.
+    for mine, qemu, c in zip(ours, theirs, commands):
+        assert mine.keys() == qemu.keys(), (c, mine, qemu)
+        if "error" in mine:
+            assert mine["error"] == qemu["error"], (c, mine, qemu)
+        elif isinstance(mine["return"], list):
+            for a, b in zip(sorted(mine["return"], key=lambda x: x["device"]),
+                            sorted(qemu["return"], key=lambda x: x["device"])):
+                a = {k: v for k, v in a.items() if k != "io-status"}  # (QEMU's has none before
+                b = {k: v for k, v in b.items() if k != "io-status"}  # the guest runs)
+                skip = {"stats.idle_time_ns"}
+                assert stat_keys(a) - skip == stat_keys(b) - skip, (c, a, b)
+    q.close()
+
+
 def qemu_img_info(path):
     out = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", str(path)],
                          check=True, capture_output=True, text=True).stdout

@@ -194,9 +194,11 @@ pub struct BlockNode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockDevice {
     pub device: String,
-    /// Its position among the VM's devices (QEMU's qdev path uses it).
-    pub index: usize,
-    pub node: BlockNode,
+    /// Its device's position among the VM's devices (QEMU's qdev path uses
+    /// it); `None` for an `if=none` drive no device uses.
+    pub index: Option<usize>,
+    /// `None`: no medium (an unused drive ejected).
+    pub node: Option<BlockNode>,
     pub throttle: ThrottleLimits,
     /// "ok", or "failed"/"nospace" while a host error keeps the VM stopped.
     pub io_status: &'static str,
@@ -206,8 +208,10 @@ pub struct BlockDevice {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BlockStats {
     pub device: String,
-    pub node_name: String,
-    pub index: usize,
+    /// `None`: no medium.
+    pub node_name: Option<String>,
+    /// As [`BlockDevice::index`].
+    pub index: Option<usize>,
     pub rd_bytes: u64,
     pub wr_bytes: u64,
     pub rd_operations: u64,

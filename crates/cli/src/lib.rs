@@ -552,12 +552,11 @@ impl Parser {
     /// options that only make sense together.
     fn finish(mut self) -> Result<VmConfig, CliError> {
         let cfg = &mut self.cfg;
+        // (An if=none drive no device uses stays, as in QEMU: opened and
+        // listed by the monitor.)
         for (d, used) in &self.backends {
             if !used {
-                log::warn!(
-                    "-drive id={}: no device uses it",
-                    d.id.as_deref().unwrap_or_default()
-                );
+                cfg.spare_drives.push(d.clone());
             }
         }
         for (i, (keys, id, arg)) in std::mem::take(&mut self.nics).into_iter().enumerate() {
@@ -2142,9 +2141,14 @@ mod tests {
             "virtio-blk-device,drive=d1,serial=xyz",
         ]);
         assert_eq!(c.drives.len(), 2);
+        assert!(c.spare_drives.is_empty());
         assert_eq!(c.drives[0].serial.as_deref(), Some("abc"));
         assert!(c.drives[1].read_only && c.drives[1].discard_unmap);
         assert_eq!(c.drives[1].serial.as_deref(), Some("xyz"));
+        // An if=none drive no device uses is kept, as QEMU keeps it.
+        let c = cfg(&["-drive", "file=/s.img,format=raw,if=none,id=s"]);
+        assert!(c.drives.is_empty());
+        assert_eq!(c.spare_drives[0].id.as_deref(), Some("s"));
         assert!(err(&["-drive", "file=/a.img"]).contains("never probes"));
         assert_eq!(
             cfg(&["-drive", "file=/a.img,readonly=on"]).drives[0].format,

@@ -642,6 +642,9 @@ pub struct VmConfig {
     pub objects: Vec<Object>,
     /// virtio-blk disks, in device order.
     pub drives: Vec<DriveConfig>,
+    /// `if=none` drives no device uses: opened (and locked) and listed by
+    /// the monitor, as QEMU keeps them, but seen by no guest.
+    pub spare_drives: Vec<DriveConfig>,
     /// virtio-net interfaces, in device order (after the disks).
     pub nics: Vec<NicConfig>,
     /// virtio-rng devices, in device order (after the interfaces).
@@ -703,6 +706,7 @@ impl Default for VmConfig {
             monitors: Vec::new(),
             objects: Vec::new(),
             drives: Vec::new(),
+            spare_drives: Vec::new(),
             nics: Vec::new(),
             rngs: Vec::new(),
             vsock: None,

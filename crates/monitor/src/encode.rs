@@ -163,7 +163,22 @@ fn qdev(index: usize) -> String {
 }
 
 fn block_device(d: &BlockDevice) -> Value {
-    let mut inserted = node(&d.node);
+    let mut v = json!({
+        "device": d.device,
+        "locked": false,
+        "removable": d.index.is_none(),
+        "type": "unknown",
+    });
+    // (An if=none drive no device uses: no qdev, removable, and no I/O
+    // status, which a device turns on; as QEMU shows it.)
+    if let Some(i) = d.index {
+        v["qdev"] = json!(qdev(i));
+        v["io-status"] = json!(d.io_status);
+    }
+    let Some(n) = &d.node else {
+        return v; // no medium
+    };
+    let mut inserted = node(n);
     // QEMU's fields: the averages always, bursts and the group only while
     // throttling is on, each burst field only when set.
     let t = &d.throttle;
@@ -197,15 +212,8 @@ fn block_device(d: &BlockDevice) -> Value {
         }
         inserted["group"] = json!(d.device);
     }
-    json!({
-        "device": d.device,
-        "qdev": qdev(d.index),
-        "locked": false,
-        "removable": false,
-        "type": "unknown",
-        "io-status": d.io_status,
-        "inserted": inserted,
-    })
+    v["inserted"] = inserted;
+    v
 }
 
 /// QEMU's BlockDeviceStats: every mandatory field, each counted (merges,
@@ -247,10 +255,14 @@ fn node_stats(wr_highest_offset: u64) -> Value {
 fn block_stats(s: &BlockStats) -> Value {
     let mut v = json!({
         "device": s.device,
-        "node-name": s.node_name,
-        "qdev": qdev(s.index),
         "stats": device_stats(s),
     });
+    if let Some(n) = &s.node_name {
+        v["node-name"] = json!(n);
+    }
+    if let Some(i) = s.index {
+        v["qdev"] = json!(qdev(i));
+    }
     if let Some(f) = &s.file {
         v["parent"] = json!({
             "node-name": f.node_name,

@@ -37,6 +37,11 @@ struct Drive {
     name: String,
     cfg: DriveConfig,
     disk: Disk,
+    /// Its device's position among the devices; `None` for an `if=none`
+    /// drive no device uses (QEMU keeps those too).
+    device: Option<usize>,
+    /// Such a drive's medium was ejected: its image is closed.
+    ejected: bool,
 }
 
 /// A node made by `blockdev-add`. Like QEMU's microvm, moat has no hotplug:
@@ -250,7 +255,7 @@ impl Machine {
         // The first boot's VM (see Shell).
         let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let shell = Shell::start(&kvm, cfg.mem_size, cfg.thp)?;
-        let (kernel, initrd, disks) = {
+        let (kernel, initrd, disks, spares) = {
             let store = lock(&fds);
             let kernel = match &cfg.kernel {
                 Some(k) => open_image("-kernel", k, cfg.mem_size, &store)?,
@@ -269,13 +274,14 @@ impl Machine {
                 Some(i) => Some(open_image("-initrd", i, cfg.mem_size, &store)?),
                 None => None,
             };
-            let disks = cfg
-                .drives
-                .iter()
-                .map(|d| Disk::open(d, &store))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| VmError::Image(e.to_string()))?;
-            (kernel, initrd, disks)
+            let open = |drives: &[DriveConfig]| {
+                drives
+                    .iter()
+                    .map(|d| Disk::open(d, &store))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| VmError::Image(e.to_string()))
+            };
+            (kernel, initrd, open(&cfg.drives)?, open(&cfg.spare_drives)?)
         };
         // QEMU's names: the drive id, else "virtioN" by position among id-less drives.
         let mut anonymous = 0;
@@ -283,14 +289,24 @@ impl Machine {
             .drives
             .iter()
             .zip(&disks)
-            .map(|(d, disk)| Drive {
+            .enumerate()
+            .map(|(i, (d, disk))| Drive {
                 name: d.id.clone().unwrap_or_else(|| {
                     anonymous += 1;
                     format!("virtio{}", anonymous - 1)
                 }),
                 cfg: d.clone(),
                 disk: disk.clone(),
+                device: Some(i),
+                ejected: false,
             })
+            .chain(cfg.spare_drives.iter().zip(spares).map(|(d, disk)| Drive {
+                name: d.id.clone().unwrap_or_default(),
+                cfg: d.clone(),
+                disk,
+                device: None,
+                ejected: false,
+            }))
             .collect();
         let images = BootImages {
             kernel,
@@ -735,8 +751,10 @@ impl Machine {
                     .enumerate()
                     .map(|(i, d)| BlockDevice {
                         device: d.name.clone(),
-                        index: i,
-                        node: block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk),
+                        index: d.device,
+                        node: (!d.ejected).then(|| {
+                            block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk)
+                        }),
                         throttle: d.disk.link.throttle.limits(),
                         io_status: match d.disk.link.io_status.load(Ordering::SeqCst) {
                             block::IO_STATUS_NOSPACE => "nospace",
@@ -754,18 +772,19 @@ impl Machine {
                         let s = &d.disk.link.stats;
                         let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
                         let last = g(&s.last_access_ns);
-                        let file = (d.cfg.format == DriveFormat::Raw).then(|| FileStats {
-                            node_name: file_node_name(i),
-                            driver: file_driver(&d.cfg).to_string(),
-                            wr_highest_offset: g(&s.wr_highest_offset),
-                            discard_ok: g(&s.discard_ok),
-                            discard_failed: g(&s.discard_failed),
-                            discard_bytes_ok: g(&s.discard_bytes_ok),
-                        });
+                        let file =
+                            (d.cfg.format == DriveFormat::Raw && !d.ejected).then(|| FileStats {
+                                node_name: file_node_name(i),
+                                driver: file_driver(&d.cfg).to_string(),
+                                wr_highest_offset: g(&s.wr_highest_offset),
+                                discard_ok: g(&s.discard_ok),
+                                discard_failed: g(&s.discard_failed),
+                                discard_bytes_ok: g(&s.discard_bytes_ok),
+                            });
                         BlockStats {
                             device: d.name.clone(),
-                            node_name: node_name(i),
-                            index: i,
+                            node_name: (!d.ejected).then(|| node_name(i)),
+                            index: d.device,
                             rd_bytes: g(&s.rd_bytes),
                             wr_bytes: g(&s.wr_bytes),
                             rd_operations: g(&s.rd_operations),
@@ -788,7 +807,8 @@ impl Machine {
             )),
             Request::QueryNamedBlockNodes => {
                 // (Each format node, then its protocol node, as QEMU lists them.)
-                let drives = self.drives.iter().enumerate().flat_map(|(i, d)| {
+                let drives = self.drives.iter().enumerate().filter(|(_, d)| !d.ejected);
+                let drives = drives.flat_map(|(i, d)| {
                     [
                         block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk),
                         file_node(&file_node_name(i), &d.cfg, &d.disk),
@@ -803,12 +823,16 @@ impl Machine {
             }
             Request::BlockSetIoThrottle { device, limits } => {
                 let d = self.drive(&device)?;
+                if d.ejected {
+                    return Err(ApiError::generic("Device has no medium"));
+                }
                 d.disk.link.throttle.set(limits);
                 Ok(Reply::Done)
             }
             Request::BlockSetWriteThreshold { node, threshold } => {
                 // (The node, and whether it is a protocol node.)
-                let drives = self.drives.iter().enumerate().flat_map(|(i, d)| {
+                let drives = self.drives.iter().enumerate().filter(|(_, d)| !d.ejected);
+                let drives = drives.flat_map(|(i, d)| {
                     [
                         (node_name(i), &d.cfg, &d.disk, false),
                         (file_node_name(i), &d.cfg, &d.disk, true),
@@ -836,10 +860,24 @@ impl Machine {
                 Ok(Reply::Done)
             }
             Request::Eject { device } => {
-                self.drive(&device)?;
-                Err(ApiError::generic(format!(
-                    "Device '{device}' is not removable"
-                )))
+                if self.drive(&device)?.device.is_some() {
+                    return Err(ApiError::generic(format!(
+                        "Device '{device}' is not removable"
+                    )));
+                }
+                // A drive no device uses gives up its medium, as in QEMU:
+                // its image is written back and closed.
+                let Some(d) = self.drives.iter_mut().find(|d| d.name == device) else {
+                    unreachable!("found above");
+                };
+                if !d.ejected {
+                    if let Err(e) = d.disk.image.flush() {
+                        log::warn!("eject {device}: flushing: {e}");
+                    }
+                    d.disk.image = Arc::new(moat_block::MemImage::new(Vec::new(), true));
+                    d.ejected = true;
+                }
+                Ok(Reply::Done)
             }
             Request::BlockdevAdd {
                 node,
@@ -902,6 +940,7 @@ impl Machine {
         (0..self.drives.len())
             .find(|&i| node_name(i) == node)
             .map(|i| &self.drives[i])
+            .filter(|d| !d.ejected)
     }
 
     fn drive(&self, device: &str) -> Result<&Drive, ApiError> {
