@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = moat_block::qcow2::info(&memfd(data));
     for writable in [false, true] {
         let f = memfd(data);
-        let Ok(layer) = open_layer("fuzz", f, writable, Below::Unnamed, None) else {
+        let Ok(layer) = open_layer("fuzz", f, writable, Below::Unnamed, None, None) else {
             continue;
         };
         let img = Qcow2Image::new(layer, !writable);

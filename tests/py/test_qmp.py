@@ -628,10 +628,38 @@ def test_image_info_as_qemu_reports_it(moat, tmp_path):
         assert file["image"]["format"] == "file" and "backing-image" not in file["image"]
         assert file["image"]["virtual-size"] == -(-os.path.getsize(p) // 512) * 512
         assert file["node-name"].startswith("#block") and file["node-name"] != fmt["node-name"]
-    # moat does not watch a qcow2 image's own writes to its file.
-    err = qmp_error(q, "block-set-write-threshold", **{"node-name": nodes[1]["node-name"],
-                                                       "write-threshold": 1 << 20})
-    assert "no write threshold on the file of a qcow2 image" in err, err
+    q.close()
+
+
+def test_write_threshold_on_a_qcow2_file_node(moat, tmp_path):
+    """libvirt's use: a threshold on a qcow2 image's file node, in file
+    offsets. The guest's writes allocate clusters past the file's end; the
+    first of the image's own writes (data or metadata) ending past the
+    threshold raises BLOCK_WRITE_THRESHOLD for the file node, once. The
+    file's highest offset written shows as query-blockstats' parent."""
+    img = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], check=True)
+    m = moat(append="blk=1 blk_storm=50 blk_noflush=1 action=count", paused=True,
+             extra=["-drive", f"file={img},format=qcow2,if=none,id=d0",
+                    "-device", "virtio-blk-device,drive=d0"])
+    q = connect(m)
+    fmt, file = q.cmd("query-named-block-nodes")
+    assert fmt["drv"] == "qcow2" and file["drv"] == "file", (fmt, file)
+    size = os.path.getsize(img)
+    q.cmd("block-set-write-threshold", **{"node-name": file["node-name"], "write-threshold": size})
+    assert q.cmd("query-named-block-nodes")[1]["write_threshold"] == size
+    q.cmd("cont")
+    ev = event(q, "BLOCK_WRITE_THRESHOLD")["data"]
+    assert ev["node-name"] == file["node-name"] and ev["write-threshold"] == size, ev
+    assert 0 < ev["amount-exceeded"] <= 1 << 20, ev
+    m.wait_for(lambda: "storm done" in m.console(), "the storm to finish")
+    assert q.cmd("query-named-block-nodes")[1]["write_threshold"] == 0  # disarmed
+    later = [e["event"] for e in q.get_events(wait=False)]
+    assert "BLOCK_WRITE_THRESHOLD" not in later, later
+    parent = q.cmd("query-blockstats")[0]["parent"]
+    assert parent["node-name"] == file["node-name"]
+    high = parent["stats"]["wr_highest_offset"]
+    assert size + ev["amount-exceeded"] <= high <= os.path.getsize(img), (high, size)
     q.close()
 
 

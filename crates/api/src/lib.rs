@@ -228,9 +228,7 @@ pub struct BlockStats {
     pub wr_highest_offset: u64,
     /// Since the last request was accounted; `None` before the first.
     pub idle_time_ns: Option<u64>,
-    /// The protocol node below, for raw images (whose file offsets are
-    /// the guest's); `None` for qcow2, whose own writes to its file moat
-    /// does not follow.
+    /// The protocol node below (its file); `None` without a medium.
     pub file: Option<FileStats>,
 }
 

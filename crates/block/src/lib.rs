@@ -108,8 +108,13 @@ pub fn check_write(read_only: bool, offset: u64, len: u64, size: u64) -> Result<
     check_range(offset, len, size)
 }
 
+/// Told of each write, write-zeroes and discard an image makes to its
+/// file, once done: `(offset, length, discard, succeeded)`, file offsets
+/// (what QEMU's protocol node sees: moat keeps its write threshold and
+/// highest offset with it). For qcow2, imago's file tells it (moat patch 9).
+pub type WriteWatch = imago::file::WriteWatch;
+
 /// A raw image: the file's bytes are the disk's bytes.
-#[derive(Debug)]
 pub struct RawImage {
     file: File,
     /// cache=none/directsync: the same file opened with O_DIRECT, used for
@@ -120,6 +125,16 @@ pub struct RawImage {
     read_only: bool,
     /// cache=unsafe: a flush never waits for the disk.
     no_sync: bool,
+    watch: Option<WriteWatch>,
+}
+
+impl std::fmt::Debug for RawImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawImage")
+            .field("size", &self.size)
+            .field("read_only", &self.read_only)
+            .finish()
+    }
 }
 
 /// Alignment moat keeps for O_DIRECT: enough for every common logical block size.
@@ -189,7 +204,20 @@ impl RawImage {
             size,
             read_only,
             no_sync: false,
+            watch: None,
         })
+    }
+
+    /// Tell `watch` of each write, write-zeroes and discard.
+    pub fn with_watch(mut self, watch: Option<WriteWatch>) -> RawImage {
+        self.watch = watch;
+        self
+    }
+
+    fn tell<T, E>(&self, offset: u64, len: u64, discard: bool, r: &Result<T, E>) {
+        if let Some(w) = &self.watch {
+            w(offset, len, discard, r.is_ok());
+        }
     }
 
     /// cache=unsafe: flushes return at once (QEMU's cache.no-flush).
@@ -270,9 +298,11 @@ impl DiskImage for RawImage {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), BlockError> {
         check_write(self.read_only, offset, buf.len() as u64, self.size)?;
-        self.pick([(buf.as_ptr(), buf.len())], offset)
-            .write_all_at(buf, offset)?;
-        Ok(())
+        let r = self
+            .pick([(buf.as_ptr(), buf.len())], offset)
+            .write_all_at(buf, offset);
+        self.tell(offset, buf.len() as u64, false, &r);
+        Ok(r?)
     }
 
     fn flush(&self) -> Result<(), BlockError> {
@@ -291,11 +321,20 @@ impl DiskImage for RawImage {
             offset,
             len,
         );
+        self.tell(offset, len, true, &Ok::<(), ()>(()));
         Ok(())
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         check_write(self.read_only, offset, len, self.size)?;
+        let r = self.zero_range(offset, len);
+        self.tell(offset, len, false, &r);
+        r
+    }
+}
+
+impl RawImage {
+    fn zero_range(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         if self
             .fallocate(
                 rustix::fs::FallocateFlags::ZERO_RANGE | rustix::fs::FallocateFlags::KEEP_SIZE,

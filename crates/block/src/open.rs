@@ -40,12 +40,19 @@ fn layer_error(name: &str, why: impl std::fmt::Display) -> BlockError {
 
 /// Open `-drive file=` (or a `blockdev-add` node) and the layers the user
 /// named below it; a `/dev/fdset/N` path takes a descriptor from `fds`.
-pub fn open(d: &DriveConfig, fds: &FdStore) -> Result<Arc<dyn DiskImage>, BlockError> {
+/// `watch` is told of the image's own writes to its top file.
+pub fn open(
+    d: &DriveConfig,
+    fds: &FdStore,
+    watch: Option<crate::WriteWatch>,
+) -> Result<Arc<dyn DiskImage>, BlockError> {
     let f = open_image_file(&d.file, !d.read_only, d.cache, fds)?;
     let name = d.file.display().to_string();
     Ok(match d.format {
         DriveFormat::Raw => {
-            let mut raw = RawImage::new(f, d.read_only).map_err(|e| layer_error(&name, e))?;
+            let mut raw = RawImage::new(f, d.read_only)
+                .map_err(|e| layer_error(&name, e))?
+                .with_watch(watch);
             if d.cache == CacheMode::Unsafe {
                 raw = raw.with_no_sync();
             }
@@ -59,7 +66,8 @@ pub fn open(d: &DriveConfig, fds: &FdStore) -> Result<Arc<dyn DiskImage>, BlockE
             // (A second descriptor of the top file, to read its header for
             // reports: a path may not be opened again inside the sandbox.)
             let header = f.try_clone().map_err(|e| layer_error(&name, os_text(&e)))?;
-            let access = open_layer(&d.layer(), Some(f), !d.read_only, d.cache, fds, &mut seen)?;
+            let top = d.layer();
+            let access = open_layer(&top, Some(f), !d.read_only, d.cache, fds, &mut seen, watch)?;
             let q = Qcow2Image::new(access, d.read_only).with_header(header);
             Arc::new(if d.cache == CacheMode::Unsafe {
                 q.with_no_sync()
@@ -164,6 +172,7 @@ fn open_layer(
     cache: CacheMode,
     fds: &FdStore,
     seen: &mut Vec<(u64, u64)>,
+    watch: Option<crate::WriteWatch>,
 ) -> Result<crate::qcow2::Layer, BlockError> {
     use crate::qcow2::Below;
     let name = layer.file.display().to_string();
@@ -199,13 +208,14 @@ fn open_layer(
             let below = match &layer.backing {
                 Backing::Unnamed => Below::Unnamed,
                 Backing::None => Below::None,
-                Backing::Layer(b) => Below::Layer(open_layer(b, None, false, cache, fds, seen)?),
-            };
-            crate::qcow2::open_layer(&name, f, writable, below, data_file).map_err(|why| {
-                BlockError::Open {
-                    option: String::new(),
-                    why,
+                Backing::Layer(b) => {
+                    Below::Layer(open_layer(b, None, false, cache, fds, seen, None)?)
                 }
+            };
+            let opened = crate::qcow2::open_layer(&name, f, writable, below, data_file, watch);
+            opened.map_err(|why| BlockError::Open {
+                option: String::new(),
+                why,
             })
         }
     }

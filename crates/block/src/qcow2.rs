@@ -508,12 +508,14 @@ pub fn open_raw_layer(file: File, writable: bool) -> io::Result<Layer> {
 }
 
 /// Check and open a qcow2 layer. `name` is only for messages.
+/// `watch` is told of imago's writes to `file` (not to a data file).
 pub fn open_layer(
     name: &str,
     file: File,
     writable: bool,
     below: Below,
     data_file: Option<File>,
+    watch: Option<crate::WriteWatch>,
 ) -> Result<Layer, String> {
     let file_len = crate::file_size(&file).map_err(|e| format!("{name}: {e}"))?;
     let header = check(&file, file_len).map_err(|e| format!("{name}: {e}"))?;
@@ -526,10 +528,11 @@ pub fn open_layer(
             done.leaks
         );
     }
-    let mut builder = imago::qcow2::Qcow2::<imago::file::File>::builder(
-        storage(file, writable).map_err(|e| format!("{name}: {e}"))?,
-    )
-    .write(writable);
+    let mut top = storage(file, writable).map_err(|e| format!("{name}: {e}"))?;
+    if let Some(w) = watch {
+        top.set_write_watch(w);
+    }
+    let mut builder = imago::qcow2::Qcow2::<imago::file::File>::builder(top).write(writable);
     match below {
         Below::Unnamed => {
             if let Some(b) = &header.backing_file {

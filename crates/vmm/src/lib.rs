@@ -138,15 +138,21 @@ impl Disk {
         d: &moat_config::DriveConfig,
         fds: &FdStore,
     ) -> Result<Disk, moat_block::BlockError> {
+        let link = moat_devices::virtio::block::DriveLink::new(
+            d.throttle,
+            d.werror,
+            d.rerror,
+            d.num_queues,
+        )?;
+        // (The image's writes to its file, for its protocol node.)
+        let watch = {
+            let link = link.clone();
+            Arc::new(move |offset, len, discard, ok| link.file_write(offset, len, discard, ok))
+        };
         Ok(Disk {
-            image: moat_block::open(d, fds)?,
+            image: moat_block::open(d, fds, Some(watch))?,
             serial: d.serial.clone().unwrap_or_default(),
-            link: moat_devices::virtio::block::DriveLink::new(
-                d.throttle,
-                d.werror,
-                d.rerror,
-                d.num_queues,
-            )?,
+            link,
             discard: if d.discard_unmap {
                 moat_devices::virtio::block::Discard::Unmap
             } else {

@@ -772,15 +772,14 @@ impl Machine {
                         let s = &d.disk.link.stats;
                         let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
                         let last = g(&s.last_access_ns);
-                        let file =
-                            (d.cfg.format == DriveFormat::Raw && !d.ejected).then(|| FileStats {
-                                node_name: file_node_name(i),
-                                driver: file_driver(&d.cfg).to_string(),
-                                wr_highest_offset: g(&s.wr_highest_offset),
-                                discard_ok: g(&s.discard_ok),
-                                discard_failed: g(&s.discard_failed),
-                                discard_bytes_ok: g(&s.discard_bytes_ok),
-                            });
+                        let file = (!d.ejected).then(|| FileStats {
+                            node_name: file_node_name(i),
+                            driver: file_driver(&d.cfg).to_string(),
+                            wr_highest_offset: g(&s.file_wr_highest_offset),
+                            discard_ok: g(&s.discard_ok),
+                            discard_failed: g(&s.discard_failed),
+                            discard_bytes_ok: g(&s.discard_bytes_ok),
+                        });
                         BlockStats {
                             device: d.name.clone(),
                             node_name: (!d.ejected).then(|| node_name(i)),
@@ -834,29 +833,26 @@ impl Machine {
                 let drives = self.drives.iter().enumerate().filter(|(_, d)| !d.ejected);
                 let drives = drives.flat_map(|(i, d)| {
                     [
-                        (node_name(i), &d.cfg, &d.disk, false),
-                        (file_node_name(i), &d.cfg, &d.disk, true),
+                        (node_name(i), &d.disk, false),
+                        (file_node_name(i), &d.disk, true),
                     ]
                 });
                 let nodes = self.nodes.iter().flat_map(|n| {
-                    std::iter::once((n.name.clone(), &n.cfg, &n.disk, n.driver == "file"))
-                        .chain(n.file_node.clone().map(|f| (f, &n.cfg, &n.disk, true)))
+                    std::iter::once((n.name.clone(), &n.disk, false))
+                        .chain(n.file_node.clone().map(|f| (f, &n.disk, true)))
                 });
-                let (_, cfg, disk, file) = drives
+                let (_, disk, file) = drives
                     .chain(nodes)
                     .find(|(name, ..)| *name == node)
                     .ok_or_else(|| ApiError::generic(format!("Device '{node}' not found")))?;
-                if !file {
-                    disk.link.write_threshold.store(threshold, Ordering::SeqCst);
-                } else if cfg.format == DriveFormat::Raw {
-                    disk.link.file_threshold.store(threshold, Ordering::SeqCst);
+                // (A file node's offsets are the file's: for qcow2, its own
+                // metadata and data writes, which the image's watch reports.)
+                let armed = if file {
+                    &disk.link.file_threshold
                 } else {
-                    // (Its writes are the image's own: moat does not watch them.)
-                    return Err(ApiError::generic(format!(
-                        "moat keeps no write threshold on the file of a {} image: set it on the format node",
-                        cfg.format.name()
-                    )));
-                }
+                    &disk.link.write_threshold
+                };
+                armed.store(threshold, Ordering::SeqCst);
                 Ok(Reply::Done)
             }
             Request::Eject { device } => {

@@ -37,6 +37,30 @@ use windows_sys::Win32::System::Ioctl::{FILE_ZERO_DATA_INFORMATION, FSCTL_SET_ZE
 #[cfg(windows)]
 use windows_sys::Win32::System::IO::DeviceIoControl;
 
+/// moat patch 9: a watch told of each write, write-zeroes and discard a
+/// [`File`] carries out, once done: `(offset, length, discard, succeeded)`.
+/// (moat follows a qcow2 image's own writes to its file with it, as QEMU's
+/// protocol node sees them: write thresholds and the highest offset.)
+pub type WriteWatch = std::sync::Arc<dyn Fn(u64, u64, bool, bool) + Send + Sync>;
+
+/// An optional [`WriteWatch`] (`Debug` for `File`'s derive).
+#[derive(Clone, Default)]
+struct Watch(Option<WriteWatch>);
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Watch(set)" } else { "Watch(none)" })
+    }
+}
+
+impl Watch {
+    fn tell<T>(&self, offset: u64, length: u64, discard: bool, r: &io::Result<T>) {
+        if let Some(w) = &self.0 {
+            w(offset, length, discard, r.is_ok());
+        }
+    }
+}
+
 /// Use a plain file or host block device as a storage object.
 #[derive(Debug)]
 pub struct File {
@@ -65,6 +89,9 @@ pub struct File {
 
     /// Storage helper.
     common_storage_helper: CommonStorageHelper,
+
+    /// moat patch 9: told of each write, write-zeroes and discard.
+    write_watch: Watch,
 
     /// macOS-only: Use fsync() instead of F_FULLFSYNC on `sync()` method.
     #[cfg(target_os = "macos")]
@@ -239,37 +266,43 @@ impl Storage for File {
 
     #[cfg(unix)]
     async unsafe fn pure_writev(&self, mut bufv: IoVector<'_>, mut offset: u64) -> io::Result<()> {
-        while !bufv.is_empty() {
-            let iovec = unsafe { bufv.as_iovec() };
-            let pwritev_offset = offset
-                .try_into()
-                .map_err(|_| io::Error::other("Write offset overflow"))?;
+        // (moat patch 9: the loop, whose result the watch is told.)
+        let (start, length) = (offset, bufv.len());
+        let r = (|| -> io::Result<()> {
+            while !bufv.is_empty() {
+                let iovec = unsafe { bufv.as_iovec() };
+                let pwritev_offset = offset
+                    .try_into()
+                    .map_err(|_| io::Error::other("Write offset overflow"))?;
 
-            // Keep holding the lock until `self.size` is updated, so that `resize()` (which takes
-            // the write lock) always sees the current size
-            let file = self.file.read();
-            let len = while_eintr(|| unsafe {
-                libc::pwritev(
-                    file.as_raw_fd(),
-                    iovec.as_ptr(),
-                    iovec.len() as libc::c_int,
-                    pwritev_offset,
-                )
-            })? as u64;
+                // Keep holding the lock until `self.size` is updated, so that `resize()` (which takes
+                // the write lock) always sees the current size
+                let file = self.file.read();
+                let len = while_eintr(|| unsafe {
+                    libc::pwritev(
+                        file.as_raw_fd(),
+                        iovec.as_ptr(),
+                        iovec.len() as libc::c_int,
+                        pwritev_offset,
+                    )
+                })? as u64;
 
-            if len == 0 {
-                // Should not happen, i.e. is an error
-                return Err(io::ErrorKind::WriteZero.into());
+                if len == 0 {
+                    // Should not happen, i.e. is an error
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+
+                bufv = bufv.split_tail_at(len);
+                offset = offset
+                    .checked_add(len)
+                    .ok_or_else(|| io::Error::other("Write offset overflow"))?;
+                self.size.fetch_max(offset, Ordering::Relaxed);
             }
 
-            bufv = bufv.split_tail_at(len);
-            offset = offset
-                .checked_add(len)
-                .ok_or_else(|| io::Error::other("Write offset overflow"))?;
-            self.size.fetch_max(offset, Ordering::Relaxed);
-        }
-
-        Ok(())
+            Ok(())
+        })();
+        self.write_watch.tell(start, length, false, &r);
+        r
     }
 
     #[cfg(windows)]
@@ -302,20 +335,24 @@ impl Storage for File {
             .ok_or_else(|| io::Error::other("Write-zeroes wrap-around"))?;
 
         // Only zeroes the part inside of the file
-        self.discard_to_zero(offset, length).await?;
+        let r = self.discard_to_zero(offset, length).await;
 
         // Unlike discarding, writing zeroes must grow the file if the range reaches past its end.
         // Everything that grows the file updates `self.size` while holding `self.file`, so under
         // the write lock, `self.size` is current, and growing (never shrinking) the file to `end`
         // cannot cut off data written concurrently.
-        #[allow(clippy::readonly_write_lock)]
-        let file = self.file.write();
-        if end > self.size.load(Ordering::Relaxed) {
-            file.set_len(end)?;
-            self.size.fetch_max(end, Ordering::Relaxed);
-        }
-
-        Ok(())
+        let r = r.and_then(|()| {
+            #[allow(clippy::readonly_write_lock)]
+            let file = self.file.write();
+            if end > self.size.load(Ordering::Relaxed) {
+                file.set_len(end)?;
+                self.size.fetch_max(end, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        // (moat patch 9.)
+        self.write_watch.tell(offset, length, false, &r);
+        r
     }
 
     #[cfg(target_os = "linux")]
@@ -329,10 +366,14 @@ impl Storage for File {
 
         let file = self.file.read();
         // Safe: File descriptor is valid, and the rest are simple integer parameters.
-        while_eintr(|| unsafe {
+        let r = while_eintr(|| unsafe {
             libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_ZERO_RANGE, offset, length)
         })
-        .map_err(Self::map_os_err)?;
+        .map_err(Self::map_os_err);
+        // (moat patch 9.)
+        self.write_watch
+            .tell(offset as u64, length as u64, false, &r);
+        r?;
 
         // Without `FALLOC_FL_KEEP_SIZE`, this may have grown the file
         self.size
@@ -342,18 +383,16 @@ impl Storage for File {
     }
 
     async unsafe fn pure_discard(&self, offset: u64, length: u64) -> io::Result<()> {
-        if let Err(err) = self.discard_to_zero(offset, length).await {
+        let r = match self.discard_to_zero(offset, length).await {
             // Ignore `Unsupported` errors: As per the `pure_discard` documentation, a no-op
             // implementation is acceptable.  In addition, the default implementation returns
             // `Ok(())`, and it makes no sense to be harsher than that here.
-            if err.kind() == io::ErrorKind::Unsupported {
-                Ok(())
-            } else {
-                Err(err)
-            }
-        } else {
-            Ok(())
-        }
+            Err(err) if err.kind() == io::ErrorKind::Unsupported => Ok(()),
+            r => r,
+        };
+        // (moat patch 9.)
+        self.write_watch.tell(offset, length, true, &r);
+        r
     }
 
     async fn flush(&self) -> io::Result<()> {
@@ -467,6 +506,12 @@ impl File {
         )
     }
 
+    /// moat patch 9: tell `watch` of each write, write-zeroes and discard
+    /// from now on.
+    pub fn set_write_watch(&mut self, watch: WriteWatch) {
+        self.write_watch = Watch(Some(watch));
+    }
+
     /// Central internal function to create a `File` object.
     fn new(
         mut file: fs::File,
@@ -519,6 +564,7 @@ impl File {
             discard_align,
             size: size.into(),
             common_storage_helper: Default::default(),
+            write_watch: Watch::default(),
             #[cfg(target_os = "macos")]
             relaxed_sync,
             discard_unsupported: AtomicBool::new(false),

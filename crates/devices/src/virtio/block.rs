@@ -89,10 +89,12 @@ pub struct BlockStats {
     pub flush_total_time_ns: AtomicU64,
     /// The end of the furthest write or write-zeroes sent to the image.
     pub wr_highest_offset: AtomicU64,
+    /// The same for the image's writes to its file (its protocol node).
+    pub file_wr_highest_offset: AtomicU64,
     /// When a request was last accounted ([`now_ns`]; 0: never).
     pub last_access_ns: AtomicU64,
-    /// Discards sent to the image: done, failed, bytes done (what QEMU's
-    /// file node counts).
+    /// Discards the image made on its file: done, failed, bytes done (what
+    /// QEMU's file node counts).
     pub discard_ok: AtomicU64,
     pub discard_failed: AtomicU64,
     pub discard_bytes_ok: AtomicU64,
@@ -168,8 +170,8 @@ pub struct DriveLink {
     /// `IO_STATUS_*`, reset to ok by `cont`.
     pub io_status: Arc<std::sync::atomic::AtomicU8>,
     /// QMP `block-set-write-threshold`'s offset (0: none) on the drive's
-    /// node, and on its protocol (file) node: armed only for raw images,
-    /// whose file offsets are the guest's.
+    /// node, and on its protocol (file) node (file offsets: for qcow2 its
+    /// own metadata and data writes).
     pub write_threshold: Arc<AtomicU64>,
     pub file_threshold: Arc<AtomicU64>,
     pub threshold_sink: ThresholdSink,
@@ -188,20 +190,46 @@ impl DriveLink {
     /// QEMU's `bdrv_write_threshold_check_write`: a write, write-zeroes or
     /// discard that ends past the threshold raises `BLOCK_WRITE_THRESHOLD`
     /// once and disarms it (so a guest cannot flood the monitor).
-    /// (The drive's node first, then its file's, as QEMU checks them.)
     pub fn check_write_threshold(&self, offset: u64, len: u64) {
+        self.pass_threshold(false, offset.saturating_add(len));
+    }
+
+    /// The image wrote, zeroed or discarded `[offset, offset+len)` of its
+    /// file (moat_block's write watch): the protocol node's threshold,
+    /// highest offset and discard counts.
+    pub fn file_write(&self, offset: u64, len: u64, discard: bool, ok: bool) {
         let end = offset.saturating_add(len);
-        for (file, armed) in [(false, &self.write_threshold), (true, &self.file_threshold)] {
-            let t = armed.load(Ordering::SeqCst);
-            if t > 0
-                && end > t
-                && armed
-                    .compare_exchange(t, 0, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-            {
-                if let Some(sink) = self.threshold_sink.get() {
-                    sink(file, end - t, t);
-                }
+        self.pass_threshold(true, end);
+        let st = &self.stats;
+        match (discard, ok) {
+            (false, _) => {
+                st.file_wr_highest_offset.fetch_max(end, Ordering::Relaxed);
+            }
+            (true, true) => {
+                bump(&st.discard_ok, 1);
+                bump(&st.discard_bytes_ok, len);
+            }
+            (true, false) => bump(&st.discard_failed, 1),
+        }
+    }
+
+    /// A write ending at `end`: the drive's node's threshold, or its
+    /// file's, raises the event once and disarms.
+    fn pass_threshold(&self, file: bool, end: u64) {
+        let armed = if file {
+            &self.file_threshold
+        } else {
+            &self.write_threshold
+        };
+        let t = armed.load(Ordering::SeqCst);
+        if t > 0
+            && end > t
+            && armed
+                .compare_exchange(t, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            if let Some(sink) = self.threshold_sink.get() {
+                sink(file, end - t, t);
             }
         }
     }
@@ -928,16 +956,7 @@ impl Worker {
                         self.disk.write_zeroes(start, num)
                     } else if self.discard == Discard::Unmap {
                         self.link.check_write_threshold(start, num);
-                        let r = self.disk.discard(start, num);
-                        let st = &self.link.stats;
-                        match r {
-                            Ok(()) => {
-                                bump(&st.discard_ok, 1);
-                                bump(&st.discard_bytes_ok, num);
-                            }
-                            Err(_) => bump(&st.discard_failed, 1),
-                        }
-                        r
+                        self.disk.discard(start, num)
                     } else {
                         Ok(())
                     };
