@@ -373,8 +373,14 @@ for s in $(cat /scenarios); do
             grep "L2: dmesg" /tmp/rss.out ;;
         exits)
             # The boot's timeline and each vCPU's exits by kind and address.
+            # (With the time from start to userspace, so slow boots can be
+            # told from fast ones.)
+            t0=$(now)
             MOAT_LOG=debug $M -M microvm -m 256M -smp 2 $L2 -append "$CMD" -nographic -no-reboot 2>&1 |
-                grep -E "timeline|exits|^ +[0-9]+ " ;;
+                while IFS= read -r line; do
+                    case $line in *"L2: userspace reached"*) echo "TIER2 exits userspace after $(echo "$(now) $t0" | awk '{print $1 - $2}') s" ;; esac
+                    case $line in *timeline*|*exits*|"  "*[0-9]" "*) echo "$line" ;; esac
+                done ;;
         bench-qemu|bench-qemu-elf)
             k="$L2"
             case $s in *-elf) k="-kernel /l2/vmlinux -initrd /l2/initrd.gz" ;; esac
