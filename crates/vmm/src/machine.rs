@@ -56,6 +56,26 @@ struct Node {
     disk: Disk,
 }
 
+/// A block node by name: a format node (`driver`) or, without one, the
+/// protocol node of the file below it.
+struct NamedNode<'a> {
+    name: String,
+    driver: Option<&'a str>,
+    cfg: &'a DriveConfig,
+    disk: &'a Disk,
+}
+
+impl<'a> NamedNode<'a> {
+    fn new(name: String, driver: Option<&'a str>, cfg: &'a DriveConfig, disk: &'a Disk) -> Self {
+        NamedNode {
+            name,
+            driver,
+            cfg,
+            disk,
+        }
+    }
+}
+
 /// Why a boot ended.
 enum Ending {
     /// Build the VM again (the event, or none for a guest reset QEMU
@@ -165,20 +185,16 @@ fn image_info(layer: &ImageLayer, top: Option<&dyn moat_block::DiskImage>) -> Im
         .as_ref()
         .map(|m| std::os::unix::fs::MetadataExt::blocks(m) * 512)
         .unwrap_or(0);
-    let below = || match layer.format {
-        DriveFormat::Qcow2 => std::fs::File::open(&layer.file).ok(),
-        DriveFormat::Raw => None,
-    };
-    let (virtual_size, qcow2) = match top {
-        Some(d) => (d.size(), d.qcow2_info()),
-        None => {
-            let qcow2 = below().and_then(|f| moat_block::qcow2::info(&f));
-            let size = match layer.format {
-                DriveFormat::Qcow2 => below().and_then(|f| moat_block::qcow2::virtual_size(&f)),
-                DriveFormat::Raw => meta.map(|m| m.len()),
-            };
-            (size.unwrap_or(0), qcow2)
-        }
+    let (virtual_size, qcow2) = match (top, layer.format) {
+        (Some(d), _) => (d.size(), d.qcow2_info()),
+        (None, DriveFormat::Qcow2) => match std::fs::File::open(&layer.file) {
+            Ok(f) => (
+                moat_block::qcow2::virtual_size(&f).unwrap_or(0),
+                moat_block::qcow2::info(&f),
+            ),
+            Err(_) => (0, None),
+        },
+        (None, DriveFormat::Raw) => (meta.map_or(0, |m| m.len()), None),
     };
     ImageInfo {
         filename: layer.file.clone(),
@@ -193,10 +209,11 @@ fn image_info(layer: &ImageLayer, top: Option<&dyn moat_block::DiskImage>) -> Im
     }
 }
 
-/// The driver of a drive's protocol node: `host_device` for a block device.
-fn file_driver(cfg: &DriveConfig) -> &'static str {
-    match std::fs::metadata(&cfg.file) {
-        Ok(m) if m.file_type().is_block_device() => "host_device",
+/// The driver of a protocol node on a file with `meta`: `host_device` for
+/// a block device.
+fn file_driver(meta: Option<&std::fs::Metadata>) -> &'static str {
+    match meta {
+        Some(m) if m.file_type().is_block_device() => "host_device",
         _ => "file",
     }
 }
@@ -204,7 +221,7 @@ fn file_driver(cfg: &DriveConfig) -> &'static str {
 /// A drive's or node's protocol node, as QEMU shows it: the file itself.
 fn file_node(name: &str, cfg: &DriveConfig, disk: &Disk) -> BlockNode {
     let meta = std::fs::metadata(&cfg.file).ok();
-    let driver = file_driver(cfg);
+    let driver = file_driver(meta.as_ref());
     let device = driver == "host_device";
     let virtual_size = match (&meta, cfg.format) {
         // (QEMU counts a file in whole sectors.)
@@ -774,7 +791,8 @@ impl Machine {
                         let last = g(&s.last_access_ns);
                         let file = (!d.ejected).then(|| FileStats {
                             node_name: file_node_name(i),
-                            driver: file_driver(&d.cfg).to_string(),
+                            driver: file_driver(std::fs::metadata(&d.cfg.file).ok().as_ref())
+                                .to_string(),
                             wr_highest_offset: g(&s.file_wr_highest_offset),
                             discard_ok: g(&s.discard_ok),
                             discard_failed: g(&s.discard_failed),
@@ -804,22 +822,14 @@ impl Machine {
                     })
                     .collect(),
             )),
-            Request::QueryNamedBlockNodes => {
-                // (Each format node, then its protocol node, as QEMU lists them.)
-                let drives = self.drives.iter().enumerate().filter(|(_, d)| !d.ejected);
-                let drives = drives.flat_map(|(i, d)| {
-                    [
-                        block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk),
-                        file_node(&file_node_name(i), &d.cfg, &d.disk),
-                    ]
-                });
-                let nodes = self.nodes.iter().flat_map(|n| {
-                    let file = n.file_node.as_ref();
-                    std::iter::once(block_node(&n.name, &n.driver, &n.cfg, &n.disk))
-                        .chain(file.map(|f| file_node(f, &n.cfg, &n.disk)))
-                });
-                Ok(Reply::Nodes(drives.chain(nodes).collect()))
-            }
+            Request::QueryNamedBlockNodes => Ok(Reply::Nodes(
+                self.named_nodes()
+                    .map(|n| match n.driver {
+                        Some(driver) => block_node(&n.name, driver, n.cfg, n.disk),
+                        None => file_node(&n.name, n.cfg, n.disk),
+                    })
+                    .collect(),
+            )),
             Request::BlockSetIoThrottle { device, limits } => {
                 let d = self.drive(&device)?;
                 if d.ejected {
@@ -829,43 +839,29 @@ impl Machine {
                 Ok(Reply::Done)
             }
             Request::BlockSetWriteThreshold { node, threshold } => {
-                // (The node, and whether it is a protocol node.)
-                let drives = self.drives.iter().enumerate().filter(|(_, d)| !d.ejected);
-                let drives = drives.flat_map(|(i, d)| {
-                    [
-                        (node_name(i), &d.disk, false),
-                        (file_node_name(i), &d.disk, true),
-                    ]
-                });
-                let nodes = self.nodes.iter().flat_map(|n| {
-                    std::iter::once((n.name.clone(), &n.disk, false))
-                        .chain(n.file_node.clone().map(|f| (f, &n.disk, true)))
-                });
-                let (_, disk, file) = drives
-                    .chain(nodes)
-                    .find(|(name, ..)| *name == node)
+                let n = self
+                    .named_nodes()
+                    .find(|n| n.name == node)
                     .ok_or_else(|| ApiError::generic(format!("Device '{node}' not found")))?;
                 // (A file node's offsets are the file's: for qcow2, its own
                 // metadata and data writes, which the image's watch reports.)
-                let armed = if file {
-                    &disk.link.file_threshold
-                } else {
-                    &disk.link.write_threshold
+                let armed = match n.driver {
+                    Some(_) => &n.disk.link.write_threshold,
+                    None => &n.disk.link.file_threshold,
                 };
                 armed.store(threshold, Ordering::SeqCst);
                 Ok(Reply::Done)
             }
             Request::Eject { device } => {
-                if self.drive(&device)?.device.is_some() {
+                let i = self.drive_index(&device)?;
+                let d = &mut self.drives[i];
+                if d.device.is_some() {
                     return Err(ApiError::generic(format!(
                         "Device '{device}' is not removable"
                     )));
                 }
                 // A drive no device uses gives up its medium, as in QEMU:
                 // its image is written back and closed.
-                let Some(d) = self.drives.iter_mut().find(|d| d.name == device) else {
-                    unreachable!("found above");
-                };
                 if !d.ejected {
                     if let Err(e) = d.disk.image.flush() {
                         log::warn!("eject {device}: flushing: {e}");
@@ -940,9 +936,33 @@ impl Machine {
     }
 
     fn drive(&self, device: &str) -> Result<&Drive, ApiError> {
+        Ok(&self.drives[self.drive_index(device)?])
+    }
+
+    fn drive_index(&self, device: &str) -> Result<usize, ApiError> {
         self.drives
             .iter()
-            .find(|d| d.name == device)
+            .position(|d| d.name == device)
             .ok_or_else(|| ApiError::device_not_found(format!("Device '{device}' not found")))
+    }
+
+    /// Every block node the monitor names, as QEMU lists them: each
+    /// drive's (with a medium) and each `blockdev-add` node's, each
+    /// followed by the file below it.
+    fn named_nodes(&self) -> impl Iterator<Item = NamedNode<'_>> {
+        let drives = self.drives.iter().enumerate().filter(|(_, d)| !d.ejected);
+        let drives = drives.flat_map(|(i, d)| {
+            [
+                NamedNode::new(node_name(i), Some(d.cfg.format.name()), &d.cfg, &d.disk),
+                NamedNode::new(file_node_name(i), None, &d.cfg, &d.disk),
+            ]
+        });
+        let nodes = self.nodes.iter().flat_map(|n| {
+            let node = NamedNode::new(n.name.clone(), Some(&n.driver), &n.cfg, &n.disk);
+            let file = n.file_node.as_ref();
+            std::iter::once(node)
+                .chain(file.map(|f| NamedNode::new(f.clone(), None, &n.cfg, &n.disk)))
+        });
+        drives.chain(nodes)
     }
 }

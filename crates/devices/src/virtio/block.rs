@@ -187,11 +187,19 @@ impl std::fmt::Debug for DriveLink {
 }
 
 impl DriveLink {
-    /// QEMU's `bdrv_write_threshold_check_write`: a write, write-zeroes or
-    /// discard that ends past the threshold raises `BLOCK_WRITE_THRESHOLD`
-    /// once and disarms it (so a guest cannot flood the monitor).
-    pub fn check_write_threshold(&self, offset: u64, len: u64) {
-        self.pass_threshold(false, offset.saturating_add(len));
+    /// The device is about to write, zero or discard `[offset,
+    /// offset+len)` of the drive: QEMU's `bdrv_write_threshold_check_write`
+    /// (one that ends past the threshold raises `BLOCK_WRITE_THRESHOLD`
+    /// once and disarms it, so a guest cannot flood the monitor), and the
+    /// highest offset written (not by a discard).
+    pub fn guest_write(&self, offset: u64, len: u64, discard: bool) {
+        let end = offset.saturating_add(len);
+        self.pass_threshold(false, end);
+        if !discard {
+            self.stats
+                .wr_highest_offset
+                .fetch_max(end, Ordering::Relaxed);
+        }
     }
 
     /// The image wrote, zeroed or discarded `[offset, offset+len)` of its
@@ -540,6 +548,12 @@ struct Segment {
     flags: u32,
 }
 
+/// The bytes `segs` cover (what write-zeroes is throttled and accounted by).
+fn segments_bytes(segs: &[Segment]) -> u64 {
+    segs.iter()
+        .fold(0u64, |a, s| a.saturating_add(u64::from(s.sectors) * SECTOR))
+}
+
 /// Copy the request's segments out of guest memory into `segs` (at most
 /// [`MAX_DISCARD_SEG`], a whole number of 16-byte segments); how many.
 fn read_segments(reader: &mut Reader<'_>, segs: &mut [Segment]) -> Result<usize, ReqError> {
@@ -704,12 +718,7 @@ impl Worker {
         let admitted = match (kind, &nsegs) {
             (T_IN, _) => self.throttle(false, writer.available_bytes() as u64),
             (T_OUT, _) => self.throttle(true, reader.available_bytes() as u64),
-            (T_WRITE_ZEROES, Ok(n)) => {
-                let bytes = segs[..*n]
-                    .iter()
-                    .fold(0u64, |a, s| a.saturating_add(u64::from(s.sectors) * SECTOR));
-                self.throttle(true, bytes)
-            }
+            (T_WRITE_ZEROES, Ok(n)) => self.throttle(true, segments_bytes(&segs[..*n])),
             _ => true,
         };
         if !admitted {
@@ -801,37 +810,33 @@ impl Worker {
         bytes: impl FnOnce() -> u64,
     ) {
         let st = &self.link.stats;
-        let zeroes = || {
-            segs.iter()
-                .fold(0u64, |a, s| a.saturating_add(u64::from(s.sectors) * SECTOR))
-        };
         let (done, failed, bad, moved, time) = match kind {
             T_IN => (
                 &st.rd_operations,
                 &st.failed_rd_operations,
-                &st.invalid_rd_operations,
+                Some(&st.invalid_rd_operations),
                 Some((&st.rd_bytes, bytes())),
                 &st.rd_total_time_ns,
             ),
             T_OUT => (
                 &st.wr_operations,
                 &st.failed_wr_operations,
-                &st.invalid_wr_operations,
+                Some(&st.invalid_wr_operations),
                 Some((&st.wr_bytes, bytes())),
                 &st.wr_total_time_ns,
             ),
             T_WRITE_ZEROES if !segs.is_empty() => (
                 &st.wr_operations,
                 &st.failed_wr_operations,
-                &st.invalid_wr_operations,
-                Some((&st.wr_bytes, zeroes())),
+                Some(&st.invalid_wr_operations),
+                Some((&st.wr_bytes, segments_bytes(segs))),
                 &st.wr_total_time_ns,
             ),
             // (A flush cannot be invalid.)
             T_FLUSH => (
                 &st.flush_operations,
                 &st.failed_flush_operations,
-                &st.failed_flush_operations,
+                None,
                 None,
                 &st.flush_total_time_ns,
             ),
@@ -839,7 +844,9 @@ impl Worker {
         };
         let now = now_ns();
         if invalid {
-            bump(bad, 1);
+            if let Some(bad) = bad {
+                bump(bad, 1);
+            }
         } else {
             if status == S_OK {
                 bump(done, 1);
@@ -895,11 +902,7 @@ impl Worker {
                 if self.disk.read_only() {
                     return Err(ReqError::Status(S_IOERR));
                 }
-                self.link.check_write_threshold(offset, len);
-                self.link
-                    .stats
-                    .wr_highest_offset
-                    .fetch_max(offset + len, Ordering::Relaxed);
+                self.link.guest_write(offset, len, false);
                 let mut done = 0u64;
                 let bounce = aligned(&mut self.bounce);
                 while done < len {
@@ -949,13 +952,10 @@ impl Worker {
                 for seg in segs {
                     let (start, num) = checked(seg)?;
                     let r = if kind == T_WRITE_ZEROES {
-                        self.link.check_write_threshold(start, num);
-                        let st = &self.link.stats;
-                        st.wr_highest_offset
-                            .fetch_max(start + num, Ordering::Relaxed);
+                        self.link.guest_write(start, num, false);
                         self.disk.write_zeroes(start, num)
                     } else if self.discard == Discard::Unmap {
-                        self.link.check_write_threshold(start, num);
+                        self.link.guest_write(start, num, true);
                         self.disk.discard(start, num)
                     } else {
                         Ok(())
