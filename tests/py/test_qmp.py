@@ -563,6 +563,58 @@ def test_unused_drive_is_kept_as_qemu_keeps_it(moat, tmp_path):
     q.close()
 
 
+def answers(q, commands):
+    """Each command's reply as QMP puts it on the wire (return or error)."""
+    out = []
+    for c in commands:
+        try:
+            out.append({"return": q.cmd(c["execute"], **c.get("arguments", {}))})
+        except ExecuteError as e:
+            out.append({"error": {"class": e.error_class, "desc": e.error.error.desc}})
+    return out
+
+
+def test_devices_are_named_as_qemu_names_them(moat, tmp_path):
+    """A device's qdev is its id= when it has one, else its place among the
+    id-less -devices of every kind; eject and block_set_io_throttle find a
+    drive by its device's id (id=) apart from the drive's name (device=),
+    with QEMU's errors for an unknown id and for a device with no drive;
+    limits set by id= are grouped under the id. QEMU given the same
+    options answers the same commands alongside."""
+    img = tmp_path / "d.img"
+    img.write_bytes(b"\0" * (1 << 20))
+    args = ["-device", "virtio-rng-device,id=r1", "-device", "virtio-rng-device",
+            "-drive", f"file={img},format=raw,if=none,id=d1,readonly=on",
+            "-device", "virtio-blk-device,drive=d1,id=vd1",
+            "-drive", f"file={img},format=raw,if=none,id=d3,readonly=on",
+            "-device", "virtio-blk-device,drive=d3"]
+    limits = {"bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 10, "iops_rd": 0, "iops_wr": 0}
+    commands = [{"execute": "query-block"}]
+    commands += [{"execute": "eject", "arguments": a} for a in
+                 [{"id": "vd1"}, {"id": "nope"}, {"id": "r1"}, {"id": "d1"}, {"device": "vd1"},
+                  {"device": "d1", "id": "vd1"}]]
+    commands += [{"execute": "block_set_io_throttle", "arguments": {**limits, **a}} for a in
+                 [{"id": "vd1"}, {"id": "/machine/peripheral-anon/device[1]"}, {"device": "d3"}]]
+    commands += [{"execute": "query-block"}]
+    theirs = qemu_session(args, commands)
+    q = connect(moat(extra=args + ["-S"]))
+    ours = answers(q, commands)
+    # (Where moat is stricter: QEMU would make d3 share vd1's limits.)
+    with pytest.raises(ExecuteError, match="moat shares no limits between drives"):
+        q.cmd("block_set_io_throttle", device="d3", group="vd1", **limits)
+    q.close()
+    qdevs = lambda r: {b["device"]: b["qdev"] for b in r["return"]}
+    groups = lambda r: {b["device"]: b["inserted"].get("group") for b in r["return"]}
+    assert qdevs(ours[0]) == {"d1": "vd1", "d3": "/machine/peripheral-anon/device[1]"}, ours[0]
+    # (A group keeps the name its limits were first set by.)
+    assert groups(ours[-1]) == {"d1": "vd1", "d3": "/machine/peripheral-anon/device[1]"}, ours[-1]
+    for mine, qemu, c in zip(ours, theirs, commands):
+        assert mine.keys() == qemu.keys(), (c, mine, qemu)
+        if "error" in mine:
+            assert mine["error"] == qemu["error"], (c, mine, qemu)
+    assert qdevs(ours[0]) == qdevs(theirs[0]) and groups(ours[-1]) == groups(theirs[-1])
+
+
 def qemu_img_info(path):
     out = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", str(path)],
                          check=True, capture_output=True, text=True).stdout

@@ -31,13 +31,15 @@ pub enum Request {
     QueryBlock,
     QueryBlockstats,
     QueryNamedBlockNodes,
-    /// New limits for a drive (all zero: none).
+    /// New limits for a drive (all zero: none), and its throttle group's
+    /// name if the client gave one.
     BlockSetIoThrottle {
-        device: String,
+        drive: DriveRef,
         limits: ThrottleLimits,
+        group: Option<String>,
     },
     Eject {
-        device: String,
+        drive: DriveRef,
     },
     /// QMP `block-set-write-threshold` (0: none).
     BlockSetWriteThreshold {
@@ -190,16 +192,34 @@ pub struct BlockNode {
     pub write_threshold: u64,
 }
 
+/// How a block command names its drive: QMP's `device` (the drive's name)
+/// or `id` (the id of the device using it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DriveRef {
+    Device(String),
+    Id(String),
+}
+
+impl DriveRef {
+    pub fn name(&self) -> &str {
+        match self {
+            DriveRef::Device(n) | DriveRef::Id(n) => n,
+        }
+    }
+}
+
 /// A drive with its device (query-block).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockDevice {
     pub device: String,
-    /// Its device's position among the VM's devices (QEMU's qdev path uses
-    /// it); `None` for an `if=none` drive no device uses.
-    pub index: Option<usize>,
+    /// Its device as QEMU shows it (the id, else the QOM path); `None` for
+    /// an `if=none` drive no device uses.
+    pub qdev: Option<String>,
     /// `None`: no medium (an unused drive ejected).
     pub node: Option<BlockNode>,
     pub throttle: ThrottleLimits,
+    /// The throttle group's name while limits are on.
+    pub throttle_group: Option<String>,
     /// "ok", or "failed"/"nospace" while a host error keeps the VM stopped.
     pub io_status: &'static str,
 }
@@ -210,8 +230,8 @@ pub struct BlockStats {
     pub device: String,
     /// `None`: no medium.
     pub node_name: Option<String>,
-    /// As [`BlockDevice::index`].
-    pub index: Option<usize>,
+    /// As [`BlockDevice::qdev`].
+    pub qdev: Option<String>,
     pub rd_bytes: u64,
     pub wr_bytes: u64,
     pub rd_operations: u64,

@@ -52,9 +52,13 @@ struct Parser {
     /// `-netdev`s, and the interfaces waiting for theirs (device keys, the
     /// netdev id, the option's text).
     netdevs: Vec<NetdevConfig>,
-    nics: Vec<(net::NicKeys, String, String)>,
+    /// (With the device's name; `None` for `-nic`'s, named at the end.)
+    nics: Vec<(net::NicKeys, String, String, Option<DeviceName>)>,
     /// virtio-rng devices waiting for their `-object` (and the option's text).
     rngs: Vec<(RngConfig, String)>,
+    /// Devices named so far: ids taken, and how many had none.
+    device_ids: Vec<String>,
+    anonymous_devices: usize,
     /// `-h` or `-version`: stop and do that.
     done: Option<Action>,
 }
@@ -306,8 +310,9 @@ impl Parser {
                     })?
             }
         };
-        kv.take("id");
+        let id = kv.take("id");
         kv.finish(opt, arg)?;
+        let qdev = self.device_name(opt, arg, id)?;
         let (d, used) = self
             .backends
             .iter_mut()
@@ -334,8 +339,34 @@ impl Parser {
         d.werror = werror.unwrap_or(d.werror);
         d.rerror = rerror.unwrap_or(d.rerror);
         d.num_queues = num_queues;
+        d.qdev = Some(qdev);
         self.cfg.drives.push(d);
         Ok(())
+    }
+
+    /// A `-device`'s name: its id (QEMU's check: no two devices share
+    /// one), else the next place among the devices without one.
+    fn device_name(
+        &mut self,
+        opt: &str,
+        arg: &str,
+        id: Option<String>,
+    ) -> Result<DeviceName, CliError> {
+        match id {
+            Some(id) if self.device_ids.contains(&id) => Err(CliError::new(
+                opt,
+                arg,
+                &format!("Duplicate ID '{id}' for device"),
+            )),
+            Some(id) => {
+                self.device_ids.push(id.clone());
+                Ok(DeviceName::Id(id))
+            }
+            None => {
+                self.anonymous_devices += 1;
+                Ok(DeviceName::Anonymous(self.anonymous_devices - 1))
+            }
+        }
     }
 
     fn net_device(
@@ -349,7 +380,8 @@ impl Parser {
             .ok_or_else(|| CliError::new(opt, arg, "Parameter 'netdev' is missing"))?;
         let keys = net::parse_nic_keys(opt, arg, &mut kv)?;
         kv.finish(opt, arg)?;
-        self.nics.push((keys, netdev, arg.to_string()));
+        let qdev = self.device_name(opt, arg, keys.id.clone())?;
+        self.nics.push((keys, netdev, arg.to_string(), Some(qdev)));
         Ok(())
     }
 
@@ -396,8 +428,9 @@ impl Parser {
                 "only one virtio-vsock-device per VM (a guest drives only one)",
             ));
         }
+        let qdev = self.device_name(opt, arg, id)?;
         self.cfg.vsock = Some(moat_config::VsockConfig {
-            id,
+            qdev,
             guest_cid,
             uds_path: PathBuf::from(uds_path),
         });
@@ -443,9 +476,10 @@ impl Parser {
             ));
         }
         kv.finish(opt, arg)?;
+        let qdev = self.device_name(opt, arg, id)?;
         self.rngs.push((
             RngConfig {
-                id,
+                qdev,
                 object,
                 source: RngSource::Builtin,
                 max_bytes,
@@ -493,7 +527,7 @@ impl Parser {
         let n = net::parse_netdev_kv(opt, arg, &mut kv)?;
         kv.finish(opt, arg)?;
         self.netdevs.push(n);
-        self.nics.push((keys, id, arg.to_string()));
+        self.nics.push((keys, id, arg.to_string(), None));
         Ok(())
     }
 
@@ -559,7 +593,13 @@ impl Parser {
                 cfg.spare_drives.push(d.clone());
             }
         }
-        for (i, (keys, id, arg)) in std::mem::take(&mut self.nics).into_iter().enumerate() {
+        // The devices `-drive if=virtio` and `-nic` imply come after every
+        // `-device`, as QEMU creates them.
+        for d in cfg.drives.iter_mut().filter(|d| d.qdev.is_none()) {
+            self.anonymous_devices += 1;
+            d.qdev = Some(DeviceName::Anonymous(self.anonymous_devices - 1));
+        }
+        for (i, (keys, id, arg, qdev)) in std::mem::take(&mut self.nics).into_iter().enumerate() {
             let opt = "-device";
             let Some(pos) = self.netdevs.iter().position(|n| n.id == id) else {
                 let why = if cfg.nics.iter().any(|n| n.netdev.id == id) {
@@ -571,7 +611,11 @@ impl Parser {
                 };
                 return Err(CliError::new(opt, &arg, &why));
             };
-            let nic = net::nic(keys, self.netdevs.remove(pos), i);
+            let qdev = qdev.unwrap_or_else(|| {
+                self.anonymous_devices += 1;
+                DeviceName::Anonymous(self.anonymous_devices - 1)
+            });
+            let nic = net::nic(keys, self.netdevs.remove(pos), i, qdev);
             if nic.queue_pairs() > cfg.smp.cpus as usize {
                 return Err(CliError::new(
                     opt,
@@ -1039,6 +1083,7 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
     Ok((
         DriveConfig {
             id,
+            qdev: None,
             file: top.file,
             format,
             backing: top.backing,
@@ -1887,7 +1932,7 @@ mod tests {
             "virtio-vsock-device,guest-cid=3,uds-path=/run/v.sock,id=vs0",
         ]);
         let v = c.vsock.as_ref().unwrap();
-        assert_eq!((v.guest_cid, v.id.as_deref()), (3, Some("vs0")));
+        assert_eq!((v.guest_cid, v.qdev.id()), (3, Some("vs0")));
         assert_eq!(v.port_path(52), PathBuf::from("/run/v.sock_52"));
         assert_eq!(v.seqpacket_path(), PathBuf::from("/run/v.sock.seqpacket"));
         assert!(c
@@ -1915,6 +1960,49 @@ mod tests {
     }
 
     #[test]
+    fn devices_are_named_as_qemu_names_them() {
+        // By id=, else by place among the id-less -devices of every kind;
+        // the devices if=virtio implies come after every -device.
+        let c = cfg(&[
+            "-drive",
+            "file=/a,format=raw,if=virtio",
+            "-device",
+            "virtio-rng-device,id=r",
+            "-device",
+            "virtio-rng-device",
+            "-drive",
+            "file=/b,format=raw,if=none,id=b",
+            "-device",
+            "virtio-blk-device,drive=b",
+            "-drive",
+            "file=/c,format=raw,if=none,id=c",
+            "-device",
+            "virtio-blk-device,drive=c,id=disk",
+        ]);
+        let qdev = |i: usize| c.drives[i].qdev.as_ref().map(DeviceName::qdev);
+        assert_eq!(
+            qdev(0).as_deref(),
+            Some("/machine/peripheral-anon/device[2]")
+        );
+        assert_eq!(
+            qdev(1).as_deref(),
+            Some("/machine/peripheral-anon/device[1]")
+        );
+        assert_eq!(qdev(2).as_deref(), Some("disk"));
+        assert_eq!(c.rngs[0].qdev.qom_path(), "/machine/peripheral/r");
+        assert_eq!(c.rngs[1].qdev, DeviceName::Anonymous(0));
+        assert!(err(&[
+            "-device",
+            "virtio-rng-device,id=x",
+            "-drive",
+            "file=/c,format=raw,if=none,id=c",
+            "-device",
+            "virtio-blk-device,drive=c,id=x",
+        ])
+        .contains("Duplicate ID 'x' for device"));
+    }
+
+    #[test]
     fn rng_devices_and_backends() {
         // QEMU's defaults: the built-in source, no limit in practice.
         let r = &cfg(&["-device", "virtio-rng-device"]).rngs[0];
@@ -1933,7 +2021,7 @@ mod tests {
         ]);
         assert_eq!(c.rngs[0].source, RngSource::Device("/dev/random".into()));
         assert_eq!((c.rngs[0].max_bytes, c.rngs[0].period_ms), (1024, 1000));
-        assert_eq!(c.rngs[0].id.as_deref(), Some("rng0"));
+        assert_eq!(c.rngs[0].qdev.id(), Some("rng0"));
         assert_eq!(c.rngs[1].source, RngSource::Builtin);
         // rng-random reads /dev/urandom unless told otherwise.
         let c = cfg(&[

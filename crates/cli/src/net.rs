@@ -7,7 +7,9 @@
 
 use crate::keyval::{self, KeyVals};
 use crate::CliError;
-use moat_config::{NetBackendConfig, NetdevConfig, NicConfig, RateLimit, MAX_NET_QUEUES};
+use moat_config::{
+    DeviceName, NetBackendConfig, NetdevConfig, NicConfig, RateLimit, MAX_NET_QUEUES,
+};
 
 /// QEMU's first default MAC (52:54:00:12:34:56, the last byte counting up
 /// per interface).
@@ -300,11 +302,12 @@ pub fn parse_nic_keys(opt: &str, arg: &str, kv: &mut KeyVals) -> Result<NicKeys,
 
 /// An interface from its keys and its netdev; `index` counts interfaces
 /// for the default MAC.
-pub fn nic(keys: NicKeys, netdev: NetdevConfig, index: usize) -> NicConfig {
+pub fn nic(keys: NicKeys, netdev: NetdevConfig, index: usize, qdev: DeviceName) -> NicConfig {
     let mut mac = DEFAULT_MAC;
     mac[5] = mac[5].wrapping_add(index as u8);
     NicConfig {
         id: keys.id,
+        qdev,
         netdev,
         mac: keys.mac.unwrap_or(mac),
         mq: keys.mq,

@@ -312,10 +312,47 @@ impl ImageLayer {
     }
 }
 
+/// How QEMU names a device: by its `id=`, else by its place among the
+/// devices without one (in `-device` order, whatever their kind; devices a
+/// `-drive if=virtio` or `-nic` implies come after every `-device`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceName {
+    Id(String),
+    Anonymous(usize),
+}
+
+impl DeviceName {
+    /// Its path in QEMU's object tree.
+    pub fn qom_path(&self) -> String {
+        match self {
+            DeviceName::Id(id) => format!("/machine/peripheral/{id}"),
+            DeviceName::Anonymous(n) => format!("/machine/peripheral-anon/device[{n}]"),
+        }
+    }
+
+    /// What the monitor shows as a drive's `qdev`: the id, else the path.
+    pub fn qdev(&self) -> String {
+        match self {
+            DeviceName::Id(id) => id.clone(),
+            DeviceName::Anonymous(_) => self.qom_path(),
+        }
+    }
+
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            DeviceName::Id(id) => Some(id),
+            DeviceName::Anonymous(_) => None,
+        }
+    }
+}
+
 /// A disk: `-drive if=virtio`, or `-drive if=none,id=` used by `-device virtio-blk-device`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DriveConfig {
+    /// The drive's id (the monitor's device name).
     pub id: Option<String>,
+    /// The virtio-blk device's name; `None` for a drive no device uses.
+    pub qdev: Option<DeviceName>,
     pub file: PathBuf,
     pub format: DriveFormat,
     /// The layers below a qcow2 image, as the user named them.
@@ -470,7 +507,7 @@ pub const RNG_DEFAULT_MAX_BYTES: u64 = i64::MAX as u64;
 /// closed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RngConfig {
-    pub id: Option<String>,
+    pub qdev: DeviceName,
     /// The backend object's id (`None`: the built-in one QEMU makes).
     pub object: Option<String>,
     pub source: RngSource,
@@ -488,7 +525,7 @@ pub const VSOCK_MAX_CID: u64 = u32::MAX as u64 - 1;
 /// protocol on the host side is Firecracker's and Cloud Hypervisor's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VsockConfig {
-    pub id: Option<String>,
+    pub qdev: DeviceName,
     /// 3 ..= [`VSOCK_MAX_CID`].
     pub guest_cid: u64,
     /// moat listens here for host-initiated stream connections
@@ -517,6 +554,7 @@ impl VsockConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NicConfig {
     pub id: Option<String>,
+    pub qdev: DeviceName,
     pub netdev: NetdevConfig,
     pub mac: [u8; 6],
     /// `mq=on`: the tap's queues become queue pairs.

@@ -158,21 +158,17 @@ fn node(n: &BlockNode) -> Value {
     info
 }
 
-fn qdev(index: usize) -> String {
-    format!("/machine/peripheral-anon/device[{index}]")
-}
-
 fn block_device(d: &BlockDevice) -> Value {
     let mut v = json!({
         "device": d.device,
         "locked": false,
-        "removable": d.index.is_none(),
+        "removable": d.qdev.is_none(),
         "type": "unknown",
     });
     // (An if=none drive no device uses: no qdev, removable, and no I/O
     // status, which a device turns on; as QEMU shows it.)
-    if let Some(i) = d.index {
-        v["qdev"] = json!(qdev(i));
+    if let Some(q) = &d.qdev {
+        v["qdev"] = json!(q);
         v["io-status"] = json!(d.io_status);
     }
     let Some(n) = &d.node else {
@@ -210,7 +206,7 @@ fn block_device(d: &BlockDevice) -> Value {
         if t.iops_size != 0 {
             inserted["iops_size"] = json!(t.iops_size);
         }
-        inserted["group"] = json!(d.device);
+        inserted["group"] = json!(d.throttle_group.as_deref().unwrap_or(&d.device));
     }
     v["inserted"] = inserted;
     v
@@ -260,8 +256,8 @@ fn block_stats(s: &BlockStats) -> Value {
     if let Some(n) = &s.node_name {
         v["node-name"] = json!(n);
     }
-    if let Some(i) = s.index {
-        v["qdev"] = json!(qdev(i));
+    if let Some(q) = &s.qdev {
+        v["qdev"] = json!(q);
     }
     if let Some(f) = &s.file {
         v["parent"] = json!({

@@ -3,7 +3,7 @@
 //! and replies with QEMU's error classes and texts.
 
 use crate::{encode, hmp, QmpError, VmInfo, QEMU_VERSION};
-use moat_api::Request;
+use moat_api::{DriveRef, Request};
 use moat_sys::lock;
 use serde_json::{json, Map, Value};
 use std::os::fd::OwnedFd;
@@ -87,9 +87,10 @@ fn vm(session: &Session, r: Request) -> Result<Value, QmpError> {
 }
 
 /// `device` or `id`, exactly one.
-fn device_or_id(args: &Args) -> Result<String, QmpError> {
+fn device_or_id(args: &Args) -> Result<DriveRef, QmpError> {
     match (s(args, "device"), s(args, "id")) {
-        (Some(d), None) | (None, Some(d)) => Ok(d.to_string()),
+        (Some(d), None) => Ok(DriveRef::Device(d.to_string())),
+        (None, Some(id)) => Ok(DriveRef::Id(id.to_string())),
         _ => Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
     }
 }
@@ -311,11 +312,8 @@ pub const COMMANDS: &[CommandSpec] = &[
             ("force", Bool, false),
         ],
         run: |session, args| {
-            let device = s(args, "device").or(s(args, "id"));
-            let device =
-                device.ok_or_else(|| QmpError::generic("Need exactly one of 'device' and 'id'"))?;
-            let device = device.to_string();
-            vm(session, Request::Eject { device })
+            let drive = device_or_id(args)?;
+            vm(session, Request::Eject { drive })
         },
     },
     CommandSpec {
@@ -357,9 +355,17 @@ pub const COMMANDS: &[CommandSpec] = &[
             ("group", Str, false),
         ],
         run: |session, args| {
-            let device = device_or_id(args)?;
+            let drive = device_or_id(args)?;
             let limits = throttle_args(args)?;
-            vm(session, Request::BlockSetIoThrottle { device, limits })
+            let group = s(args, "group").map(str::to_string);
+            vm(
+                session,
+                Request::BlockSetIoThrottle {
+                    drive,
+                    limits,
+                    group,
+                },
+            )
         },
     },
     CommandSpec {
@@ -932,6 +938,7 @@ pub fn blockdev_args(
     };
     let drive = moat_config::DriveConfig {
         id: None,
+        qdev: None,
         file: layer.file,
         format: layer.format,
         backing: layer.backing,

@@ -384,6 +384,7 @@ mod tests {
         let mut cfg = VmConfig::default();
         let mut d = moat_config::DriveConfig {
             id: None,
+            qdev: None,
             file: "/img/top.qcow2".into(),
             format: moat_config::DriveFormat::Qcow2,
             backing: Backing::Layer(Box::new(moat_config::ImageLayer {

@@ -10,10 +10,10 @@ use crate::control::VcpuSet;
 use crate::{BootImages, Disk, FdStore, GuestImage, Nic, Platform, Shell, Vm, VmError, VmEvent};
 use kvm_ioctls::Kvm;
 use moat_api::{
-    ApiError, BlockDevice, BlockNode, BlockStats, Call, Client, Event, EventSink, FileStats,
-    ImageInfo, NetRateInfo, Reply, Request, RunState, RxFilterInfo,
+    ApiError, BlockDevice, BlockNode, BlockStats, Call, Client, DriveRef, Event, EventSink,
+    FileStats, ImageInfo, NetRateInfo, Reply, Request, RunState, RxFilterInfo,
 };
-use moat_config::{Backing, DriveConfig, DriveFormat, ImageLayer, VmConfig};
+use moat_config::{Backing, DeviceName, DriveConfig, DriveFormat, ImageLayer, VmConfig};
 use moat_devices::virtio::block;
 use moat_devices::virtio::rng::RngPort;
 use moat_devices::virtio::vsock::VsockPort;
@@ -37,11 +37,15 @@ struct Drive {
     name: String,
     cfg: DriveConfig,
     disk: Disk,
-    /// Its device's position among the devices; `None` for an `if=none`
-    /// drive no device uses (QEMU keeps those too).
-    device: Option<usize>,
+    /// Its virtio-blk device; `None` for an `if=none` drive no device uses
+    /// (QEMU keeps those too).
+    device: Option<DeviceName>,
     /// Such a drive's medium was ejected: its image is closed.
     ejected: bool,
+    /// The throttle group's name while limits are on (QEMU's default: the
+    /// name the limits were first set by). moat shares no limits between
+    /// drives, so no two drives have one name.
+    throttle_group: Option<String>,
 }
 
 /// A node made by `blockdev-add`. Like QEMU's microvm, moat has no hotplug:
@@ -314,8 +318,9 @@ impl Machine {
                 }),
                 cfg: d.clone(),
                 disk: disk.clone(),
-                device: Some(i),
+                device: Some(d.qdev.clone().unwrap_or(DeviceName::Anonymous(i))),
                 ejected: false,
+                throttle_group: d.throttle.enabled().then(|| d.id.clone()).flatten(),
             })
             .chain(cfg.spare_drives.iter().zip(spares).map(|(d, disk)| Drive {
                 name: d.id.clone().unwrap_or_default(),
@@ -323,6 +328,7 @@ impl Machine {
                 disk,
                 device: None,
                 ejected: false,
+                throttle_group: d.throttle.enabled().then(|| d.id.clone()).flatten(),
             }))
             .collect();
         let images = BootImages {
@@ -768,11 +774,12 @@ impl Machine {
                     .enumerate()
                     .map(|(i, d)| BlockDevice {
                         device: d.name.clone(),
-                        index: d.device,
+                        qdev: d.device.as_ref().map(DeviceName::qdev),
                         node: (!d.ejected).then(|| {
                             block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk)
                         }),
                         throttle: d.disk.link.throttle.limits(),
+                        throttle_group: d.throttle_group.clone(),
                         io_status: match d.disk.link.io_status.load(Ordering::SeqCst) {
                             block::IO_STATUS_NOSPACE => "nospace",
                             block::IO_STATUS_FAILED => "failed",
@@ -801,7 +808,7 @@ impl Machine {
                         BlockStats {
                             device: d.name.clone(),
                             node_name: (!d.ejected).then(|| node_name(i)),
-                            index: d.device,
+                            qdev: d.device.as_ref().map(DeviceName::qdev),
                             rd_bytes: g(&s.rd_bytes),
                             wr_bytes: g(&s.wr_bytes),
                             rd_operations: g(&s.rd_operations),
@@ -830,12 +837,38 @@ impl Machine {
                     })
                     .collect(),
             )),
-            Request::BlockSetIoThrottle { device, limits } => {
-                let d = self.drive(&device)?;
-                if d.ejected {
+            Request::BlockSetIoThrottle {
+                drive,
+                limits,
+                group,
+            } => {
+                let i = self.drive_by_ref(&drive)?;
+                if self.drives[i].ejected {
                     return Err(ApiError::generic("Device has no medium"));
                 }
+                // QEMU's group: the one named, else the one the limits
+                // already have, else the name the command used.
+                let group = limits.enabled().then(|| {
+                    group
+                        .or(self.drives[i].throttle_group.clone())
+                        .unwrap_or_else(|| drive.name().to_string())
+                });
+                if let Some(g) = &group {
+                    let shared = self
+                        .drives
+                        .iter()
+                        .enumerate()
+                        .find(|(j, d)| *j != i && d.throttle_group.as_ref() == Some(g));
+                    if let Some((_, other)) = shared {
+                        return Err(ApiError::generic(format!(
+                            "throttle group '{g}' is drive '{}''s: moat shares no limits between drives",
+                            other.name
+                        )));
+                    }
+                }
+                let d = &mut self.drives[i];
                 d.disk.link.throttle.set(limits);
+                d.throttle_group = group;
                 Ok(Reply::Done)
             }
             Request::BlockSetWriteThreshold { node, threshold } => {
@@ -852,9 +885,10 @@ impl Machine {
                 armed.store(threshold, Ordering::SeqCst);
                 Ok(Reply::Done)
             }
-            Request::Eject { device } => {
-                let i = self.drive_index(&device)?;
+            Request::Eject { drive } => {
+                let i = self.drive_by_ref(&drive)?;
                 let d = &mut self.drives[i];
+                let device = drive.name();
                 if d.device.is_some() {
                     return Err(ApiError::generic(format!(
                         "Device '{device}' is not removable"
@@ -935,15 +969,43 @@ impl Machine {
             .filter(|d| !d.ejected)
     }
 
-    fn drive(&self, device: &str) -> Result<&Drive, ApiError> {
-        Ok(&self.drives[self.drive_index(device)?])
-    }
-
     fn drive_index(&self, device: &str) -> Result<usize, ApiError> {
         self.drives
             .iter()
             .position(|d| d.name == device)
             .ok_or_else(|| ApiError::device_not_found(format!("Device '{device}' not found")))
+    }
+
+    /// The drive a block command names: by its name, or by its device as
+    /// QEMU resolves an `id`: a QOM path, absolute or under
+    /// `/machine/peripheral` (QEMU's messages: a device of another kind
+    /// has no drive).
+    fn drive_by_ref(&self, r: &DriveRef) -> Result<usize, ApiError> {
+        let id = match r {
+            DriveRef::Device(name) => return self.drive_index(name),
+            DriveRef::Id(id) => id.as_str(),
+        };
+        let path = match id.starts_with('/') {
+            true => id.to_string(),
+            false => format!("/machine/peripheral/{id}"),
+        };
+        let is = |d: &DeviceName| d.qom_path() == path;
+        if let Some(i) = self
+            .drives
+            .iter()
+            .position(|d| d.device.as_ref().is_some_and(is))
+        {
+            return Ok(i);
+        }
+        let c = &self.cfg;
+        let other = c.nics.iter().any(|n| is(&n.qdev))
+            || c.rngs.iter().any(|r| is(&r.qdev))
+            || c.vsock.as_ref().is_some_and(|v| is(&v.qdev));
+        Err(if other {
+            ApiError::generic("Device does not have a block device backend")
+        } else {
+            ApiError::device_not_found(format!("Device '{id}' not found"))
+        })
     }
 
     /// Every block node the monitor names, as QEMU lists them: each

@@ -30,7 +30,6 @@ fn netdev_err(nic: &NicConfig, why: impl std::fmt::Display) -> String {
 /// Open every interface of `nics`. Call before `close_inherited`: taps
 /// handed in by number are taken (duplicated) here.
 pub fn open(nics: &[NicConfig]) -> Result<Vec<Nic>, String> {
-    let mut anonymous = 0;
     nics.iter()
         .enumerate()
         .map(|(i, n)| {
@@ -41,20 +40,13 @@ pub fn open(nics: &[NicConfig]) -> Result<Vec<Nic>, String> {
                 NetLink::new(n.mac, n.rx_limit, n.tx_limit),
             )
             .map_err(|e| netdev_err(n, e))?;
-            let path = match &n.id {
-                Some(id) => format!("/machine/peripheral/{id}"),
-                None => {
-                    anonymous += 1;
-                    format!("/machine/peripheral-anon/device[{}]", anonymous - 1)
-                }
-            };
             Ok(Nic {
                 name: n
                     .id
                     .clone()
                     .unwrap_or_else(|| format!("virtio-net-device.{i}")),
                 netdev: n.netdev.id.clone(),
-                path,
+                path: n.qdev.qom_path(),
                 has_id: n.id.is_some(),
                 port,
             })
