@@ -1,6 +1,7 @@
 """QMP against a running moat, with the real qemu.qmp client (PyPI)."""
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -472,8 +473,8 @@ def test_blockstats_count_as_qemu_does(moat, tmp_path):
     assert q.cmd("query-blockstats")[0]["stats"]["idle_time_ns"] >= idle + 150_000_000
     # The raw image's file, below it.
     parent = stats["d0"]["parent"]
-    file_node = q.cmd("query-named-block-nodes")[1]
-    assert parent["node-name"] == file_node["node-name"] and file_node["drv"] == "file"
+    file_node = next(n for n in q.cmd("query-named-block-nodes") if n["file"] == str(disk) and n["drv"] == "file")
+    assert parent["node-name"] == file_node["node-name"]
     assert parent["stats"]["wr_highest_offset"] == 8 * 512 + 4096
     assert parent["stats"]["rd_bytes"] == 0  # accounted on the device, as QEMU
     assert parent["driver-specific"] == {"driver": "file", "discard-nb-ok": 0,
@@ -533,7 +534,7 @@ def test_unused_drive_is_kept_as_qemu_keeps_it(moat, tmp_path):
     m = moat(extra=args + ["-S"])
     q = connect(m)
     nodes = [n["file"] for n in q.cmd("query-named-block-nodes")]
-    assert nodes == [str(disk)] * 2 + [str(spare)] * 2, nodes
+    assert nodes == [str(spare)] * 2 + [str(disk)] * 2, nodes  # (newest first, as QEMU lists them)
     ours = []
     for c in commands:
         try:
@@ -615,6 +616,135 @@ def test_devices_are_named_as_qemu_names_them(moat, tmp_path):
     assert qdevs(ours[0]) == qdevs(theirs[0]) and groups(ours[-1]) == groups(theirs[-1])
 
 
+class QemuPeer:
+    """A paused QEMU given the same options, to ask alongside moat."""
+
+    def __init__(self, tmp_path, args):
+        path = tmp_path / "qemu-qmp.sock"
+        self.proc = subprocess.Popen(["qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-display", "none",
+                                      "-S", "-qmp", f"unix:{path},server=on,wait=off", *args],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        end = time.monotonic() + 60
+        while not path.exists():
+            assert self.proc.poll() is None and time.monotonic() < end, self.proc.stderr.read()
+            time.sleep(0.05)
+        self.q = QEMUMonitorProtocol(str(path))
+        self.q.connect(negotiate=True)
+        self.q.settimeout(30)
+
+    def close(self):
+        self.q.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_image_chains_are_listed_as_qemu_lists_them(moat, tmp_path):
+    """Every node of every chain is named and listed as QEMU does: a
+    backing layer's node and its file, an external data file's node, each
+    drive's chain from its lowest layer up and the newest drive first,
+    blockdev-add's nodes before them; query-blockstats nests each layer
+    below a drive under "backing" and counts a data-file image's writes on
+    its data file's node. blockdev-del says which nodes it will not
+    delete, as QEMU says it; thresholds on any node are kept. QEMU given
+    the same options answers alongside (node numbers differ: the nodes are
+    compared by their files, drivers and places)."""
+    def img(name, *opts, backing=None):
+        p = tmp_path / name
+        args = ["qemu-img", "create", "-q", "-f", "qcow2"] + [a for o in opts for a in ("-o", o)]
+        if backing:
+            args += ["-F", "qcow2", "-b", str(backing)]
+        subprocess.run(args + [str(p), "4M"], check=True)
+        return p
+    base = img("base.qcow2")
+    top = img("top.qcow2", backing=base)
+    ext = img("ext.qcow2", f"data_file={tmp_path / 'ext.data'},data_file_raw=on")
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(b"\0" * (1 << 20))
+    args = ["-drive", f"file={top},format=qcow2,if=none,id=d0,backing.driver=qcow2,backing.file.filename={base}",
+            "-device", "virtio-blk-device,drive=d0",
+            "-drive", f"file={ext},format=qcow2,if=none,id=e,data-file.filename={tmp_path / 'ext.data'}",
+            "-device", "virtio-blk-device,drive=e",
+            "-drive", f"file={raw},format=raw,if=none,id=spare,readonly=on"]
+    add = {"driver": "qcow2", "node-name": "added", "read-only": True, "backing": None,
+           "file": {"driver": "file", "filename": str(base)}}
+    peers = {"moat": connect(moat(extra=args + ["-S"])), "qemu": QemuPeer(tmp_path, args)}
+    seen = {}
+    for who, q in peers.items():
+        q = getattr(q, "q", q)
+        q.cmd("blockdev-add", **add)
+        nodes = q.cmd("query-named-block-nodes")
+        stats = q.cmd("query-blockstats")
+        names = [n["node-name"] for n in nodes]
+        by_file = {(n["file"], n["drv"]): n["node-name"] for n in nodes}
+        # Deleting: a drive's node, a node of a drive's chain, a node's
+        # file, a name no node has, then the node made above.
+        dels = [by_file[(str(top), "qcow2")], by_file[(str(base), "qcow2")],
+                by_file[(str(ext) , "file")], "nope", "added"]
+        # Node names as places in the list, so the two can be compared.
+        place = lambda v: (re.sub(r"#block\d+|added", lambda m: f"<{names.index(m.group(0))}>", v)
+                           if isinstance(v, str) else v)
+        errors = []
+        for d in dels:
+            try:
+                q.cmd("blockdev-del", **{"node-name": d})
+                errors.append(None)
+            except ExecuteError as e:
+                errors.append(place(e.error.error.desc.replace(d, "NODE")))
+        # A threshold on a backing layer's node stays (nothing writes there).
+        b = by_file[(str(base), "qcow2")]
+        q.cmd("block-set-write-threshold", **{"node-name": b, "write-threshold": 4096})
+        kept = {n["node-name"]: n["write_threshold"] for n in q.cmd("query-named-block-nodes")}[b]
+        listing = [(n["node-name"] if not n["node-name"].startswith("#") else "auto", n["file"], n["drv"],
+                    n["ro"], n.get("backing_file"), n["backing_file_depth"]) for n in nodes]
+        tree = json.loads(json.dumps(stats), object_hook=lambda d: {k: place(v) for k, v in d.items()
+                                                                      if k not in ("stats", "idle_time_ns")})
+        seen[who] = (listing, tree, errors, kept)
+    for q in peers.values():
+        q.close()
+    assert seen["moat"][0] == seen["qemu"][0], (seen["moat"][0], seen["qemu"][0])
+    assert seen["moat"][1] == seen["qemu"][1], (seen["moat"][1], seen["qemu"][1])
+    assert seen["moat"][2] == seen["qemu"][2], (seen["moat"][2], seen["qemu"][2])
+    assert seen["moat"][3] == seen["qemu"][3] == 4096
+    # What moat lists: 2 nodes for added, 2 + 2 for d0's chain, 3 for e, 2 for spare.
+    assert len(seen["moat"][0]) == 11, seen["moat"][0]
+
+
+def test_hmp_block_commands_print_as_qemus(moat, tmp_path):
+    """HMP's info block (all, one, -n, -v), info blockstats, eject and
+    block_set_io_throttle, with their argument errors: the text QEMU
+    prints for the same options, byte for byte (node numbers aside)."""
+    base = tmp_path / "base.qcow2"
+    top = tmp_path / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top)],
+                   check=True)
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(b"\0" * (10 << 20))
+    args = ["-drive", f"file={top},format=qcow2,if=none,id=d0,backing.driver=qcow2,backing.file.filename={base}",
+            "-device", "virtio-blk-device,drive=d0",
+            "-drive", f"file={raw},format=raw,if=none,id=d1,readonly=on",
+            "-device", "virtio-blk-device,drive=d1,id=vd1",
+            "-drive", f"file={raw},format=raw,if=none,id=spare,readonly=on"]
+    lines = ["info block", "info block -v", "info block -n", "info block d1", "info block nope",
+             "info block -z", "info block d1 x", "info blockstats", "info blockstats x",
+             "eject", "eject nope", "eject -f d1", "eject d1 x", "eject -z d1",
+             "block_set_io_throttle", "block_set_io_throttle d1 x", "block_set_io_throttle d1 1",
+             "block_set_io_throttle nope 1 0 0 0 0 0", "block_set_io_throttle d1 1 1 0 0 0 0",
+             "block_set_io_throttle d1 -1 0 0 0 0 0", "block_set_io_throttle d1 0x10 0 0 0 0 0",
+             "info block d1", "eject spare", "info block", "help eject", "help block_set_io_throttle"]
+    peers = {"moat": connect(moat(extra=args + ["-S"])), "qemu": QemuPeer(tmp_path, args)}
+    out = {}
+    for who, q in peers.items():
+        q = getattr(q, "q", q)
+        out[who] = [re.sub(r"#block\d+", "#block", q.cmd("human-monitor-command", **{"command-line": line}))
+                    for line in lines]
+    for q in peers.values():
+        q.close()
+    for line, mine, qemu in zip(lines, out["moat"], out["qemu"]):
+        assert mine == qemu, (line, mine, qemu)
+    assert "Backing file:     " in out["moat"][0] and "I/O throttling:   bps=16 " in out["moat"][21]
+
+
 def qemu_img_info(path):
     out = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", str(path)],
                          check=True, capture_output=True, text=True).stdout
@@ -671,11 +801,13 @@ def test_image_info_as_qemu_reports_it(moat, tmp_path):
     nodes = q.cmd("query-named-block-nodes")
     for n in nodes:
         assert mandatory <= n.keys(), n
-    # Each drive's node, then its protocol node: the file.
-    assert [n["drv"] for n in nodes] == ["qcow2", "file"] * 3 + ["raw", "file"]
+    # Each drive's node over its protocol node, the file (the order, and
+    # the nodes of lower layers and data files: see
+    # test_image_chains_are_listed_as_qemu_lists_them).
     for i, (p, _) in enumerate(drives):
-        fmt, file = nodes[2 * i], nodes[2 * i + 1]
-        assert fmt["node-name"] == blk[f"d{i}"]["inserted"]["node-name"]
+        fmt = next(n for n in nodes if n["node-name"] == blk[f"d{i}"]["inserted"]["node-name"])
+        file = next(n for n in nodes if n["file"] == str(p) and n["drv"] == "file")
+        assert fmt["file"] == str(p) and fmt["drv"] == ("raw" if p == raw else "qcow2")
         assert file["file"] == str(p) and file["image"]["filename"] == str(p)
         assert file["image"]["format"] == "file" and "backing-image" not in file["image"]
         assert file["image"]["virtual-size"] == -(-os.path.getsize(p) // 512) * 512
@@ -712,6 +844,34 @@ def test_write_threshold_on_a_qcow2_file_node(moat, tmp_path):
     assert parent["node-name"] == file["node-name"]
     high = parent["stats"]["wr_highest_offset"]
     assert size + ev["amount-exceeded"] <= high <= os.path.getsize(img), (high, size)
+    q.close()
+
+
+def test_write_threshold_on_a_data_file_node(moat, tmp_path):
+    """An image with an external data file: the guest's data goes to the
+    data file, which is the node QEMU counts writes on (query-blockstats'
+    parent). A threshold on the data file's node fires on the guest's
+    writes; one on the image's own file (its metadata) is refused, since
+    moat does not watch that file."""
+    img, data = tmp_path / "d.qcow2", tmp_path / "d.data"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data},data_file_raw=on",
+                    str(img), "4M"], check=True)
+    m = moat(append="blk=1 blk_storm=50 blk_noflush=1 action=count", paused=True,
+             extra=["-drive", f"file={img},format=qcow2,if=none,id=d0,data-file.filename={data}",
+                    "-device", "virtio-blk-device,drive=d0"])
+    q = connect(m)
+    data_node, fmt, file = q.cmd("query-named-block-nodes")
+    assert [n["file"] for n in (data_node, fmt, file)] == [str(data), str(img), str(img)]
+    with pytest.raises(ExecuteError, match="set the threshold on the data file's node"):
+        q.cmd("block-set-write-threshold", **{"node-name": file["node-name"], "write-threshold": 1})
+    q.cmd("block-set-write-threshold", **{"node-name": data_node["node-name"], "write-threshold": 1})
+    q.cmd("cont")
+    ev = event(q, "BLOCK_WRITE_THRESHOLD")["data"]
+    assert ev["node-name"] == data_node["node-name"] and ev["write-threshold"] == 1, ev
+    m.wait_for(lambda: "storm done" in m.console(), "the storm to finish")
+    parent = q.cmd("query-blockstats")[0]["parent"]
+    assert parent["node-name"] == data_node["node-name"]
+    assert 0 < parent["stats"]["wr_highest_offset"] <= 4 << 20, parent
     q.close()
 
 

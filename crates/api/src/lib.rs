@@ -248,8 +248,11 @@ pub struct BlockStats {
     pub wr_highest_offset: u64,
     /// Since the last request was accounted; `None` before the first.
     pub idle_time_ns: Option<u64>,
-    /// The protocol node below (its file); `None` without a medium.
+    /// The protocol node below (its file, or its data file); `None`
+    /// without a medium.
     pub file: Option<FileStats>,
+    /// The layers below, top down: each one's node name and its file's.
+    pub backing: Vec<(String, FileStats)>,
 }
 
 /// A protocol node's own counters (QEMU's node-level stats of a file).

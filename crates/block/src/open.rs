@@ -40,7 +40,8 @@ fn layer_error(name: &str, why: impl std::fmt::Display) -> BlockError {
 
 /// Open `-drive file=` (or a `blockdev-add` node) and the layers the user
 /// named below it; a `/dev/fdset/N` path takes a descriptor from `fds`.
-/// `watch` is told of the image's own writes to its top file.
+/// `watch` is told of the image's own writes to its top file (to its data
+/// file, when it has one).
 pub fn open(
     d: &DriveConfig,
     fds: &FdStore,

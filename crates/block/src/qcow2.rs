@@ -508,7 +508,9 @@ pub fn open_raw_layer(file: File, writable: bool) -> io::Result<Layer> {
 }
 
 /// Check and open a qcow2 layer. `name` is only for messages.
-/// `watch` is told of imago's writes to `file` (not to a data file).
+/// `watch` is told of imago's writes to the layer's primary file, as QEMU
+/// counts a node's writes: the data file when there is one (the guest's
+/// data goes there), else `file`.
 pub fn open_layer(
     name: &str,
     file: File,
@@ -529,8 +531,11 @@ pub fn open_layer(
         );
     }
     let mut top = storage(file, writable).map_err(|e| format!("{name}: {e}"))?;
-    if let Some(w) = watch {
-        top.set_write_watch(w);
+    let mut watch = watch;
+    if !header.external_data_file {
+        if let Some(w) = watch.take() {
+            top.set_write_watch(w);
+        }
     }
     let mut builder = imago::qcow2::Qcow2::<imago::file::File>::builder(top).write(writable);
     match below {
@@ -562,9 +567,11 @@ pub fn open_layer(
             ))
         }
         (true, Some(f)) => {
-            builder = builder.data_file(Some(
-                storage(f, writable).map_err(|e| format!("{name}: {e}"))?,
-            ))
+            let mut data = storage(f, writable).map_err(|e| format!("{name}: {e}"))?;
+            if let Some(w) = watch {
+                data.set_write_watch(w);
+            }
+            builder = builder.data_file(Some(data))
         }
         (false, None) => builder = builder.data_file(None),
     }

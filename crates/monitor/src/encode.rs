@@ -260,18 +260,34 @@ fn block_stats(s: &BlockStats) -> Value {
         v["qdev"] = json!(q);
     }
     if let Some(f) = &s.file {
-        v["parent"] = json!({
-            "node-name": f.node_name,
-            "stats": node_stats(f.wr_highest_offset),
-            "driver-specific": {
-                "driver": f.driver,
-                "discard-nb-ok": f.discard_ok,
-                "discard-nb-failed": f.discard_failed,
-                "discard-bytes-ok": f.discard_bytes_ok,
-            },
-        });
+        v["parent"] = file_stats(f);
+    }
+    // (Nested as QEMU nests them: each layer's entry holds the next's.)
+    let mut below = Value::Null;
+    for (node, file) in s.backing.iter().rev() {
+        let mut b = json!({"node-name": node, "stats": node_stats(0), "parent": file_stats(file)});
+        if !below.is_null() {
+            b["backing"] = below;
+        }
+        below = b;
+    }
+    if !below.is_null() {
+        v["backing"] = below;
     }
     v
+}
+
+fn file_stats(f: &moat_api::FileStats) -> Value {
+    json!({
+        "node-name": f.node_name,
+        "stats": node_stats(f.wr_highest_offset),
+        "driver-specific": {
+            "driver": f.driver,
+            "discard-nb-ok": f.discard_ok,
+            "discard-nb-failed": f.discard_failed,
+            "discard-bytes-ok": f.discard_bytes_ok,
+        },
+    })
 }
 
 /// An event's QMP name and data.

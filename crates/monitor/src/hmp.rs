@@ -14,7 +14,9 @@ pub fn banner() -> String {
 pub const PROMPT: &str = "(qemu) ";
 
 const HELP: &str = "\
+block_set_io_throttle device bps bps_rd bps_wr iops iops_rd iops_wr -- change I/O throttle limits for a block drive
 cont|c  -- resume emulation
+eject [-f] device -- eject a removable medium (use -f to force it)
 help|? [cmd] -- show the help
 info [subcommand] -- show various information about the system state
 quit|q  -- quit the emulator
@@ -25,6 +27,8 @@ system_reset  -- reset the system
 ";
 
 const INFO_HELP: &str = "\
+info block [-n] [-v] [device] -- show info of one block device or all block devices (-n: show named nodes; -v: show details)
+info blockstats  -- show block device statistics
 info cpus  -- show infos for each CPU
 info kvm  -- show KVM information
 info name  -- show the current VM name
@@ -49,11 +53,129 @@ fn call(session: &mut Session, name: &str) -> Result<Value, String> {
         .map_err(|e| format!("Error: {}\n", e.desc))
 }
 
+/// A command's arguments, taken as QEMU's monitor takes them, with its
+/// messages (each followed by where to find the command's help).
+struct Args<'a> {
+    /// The command's name, and what to ask `help` for.
+    name: &'a str,
+    help: String,
+    words: std::iter::Peekable<std::str::SplitWhitespace<'a>>,
+}
+
+impl<'a> Args<'a> {
+    fn new(name: &'a str, help: String, words: std::str::SplitWhitespace<'a>) -> Self {
+        Args {
+            name,
+            help,
+            words: words.peekable(),
+        }
+    }
+
+    fn fail(&self, why: &str) -> String {
+        format!("{why}\nTry \"help {}\" for more information\n", self.help)
+    }
+
+    /// Leading `-x` options, each one of `flags` (in order, as QEMU's
+    /// parser takes them); which were given.
+    fn flags<const N: usize>(&mut self, flags: [char; N]) -> Result<[bool; N], String> {
+        let mut given = [false; N];
+        for (i, f) in flags.iter().enumerate() {
+            let Some(w) = self.words.peek().and_then(|w| w.strip_prefix('-')) else {
+                break;
+            };
+            let c = w.chars().next().unwrap_or(' ');
+            if c == *f {
+                given[i] = true;
+                self.words.next();
+            } else if !flags[i..].contains(&c) {
+                return Err(self.fail(&format!("{}: unsupported option -{c}", self.name)));
+            }
+        }
+        Ok(given)
+    }
+
+    /// A word QEMU calls `what` ("block device name", "string").
+    fn word(&mut self, what: &str) -> Result<&'a str, String> {
+        self.words
+            .next()
+            .ok_or_else(|| self.fail(&format!("{}: {what} expected", self.name)))
+    }
+
+    /// An integer (QEMU takes an expression; moat a number as C writes
+    /// one, decimal, 0x hex or 0 octal, with an optional minus).
+    fn int(&mut self) -> Result<i64, String> {
+        let w = self
+            .words
+            .next()
+            .ok_or_else(|| self.fail("unexpected end of expression"))?;
+        let (neg, body) = match w.strip_prefix('-') {
+            Some(b) => (true, b),
+            None => (false, w),
+        };
+        let (radix, digits) = match body.strip_prefix("0x").or(body.strip_prefix("0X")) {
+            Some(h) if h.starts_with(|c: char| c.is_ascii_hexdigit()) => (16, h),
+            _ if body.len() > 1 && body.starts_with('0') => (8, &body[1..]),
+            _ => (10, body),
+        };
+        let end = digits
+            .find(|c: char| !c.is_digit(radix))
+            .unwrap_or(digits.len());
+        if end == 0 || end < digits.len() {
+            let bad = digits[end..].chars().next().unwrap_or(' ');
+            return Err(self.fail(&format!("invalid char '{bad}' in expression")));
+        }
+        // (QEMU's arithmetic wraps; moat's numbers stay within i64.)
+        let n = u64::from_str_radix(digits, radix).unwrap_or(u64::MAX) as i64;
+        Ok(if neg { n.wrapping_neg() } else { n })
+    }
+
+    fn end(&mut self) -> Result<(), String> {
+        match self.words.next() {
+            None => Ok(()),
+            Some(_) => Err(self.fail(&format!(
+                "{}: extraneous characters at the end of line",
+                self.name
+            ))),
+        }
+    }
+}
+
+/// A QMP command's outcome as HMP prints it: nothing, or the error.
+fn done(session: &mut Session, name: &str, args: Map<String, Value>) -> String {
+    session
+        .call(name, args)
+        .err()
+        .map(|e| format!("Error: {}\n", e.desc))
+        .unwrap_or_default()
+}
+
+fn eject(session: &mut Session, mut a: Args) -> Result<String, String> {
+    let [force] = a.flags(['f'])?;
+    let device = a.word("block device name")?;
+    a.end()?;
+    let mut args = Map::new();
+    args.insert("device".into(), device.into());
+    args.insert("force".into(), force.into());
+    Ok(done(session, "eject", args))
+}
+
+fn block_set_io_throttle(session: &mut Session, mut a: Args) -> Result<String, String> {
+    let device = a.word("block device name")?;
+    let mut args = Map::new();
+    args.insert("device".into(), device.into());
+    for k in ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"] {
+        args.insert(k.into(), a.int()?.into());
+    }
+    a.end()?;
+    Ok(done(session, "block_set_io_throttle", args))
+}
+
 fn run(session: &mut Session, line: &str, cpu: Option<u32>) -> String {
     let mut words = line.split_whitespace();
     let Some(cmd) = words.next() else {
         return String::new();
     };
+    let args = |words| Args::new(cmd, cmd.to_string(), words);
     let ok = |r: Result<Value, String>| r.err().unwrap_or_default();
     match cmd {
         "help" | "?" | "h" => match words.next() {
@@ -88,14 +210,32 @@ fn run(session: &mut Session, line: &str, cpu: Option<u32>) -> String {
                 .map(|e| format!("Error: {}\n", e.desc))
                 .unwrap_or_default()
         }
-        "info" => info(session, words.next(), words.next(), cpu),
+        "eject" => eject(session, args(words)).unwrap_or_else(|e| e),
+        "block_set_io_throttle" => {
+            block_set_io_throttle(session, args(words)).unwrap_or_else(|e| e)
+        }
+        "info" => info(session, words, cpu),
         other => format!("unknown command: '{other}'\n"),
     }
 }
 
-fn info(session: &mut Session, what: Option<&str>, arg: Option<&str>, cpu: Option<u32>) -> String {
+fn info(session: &mut Session, mut words: std::str::SplitWhitespace, cpu: Option<u32>) -> String {
     let r = |session: &mut Session, name: &str| call(session, name);
+    let what = words.next();
+    let sub = |name| Args::new(name, format!("info {name}"), words.clone());
     match what {
+        Some("block") => info_block(session, sub("block")).unwrap_or_else(|e| e),
+        Some("blockstats") => {
+            let mut a = sub("blockstats");
+            if let Err(e) = a.end() {
+                return e;
+            }
+            match r(session, "query-blockstats") {
+                Ok(Value::Array(s)) => crate::hmp_block::info_blockstats(&s),
+                Ok(_) => String::new(),
+                Err(e) => e,
+            }
+        }
         None => INFO_HELP.into(),
         Some("status") => match r(session, "query-status") {
             Ok(v) => {
@@ -163,7 +303,7 @@ fn info(session: &mut Session, what: Option<&str>, arg: Option<&str>, cpu: Optio
             Err(e) => e,
         },
         Some("registers") => {
-            let which = match arg {
+            let which = match words.next() {
                 Some("-a") => None,
                 Some(n) => match n.parse::<u32>() {
                     Ok(n) => Some(n),
@@ -179,6 +319,26 @@ fn info(session: &mut Session, what: Option<&str>, arg: Option<&str>, cpu: Optio
         }
         Some(other) => format!("info: unknown subcommand '{other}'\n"),
     }
+}
+
+fn info_block(session: &mut Session, mut a: Args) -> Result<String, String> {
+    let [nodes, verbose] = a.flags(['n', 'v'])?;
+    let device = a.words.next();
+    a.end()?;
+    let blocks = match nodes {
+        true => Vec::new(),
+        false => match call(session, "query-block")? {
+            Value::Array(b) => b,
+            _ => Vec::new(),
+        },
+    };
+    let named = || match call(session, "query-named-block-nodes") {
+        Ok(Value::Array(n)) => n,
+        _ => Vec::new(),
+    };
+    Ok(crate::hmp_block::info_block(
+        &blocks, named, device, verbose, nodes,
+    ))
 }
 
 /// QEMU's readline as seen from the wire: every keystroke is echoed by

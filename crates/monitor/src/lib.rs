@@ -10,6 +10,7 @@
 pub mod authz;
 pub mod encode;
 pub mod hmp;
+pub mod hmp_block;
 pub mod qmp;
 pub mod server;
 pub mod tls;

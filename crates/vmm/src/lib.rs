@@ -11,6 +11,7 @@ pub mod control;
 pub mod cpuid;
 mod machine;
 pub mod nic;
+mod nodes;
 pub mod vcpu;
 
 pub use machine::Machine;

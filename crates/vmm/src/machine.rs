@@ -7,18 +7,19 @@
 //! inputs; the machine (its disks, console, CMOS RAM and run state) stays.
 
 use crate::control::VcpuSet;
+use crate::nodes::{self, ChainNode, Role};
 use crate::{BootImages, Disk, FdStore, GuestImage, Nic, Platform, Shell, Vm, VmError, VmEvent};
 use kvm_ioctls::Kvm;
 use moat_api::{
-    ApiError, BlockDevice, BlockNode, BlockStats, Call, Client, DriveRef, Event, EventSink,
-    FileStats, ImageInfo, NetRateInfo, Reply, Request, RunState, RxFilterInfo,
+    ApiError, BlockDevice, BlockStats, Call, Client, DriveRef, Event, EventSink, NetRateInfo,
+    Reply, Request, RunState, RxFilterInfo,
 };
-use moat_config::{Backing, DeviceName, DriveConfig, DriveFormat, ImageLayer, VmConfig};
+use moat_config::{DeviceName, DriveConfig, VmConfig};
 use moat_devices::virtio::block;
 use moat_devices::virtio::rng::RngPort;
 use moat_devices::virtio::vsock::VsockPort;
 use moat_sys::lock;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -46,6 +47,25 @@ struct Drive {
     /// name the limits were first set by). moat shares no limits between
     /// drives, so no two drives have one name.
     throttle_group: Option<String>,
+    /// The first number of its chain's automatic node names.
+    first_node: usize,
+}
+
+impl Drive {
+    fn chain(&self) -> Vec<ChainNode> {
+        nodes::chain(self.cfg.layer(), self.first_node, None, false).0
+    }
+
+    /// Its top layer's node, and the protocol node whose writes moat
+    /// watches (the file, or the data file).
+    fn top_nodes(&self) -> (ChainNode, ChainNode) {
+        let chain = self.chain();
+        let pick = |f: fn(&ChainNode) -> bool| chain.iter().find(|n| f(n)).cloned();
+        let top = pick(|n| n.depth == 0 && n.role == Role::Format);
+        let file = pick(ChainNode::watched);
+        top.zip(file)
+            .expect("every chain has a top layer and its file")
+    }
 }
 
 /// A node made by `blockdev-add`. Like QEMU's microvm, moat has no hotplug:
@@ -54,30 +74,24 @@ struct Drive {
 struct Node {
     name: String,
     driver: String,
-    /// Its protocol node's automatic name (none when it is one itself).
-    file_node: Option<String>,
+    /// The first number of its chain's automatic node names.
+    first_node: usize,
     cfg: DriveConfig,
     disk: Disk,
 }
 
-/// A block node by name: a format node (`driver`) or, without one, the
-/// protocol node of the file below it.
-struct NamedNode<'a> {
-    name: String,
-    driver: Option<&'a str>,
-    cfg: &'a DriveConfig,
-    disk: &'a Disk,
+impl Node {
+    fn chain(&self) -> Vec<ChainNode> {
+        let bare = self.driver == "file";
+        nodes::chain(self.cfg.layer(), self.first_node, Some(&self.name), bare).0
+    }
 }
 
-impl<'a> NamedNode<'a> {
-    fn new(name: String, driver: Option<&'a str>, cfg: &'a DriveConfig, disk: &'a Disk) -> Self {
-        NamedNode {
-            name,
-            driver,
-            cfg,
-            disk,
-        }
-    }
+/// A block node by name, with the drive or node whose chain it is in.
+struct NamedNode<'a> {
+    node: ChainNode,
+    cfg: &'a DriveConfig,
+    disk: &'a Disk,
 }
 
 /// Why a boot ended.
@@ -99,6 +113,9 @@ pub struct Machine {
     nodes: Vec<Node>,
     /// The number in the next automatic node name `blockdev-add` gives.
     next_auto_node: usize,
+    /// Write thresholds of the nodes nothing writes to (the layers below a
+    /// top layer): kept to be shown, never reached.
+    thresholds: HashMap<String, u64>,
     nics: Vec<Nic>,
     fds: Arc<Mutex<FdStore>>,
     state: RunState,
@@ -171,96 +188,6 @@ fn rx_filter_info(n: &Nic) -> RxFilterInfo {
     }
 }
 
-/// QEMU's automatic block node name of the `index`th drive.
-fn node_name(index: usize) -> String {
-    format!("#block{:03}", index * 2 + 1)
-}
-
-/// The automatic name of the `index`th drive's protocol node: its file.
-fn file_node_name(index: usize) -> String {
-    format!("#block{:03}", index * 2)
-}
-
-/// What the host holds of an image chain (QEMU's ImageInfo): `top` is
-/// the opened image of `layer`, the layers below it are looked at by name.
-fn image_info(layer: &ImageLayer, top: Option<&dyn moat_block::DiskImage>) -> ImageInfo {
-    let meta = std::fs::metadata(&layer.file).ok();
-    let actual_size = meta
-        .as_ref()
-        .map(|m| std::os::unix::fs::MetadataExt::blocks(m) * 512)
-        .unwrap_or(0);
-    let (virtual_size, qcow2) = match (top, layer.format) {
-        (Some(d), _) => (d.size(), d.qcow2_info()),
-        (None, DriveFormat::Qcow2) => match std::fs::File::open(&layer.file) {
-            Ok(f) => (
-                moat_block::qcow2::virtual_size(&f).unwrap_or(0),
-                moat_block::qcow2::info(&f),
-            ),
-            Err(_) => (0, None),
-        },
-        (None, DriveFormat::Raw) => (meta.map_or(0, |m| m.len()), None),
-    };
-    ImageInfo {
-        filename: layer.file.clone(),
-        format: layer.format.name().to_string(),
-        virtual_size,
-        actual_size,
-        qcow2,
-        backing: match &layer.backing {
-            Backing::Layer(b) => Some(Box::new(image_info(b, None))),
-            _ => None,
-        },
-    }
-}
-
-/// The driver of a protocol node on a file with `meta`: `host_device` for
-/// a block device.
-fn file_driver(meta: Option<&std::fs::Metadata>) -> &'static str {
-    match meta {
-        Some(m) if m.file_type().is_block_device() => "host_device",
-        _ => "file",
-    }
-}
-
-/// A drive's or node's protocol node, as QEMU shows it: the file itself.
-fn file_node(name: &str, cfg: &DriveConfig, disk: &Disk) -> BlockNode {
-    let meta = std::fs::metadata(&cfg.file).ok();
-    let driver = file_driver(meta.as_ref());
-    let device = driver == "host_device";
-    let virtual_size = match (&meta, cfg.format) {
-        // (QEMU counts a file in whole sectors.)
-        (Some(m), _) if !device => m.len().div_ceil(512) * 512,
-        (_, DriveFormat::Raw) => disk.image.size(),
-        _ => 0,
-    };
-    BlockNode {
-        node_name: name.to_string(),
-        driver: driver.to_string(),
-        read_only: cfg.read_only,
-        cache: cfg.cache,
-        image: ImageInfo {
-            filename: cfg.file.clone(),
-            format: driver.to_string(),
-            virtual_size,
-            actual_size: meta.map_or(0, |m| m.blocks() * 512),
-            qcow2: None,
-            backing: None,
-        },
-        write_threshold: disk.link.file_threshold.load(Ordering::SeqCst),
-    }
-}
-
-fn block_node(name: &str, driver: &str, cfg: &DriveConfig, disk: &Disk) -> BlockNode {
-    BlockNode {
-        node_name: name.to_string(),
-        driver: driver.to_string(),
-        read_only: cfg.read_only,
-        cache: cfg.cache,
-        image: image_info(&cfg.layer(), Some(&*disk.image)),
-        write_threshold: disk.link.write_threshold.load(Ordering::SeqCst),
-    }
-}
-
 impl Machine {
     /// Everything the VM needs, opened: kernel and initrd (the kernel's
     /// headers validated), the drives, /dev/kvm and the console; `nics` are
@@ -306,7 +233,7 @@ impl Machine {
         };
         // QEMU's names: the drive id, else "virtioN" by position among id-less drives.
         let mut anonymous = 0;
-        let drives: Vec<Drive> = cfg
+        let mut drives: Vec<Drive> = cfg
             .drives
             .iter()
             .zip(&disks)
@@ -321,6 +248,7 @@ impl Machine {
                 device: Some(d.qdev.clone().unwrap_or(DeviceName::Anonymous(i))),
                 ejected: false,
                 throttle_group: d.throttle.enabled().then(|| d.id.clone()).flatten(),
+                first_node: 0,
             })
             .chain(cfg.spare_drives.iter().zip(spares).map(|(d, disk)| Drive {
                 name: d.id.clone().unwrap_or_default(),
@@ -329,8 +257,15 @@ impl Machine {
                 device: None,
                 ejected: false,
                 throttle_group: d.throttle.enabled().then(|| d.id.clone()).flatten(),
+                first_node: 0,
             }))
             .collect();
+        // Each chain's automatic node names, one drive after another.
+        let mut next_auto_node = 0;
+        for d in &mut drives {
+            d.first_node = next_auto_node;
+            next_auto_node = nodes::chain(d.cfg.layer(), d.first_node, None, false).1;
+        }
         let images = BootImages {
             kernel,
             initrd,
@@ -366,7 +301,8 @@ impl Machine {
         Ok(Machine {
             images,
             platform,
-            next_auto_node: 2 * drives.len(),
+            next_auto_node,
+            thresholds: HashMap::new(),
             drives,
             nodes: Vec::new(),
             nics,
@@ -419,9 +355,10 @@ impl Machine {
                 })
             }));
         }
-        for (i, d) in self.drives.iter().enumerate() {
-            let node = node_name(i);
-            let (s, names) = (sink.clone(), [node.clone(), file_node_name(i)]);
+        for d in &self.drives {
+            let (top, file) = d.top_nodes();
+            let node = top.name.clone();
+            let (s, names) = (sink.clone(), [top.name, file.name]);
             let _ = d
                 .disk
                 .link
@@ -771,12 +708,13 @@ impl Machine {
             Request::QueryBlock => Ok(Reply::Block(
                 self.drives
                     .iter()
-                    .enumerate()
-                    .map(|(i, d)| BlockDevice {
+                    .map(|d| BlockDevice {
                         device: d.name.clone(),
                         qdev: d.device.as_ref().map(DeviceName::qdev),
                         node: (!d.ejected).then(|| {
-                            block_node(&node_name(i), d.cfg.format.name(), &d.cfg, &d.disk)
+                            let (top, _) = d.top_nodes();
+                            let threshold = d.disk.link.write_threshold.load(Ordering::SeqCst);
+                            nodes::describe(&top, &d.cfg, &d.disk, threshold)
                         }),
                         throttle: d.disk.link.throttle.limits(),
                         throttle_group: d.throttle_group.clone(),
@@ -791,23 +729,27 @@ impl Machine {
             Request::QueryBlockstats => Ok(Reply::BlockStats(
                 self.drives
                     .iter()
-                    .enumerate()
-                    .map(|(i, d)| {
+                    .map(|d| {
                         let s = &d.disk.link.stats;
                         let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
                         let last = g(&s.last_access_ns);
-                        let file = (!d.ejected).then(|| FileStats {
-                            node_name: file_node_name(i),
-                            driver: file_driver(std::fs::metadata(&d.cfg.file).ok().as_ref())
-                                .to_string(),
-                            wr_highest_offset: g(&s.file_wr_highest_offset),
-                            discard_ok: g(&s.discard_ok),
-                            discard_failed: g(&s.discard_failed),
-                            discard_bytes_ok: g(&s.discard_bytes_ok),
+                        let chain = if d.ejected { Vec::new() } else { d.chain() };
+                        // Each layer's node over its primary file (the data
+                        // file, when there is one), as QEMU nests them.
+                        let mut layers = (0..).map_while(|depth| {
+                            let of =
+                                |role| chain.iter().find(|n| n.depth == depth && n.role == role);
+                            let primary = of(Role::DataFile).or(of(Role::File))?;
+                            Some((
+                                of(Role::Format)?.name.clone(),
+                                nodes::file_stats(primary, &d.disk),
+                            ))
                         });
+                        let top = layers.next();
+                        let backing = layers.collect();
                         BlockStats {
                             device: d.name.clone(),
-                            node_name: (!d.ejected).then(|| node_name(i)),
+                            node_name: top.as_ref().map(|t| t.0.clone()),
                             qdev: d.device.as_ref().map(DeviceName::qdev),
                             rd_bytes: g(&s.rd_bytes),
                             wr_bytes: g(&s.wr_bytes),
@@ -824,17 +766,16 @@ impl Machine {
                             flush_total_time_ns: g(&s.flush_total_time_ns),
                             wr_highest_offset: g(&s.wr_highest_offset),
                             idle_time_ns: (last != 0).then(|| block::now_ns().saturating_sub(last)),
-                            file,
+                            file: top.map(|t| t.1),
+                            backing,
                         }
                     })
                     .collect(),
             )),
             Request::QueryNamedBlockNodes => Ok(Reply::Nodes(
                 self.named_nodes()
-                    .map(|n| match n.driver {
-                        Some(driver) => block_node(&n.name, driver, n.cfg, n.disk),
-                        None => file_node(&n.name, n.cfg, n.disk),
-                    })
+                    .iter()
+                    .map(|n| nodes::describe(&n.node, n.cfg, n.disk, self.threshold(n)))
                     .collect(),
             )),
             Request::BlockSetIoThrottle {
@@ -872,15 +813,30 @@ impl Machine {
                 Ok(Reply::Done)
             }
             Request::BlockSetWriteThreshold { node, threshold } => {
-                let n = self
-                    .named_nodes()
-                    .find(|n| n.name == node)
+                let named = self.named_nodes();
+                let n = named
+                    .iter()
+                    .find(|n| n.node.name == node)
                     .ok_or_else(|| ApiError::generic(format!("Device '{node}' not found")))?;
                 // (A file node's offsets are the file's: for qcow2, its own
                 // metadata and data writes, which the image's watch reports.)
-                let armed = match n.driver {
-                    Some(_) => &n.disk.link.write_threshold,
-                    None => &n.disk.link.file_threshold,
+                let armed = match (n.node.role, n.node.depth) {
+                    (Role::Format, 0) => &n.disk.link.write_threshold,
+                    _ if n.node.watched() => &n.disk.link.file_threshold,
+                    (Role::File, 0) => {
+                        return Err(ApiError::generic(format!(
+                            "moat counts the writes to the data file of '{}', not to its metadata file: set the threshold on the data file's node",
+                            n.node.layer.file.display()
+                        )))
+                    }
+                    _ => {
+                        drop(named);
+                        match threshold {
+                            0 => self.thresholds.remove(&node),
+                            t => self.thresholds.insert(node, t),
+                        };
+                        return Ok(Reply::Done);
+                    }
                 };
                 armed.store(threshold, Ordering::SeqCst);
                 Ok(Reply::Done)
@@ -902,6 +858,9 @@ impl Machine {
                     }
                     d.disk.image = Arc::new(moat_block::MemImage::new(Vec::new(), true));
                     d.ejected = true;
+                    for c in d.chain() {
+                        self.thresholds.remove(&c.name);
+                    }
                 }
                 Ok(Reply::Done)
             }
@@ -929,24 +888,47 @@ impl Machine {
                 // configured with: hand files in with add-fd and /dev/fdset/N.
                 let disk = Disk::open(&drive, &lock(&self.fds))
                     .map_err(|e| ApiError::generic(e.monitor_text()))?;
-                let file_node = (driver != "file").then(|| {
-                    self.next_auto_node += 1;
-                    format!("#block{:03}", self.next_auto_node - 1)
-                });
-                self.nodes.push(Node {
+                let n = Node {
                     name: node,
-                    file_node,
+                    first_node: self.next_auto_node,
                     driver,
                     cfg: *drive,
                     disk,
-                });
+                };
+                let bare = n.driver == "file";
+                self.next_auto_node =
+                    nodes::chain(n.cfg.layer(), n.first_node, Some(&n.name), bare).1;
+                self.nodes.push(n);
                 Ok(Reply::Done)
             }
             Request::BlockdevDel { node } => {
-                if self.drive_by_node(&node).is_some() {
+                // QEMU's checks: a node a drive uses, then one the monitor
+                // did not make (a drive's other nodes, a node's file).
+                if self
+                    .drives
+                    .iter()
+                    .any(|d| !d.ejected && d.top_nodes().0.name == node)
+                {
                     return Err(ApiError::generic(format!("Node {node} is in use")));
                 }
                 let Some(i) = self.nodes.iter().position(|n| n.name == node) else {
+                    let named = self.named_nodes();
+                    if let Some(n) = named.iter().find(|n| n.node.name == node) {
+                        // A lower layer is the backing of the one above.
+                        let above = named.iter().find(|a| {
+                            std::ptr::eq(a.disk, n.disk)
+                                && n.node.role == Role::Format
+                                && a.node.role == Role::Format
+                                && a.node.depth + 1 == n.node.depth
+                        });
+                        return Err(ApiError::generic(match above {
+                            Some(a) => format!(
+                                "Node '{node}' is busy: node is used as backing hd of '{}'",
+                                a.node.name
+                            ),
+                            None => format!("Node {node} is not owned by the monitor"),
+                        }));
+                    }
                     return Err(ApiError::generic(format!(
                         "Failed to find node with node-name='{node}'"
                     )));
@@ -955,18 +937,13 @@ impl Machine {
                 if let Err(e) = n.disk.image.flush() {
                     log::warn!("blockdev-del {node}: flushing: {e}");
                 }
+                for c in n.chain() {
+                    self.thresholds.remove(&c.name);
+                }
                 Ok(Reply::Done)
             }
             other => Err(ApiError::generic(format!("{other:?}: not a block request"))),
         }
-    }
-
-    /// The drive whose block node is `node`.
-    fn drive_by_node(&self, node: &str) -> Option<&Drive> {
-        (0..self.drives.len())
-            .find(|&i| node_name(i) == node)
-            .map(|i| &self.drives[i])
-            .filter(|d| !d.ejected)
     }
 
     fn drive_index(&self, device: &str) -> Result<usize, ApiError> {
@@ -1008,23 +985,29 @@ impl Machine {
         })
     }
 
-    /// Every block node the monitor names, as QEMU lists them: each
-    /// drive's (with a medium) and each `blockdev-add` node's, each
-    /// followed by the file below it.
-    fn named_nodes(&self) -> impl Iterator<Item = NamedNode<'_>> {
-        let drives = self.drives.iter().enumerate().filter(|(_, d)| !d.ejected);
-        let drives = drives.flat_map(|(i, d)| {
-            [
-                NamedNode::new(node_name(i), Some(d.cfg.format.name()), &d.cfg, &d.disk),
-                NamedNode::new(file_node_name(i), None, &d.cfg, &d.disk),
-            ]
-        });
-        let nodes = self.nodes.iter().flat_map(|n| {
-            let node = NamedNode::new(n.name.clone(), Some(&n.driver), &n.cfg, &n.disk);
-            let file = n.file_node.as_ref();
-            std::iter::once(node)
-                .chain(file.map(|f| NamedNode::new(f.clone(), None, &n.cfg, &n.disk)))
-        });
-        drives.chain(nodes)
+    /// Every block node the monitor names, as QEMU lists them: newest
+    /// first (the `blockdev-add` nodes, then the drives', each chain from
+    /// its lowest layer up, each layer before its file).
+    fn named_nodes(&self) -> Vec<NamedNode<'_>> {
+        let drives = self.drives.iter().filter(|d| !d.ejected);
+        let drives = drives.flat_map(|d| d.chain().into_iter().map(|node| (node, &d.cfg, &d.disk)));
+        let nodes = self.nodes.iter();
+        let nodes = nodes.flat_map(|n| n.chain().into_iter().map(|node| (node, &n.cfg, &n.disk)));
+        let mut all: Vec<NamedNode> = drives
+            .chain(nodes)
+            .map(|(node, cfg, disk)| NamedNode { node, cfg, disk })
+            .collect();
+        all.reverse();
+        all
+    }
+
+    /// A named node's write threshold.
+    fn threshold(&self, n: &NamedNode) -> u64 {
+        let link = &n.disk.link;
+        match (n.node.role, n.node.depth) {
+            (Role::Format, 0) => link.write_threshold.load(Ordering::SeqCst),
+            _ if n.node.watched() => link.file_threshold.load(Ordering::SeqCst),
+            _ => self.thresholds.get(&n.node.name).copied().unwrap_or(0),
+        }
     }
 }
