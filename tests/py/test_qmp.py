@@ -564,6 +564,36 @@ def test_unused_drive_is_kept_as_qemu_keeps_it(moat, tmp_path):
     q.close()
 
 
+def test_a_drive_without_a_file_has_no_medium_as_in_qemu(moat, tmp_path):
+    """-drive if=none,id=X without a file is a drive with no medium: the
+    monitor shows it removable and not inserted, eject is a no-op, and
+    throttling it says there is no medium; a device cannot use it. The
+    same commands to a QEMU with the same options give the same answers."""
+    args = ["-drive", "if=none,id=cd0", "-drive", "if=none,id=cd1,readonly=on,format=raw"]
+    limits = {"device": "cd0", "bps": 1, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0}
+    commands = [{"execute": "query-block"}, {"execute": "query-blockstats"},
+                {"execute": "query-named-block-nodes"},
+                {"execute": "eject", "arguments": {"device": "cd0"}},
+                {"execute": "block_set_io_throttle", "arguments": limits},
+                {"execute": "human-monitor-command", "arguments": {"command-line": "info block"}}]
+    theirs = qemu_session(args, commands)
+    q = connect(moat(extra=args + ["-S"]))
+    ours = answers(q, commands)
+    q.close()
+    for mine, qemu, c in zip(ours, theirs, commands):
+        if c["execute"] == "query-blockstats":  # (QEMU's has no idle time before any request either)
+            assert [stat_keys(x) for x in mine["return"]] == [stat_keys(x) for x in qemu["return"]], (mine, qemu)
+        else:
+            assert mine == qemu, (c, mine, qemu)
+    assert ours[0]["return"][0] == {"device": "cd0", "locked": False, "removable": True, "type": "unknown"}
+    # A device needs a medium (QEMU's words); a drive's id is its own.
+    for bad, want in [(["-drive", "if=none,id=e", "-device", "virtio-blk-device,drive=e"],
+                       "Device needs media, but drive is empty"),
+                      (["-drive", "if=none,id=e", "-drive", "if=none,id=e"], "Duplicate ID 'e' for drive")]:
+        r = subprocess.run([MOAT, "-kernel", GUEST, *bad], capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and want in r.stderr, r.stderr
+
+
 def answers(q, commands):
     """Each command's reply as QMP puts it on the wire (return or error)."""
     out = []
@@ -638,7 +668,26 @@ class QemuPeer:
         self.proc.wait()
 
 
-def test_image_chains_are_listed_as_qemu_lists_them(moat, tmp_path):
+@pytest.fixture
+def qemu_peer(tmp_path):
+    """Start a QemuPeer; it is ended with the test, whatever happens."""
+    started = []
+
+    def start(args):
+        started.append(QemuPeer(tmp_path, args))
+        return started[-1]
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            try:
+                p.q.close()
+            except Exception:
+                pass
+            p.proc.kill()
+            p.proc.wait()
+
+
+def test_image_chains_are_listed_as_qemu_lists_them(moat, qemu_peer, tmp_path):
     """Every node of every chain is named and listed as QEMU does: a
     backing layer's node and its file, an external data file's node, each
     drive's chain from its lowest layer up and the newest drive first,
@@ -667,7 +716,7 @@ def test_image_chains_are_listed_as_qemu_lists_them(moat, tmp_path):
             "-drive", f"file={raw},format=raw,if=none,id=spare,readonly=on"]
     add = {"driver": "qcow2", "node-name": "added", "read-only": True, "backing": None,
            "file": {"driver": "file", "filename": str(base)}}
-    peers = {"moat": connect(moat(extra=args + ["-S"])), "qemu": QemuPeer(tmp_path, args)}
+    peers = {"moat": connect(moat(extra=args + ["-S"])), "qemu": qemu_peer(args)}
     seen = {}
     for who, q in peers.items():
         q = getattr(q, "q", q)
@@ -709,7 +758,7 @@ def test_image_chains_are_listed_as_qemu_lists_them(moat, tmp_path):
     assert len(seen["moat"][0]) == 11, seen["moat"][0]
 
 
-def test_hmp_block_commands_print_as_qemus(moat, tmp_path):
+def test_hmp_block_commands_print_as_qemus(moat, qemu_peer, tmp_path):
     """HMP's info block (all, one, -n, -v), info blockstats, eject and
     block_set_io_throttle, with their argument errors: the text QEMU
     prints for the same options, byte for byte (node numbers aside)."""
@@ -732,7 +781,7 @@ def test_hmp_block_commands_print_as_qemus(moat, tmp_path):
              "block_set_io_throttle nope 1 0 0 0 0 0", "block_set_io_throttle d1 1 1 0 0 0 0",
              "block_set_io_throttle d1 -1 0 0 0 0 0", "block_set_io_throttle d1 0x10 0 0 0 0 0",
              "info block d1", "eject spare", "info block", "help eject", "help block_set_io_throttle"]
-    peers = {"moat": connect(moat(extra=args + ["-S"])), "qemu": QemuPeer(tmp_path, args)}
+    peers = {"moat": connect(moat(extra=args + ["-S"])), "qemu": qemu_peer(args)}
     out = {}
     for who, q in peers.items():
         q = getattr(q, "q", q)

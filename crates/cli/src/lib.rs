@@ -220,21 +220,36 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
 
 impl Parser {
     fn drive(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
+        if let Some(id) = parse_empty_drive(opt, arg)? {
+            self.check_drive_id(opt, arg, &id)?;
+            self.cfg.empty_drives.push(id);
+            return Ok(());
+        }
         let (d, virtio) = parse_drive(opt, arg)?;
         if let Some(id) = &d.id {
-            if self.backends.iter().any(|(b, _)| b.id.as_ref() == Some(id)) {
-                return Err(CliError::new(
-                    opt,
-                    arg,
-                    &format!("Duplicate ID '{id}' for drive"),
-                ));
-            }
+            self.check_drive_id(opt, arg, id)?;
         }
         if virtio {
             self.cfg.drives.push(d.clone());
         }
         self.backends.push((d, virtio));
         Ok(())
+    }
+
+    fn check_drive_id(&self, opt: &str, arg: &str, id: &str) -> Result<(), CliError> {
+        let taken = self
+            .backends
+            .iter()
+            .any(|(b, _)| b.id.as_deref() == Some(id))
+            || self.cfg.empty_drives.iter().any(|e| e == id);
+        match taken {
+            true => Err(CliError::new(
+                opt,
+                arg,
+                &format!("Duplicate ID '{id}' for drive"),
+            )),
+            false => Ok(()),
+        }
     }
 
     fn device(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
@@ -312,6 +327,13 @@ impl Parser {
         };
         let id = kv.take("id");
         kv.finish(opt, arg)?;
+        if self.cfg.empty_drives.contains(&drive) {
+            return Err(CliError::new(
+                opt,
+                arg,
+                "Device needs media, but drive is empty",
+            ));
+        }
         let qdev = self.device_name(opt, arg, id)?;
         let (d, used) = self
             .backends
@@ -1002,6 +1024,36 @@ fn parse_serial(opt: &str, arg: &str) -> Result<Option<SerialBackend>, CliError>
 }
 
 /// `-drive file=...,format=raw,if=virtio|none,...`; true when it makes a device itself.
+/// `-drive if=none,id=ID` without a file: a drive with no medium, as QEMU
+/// keeps one (its id; `None` for a drive with a file). Of the other keys
+/// only those that make sense without an image are taken.
+fn parse_empty_drive(opt: &str, arg: &str) -> Result<Option<String>, CliError> {
+    let mut kv = keyval::parse(opt, arg, None)?;
+    if kv.take("file").is_some_and(|f| !f.is_empty()) || kv.take("if").as_deref() != Some("none") {
+        return Ok(None);
+    }
+    if let Some(v) = kv.take("readonly") {
+        keyval::parse_bool(opt, "readonly", &v)?;
+    }
+    if let Some(f) = kv.take("format") {
+        parse_format(opt, arg, "format", &f)?;
+    }
+    if let Some(c) = kv.take("cache") {
+        if !["writeback", "none", "writethrough", "directsync", "unsafe"].contains(&c.as_str()) {
+            return Err(CliError::new(
+                opt,
+                arg,
+                &format!("invalid cache option '{c}'"),
+            ));
+        }
+    }
+    let id = kv
+        .take("id")
+        .ok_or_else(|| CliError::new(opt, arg, "if=none needs an id= for -device to use"))?;
+    kv.finish(opt, arg)?;
+    Ok(Some(id))
+}
+
 fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
     let mut kv = keyval::parse(opt, arg, None)?;
     let file = kv

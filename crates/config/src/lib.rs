@@ -407,6 +407,26 @@ pub const WERROR_DEFAULT: OnError = OnError::Enospc;
 pub const RERROR_DEFAULT: OnError = OnError::Report;
 
 impl DriveConfig {
+    /// A drive without a medium: `-drive if=none,id=ID` with no file.
+    pub fn empty(id: &str) -> DriveConfig {
+        DriveConfig {
+            id: Some(id.to_string()),
+            qdev: None,
+            file: PathBuf::new(),
+            format: DriveFormat::Raw,
+            backing: Backing::None,
+            data_file: None,
+            throttle: ThrottleLimits::default(),
+            read_only: true,
+            cache: CacheMode::Writeback,
+            discard_unmap: false,
+            serial: None,
+            werror: WERROR_DEFAULT,
+            rerror: RERROR_DEFAULT,
+            num_queues: 1,
+        }
+    }
+
     /// The drive's image as the top layer of its chain.
     pub fn layer(&self) -> ImageLayer {
         ImageLayer {
@@ -683,6 +703,8 @@ pub struct VmConfig {
     /// `if=none` drives no device uses: opened (and locked) and listed by
     /// the monitor, as QEMU keeps them, but seen by no guest.
     pub spare_drives: Vec<DriveConfig>,
+    /// `if=none` drives without a file (their ids): drives with no medium.
+    pub empty_drives: Vec<String>,
     /// virtio-net interfaces, in device order (after the disks).
     pub nics: Vec<NicConfig>,
     /// virtio-rng devices, in device order (after the interfaces).
@@ -745,6 +767,7 @@ impl Default for VmConfig {
             objects: Vec::new(),
             drives: Vec::new(),
             spare_drives: Vec::new(),
+            empty_drives: Vec::new(),
             nics: Vec::new(),
             rngs: Vec::new(),
             vsock: None,

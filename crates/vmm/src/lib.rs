@@ -134,6 +134,21 @@ pub struct Disk {
 }
 
 impl Disk {
+    /// No medium: no image, and the device-side state of one.
+    pub fn empty(d: &moat_config::DriveConfig) -> std::io::Result<Disk> {
+        Ok(Disk {
+            image: Arc::new(moat_block::MemImage::new(Vec::new(), true)),
+            serial: String::new(),
+            discard: moat_devices::virtio::block::Discard::Ignore,
+            link: moat_devices::virtio::block::DriveLink::new(
+                d.throttle,
+                d.werror,
+                d.rerror,
+                d.num_queues,
+            )?,
+        })
+    }
+
     /// Open `d` (see [`moat_block::open`]) with its device-side state.
     pub fn open(
         d: &moat_config::DriveConfig,

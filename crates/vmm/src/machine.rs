@@ -260,6 +260,19 @@ impl Machine {
                 first_node: 0,
             }))
             .collect();
+        // (A drive without a medium is as one whose medium was ejected.)
+        for id in &cfg.empty_drives {
+            let cfg = DriveConfig::empty(id);
+            drives.push(Drive {
+                name: id.clone(),
+                disk: Disk::empty(&cfg).map_err(VmError::Io)?,
+                cfg,
+                device: None,
+                ejected: true,
+                throttle_group: None,
+                first_node: 0,
+            });
+        }
         // Each chain's automatic node names, one drive after another.
         let mut next_auto_node = 0;
         for d in &mut drives {
