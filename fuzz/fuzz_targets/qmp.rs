@@ -2,11 +2,44 @@
 //! stand-in that answers every request.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use moat_api::{Client, CpuInfo, Reply, Request, RunState};
+use moat_api::{
+    BlockDevice, BlockNode, BlockStats, Client, CpuInfo, ImageInfo, Qcow2Info, Reply, Request,
+    RunState,
+};
+use moat_config::{CacheMode, ThrottleLimits};
 use moat_monitor::qmp::{Frame, Framer, MonitorContext, Session};
 use moat_monitor::{hmp, VmInfo};
 use serde_json::json;
 use std::sync::Arc;
+
+/// A qcow2 drive over a backing image, for the block reports.
+fn node() -> BlockNode {
+    let image = |name: &str, backing| ImageInfo {
+        filename: name.into(),
+        format: "qcow2".into(),
+        virtual_size: 1 << 30,
+        actual_size: 196 << 10,
+        qcow2: Some(Qcow2Info {
+            cluster_size: 65536,
+            version: 3,
+            zstd: false,
+            lazy_refcounts: false,
+            refcount_bits: 16,
+            corrupt: false,
+            extended_l2: false,
+            data_file: Some(("d".into(), true)),
+        }),
+        backing,
+    };
+    BlockNode {
+        node_name: "#block001".into(),
+        driver: "qcow2".into(),
+        read_only: false,
+        cache: CacheMode::Writeback,
+        image: image("top", Some(Box::new(image("base", None)))),
+        write_threshold: 0,
+    }
+}
 
 fn vm() -> Client {
     Client::new(|call| {
@@ -21,6 +54,22 @@ fn vm() -> Client {
                 thread: 0,
             }]),
             Request::Registers(_) => Reply::Text("RAX=0".into()),
+            Request::QueryBlock => Reply::Block(vec![BlockDevice {
+                device: "d0".into(),
+                qdev: Some("vd0".into()),
+                node: Some(node()),
+                throttle: ThrottleLimits {
+                    bps: 1,
+                    ..ThrottleLimits::default()
+                },
+                throttle_group: None,
+                io_status: "ok",
+            }]),
+            Request::QueryNamedBlockNodes => Reply::Nodes(vec![node()]),
+            Request::QueryBlockstats => Reply::BlockStats(vec![BlockStats {
+                device: "d0".into(),
+                ..BlockStats::default()
+            }]),
             _ => Reply::Done,
         };
         let _ = call.reply.send(Ok(reply));
