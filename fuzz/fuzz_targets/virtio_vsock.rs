@@ -23,7 +23,7 @@ fn port() -> &'static VsockPort {
             let base = dir.join("v");
             let l = std::os::unix::net::UnixListener::bind(dir.join("v_1")).unwrap();
             let cfg = moat_config::VsockConfig {
-                id: None,
+                qdev: moat_config::DeviceName::Anonymous(0),
                 guest_cid: 3,
                 uds_path: base,
             };

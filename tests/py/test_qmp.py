@@ -693,7 +693,8 @@ def test_image_chains_are_listed_as_qemu_lists_them(moat, qemu_peer, tmp_path):
     drive's chain from its lowest layer up and the newest drive first,
     blockdev-add's nodes before them; query-blockstats nests each layer
     below a drive under "backing" and counts a data-file image's writes on
-    its data file's node. blockdev-del says which nodes it will not
+    its data file's node; with query-nodes it lists each node's own, in
+    the order QEMU made them. blockdev-del says which nodes it will not
     delete, as QEMU says it; thresholds on any node are kept. QEMU given
     the same options answers alongside (node numbers differ: the nodes are
     compared by their files, drivers and places)."""
@@ -722,7 +723,7 @@ def test_image_chains_are_listed_as_qemu_lists_them(moat, qemu_peer, tmp_path):
         q = getattr(q, "q", q)
         q.cmd("blockdev-add", **add)
         nodes = q.cmd("query-named-block-nodes")
-        stats = q.cmd("query-blockstats")
+        stats = q.cmd("query-blockstats") + q.cmd("query-blockstats", **{"query-nodes": True})
         names = [n["node-name"] for n in nodes]
         by_file = {(n["file"], n["drv"]): n["node-name"] for n in nodes}
         # Deleting: a drive's node, a node of a drive's chain, a node's
@@ -893,6 +894,12 @@ def test_write_threshold_on_a_qcow2_file_node(moat, tmp_path):
     assert parent["node-name"] == file["node-name"]
     high = parent["stats"]["wr_highest_offset"]
     assert size + ev["amount-exceeded"] <= high <= os.path.getsize(img), (high, size)
+    # Each node's own, as query-nodes lists them: the file's and the guest's.
+    flat = {e["node-name"]: e for e in q.cmd("query-blockstats", **{"query-nodes": True})}
+    assert flat[file["node-name"]]["stats"]["wr_highest_offset"] == high
+    guest = q.cmd("query-blockstats")[0]["stats"]["wr_highest_offset"]
+    assert flat[fmt["node-name"]]["stats"]["wr_highest_offset"] == guest > 0
+    assert flat[fmt["node-name"]]["parent"]["node-name"] == file["node-name"]
     q.close()
 
 

@@ -30,6 +30,8 @@ pub enum Request {
     Registers(Option<u32>),
     QueryBlock,
     QueryBlockstats,
+    /// `query-blockstats` with `query-nodes`: every named node's own.
+    QueryNodeStats,
     QueryNamedBlockNodes,
     /// New limits for a drive (all zero: none), and its throttle group's
     /// name if the client gave one.
@@ -255,6 +257,19 @@ pub struct BlockStats {
     pub backing: Vec<(String, FileStats)>,
 }
 
+/// A node's own counters (`query-blockstats` with `query-nodes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeStats {
+    /// A file: its counters.
+    Protocol(FileStats),
+    /// A layer: the highest offset written to it, and its primary file's.
+    Format {
+        node_name: String,
+        wr_highest_offset: u64,
+        parent: FileStats,
+    },
+}
+
 /// A protocol node's own counters (QEMU's node-level stats of a file).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileStats {
@@ -276,6 +291,7 @@ pub enum Reply {
     Text(String),
     Block(Vec<BlockDevice>),
     BlockStats(Vec<BlockStats>),
+    NodeStats(Vec<NodeStats>),
     Nodes(Vec<BlockNode>),
     RxFilters(Vec<RxFilterInfo>),
     NetRates(Vec<NetRateInfo>),

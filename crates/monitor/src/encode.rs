@@ -19,6 +19,22 @@ pub fn reply(r: &Reply) -> Value {
         Reply::Text(t) => Value::String(t.clone()),
         Reply::Block(b) => Value::Array(b.iter().map(block_device).collect()),
         Reply::BlockStats(b) => Value::Array(b.iter().map(block_stats).collect()),
+        Reply::NodeStats(n) => Value::Array(
+            n.iter()
+                .map(|n| match n {
+                    moat_api::NodeStats::Protocol(f) => file_stats(f),
+                    moat_api::NodeStats::Format {
+                        node_name,
+                        wr_highest_offset,
+                        parent,
+                    } => json!({
+                        "node-name": node_name,
+                        "stats": node_stats(*wr_highest_offset),
+                        "parent": file_stats(parent),
+                    }),
+                })
+                .collect(),
+        ),
         Reply::Nodes(n) => Value::Array(
             n.iter()
                 .map(|n| {

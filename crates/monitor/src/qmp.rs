@@ -302,7 +302,16 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec {
         name: "query-blockstats",
         args: &[("query-nodes", Bool, false)],
-        run: |session, _| vm(session, Request::QueryBlockstats),
+        run: |session, args| {
+            let nodes = args.get("query-nodes").and_then(Value::as_bool) == Some(true);
+            vm(
+                session,
+                match nodes {
+                    true => Request::QueryNodeStats,
+                    false => Request::QueryBlockstats,
+                },
+            )
+        },
     },
     CommandSpec {
         name: "eject",

@@ -12,7 +12,7 @@ use crate::{BootImages, Disk, FdStore, GuestImage, Nic, Platform, Shell, Vm, VmE
 use kvm_ioctls::Kvm;
 use moat_api::{
     ApiError, BlockDevice, BlockStats, Call, Client, DriveRef, Event, EventSink, NetRateInfo,
-    Reply, Request, RunState, RxFilterInfo,
+    NodeStats, Reply, Request, RunState, RxFilterInfo,
 };
 use moat_config::{DeviceName, DriveConfig, VmConfig};
 use moat_devices::virtio::block;
@@ -785,6 +785,35 @@ impl Machine {
                     })
                     .collect(),
             )),
+            Request::QueryNodeStats => {
+                // (In the order QEMU made them: the reverse of its listing.)
+                let named = self.named_nodes();
+                let stats = named.iter().rev().map(|n| {
+                    if n.node.role != Role::Format {
+                        return NodeStats::Protocol(nodes::file_stats(&n.node, n.disk));
+                    }
+                    let below = |role| {
+                        named.iter().find(|c| {
+                            std::ptr::eq(c.disk, n.disk)
+                                && c.node.depth == n.node.depth
+                                && c.node.role == role
+                        })
+                    };
+                    let primary = below(Role::DataFile).or(below(Role::File));
+                    let s = &n.disk.link.stats;
+                    NodeStats::Format {
+                        node_name: n.node.name.clone(),
+                        wr_highest_offset: match n.node.depth {
+                            0 => s.wr_highest_offset.load(Ordering::Relaxed),
+                            _ => 0,
+                        },
+                        parent: primary
+                            .map(|p| nodes::file_stats(&p.node, p.disk))
+                            .unwrap_or_default(),
+                    }
+                });
+                Ok(Reply::NodeStats(stats.collect()))
+            }
             Request::QueryNamedBlockNodes => Ok(Reply::Nodes(
                 self.named_nodes()
                     .iter()
