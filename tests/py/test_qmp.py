@@ -646,6 +646,17 @@ def test_devices_are_named_as_qemu_names_them(moat, tmp_path):
     assert qdevs(ours[0]) == qdevs(theirs[0]) and groups(ours[-1]) == groups(theirs[-1])
 
 
+def backed_drive(tmp_path, id, size="4M"):
+    """A qcow2 image over a qcow2 backing image, and the options that
+    make it drive `id` of a virtio-blk device (the backing layer named)."""
+    base, top = tmp_path / f"{id}-base.qcow2", tmp_path / f"{id}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), size], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top)],
+                   check=True)
+    return base, top, ["-drive", f"file={top},format=qcow2,if=none,id={id},backing.driver=qcow2,"
+                       f"backing.file.filename={base}", "-device", f"virtio-blk-device,drive={id}"]
+
+
 class QemuPeer:
     """A paused QEMU given the same options, to ask alongside moat."""
 
@@ -698,21 +709,13 @@ def test_image_chains_are_listed_as_qemu_lists_them(moat, qemu_peer, tmp_path):
     delete, as QEMU says it; thresholds on any node are kept. QEMU given
     the same options answers alongside (node numbers differ: the nodes are
     compared by their files, drivers and places)."""
-    def img(name, *opts, backing=None):
-        p = tmp_path / name
-        args = ["qemu-img", "create", "-q", "-f", "qcow2"] + [a for o in opts for a in ("-o", o)]
-        if backing:
-            args += ["-F", "qcow2", "-b", str(backing)]
-        subprocess.run(args + [str(p), "4M"], check=True)
-        return p
-    base = img("base.qcow2")
-    top = img("top.qcow2", backing=base)
-    ext = img("ext.qcow2", f"data_file={tmp_path / 'ext.data'},data_file_raw=on")
+    base, top, args = backed_drive(tmp_path, "d0")
+    ext = tmp_path / "ext.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                    f"data_file={tmp_path / 'ext.data'},data_file_raw=on", str(ext), "4M"], check=True)
     raw = tmp_path / "r.raw"
     raw.write_bytes(b"\0" * (1 << 20))
-    args = ["-drive", f"file={top},format=qcow2,if=none,id=d0,backing.driver=qcow2,backing.file.filename={base}",
-            "-device", "virtio-blk-device,drive=d0",
-            "-drive", f"file={ext},format=qcow2,if=none,id=e,data-file.filename={tmp_path / 'ext.data'}",
+    args += ["-drive", f"file={ext},format=qcow2,if=none,id=e,data-file.filename={tmp_path / 'ext.data'}",
             "-device", "virtio-blk-device,drive=e",
             "-drive", f"file={raw},format=raw,if=none,id=spare,readonly=on"]
     add = {"driver": "qcow2", "node-name": "added", "read-only": True, "backing": None,
@@ -763,16 +766,10 @@ def test_hmp_block_commands_print_as_qemus(moat, qemu_peer, tmp_path):
     """HMP's info block (all, one, -n, -v), info blockstats, eject and
     block_set_io_throttle, with their argument errors: the text QEMU
     prints for the same options, byte for byte (node numbers aside)."""
-    base = tmp_path / "base.qcow2"
-    top = tmp_path / "top.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "64M"], check=True)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(base), str(top)],
-                   check=True)
+    _, _, args = backed_drive(tmp_path, "d0", size="64M")
     raw = tmp_path / "r.raw"
     raw.write_bytes(b"\0" * (10 << 20))
-    args = ["-drive", f"file={top},format=qcow2,if=none,id=d0,backing.driver=qcow2,backing.file.filename={base}",
-            "-device", "virtio-blk-device,drive=d0",
-            "-drive", f"file={raw},format=raw,if=none,id=d1,readonly=on",
+    args += ["-drive", f"file={raw},format=raw,if=none,id=d1,readonly=on",
             "-device", "virtio-blk-device,drive=d1,id=vd1",
             "-drive", f"file={raw},format=raw,if=none,id=spare,readonly=on"]
     lines = ["info block", "info block -v", "info block -n", "info block d1", "info block nope",
