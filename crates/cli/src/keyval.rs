@@ -59,7 +59,25 @@ pub fn parse(option: &str, s: &str, implied: Option<&str>) -> Result<KeyVals, Cl
             }
         }
     }
-    Ok(KeyVals { pairs })
+    KeyVals { pairs }.with_wellformed_id(option, s)
+}
+
+/// QEMU's rule for the ids of options (id_wellformed): letters, digits,
+/// '-', '.', '_', starting with a letter. (moat builds device paths from
+/// them: a '/' must not get in.)
+pub fn check_id(option: &str, s: &str, id: &str) -> Result<(), CliError> {
+    let mut b = id.bytes();
+    let ok = b.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'));
+    match ok {
+        true => Ok(()),
+        false => Err(CliError::new(
+            option,
+            s,
+            "Parameter 'id' expects an identifier\n\
+             Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.",
+        )),
+    }
 }
 
 /// An option argument in QEMU's JSON form (`-netdev '{"type": "tap", ...}'`,
@@ -98,10 +116,17 @@ pub fn parse_json(option: &str, s: &str) -> Result<KeyVals, CliError> {
     }
     let mut pairs = Vec::new();
     flatten("", m, &mut pairs).map_err(|e| CliError::new(option, s, &e))?;
-    Ok(KeyVals { pairs })
+    KeyVals { pairs }.with_wellformed_id(option, s)
 }
 
 impl KeyVals {
+    fn with_wellformed_id(self, option: &str, s: &str) -> Result<KeyVals, CliError> {
+        for (_, id) in self.pairs.iter().filter(|(k, _)| k == "id") {
+            check_id(option, s, id)?;
+        }
+        Ok(self)
+    }
+
     /// Take the last value of `key`, removing every occurrence.
     pub fn take(&mut self, key: &str) -> Option<String> {
         let mut found = None;

@@ -1615,6 +1615,7 @@ fn parse_object(opt: &str, arg: &str) -> Result<Object, CliError> {
     let id = text(take("id"), "id")?
         .filter(|i| !i.is_empty())
         .ok_or_else(|| CliError::new(opt, arg, "Parameter 'id' is missing"))?;
+    keyval::check_id(opt, arg, &id)?;
     let obj = match qom_type.as_str() {
         "tls-creds-x509" => {
             let dir = text(take("dir"), "dir")?.ok_or_else(|| CliError::new(opt, arg, "Parameter 'dir' is missing"))?;
@@ -2009,6 +2010,25 @@ mod tests {
         let e = err(&["-device", "vhost-vsock-device,guest-cid=3"]);
         assert!(e.contains("virtio-vsock-device,guest-cid="), "{e}");
         assert!(err(&["-device", "vhost-vsock-pci,guest-cid=3"]).contains("/dev/vhost-vsock"));
+    }
+
+    #[test]
+    fn ids_are_identifiers() {
+        // (QEMU's rule, for every option with an id; a '/' would also
+        // make a device path of two parts.)
+        for a in [
+            &["-device", "virtio-rng-device,id=1abc"][..],
+            &["-device", "virtio-rng-device,id=a/b"],
+            &["-device", "virtio-rng-device,id="],
+            &["-drive", "if=none,id=1x"],
+            &["-netdev", "tap,id=a/b,ifname=t"],
+            &["-netdev", r#"{"type":"tap","id":"x y","ifname":"t"}"#],
+            &["-object", r#"{"qom-type":"rng-random","id":"r/1","filename":"/dev/urandom"}"#],
+            &["-chardev", "socket,id=_c,path=/s,server=on,wait=off"],
+        ] {
+            assert!(err(a).contains("Parameter 'id' expects an identifier"), "{a:?}");
+        }
+        cfg(&["-device", "virtio-rng-device,id=a-b.c_1"]);
     }
 
     #[test]
