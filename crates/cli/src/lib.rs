@@ -220,12 +220,14 @@ pub fn parse_args<S: AsRef<str>>(args: &[S]) -> Result<Action, CliError> {
 
 impl Parser {
     fn drive(&mut self, opt: &str, arg: &str) -> Result<(), CliError> {
+        let index = self.backends.len() + self.cfg.empty_drives.len();
         if let Some(id) = parse_empty_drive(opt, arg)? {
             self.check_drive_id(opt, arg, &id)?;
-            self.cfg.empty_drives.push(id);
+            self.cfg.empty_drives.push(DriveConfig::empty(&id, index));
             return Ok(());
         }
-        let (d, virtio) = parse_drive(opt, arg)?;
+        let (mut d, virtio) = parse_drive(opt, arg)?;
+        d.index = index;
         if let Some(id) = &d.id {
             self.check_drive_id(opt, arg, id)?;
         }
@@ -241,7 +243,11 @@ impl Parser {
             .backends
             .iter()
             .any(|(b, _)| b.id.as_deref() == Some(id))
-            || self.cfg.empty_drives.iter().any(|e| e == id);
+            || self
+                .cfg
+                .empty_drives
+                .iter()
+                .any(|e| e.id.as_deref() == Some(id));
         match taken {
             true => Err(CliError::new(
                 opt,
@@ -327,7 +333,12 @@ impl Parser {
         };
         let id = kv.take("id");
         kv.finish(opt, arg)?;
-        if self.cfg.empty_drives.contains(&drive) {
+        if self
+            .cfg
+            .empty_drives
+            .iter()
+            .any(|e| e.id.as_ref() == Some(&drive))
+        {
             return Err(CliError::new(
                 opt,
                 arg,
@@ -1035,17 +1046,26 @@ fn parse_empty_drive(opt: &str, arg: &str) -> Result<Option<String>, CliError> {
     if let Some(v) = kv.take("readonly") {
         keyval::parse_bool(opt, "readonly", &v)?;
     }
-    if let Some(f) = kv.take("format") {
-        parse_format(opt, arg, "format", &f)?;
+    on_error(opt, arg, &mut kv, false)?;
+    on_error(opt, arg, &mut kv, true)?;
+    match kv.take("media").as_deref() {
+        None | Some("disk") | Some("cdrom") => {}
+        Some(m) => return Err(CliError::new(opt, arg, &format!("'{m}' invalid media"))),
     }
-    if let Some(c) = kv.take("cache") {
-        if !["writeback", "none", "writethrough", "directsync", "unsafe"].contains(&c.as_str()) {
-            return Err(CliError::new(
-                opt,
-                arg,
-                &format!("invalid cache option '{c}'"),
-            ));
-        }
+    // (QEMU's words: these need an image.)
+    if kv.take("format").is_some() {
+        return Err(CliError::new(
+            opt,
+            arg,
+            "A block device must be specified for \"file\"",
+        ));
+    }
+    if kv.take("cache").is_some() {
+        return Err(CliError::new(
+            opt,
+            arg,
+            "Must specify either driver or file",
+        ));
     }
     let id = kv
         .take("id")
@@ -1136,6 +1156,7 @@ fn parse_drive(opt: &str, arg: &str) -> Result<(DriveConfig, bool), CliError> {
         DriveConfig {
             id,
             qdev: None,
+            index: 0,
             file: top.file,
             format,
             backing: top.backing,
@@ -2023,10 +2044,16 @@ mod tests {
             &["-drive", "if=none,id=1x"],
             &["-netdev", "tap,id=a/b,ifname=t"],
             &["-netdev", r#"{"type":"tap","id":"x y","ifname":"t"}"#],
-            &["-object", r#"{"qom-type":"rng-random","id":"r/1","filename":"/dev/urandom"}"#],
+            &[
+                "-object",
+                r#"{"qom-type":"rng-random","id":"r/1","filename":"/dev/urandom"}"#,
+            ],
             &["-chardev", "socket,id=_c,path=/s,server=on,wait=off"],
         ] {
-            assert!(err(a).contains("Parameter 'id' expects an identifier"), "{a:?}");
+            assert!(
+                err(a).contains("Parameter 'id' expects an identifier"),
+                "{a:?}"
+            );
         }
         cfg(&["-device", "virtio-rng-device,id=a-b.c_1"]);
     }

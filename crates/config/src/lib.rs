@@ -353,6 +353,9 @@ pub struct DriveConfig {
     pub id: Option<String>,
     /// The virtio-blk device's name; `None` for a drive no device uses.
     pub qdev: Option<DeviceName>,
+    /// Its place among the `-drive` options (the monitor lists drives in
+    /// that order, as QEMU does).
+    pub index: usize,
     pub file: PathBuf,
     pub format: DriveFormat,
     /// The layers below a qcow2 image, as the user named them.
@@ -408,10 +411,11 @@ pub const RERROR_DEFAULT: OnError = OnError::Report;
 
 impl DriveConfig {
     /// A drive without a medium: `-drive if=none,id=ID` with no file.
-    pub fn empty(id: &str) -> DriveConfig {
+    pub fn empty(id: &str, index: usize) -> DriveConfig {
         DriveConfig {
             id: Some(id.to_string()),
             qdev: None,
+            index,
             file: PathBuf::new(),
             format: DriveFormat::Raw,
             backing: Backing::None,
@@ -703,8 +707,8 @@ pub struct VmConfig {
     /// `if=none` drives no device uses: opened (and locked) and listed by
     /// the monitor, as QEMU keeps them, but seen by no guest.
     pub spare_drives: Vec<DriveConfig>,
-    /// `if=none` drives without a file (their ids): drives with no medium.
-    pub empty_drives: Vec<String>,
+    /// `if=none` drives without a file: drives with no medium.
+    pub empty_drives: Vec<DriveConfig>,
     /// virtio-net interfaces, in device order (after the disks).
     pub nics: Vec<NicConfig>,
     /// virtio-rng devices, in device order (after the interfaces).

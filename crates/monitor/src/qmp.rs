@@ -948,6 +948,7 @@ pub fn blockdev_args(
     let drive = moat_config::DriveConfig {
         id: None,
         qdev: None,
+        index: 0,
         file: layer.file,
         format: layer.format,
         backing: layer.backing,

@@ -385,6 +385,7 @@ mod tests {
         let mut d = moat_config::DriveConfig {
             id: None,
             qdev: None,
+            index: 0,
             file: "/img/top.qcow2".into(),
             format: moat_config::DriveFormat::Qcow2,
             backing: Backing::Layer(Box::new(moat_config::ImageLayer {

@@ -261,18 +261,19 @@ impl Machine {
             }))
             .collect();
         // (A drive without a medium is as one whose medium was ejected.)
-        for id in &cfg.empty_drives {
-            let cfg = DriveConfig::empty(id);
+        for d in &cfg.empty_drives {
             drives.push(Drive {
-                name: id.clone(),
-                disk: Disk::empty(&cfg).map_err(VmError::Io)?,
-                cfg,
+                name: d.id.clone().unwrap_or_default(),
+                disk: Disk::empty(d).map_err(VmError::Io)?,
+                cfg: d.clone(),
                 device: None,
                 ejected: true,
                 throttle_group: None,
                 first_node: 0,
             });
         }
+        // The monitor's order: QEMU's, that of the -drive options.
+        drives.sort_by_key(|d| d.cfg.index);
         // Each chain's automatic node names, one drive after another.
         let mut next_auto_node = 0;
         for d in &mut drives {
