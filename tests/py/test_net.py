@@ -420,6 +420,51 @@ def test_a_multiqueue_tap_uses_both_queue_pairs(moat, tap_name):
     assert a > 0 and b > 0, line
 
 
+def hmp(q, line):
+    return q.cmd("human-monitor-command", **{"command-line": line})
+
+
+def test_info_network_prints_as_qemus(moat, tap_name, tmp_path):
+    """HMP's info network: each NIC queue (an id-less NIC's named
+    virtio-net-device.N, N counting the queues made before it) and its
+    netdev's below it, for a multiqueue tap by name, a stream to a peer
+    and a NIC with an id: the text QEMU prints for the same options."""
+    ip("tuntap", "add", "dev", tap_name, "mode", "tap", "multi_queue")
+    args = ["-smp", "2", "-netdev", f"tap,id=n0,ifname={tap_name},queues=2,script=no,downscript=no",
+            "-device", "virtio-net-device,netdev=n0,mq=on"]
+    peers = [Peer(tmp_path / f"peer{i}.sock") for i in range(2)]
+    texts = []
+    for who, peer in zip(["moat", "qemu"], peers):
+        extra = args + ["-netdev", peer.netdev("n1"), "-device", "virtio-net-device,netdev=n1,id=nic1",
+                        "-device", "virtio-net-device,netdev=n2", "-netdev", peer.netdev("n2")]
+        if who == "moat":
+            m = moat(paused=True, extra=extra)
+            peer.accept()
+            q = connect(m)
+        else:
+            sock = tmp_path / "qemu.sock"
+            proc = subprocess.Popen(["qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-display", "none",
+                                     "-S", "-qmp", f"unix:{sock},server=on,wait=off", *extra],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            peer.accept()
+            while not sock.exists():
+                assert proc.poll() is None, proc.stderr.read()
+                time.sleep(0.05)
+            q = QEMUMonitorProtocol(str(sock))
+            q.connect(negotiate=True)
+        # (QEMU names the stream's peer once connected; the peer accepted.)
+        time.sleep(0.5)
+        texts.append(hmp(q, "info network").replace(str(peer.path), "PEER"))
+        q.close()
+        if who == "qemu":
+            proc.kill()
+            proc.wait()
+    assert texts[0] == texts[1], texts
+    assert f"ifname={tap_name},script=no,downscript=no" in texts[0], texts[0]
+    # (The third NIC's name counts the two queues before it and nic1's.)
+    assert "virtio-net-device.3: index=0,type=nic,model=virtio-net-device" in texts[0], texts[0]
+
+
 def test_a_tap_handed_in_as_a_descriptor(moat, tap_name):
     """libvirt's way: the caller opens the tap (with IFF_VNET_HDR) and passes
     the descriptor; moat needs no CAP_NET_ADMIN for it and echoes through it.

@@ -28,6 +28,8 @@ pub enum Request {
     QueryCpus,
     /// The registers of one vCPU, or of all with `None` (HMP `info registers`).
     Registers(Option<u32>),
+    /// Each NIC and its netdev, for HMP `info network`.
+    QueryNetwork,
     QueryBlock,
     QueryBlockstats,
     /// `query-blockstats` with `query-nodes`: every named node's own.
@@ -194,6 +196,18 @@ pub struct BlockNode {
     pub write_threshold: u64,
 }
 
+/// A NIC with its netdev, as HMP's `info network` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetInfo {
+    pub mac: [u8; 6],
+    pub netdev: String,
+    /// `tap` or `stream`.
+    pub kind: String,
+    /// Each queue's name (the NIC's, for the first) and what QEMU says of
+    /// the netdev's queue below it.
+    pub queues: Vec<(String, String)>,
+}
+
 /// How a block command names its drive: QMP's `device` (the drive's name)
 /// or `id` (the id of the device using it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -289,6 +303,7 @@ pub enum Reply {
     Status(RunState),
     Cpus(Vec<CpuInfo>),
     Text(String),
+    Network(Vec<NetInfo>),
     Block(Vec<BlockDevice>),
     BlockStats(Vec<BlockStats>),
     NodeStats(Vec<NodeStats>),

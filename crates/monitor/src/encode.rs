@@ -17,6 +17,12 @@ pub fn reply(r: &Reply) -> Value {
         Reply::Status(s) => status(*s),
         Reply::Cpus(c) => Value::Array(c.iter().map(cpu).collect()),
         Reply::Text(t) => Value::String(t.clone()),
+        // (HMP's; no QMP command asks for it.)
+        Reply::Network(n) => Value::Array(
+            n.iter()
+                .map(|n| json!({"netdev": n.netdev, "type": n.kind, "mac": mac(&n.mac), "queues": n.queues}))
+                .collect(),
+        ),
         Reply::Block(b) => Value::Array(b.iter().map(block_device).collect()),
         Reply::BlockStats(b) => Value::Array(b.iter().map(block_stats).collect()),
         Reply::NodeStats(n) => Value::Array(
@@ -51,7 +57,7 @@ pub fn reply(r: &Reply) -> Value {
     }
 }
 
-fn mac(m: &[u8; 6]) -> String {
+pub fn mac(m: &[u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()

@@ -32,6 +32,7 @@ info blockstats  -- show block device statistics
 info cpus  -- show infos for each CPU
 info kvm  -- show KVM information
 info name  -- show the current VM name
+info network  -- show the network state
 info registers [-a|vcpu] -- show the cpu registers (-a: all - show register info for all cpus; vcpu: specific vCPU to query)
 info status  -- show the current VM status (running|paused)
 info uuid  -- show the current VM UUID
@@ -302,6 +303,16 @@ fn info(session: &mut Session, mut words: std::str::SplitWhitespace, cpu: Option
             Ok(_) => String::new(),
             Err(e) => e,
         },
+        Some("network") => {
+            if let Err(e) = sub("network").end() {
+                return e;
+            }
+            match session.ask(moat_api::Request::QueryNetwork) {
+                Ok(moat_api::Reply::Network(n)) => info_network(&n),
+                Ok(_) => String::new(),
+                Err(e) => format!("Error: {}\n", e.desc),
+            }
+        }
         Some("registers") => {
             let which = match words.next() {
                 Some("-a") => None,
@@ -319,6 +330,26 @@ fn info(session: &mut Session, mut words: std::str::SplitWhitespace, cpu: Option
         }
         Some(other) => format!("info: unknown subcommand '{other}'\n"),
     }
+}
+
+/// QEMU's `info network`: each NIC queue, and below it its netdev's.
+/// (QEMU shows a netdev no device uses first; moat opens none.)
+fn info_network(nics: &[moat_api::NetInfo]) -> String {
+    let mut out = String::new();
+    for n in nics {
+        for (q, (name, peer)) in n.queues.iter().enumerate() {
+            let nic = match q {
+                0 => format!(
+                    "model=virtio-net-device,macaddr={}",
+                    crate::encode::mac(&n.mac)
+                ),
+                _ => String::new(),
+            };
+            out += &format!("{name}: index={q},type=nic,{nic}\n");
+            out += &format!(" \\ {}: index={q},type={},{peer}\n", n.netdev, n.kind);
+        }
+    }
+    out
 }
 
 fn info_block(session: &mut Session, mut a: Args) -> Result<String, String> {

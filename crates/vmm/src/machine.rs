@@ -11,8 +11,8 @@ use crate::nodes::{self, ChainNode, Role};
 use crate::{BootImages, Disk, FdStore, GuestImage, Nic, Platform, Shell, Vm, VmError, VmEvent};
 use kvm_ioctls::Kvm;
 use moat_api::{
-    ApiError, BlockDevice, BlockStats, Call, Client, DriveRef, Event, EventSink, NetRateInfo,
-    NodeStats, Reply, Request, RunState, RxFilterInfo,
+    ApiError, BlockDevice, BlockStats, Call, Client, DriveRef, Event, EventSink, NetInfo,
+    NetRateInfo, NodeStats, Reply, Request, RunState, RxFilterInfo,
 };
 use moat_config::{DeviceName, DriveConfig, VmConfig};
 use moat_devices::virtio::block;
@@ -623,6 +623,21 @@ impl Machine {
                 vm.registers(vcpus, which)
                     .map(Reply::Text)
                     .map_err(ApiError::generic),
+                None,
+            ),
+            Request::QueryNetwork => (
+                Ok(Reply::Network(
+                    self.nics
+                        .iter()
+                        .zip(&self.cfg.nics)
+                        .map(|(n, c)| NetInfo {
+                            mac: c.mac,
+                            netdev: n.netdev.clone(),
+                            kind: n.kind.to_string(),
+                            queues: n.queues.clone(),
+                        })
+                        .collect(),
+                )),
                 None,
             ),
             Request::SetLink { .. }
