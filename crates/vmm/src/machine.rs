@@ -58,13 +58,12 @@ impl Drive {
 
     /// Its top layer's node, and the protocol node whose writes moat
     /// watches (the file, or the data file).
-    fn top_nodes(&self) -> (ChainNode, ChainNode) {
+    /// (Every drive's chain has both.)
+    fn top_nodes(&self) -> Option<(ChainNode, ChainNode)> {
         let chain = self.chain();
         let pick = |f: fn(&ChainNode) -> bool| chain.iter().find(|n| f(n)).cloned();
         let top = pick(|n| n.depth == 0 && n.role == Role::Format);
-        let file = pick(ChainNode::watched);
-        top.zip(file)
-            .expect("every chain has a top layer and its file")
+        top.zip(pick(ChainNode::watched))
     }
 }
 
@@ -370,7 +369,9 @@ impl Machine {
             }));
         }
         for d in &self.drives {
-            let (top, file) = d.top_nodes();
+            let Some((top, file)) = d.top_nodes() else {
+                continue;
+            };
             let node = top.name.clone();
             let (s, names) = (sink.clone(), [top.name, file.name]);
             let _ = d
@@ -740,11 +741,13 @@ impl Machine {
                     .map(|d| BlockDevice {
                         device: d.name.clone(),
                         qdev: d.device.as_ref().map(DeviceName::qdev),
-                        node: (!d.ejected).then(|| {
-                            let (top, _) = d.top_nodes();
-                            let threshold = d.disk.link.write_threshold.load(Ordering::SeqCst);
-                            nodes::describe(&top, &d.cfg, &d.disk, threshold)
-                        }),
+                        node: (!d.ejected)
+                            .then(|| d.top_nodes())
+                            .flatten()
+                            .map(|(top, _)| {
+                                let threshold = d.disk.link.write_threshold.load(Ordering::SeqCst);
+                                nodes::describe(&top, &d.cfg, &d.disk, threshold)
+                            }),
                         throttle: d.disk.link.throttle.limits(),
                         throttle_group: d.throttle_group.clone(),
                         io_status: match d.disk.link.io_status.load(Ordering::SeqCst) {
@@ -965,7 +968,7 @@ impl Machine {
                 if self
                     .drives
                     .iter()
-                    .any(|d| !d.ejected && d.top_nodes().0.name == node)
+                    .any(|d| !d.ejected && d.top_nodes().is_some_and(|(top, _)| top.name == node))
                 {
                     return Err(ApiError::generic(format!("Node {node} is in use")));
                 }
