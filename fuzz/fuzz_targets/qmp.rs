@@ -28,6 +28,7 @@ fn node() -> BlockNode {
             corrupt: false,
             extended_l2: false,
             data_file: Some(("d".into(), true)),
+            backing: Some(("base".into(), None)),
         }),
         backing,
     };

@@ -815,8 +815,10 @@ def test_image_info_as_qemu_reports_it(moat, tmp_path):
     does (qemu-img info, which shares QEMU's ImageInfo, is the oracle):
     cluster size and the qcow2 header's format-specific data for qcow2
     version 2 and 3, zstd, lazy refcounts, 8-bit refcounts, extended L2,
-    an external data file, and each layer of a backing chain; every node
-    has the fields QEMU's schema makes mandatory. The sandbox is on."""
+    an external data file, and each layer of a backing chain, with the
+    backing file as the header names it (a relative name too) and in
+    full, also when the drive is opened without its backing file; every
+    node has the fields QEMU's schema makes mandatory. The sandbox is on."""
     def img(name, *opts, size="4M", backing=None):
         p = tmp_path / name
         args = ["qemu-img", "create", "-q", "-f", "qcow2"]
@@ -833,11 +835,15 @@ def test_image_info_as_qemu_reports_it(moat, tmp_path):
     sub = img("sub.qcow2", "extended_l2=on,cluster_size=16384")
     raw = tmp_path / "raw.img"
     raw.write_bytes(b"\0" * (1 << 20))
+    rel = img("rel.qcow2", backing="base.qcow2")  # (named relative to its own directory)
+    cut = img("cut.qcow2", backing="base.qcow2")
     drives = [
         (top, f"backing.driver=qcow2,backing.file.filename={base},backing.backing="),
         (ext, f"data-file.filename={tmp_path / 'ext.data'}"),
         (sub, None),
         (raw, None),
+        (rel, f"backing.driver=qcow2,backing.file.filename={base},backing.backing="),
+        (cut, "backing="),
     ]
     extra = []
     for i, (p, opt) in enumerate(drives):
@@ -847,10 +853,14 @@ def test_image_info_as_qemu_reports_it(moat, tmp_path):
     m = moat(extra=extra)
     q = connect(m)
     blk = {b["device"]: b for b in q.cmd("query-block")}
-    keys = ["filename", "format", "virtual-size", "cluster-size", "format-specific"]
-    for i, (p, _) in enumerate(drives):
+    keys = ["filename", "format", "virtual-size", "cluster-size", "format-specific", "backing-filename",
+            "full-backing-filename", "backing-filename-format"]
+    for i, (p, opt) in enumerate(drives):
         chain = qemu_img_info(p)
         got = blk[f"d{i}"]["inserted"]["image"]
+        if opt == "backing=":  # (opened without the layer below, which is not shown)
+            chain = chain[:1]
+            assert "backing_file" not in blk[f"d{i}"]["inserted"]
         for want in chain:
             assert {k: got.get(k) for k in keys} == {k: want.get(k) for k in keys}, (p, got, want)
             got = got.get("backing-image", {})

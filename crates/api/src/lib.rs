@@ -181,6 +181,8 @@ pub struct Qcow2Info {
     /// The external data file's name as the header has it, and whether
     /// that file alone is a raw image of the disk (`data-file-raw`).
     pub data_file: Option<(String, bool)>,
+    /// The backing file the header names, and its format if it says.
+    pub backing: Option<(String, Option<String>)>,
 }
 
 /// A block node (QEMU's BlockDeviceInfo, without throttling).

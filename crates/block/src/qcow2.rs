@@ -161,7 +161,21 @@ pub fn info(file: &File) -> Option<moat_api::Qcow2Info> {
         corrupt: false,
         extended_l2: false,
         data_file: None,
+        backing: None,
     };
+    // (Names are in the rest of the header: the whole check reads them,
+    // once if asked twice.)
+    let mut checked = None;
+    let mut whole = || -> Option<Header> {
+        if checked.is_none() {
+            checked = Some(check(file, len).ok()?);
+        }
+        checked.clone()
+    };
+    if be64(&h, 8) != 0 {
+        let header = whole()?;
+        q.backing = header.backing_file.map(|b| (b, header.backing_format));
+    }
     match version {
         2 => {}
         3 if n >= 104 => {
@@ -176,8 +190,7 @@ pub fn info(file: &File) -> Option<moat_api::Qcow2Info> {
             q.extended_l2 = incompat & INCOMPAT_EXTL2 != 0;
             q.zstd = be32(&h, 100) > 104 && n > 104 && h[104] == 1;
             if incompat & INCOMPAT_DATA_FILE != 0 {
-                // (The name is in a header extension: the whole check reads it.)
-                let name = check(file, len).ok()?.data_file_name.unwrap_or_default();
+                let name = whole()?.data_file_name.unwrap_or_default();
                 q.data_file = Some((name, be64(&h, 88) & AUTOCLEAR_DATA_FILE_RAW != 0));
             }
         }

@@ -146,10 +146,33 @@ fn image(i: &ImageInfo) -> Value {
         }
         v["format-specific"] = json!({"type": "qcow2", "data": data});
     }
-    if let Some(b) = &i.backing {
-        v["backing-filename"] = json!(b.filename.display().to_string());
-        v["full-backing-filename"] = json!(b.filename.display().to_string());
-        v["backing-filename-format"] = json!(b.format);
+    // The backing file as the header names it (QEMU's backing-filename),
+    // the one in use or else that name made absolute (full-), and the
+    // header's format for it, else the format in use.
+    let named = i.qcow2.as_ref().and_then(|q| q.backing.as_ref());
+    let used = i.backing.as_deref();
+    let full = used.map(|b| b.filename.clone()).or_else(|| {
+        let (name, _) = named?;
+        Some(
+            i.filename
+                .parent()
+                .unwrap_or(std::path::Path::new(""))
+                .join(name),
+        )
+    });
+    if let Some(full) = full {
+        let full = full.display().to_string();
+        let name = named.map_or(full.clone(), |(n, _)| n.clone());
+        v["backing-filename"] = json!(name);
+        v["full-backing-filename"] = json!(full);
+        let format = named
+            .and_then(|(_, f)| f.clone())
+            .or(used.map(|b| b.format.clone()));
+        if let Some(f) = format {
+            v["backing-filename-format"] = json!(f);
+        }
+    }
+    if let Some(b) = used {
         v["backing-image"] = image(b);
     }
     v
