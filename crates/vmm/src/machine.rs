@@ -52,8 +52,34 @@ struct Drive {
 }
 
 impl Drive {
+    /// A drive of `cfg` opened as `disk`, used by `device` (if any),
+    /// `ejected` if it has no medium; its node numbers come later.
+    fn new(
+        name: String,
+        cfg: DriveConfig,
+        disk: Disk,
+        device: Option<DeviceName>,
+        ejected: bool,
+    ) -> Drive {
+        Drive {
+            name,
+            disk,
+            device,
+            ejected,
+            // (-drive throttling.* names the group after the drive, as QEMU.)
+            throttle_group: cfg.throttle.enabled().then(|| cfg.id.clone()).flatten(),
+            first_node: 0,
+            cfg,
+        }
+    }
+
+    /// Its chain's nodes, and the next free automatic node number.
+    fn named(&self) -> (Vec<ChainNode>, usize) {
+        nodes::chain(self.cfg.layer(), self.first_node, None, false)
+    }
+
     fn chain(&self) -> Vec<ChainNode> {
-        nodes::chain(self.cfg.layer(), self.first_node, None, false).0
+        self.named().0
     }
 
     /// Its top layer's node, and the protocol node whose writes moat
@@ -80,9 +106,15 @@ struct Node {
 }
 
 impl Node {
-    fn chain(&self) -> Vec<ChainNode> {
+    /// Its chain's nodes (a `file` node is one), and the next free
+    /// automatic node number.
+    fn named(&self) -> (Vec<ChainNode>, usize) {
         let bare = self.driver == "file";
-        nodes::chain(self.cfg.layer(), self.first_node, Some(&self.name), bare).0
+        nodes::chain(self.cfg.layer(), self.first_node, Some(&self.name), bare)
+    }
+
+    fn chain(&self) -> Vec<ChainNode> {
+        self.named().0
     }
 }
 
@@ -237,39 +269,26 @@ impl Machine {
             .iter()
             .zip(&disks)
             .enumerate()
-            .map(|(i, (d, disk))| Drive {
-                name: d.id.clone().unwrap_or_else(|| {
+            .map(|(i, (d, disk))| {
+                let name = d.id.clone().unwrap_or_else(|| {
                     anonymous += 1;
                     format!("virtio{}", anonymous - 1)
-                }),
-                cfg: d.clone(),
-                disk: disk.clone(),
-                device: Some(d.qdev.clone().unwrap_or(DeviceName::Anonymous(i))),
-                ejected: false,
-                throttle_group: d.throttle.enabled().then(|| d.id.clone()).flatten(),
-                first_node: 0,
+                });
+                let device = d.qdev.clone().unwrap_or(DeviceName::Anonymous(i));
+                Drive::new(name, d.clone(), disk.clone(), Some(device), false)
             })
-            .chain(cfg.spare_drives.iter().zip(spares).map(|(d, disk)| Drive {
-                name: d.id.clone().unwrap_or_default(),
-                cfg: d.clone(),
-                disk,
-                device: None,
-                ejected: false,
-                throttle_group: d.throttle.enabled().then(|| d.id.clone()).flatten(),
-                first_node: 0,
+            .chain(cfg.spare_drives.iter().zip(spares).map(|(d, disk)| {
+                let name = d.id.clone().unwrap_or_default();
+                Drive::new(name, d.clone(), disk, None, false)
             }))
             .collect();
         // (A drive without a medium is as one whose medium was ejected.)
         for d in &cfg.empty_drives {
-            drives.push(Drive {
-                name: d.id.clone().unwrap_or_default(),
-                disk: Disk::empty(d).map_err(VmError::Io)?,
-                cfg: d.clone(),
-                device: None,
-                ejected: true,
-                throttle_group: None,
-                first_node: 0,
-            });
+            let (name, disk) = (
+                d.id.clone().unwrap_or_default(),
+                Disk::empty(d).map_err(VmError::Io)?,
+            );
+            drives.push(Drive::new(name, d.clone(), disk, None, true));
         }
         // The monitor's order: QEMU's, that of the -drive options.
         drives.sort_by_key(|d| d.cfg.index);
@@ -277,7 +296,7 @@ impl Machine {
         let mut next_auto_node = 0;
         for d in &mut drives {
             d.first_node = next_auto_node;
-            next_auto_node = nodes::chain(d.cfg.layer(), d.first_node, None, false).1;
+            next_auto_node = d.named().1;
         }
         let images = BootImages {
             kernel,
@@ -769,13 +788,12 @@ impl Machine {
                         // Each layer's node over its primary file (the data
                         // file, when there is one), as QEMU nests them.
                         let mut layers = (0..).map_while(|depth| {
-                            let of =
-                                |role| chain.iter().find(|n| n.depth == depth && n.role == role);
-                            let primary = of(Role::DataFile).or(of(Role::File))?;
-                            Some((
-                                of(Role::Format)?.name.clone(),
-                                nodes::file_stats(primary, &d.disk),
-                            ))
+                            let at = |f: fn(&ChainNode) -> bool| {
+                                chain.iter().find(|n| n.depth == depth && f(n))
+                            };
+                            let primary = at(ChainNode::primary)?;
+                            let layer = at(|n| n.role == Role::Format)?;
+                            Some((layer.name.clone(), nodes::file_stats(primary, &d.disk)))
                         });
                         let top = layers.next();
                         let backing = layers.collect();
@@ -811,14 +829,11 @@ impl Machine {
                     if n.node.role != Role::Format {
                         return NodeStats::Protocol(nodes::file_stats(&n.node, n.disk));
                     }
-                    let below = |role| {
-                        named.iter().find(|c| {
-                            std::ptr::eq(c.disk, n.disk)
-                                && c.node.depth == n.node.depth
-                                && c.node.role == role
-                        })
-                    };
-                    let primary = below(Role::DataFile).or(below(Role::File));
+                    let primary = named.iter().find(|c| {
+                        std::ptr::eq(c.disk, n.disk)
+                            && c.node.depth == n.node.depth
+                            && c.node.primary()
+                    });
                     let s = &n.disk.link.stats;
                     NodeStats::Format {
                         node_name: n.node.name.clone(),
@@ -956,9 +971,7 @@ impl Machine {
                     cfg: *drive,
                     disk,
                 };
-                let bare = n.driver == "file";
-                self.next_auto_node =
-                    nodes::chain(n.cfg.layer(), n.first_node, Some(&n.name), bare).1;
+                self.next_auto_node = n.named().1;
                 self.nodes.push(n);
                 Ok(Reply::Done)
             }

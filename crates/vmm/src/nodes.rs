@@ -38,15 +38,21 @@ impl ChainNode {
         }
     }
 
+    /// Is this its layer's primary file: the data file when the layer has
+    /// one (the guest's data goes there, QEMU counts writes there), else
+    /// the file?
+    pub fn primary(&self) -> bool {
+        match self.role {
+            Role::DataFile => true,
+            Role::File => self.layer.data_file.is_none(),
+            Role::Format => false,
+        }
+    }
+
     /// Is this the node whose writes moat watches: the top layer's primary
-    /// file (its data file, when it has one, where the guest's data goes)?
+    /// file?
     pub fn watched(&self) -> bool {
-        self.depth == 0
-            && match self.role {
-                Role::DataFile => true,
-                Role::File => self.layer.data_file.is_none(),
-                Role::Format => false,
-            }
+        self.depth == 0 && self.primary()
     }
 }
 
