@@ -166,7 +166,7 @@ for s in $(cat /scenarios); do
             MOAT_LOG=info $VM $M -M microvm -m 512M -smp 2 $L2 -append "$CMD moat.test=net" -nographic -no-reboot \
                 -netdev tap,id=n0,ifname=tap0,queues=2,script=no,downscript=no \
                 -device virtio-net-device,netdev=n0,mq=on,id=net0 \
-                -qmp unix:/tmp/qmp.sock,server=on,wait=off > /tmp/net.out 2>&1 &
+                -qmp unix:/tmp/qmp.sock,server=on,wait=off >> /tmp/net.out 2>&1 &
             mpid=$!
             tail -f /tmp/net.out &
             tpid=$!
@@ -177,7 +177,10 @@ for s in $(cat /scenarios); do
                 # transfers alone leave that to tun's flow steering, which
                 # once put every frame for the guest on queue 0.)
                 for p in $(seq 7001 7016); do $VM nc -w 2 10.9.0.2 $p < /dev/null > /dev/null 2>&1; done
-                echo "TIER2 net stats $($QMP /tmp/qmp.sock '{"execute":"__dev.moat_query-net-rate-limits"}')"
+                # (Into the guest's log, which both append to: printed
+                # beside the `tail -f` of it, the line once landed inside
+                # a guest line that tail had shown half of.)
+                echo "TIER2 net stats $($QMP /tmp/qmp.sock '{"execute":"__dev.moat_query-net-rate-limits"}')" >> /tmp/net.out
                 $QMP /tmp/qmp.sock '{"execute":"set_link","arguments":{"name":"net0","up":false}}' > /dev/null
                 wait_line /tmp/net.out "L2: carrier 0" $mpid
                 $QMP /tmp/qmp.sock '{"execute":"set_link","arguments":{"name":"n0","up":true}}' > /dev/null
